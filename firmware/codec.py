@@ -1,0 +1,129 @@
+"""Vibration window wire format, version 1 (see firmware/VIBRATION_FORMAT.md).
+
+All integers little-endian. A message is::
+
+    offset  size  field
+    0       2     magic b"TV"
+    2       1     header version (1)
+    3       1     flags (0; reserved)
+    4       4     seq            u32, per-device sequence number
+    8       8     timestamp_us   u64, UNIX time of the first sample, microseconds
+    16      4     sample_rate_hz u32
+    20      4     scale          f32, physical units (g) per LSB
+    24      2     n_samples      u16
+    26      1     id_len         u8, length of device id
+    27      id_len device id (UTF-8, 1..64 bytes)
+    ...     2*n   samples        i16[n_samples]
+    ...     4     crc32          u32, zlib CRC-32 of every byte before it
+
+Decoding raises :class:`DecodeError` with one line naming what is wrong, and nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from tinymlops.errors import DecodeError
+
+MAGIC = b"TV"
+HEADER_VERSION = 1
+_HEADER = struct.Struct("<2sBBIQIfHB")
+HEADER_SIZE = _HEADER.size
+CRC_SIZE = 4
+MAX_DEVICE_ID_BYTES = 64
+MAX_SAMPLES = 16_384
+MAX_MESSAGE_BYTES = HEADER_SIZE + MAX_DEVICE_ID_BYTES + 2 * MAX_SAMPLES + CRC_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class VibrationWindow:
+    """One window of int16 samples from one sensor, as sent on the wire."""
+
+    device_id: str
+    seq: int
+    timestamp_us: int
+    sample_rate_hz: int
+    scale: float
+    samples: npt.NDArray[np.int16]
+
+    def physical(self) -> npt.NDArray[np.float32]:
+        """Return the samples in physical units (g)."""
+        return self.samples.astype(np.float32) * np.float32(self.scale)
+
+
+def encode(window: VibrationWindow) -> bytes:
+    """Encode a window into the version-1 wire format.
+
+    Args:
+        window: The window to encode.
+
+    Returns:
+        The message bytes, CRC included.
+    """
+    device = window.device_id.encode("utf-8")
+    if not 1 <= len(device) <= MAX_DEVICE_ID_BYTES:
+        raise ValueError(f"device id must be 1..{MAX_DEVICE_ID_BYTES} UTF-8 bytes, got {len(device)}")
+    samples = np.ascontiguousarray(window.samples, dtype="<i2")
+    if samples.ndim != 1 or not 1 <= samples.size <= MAX_SAMPLES:
+        raise ValueError(f"samples must be 1-D with 1..{MAX_SAMPLES} values, got shape {samples.shape}")
+    header = _HEADER.pack(
+        MAGIC,
+        HEADER_VERSION,
+        0,
+        window.seq,
+        window.timestamp_us,
+        window.sample_rate_hz,
+        window.scale,
+        samples.size,
+        len(device),
+    )
+    body = header + device + samples.tobytes()
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def decode(payload: bytes) -> VibrationWindow:
+    """Decode and integrity-check a version-1 message.
+
+    Args:
+        payload: The raw MQTT payload.
+
+    Returns:
+        The decoded window.
+
+    Raises:
+        DecodeError: The bytes are not a valid version-1 message; the message says why.
+    """
+    size = len(payload)
+    if size > MAX_MESSAGE_BYTES:
+        raise DecodeError(f"oversized message: {size} bytes, at most {MAX_MESSAGE_BYTES}")
+    if size < HEADER_SIZE + CRC_SIZE:
+        raise DecodeError(f"truncated message: {size} bytes, a header and CRC need {HEADER_SIZE + CRC_SIZE}")
+    magic, version, _flags, seq, ts_us, fs, scale, n, id_len = _HEADER.unpack_from(payload)
+    if magic != MAGIC:
+        raise DecodeError(f"bad magic {magic!r}, expected {MAGIC!r}")
+    if version != HEADER_VERSION:
+        raise DecodeError(f"unsupported header version {version}, this decoder reads {HEADER_VERSION}")
+    expected = HEADER_SIZE + id_len + 2 * n + CRC_SIZE
+    if size != expected:
+        kind = "truncated" if size < expected else "oversized"
+        raise DecodeError(f"{kind} message: {size} bytes, header announces {expected} ({n} samples)")
+    (crc_sent,) = struct.unpack_from("<I", payload, size - CRC_SIZE)
+    crc_computed = zlib.crc32(memoryview(payload)[: size - CRC_SIZE])
+    if crc_sent != crc_computed:
+        raise DecodeError(f"bad CRC: message says {crc_sent:#010x}, content gives {crc_computed:#010x}")
+    if id_len == 0 or n == 0:
+        raise DecodeError(f"empty field: device id {id_len} bytes, {n} samples")
+    try:
+        device = bytes(payload[HEADER_SIZE : HEADER_SIZE + id_len]).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DecodeError(f"device id is not UTF-8: {exc.reason}") from None
+    if not math.isfinite(scale) or scale <= 0:
+        raise DecodeError(f"invalid scale {scale}: must be a finite positive number")
+    samples = np.frombuffer(payload, dtype="<i2", count=n, offset=HEADER_SIZE + id_len)
+    return VibrationWindow(device, seq, ts_us, fs, float(scale), samples)

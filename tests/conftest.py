@@ -1,0 +1,45 @@
+"""Shared fixtures: isolated settings, a real Mosquitto broker, the CWRU recordings."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tinymlops.mqtt import MosquittoBroker
+from tinymlops.settings import REPO_ROOT, Settings, get_settings, reset_settings
+
+REQUIRE_CWRU_ENV = "TINYMLOPS_REQUIRE_CWRU"
+
+
+@pytest.fixture
+def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
+    """Settings whose data directory is a fresh temporary directory."""
+    monkeypatch.setenv("TINYMLOPS_DATA_DIR", str(tmp_path / "data"))
+    reset_settings()
+    yield get_settings()
+    reset_settings()
+
+
+@pytest.fixture
+def mosquitto() -> Iterator[MosquittoBroker]:
+    """A real Mosquitto on a free loopback port, stopped by pid afterwards."""
+    if MosquittoBroker.executable() is None:
+        pytest.fail("mosquitto is not installed: run the README's set-up (apt-get install mosquitto)")
+    broker = MosquittoBroker().start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture(scope="session")
+def cwru_dir() -> Path:
+    """The real CWRU recordings; skip with a reason where absent, fail when CI requires them."""
+    path = Path(os.environ.get("TINYMLOPS_CWRU_DIR", REPO_ROOT.parent / "shared" / "data" / "cwru"))
+    if not (path / "1797_Normal.npz").exists():
+        reason = f"CWRU recordings not found at {path} (set TINYMLOPS_CWRU_DIR)"
+        if os.environ.get(REQUIRE_CWRU_ENV) == "1":
+            pytest.fail(f"{reason}; {REQUIRE_CWRU_ENV}=1 requires them")
+        pytest.skip(reason)
+    return path

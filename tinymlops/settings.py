@@ -1,0 +1,135 @@
+"""One typed settings object, read from the environment (`TINYMLOPS_` prefix, `__` for sections).
+
+Built lazily by :func:`get_settings`; nothing is read at import time. Defaults give a working
+embedded setup with no configuration at all: an MQTT broker started on loopback, MLflow on a
+SQLite file, Prefect without a server, everything under ``data/``.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class MqttSettings(BaseModel):
+    """MQTT broker connection. With no ``url`` an embedded broker is started on loopback."""
+
+    url: str | None = Field(
+        default=None, description="Broker URL, mqtt://host:port or mqtts://host:port; unset starts an embedded broker."
+    )
+    username: str | None = Field(default=None, description="User name for the server-side flows.")
+    password: SecretStr | None = Field(default=None, description="Password for the server-side flows (environment only).")
+    ca_file: Path | None = Field(default=None, description="CA certificate for mqtts:// URLs.")
+    client_id: str = Field(default="tinymlops-ingest", description="Client id of the ingest subscriber (persistent session).")
+    keepalive_s: int = Field(default=30, ge=5, description="MQTT keep-alive interval.")
+    topic_root: str = Field(default="tinymlops", description="First topic level of every topic.")
+    embedded_broker: str = Field(
+        default="auto", pattern="^(auto|mosquitto|amqtt)$", description="Embedded broker: auto, mosquitto or amqtt."
+    )
+
+
+class SensorSettings(BaseModel):
+    """The fleet's sensor format: what a valid vibration window looks like."""
+
+    sample_rate_hz: int = Field(default=25_600, gt=0, description="Sensor sampling rate.")
+    window_samples: int = Field(default=1024, ge=64, le=16_384, description="Samples per window.")
+    max_clipped_fraction: float = Field(
+        default=0.01, ge=0, le=1, description="Reject a window with more full-scale samples than this fraction."
+    )
+    max_clock_skew_s: float = Field(default=300.0, gt=0, description="Reject windows time-stamped this far in the future.")
+    min_timestamp_s: float = Field(default=1_577_836_800.0, description="Reject windows time-stamped before this (2020-01-01).")
+
+
+class LakeSettings(BaseModel):
+    """Where the data lake and its quarantine live."""
+
+    root: Path | None = Field(default=None, description="Lake root; default <data_dir>/lake.")
+    quarantine: Path | None = Field(default=None, description="Quarantine root; default <data_dir>/quarantine.")
+    dedupe_horizon_days: int = Field(default=2, ge=1, description="Days of lake history checked for duplicate windows.")
+
+
+class IngestSettings(BaseModel):
+    """Batching of the MQTT ingest: a batch is written, then acknowledged."""
+
+    batch_windows: int = Field(default=2000, ge=1, description="Write a batch once it holds this many windows.")
+    flush_interval_s: float = Field(default=1.0, gt=0, description="Write a batch at least this often.")
+
+
+class MlflowSettings(BaseModel):
+    """MLflow tracking and registry."""
+
+    tracking_uri: str | None = Field(default=None, description="Tracking URI; default sqlite:///<data_dir>/mlflow.db.")
+    artifact_root: str | None = Field(default=None, description="Artifact root; default <data_dir>/mlartifacts.")
+    experiment: str = Field(default="tinymlops", description="Experiment for training runs.")
+
+
+class PrefectSettings(BaseModel):
+    """Prefect orchestration."""
+
+    api_url: str | None = Field(default=None, description="Prefect API URL; unset runs flows without a server.")
+    home: Path | None = Field(default=None, description="PREFECT_HOME; default <data_dir>/prefect.")
+
+
+class TargetSettings(BaseModel):
+    """MCU targets: the committed catalog and which ones a training run is validated for."""
+
+    catalog: Path = Field(default=REPO_ROOT / "data" / "mcu_targets.yaml", description="MCU target catalog (YAML).")
+    default: list[str] = Field(default_factory=lambda: ["nrf52840", "stm32l4r5"], description="Targets to build for.")
+
+
+class Settings(BaseSettings):
+    """All tinymlops settings."""
+
+    model_config = SettingsConfigDict(env_prefix="TINYMLOPS_", env_nested_delimiter="__", extra="ignore")
+
+    data_dir: Path = Field(default=REPO_ROOT / "data", description="Root of the lake and local stores.")
+    fleet: str = Field(default="demo", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Default fleet name.")
+    cwru_dir: Path = Field(default=REPO_ROOT.parent / "shared" / "data" / "cwru", description="CWRU recordings.")
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    sensor: SensorSettings = Field(default_factory=SensorSettings)
+    lake: LakeSettings = Field(default_factory=LakeSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
+    prefect: PrefectSettings = Field(default_factory=PrefectSettings)
+    targets: TargetSettings = Field(default_factory=TargetSettings)
+
+    @property
+    def lake_root(self) -> Path:
+        """Resolved lake root."""
+        return self.lake.root or self.data_dir / "lake"
+
+    @property
+    def quarantine_root(self) -> Path:
+        """Resolved quarantine root."""
+        return self.lake.quarantine or self.data_dir / "quarantine"
+
+    @property
+    def mlflow_tracking_uri(self) -> str:
+        """Resolved MLflow tracking URI."""
+        return self.mlflow.tracking_uri or f"sqlite:///{(self.data_dir / 'mlflow.db').resolve()}"
+
+    @property
+    def mlflow_artifact_root(self) -> str:
+        """Resolved MLflow artifact root."""
+        return self.mlflow.artifact_root or (self.data_dir / "mlartifacts").resolve().as_uri()
+
+    @property
+    def prefect_home(self) -> Path:
+        """Resolved PREFECT_HOME."""
+        return self.prefect.home or self.data_dir / "prefect"
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """Return the process-wide settings, read from the environment on first use."""
+    return Settings()
+
+
+def reset_settings() -> None:
+    """Forget the cached settings so the next :func:`get_settings` reads the environment again."""
+    get_settings.cache_clear()
