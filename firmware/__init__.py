@@ -1,0 +1,1 @@
+"""Everything that stands for the device: sensor node, codec, DSP, runtime, OTA, C sources."""

@@ -50,7 +50,9 @@ class DspSpec:
         if self.version != DSP_SPEC_VERSION:
             raise ValueError(f"DSP spec version {self.version} is not implemented (this code: {DSP_SPEC_VERSION})")
         if len(self.mean) not in (0, self.n_features) or len(self.std) != len(self.mean):
-            raise ValueError(f"normalisation needs {self.n_features} means and stds, got {len(self.mean)}/{len(self.std)}")
+            raise ValueError(
+                f"normalisation needs {self.n_features} means and stds, got {len(self.mean)}/{len(self.std)}"
+            )
 
     @property
     def n_features(self) -> int:
@@ -67,7 +69,7 @@ class DspSpec:
         """FFT bin index edges of the bands (length n_bands + 1), each band at least one bin wide."""
         n_bins = self.window_samples // 2 + 1
         bin_hz = self.sample_rate_hz / self.window_samples
-        first = max(1, int(round(self.f_min_hz / bin_hz)))
+        first = max(1, round(self.f_min_hz / bin_hz))
         edges = np.round(np.geomspace(first, n_bins, self.n_bands + 1)).astype(np.int64)
         for i in range(1, edges.size):
             edges[i] = max(edges[i], edges[i - 1] + 1)

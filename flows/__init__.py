@@ -1,0 +1,1 @@
+"""Prefect flows: they wire tasks and branch on gate results, nothing else."""

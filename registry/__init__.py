@@ -1,0 +1,1 @@
+"""MLflow tracking, registry, aliases and promotion."""

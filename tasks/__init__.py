@@ -1,0 +1,1 @@
+"""Domain steps as plain typed functions, with thin Prefect task wrappers."""

@@ -208,8 +208,14 @@ def _vibration_dataset(lake_root: Path) -> ds.Dataset | None:
     if not root.exists() or not any(root.rglob("*.parquet")):
         return None
     try:
-        return ds.dataset(root, format="parquet", partitioning=PARTITIONING, schema=WINDOW_SCHEMA.append(
-            pa.field("fleet", pa.string())).append(pa.field("device", pa.string())).append(pa.field("date", pa.string())))
+        return ds.dataset(
+            root,
+            format="parquet",
+            partitioning=PARTITIONING,
+            schema=WINDOW_SCHEMA.append(pa.field("fleet", pa.string()))
+            .append(pa.field("device", pa.string()))
+            .append(pa.field("date", pa.string())),
+        )
     except (OSError, pa.ArrowInvalid) as exc:
         raise LakeError(f"cannot open lake at {root}: {exc}") from exc
 
@@ -308,13 +314,17 @@ def read_windows(
     width = window_samples or 0
     if dataset is None:
         return _empty_windows(width)
-    table = dataset.to_table(filter=expr).sort_by([("fleet", "ascending"), ("device", "ascending"), ("timestamp", "ascending")])
+    table = dataset.to_table(filter=expr).sort_by(
+        [("fleet", "ascending"), ("device", "ascending"), ("timestamp", "ascending")]
+    )
     if table.num_rows == 0:
         return _empty_windows(width)
     lengths = pc.unique(pc.list_value_length(table["samples"])).to_pylist()
     rates = pc.unique(table["sample_rate_hz"]).to_pylist()
     if len(lengths) != 1 or (window_samples is not None and lengths[0] != window_samples):
-        raise LakeError(f"selected windows have lengths {sorted(lengths)}, expected one length {window_samples or ''}".strip())
+        raise LakeError(
+            f"selected windows have lengths {sorted(lengths)}, expected one length {window_samples or ''}".strip()
+        )
     if len(rates) != 1:
         raise LakeError(f"selected windows have sample rates {sorted(rates)} Hz; select one rate")
     flat = table["samples"].combine_chunks().flatten().to_numpy(zero_copy_only=False)

@@ -27,6 +27,8 @@ from tinymlops.settings import MqttSettings
 
 log = logging.getLogger(__name__)
 
+DEFAULT_USERNAME = "tinymlops"
+
 
 @dataclass(frozen=True)
 class BrokerAddress:
@@ -97,9 +99,10 @@ def make_client(
     # Far more QoS 1 messages in flight than the default 20: the ingest acks a whole batch at once.
     client.max_inflight_messages_set(65_535)
     client.max_queued_messages_set(0)
-    if settings is not None and settings.username:
-        password = settings.password.get_secret_value() if settings.password else None
-        client.username_pw_set(settings.username, password)
+    # Always send a user name: brokers (amqtt) keep offline QoS 1 messages only for non-anonymous sessions.
+    username = settings.username if settings is not None and settings.username else DEFAULT_USERNAME
+    password = settings.password.get_secret_value() if settings is not None and settings.password else None
+    client.username_pw_set(username, password)
     if address.tls:
         client.tls_set(ca_certs=str(settings.ca_file) if settings and settings.ca_file else None)
     return client
@@ -185,7 +188,9 @@ class MosquittoBroker:
             wait_for_port("127.0.0.1", self.port)
         except BrokerError:
             self.stop()
-            raise BrokerError(f"mosquitto did not start on port {self.port}; see {self._dir / 'mosquitto.log'}") from None
+            raise BrokerError(
+                f"mosquitto did not start on port {self.port}; see {self._dir / 'mosquitto.log'}"
+            ) from None
         log.info("started mosquitto (pid %d) on %s", self._process.pid, self.address.url)
         return self
 
@@ -229,7 +234,8 @@ class AmqttBroker:
         config = {
             "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}", "max_connections": 0}},
             "sys_interval": 0,
-            "auth": {"allow-anonymous": True, "plugins": ["auth_anonymous"]},
+            # Clients always send a user name; anonymous sessions would lose offline QoS 1 messages.
+            "auth": {"allow-anonymous": False, "plugins": ["auth_anonymous"]},
             "topic-check": {"enabled": False},
         }
         started = threading.Event()

@@ -23,9 +23,13 @@ class MqttSettings(BaseModel):
         default=None, description="Broker URL, mqtt://host:port or mqtts://host:port; unset starts an embedded broker."
     )
     username: str | None = Field(default=None, description="User name for the server-side flows.")
-    password: SecretStr | None = Field(default=None, description="Password for the server-side flows (environment only).")
+    password: SecretStr | None = Field(
+        default=None, description="Password for the server-side flows (environment only)."
+    )
     ca_file: Path | None = Field(default=None, description="CA certificate for mqtts:// URLs.")
-    client_id: str = Field(default="tinymlops-ingest", description="Client id of the ingest subscriber (persistent session).")
+    client_id: str = Field(
+        default="tinymlops-ingest", description="Client id of the ingest subscriber (persistent session)."
+    )
     keepalive_s: int = Field(default=30, ge=5, description="MQTT keep-alive interval.")
     topic_root: str = Field(default="tinymlops", description="First topic level of every topic.")
     embedded_broker: str = Field(
@@ -41,8 +45,12 @@ class SensorSettings(BaseModel):
     max_clipped_fraction: float = Field(
         default=0.01, ge=0, le=1, description="Reject a window with more full-scale samples than this fraction."
     )
-    max_clock_skew_s: float = Field(default=300.0, gt=0, description="Reject windows time-stamped this far in the future.")
-    min_timestamp_s: float = Field(default=1_577_836_800.0, description="Reject windows time-stamped before this (2020-01-01).")
+    max_clock_skew_s: float = Field(
+        default=300.0, gt=0, description="Reject windows time-stamped this far in the future."
+    )
+    min_timestamp_s: float = Field(
+        default=1_577_836_800.0, description="Reject windows time-stamped before this (2020-01-01)."
+    )
 
 
 class LakeSettings(BaseModel):

@@ -1,0 +1,33 @@
+"""Ingest flow: a fleet's vibration from MQTT into the Parquet lake."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from tasks.ingest import ingest_vibration
+from tinymlops.mqtt import broker_for
+from tinymlops.settings import get_settings
+
+
+@flow(name="ingest")
+def ingest_flow(
+    fleet: str | None = None,
+    seconds: float | None = 60.0,
+    max_windows: int | None = None,
+    idle_timeout_s: float | None = None,
+    broker_url: str | None = None,
+) -> dict[str, object]:
+    """Ingest a fleet's windows for a bounded time (scheduled runs) or until stopped.
+
+    Args:
+        fleet: Fleet to ingest (default: settings).
+        seconds: Stop after this long; None runs until another bound or forever.
+        max_windows: Stop after this many accepted windows.
+        idle_timeout_s: Stop when the fleet has been silent this long.
+        broker_url: Broker to use; default from settings, else an embedded broker is started.
+    """
+    settings = get_settings()
+    mqtt_settings = settings.mqtt.model_copy(update={"url": broker_url or settings.mqtt.url})
+    with broker_for(mqtt_settings) as address:
+        stats = ingest_vibration(fleet or settings.fleet, address.url, seconds, max_windows, idle_timeout_s)
+    return stats.to_dict()

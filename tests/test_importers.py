@@ -1,0 +1,369 @@
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import math
+from collections.abc import Callable
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+import scipy.io
+
+from tasks.importers import import_cwru, import_file, load_signal
+from tasks.lake import read_windows
+from tinymlops.errors import DataImportError
+
+RATE = 25_600
+WINDOW = 1024
+START = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)
+
+
+def _sine(n: int, fs: float, freq: float = 1000.0, amp: float = 0.5, seed: int = 0) -> np.ndarray:
+    """A tone plus a little noise, so quantisation is exercised on non-trivial values."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n) / fs
+    return amp * np.sin(2 * np.pi * freq * t) + 0.01 * rng.standard_normal(n)
+
+
+def _write_npz(path: Path, x: np.ndarray) -> dict[str, object]:
+    np.savez(path, accel=x, fs=RATE)
+    return {}
+
+
+def _write_mat(path: Path, x: np.ndarray) -> dict[str, object]:
+    scipy.io.savemat(path, {"vib": x.reshape(-1, 1), "fs": float(RATE)})
+    return {}
+
+
+def _write_csv_header(path: Path, x: np.ndarray) -> dict[str, object]:
+    pd.DataFrame({"accel_g": x}).to_csv(path, index=False)
+    return {"fs": RATE}
+
+
+def _write_csv_plain(path: Path, x: np.ndarray) -> dict[str, object]:
+    np.savetxt(path, x, fmt="%.9f")
+    return {"fs": RATE}
+
+
+def _write_parquet(path: Path, x: np.ndarray) -> dict[str, object]:
+    pq.write_table(pa.table({"t": np.arange(x.size) / RATE, "accel": x, "note": ["x"] * x.size}), path)
+    return {"fs": RATE, "var": "accel"}
+
+
+WRITERS: dict[str, tuple[str, Callable[[Path, np.ndarray], dict[str, object]]]] = {
+    "npz": (".npz", _write_npz),
+    "mat": (".mat", _write_mat),
+    "csv-header": (".csv", _write_csv_header),
+    "csv-no-header": (".csv", _write_csv_plain),
+    "parquet": (".parquet", _write_parquet),
+}
+
+
+def _lake_files(lake: Path) -> list[tuple[str, int]]:
+    return sorted((str(p.relative_to(lake)), p.stat().st_size) for p in lake.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("kind", list(WRITERS))
+def test_round_trip_each_format(tmp_path: Path, kind: str) -> None:
+    suffix, writer = WRITERS[kind]
+    path = tmp_path / f"sensor-{kind}{suffix}"
+    x = _sine(10 * WINDOW + 300, RATE)  # the 300-sample remainder is dropped
+    extra = writer(path, x)
+    lake = tmp_path / "lake"
+
+    result = import_file(path, lake_root=lake, fleet="f1", label="normal", start=START, **extra)  # type: ignore[arg-type]
+
+    assert (result.windows, result.duplicate, result.source_rate_hz) == (10, False, RATE)
+    assert result.device == f"sensor-{kind}"
+    got = read_windows(lake, fleet="f1", window_samples=WINDOW)
+    assert len(got) == 10 and got.sample_rate_hz == RATE
+    expected = x[: 10 * WINDOW].reshape(10, WINDOW)
+    lsb = np.abs(x[: 10 * WINDOW]).max() / 32767
+    # Half an LSB of rounding, plus float32 storage and the 9-decimal CSV text.
+    assert np.abs(got.samples - expected).max() <= 0.5 * lsb + 1e-6
+    assert list(got.label) == ["normal"] * 10
+    assert list(got.device) == [f"sensor-{kind}"] * 10
+    assert list(got.seq) == list(range(10))
+    start_us = int(START.timestamp() * 1e6)
+    assert list(got.timestamp_us) == [start_us + i * 40_000 for i in range(10)]
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert set(got.source) == {f"file:{path.name}#sha256={digest}"}
+
+
+def test_one_scale_per_file_uses_full_range(tmp_path: Path) -> None:
+    path = tmp_path / "dev.npz"
+    x = _sine(8 * WINDOW, RATE) * np.linspace(0.1, 1.0, 8 * WINDOW)  # windows of very different amplitude
+    np.savez(path, x=x)
+    lake = tmp_path / "lake"
+    import_file(path, lake_root=lake, fleet="f", fs=RATE)
+
+    table = ds.dataset(lake / "vibration", format="parquet").to_table()
+    assert len(set(table["scale"].to_pylist())) == 1
+    peak = max(int(np.abs(np.asarray(s, np.int32)).max()) for s in table["samples"].to_pylist())
+    assert peak == 32767  # the largest magnitude maps to full scale, nothing clips
+
+
+@pytest.mark.parametrize(
+    ("source_rate", "ratio"), [(48_000, Fraction(8, 15)), (12_000, Fraction(32, 15)), (44_100, Fraction(256, 441))]
+)
+def test_resampling_preserves_tone(tmp_path: Path, source_rate: int, ratio: Fraction) -> None:
+    tone = 3000.0  # bin 120 of a 1024-point FFT at 25.6 kHz
+    n = int(12 * WINDOW / ratio)
+    x = _sine(n, source_rate, freq=tone, amp=1.0)
+    path = tmp_path / "tone.npz"
+    np.savez(path, x=x, fs=source_rate)
+    lake = tmp_path / "lake"
+
+    result = import_file(path, lake_root=lake, fleet="f", start=START)
+
+    assert result.windows == math.ceil(n * ratio) // WINDOW
+    got = read_windows(lake, fleet="f")
+    spectrum = np.abs(np.fft.rfft(got.samples * np.hanning(WINDOW), axis=1)).mean(axis=0)
+    freqs = np.fft.rfftfreq(WINDOW, 1 / RATE)
+    assert freqs[int(spectrum.argmax())] == pytest.approx(tone, abs=RATE / WINDOW)
+    # The tone's amplitude survives: RMS of a unit sine is 1/sqrt(2) (edge windows excluded).
+    rms = np.sqrt(np.mean(got.samples[1:-1].astype(np.float64) ** 2))
+    assert rms == pytest.approx(np.sqrt(0.5 + 0.01**2), rel=0.01)
+
+
+def test_load_signal_flattens_columns_and_reads_fs(tmp_path: Path) -> None:
+    x = _sine(500, 1000.0)
+    for shape in [(-1, 1), (1, -1)]:
+        path = tmp_path / f"m{len(shape)}{shape[0]}.mat"
+        scipy.io.savemat(path, {"sig": x.reshape(shape), "fs": 1000.0})
+        signal, rate = load_signal(path)
+        assert signal.dtype == np.float64 and signal.shape == (500,)
+        np.testing.assert_allclose(signal, x)
+        assert rate == 1000.0
+    assert load_signal(path, fs=2000.0)[1] == 2000.0  # the argument wins over the file
+
+
+def test_second_import_of_same_file_is_a_no_op(tmp_path: Path) -> None:
+    path = tmp_path / "dev.npz"
+    np.savez(path, x=_sine(5 * WINDOW, RATE), fs=RATE)
+    lake = tmp_path / "lake"
+    first = import_file(path, lake_root=lake, fleet="f")
+    before = _lake_files(lake)
+
+    again = import_file(path, lake_root=lake, fleet="f")
+
+    assert first.windows == 5 and not first.duplicate
+    assert again.duplicate and again.windows == 0
+    assert _lake_files(lake) == before
+    assert len(read_windows(lake, fleet="f")) == 5
+
+
+def test_second_file_continues_the_device_seq(tmp_path: Path) -> None:
+    lake = tmp_path / "lake"
+    a, b, other = tmp_path / "a.npz", tmp_path / "b.csv", tmp_path / "o.npz"
+    np.savez(a, x=_sine(3 * WINDOW, RATE, seed=1), fs=RATE)
+    pd.DataFrame({"g": _sine(4 * WINDOW, RATE, seed=2)}).to_csv(b, index=False)
+    np.savez(other, x=_sine(9 * WINDOW, RATE, seed=3), fs=RATE)
+    import_file(other, lake_root=lake, fleet="f", device="other")  # another device's seqs do not count
+    import_file(a, lake_root=lake, fleet="f", device="dev-1", label="normal", start=START)
+    import_file(
+        b, lake_root=lake, fleet="f", device="dev-1", label="ball", fs=RATE, start=START + dt.timedelta(hours=1)
+    )
+
+    got = read_windows(lake, fleet="f", devices=["dev-1"])
+    assert list(got.seq) == list(range(7))
+    assert list(got.label) == ["normal"] * 3 + ["ball"] * 4
+    assert len(set(got.source)) == 2
+
+
+def test_device_id_from_file_stem_is_sanitised(tmp_path: Path) -> None:
+    path = tmp_path / "my sensor#1 (left).npz"
+    np.savez(path, x=_sine(WINDOW, RATE), fs=RATE)
+    result = import_file(path, lake_root=tmp_path / "lake", fleet="f")
+    assert result.device == "my-sensor-1-left"
+    assert list(read_windows(tmp_path / "lake").device) == ["my-sensor-1-left"]
+
+
+def _nan_file(p: Path) -> None:
+    x = _sine(3 * WINDOW, RATE)
+    x[[17, 40, 2000]] = [np.nan, np.inf, np.nan]
+    np.savez(p, x=x, fs=RATE)
+
+
+def _two_columns(p: Path) -> None:
+    pd.DataFrame({"t": np.arange(2048.0), "g": _sine(2048, RATE)}).to_csv(p, index=False)
+
+
+BadMaker = Callable[[Path], object]
+BAD_INPUTS = [
+    pytest.param(".npz", _nan_file, {}, r"3 NaN/inf values of 3072, first at index 17", id="nan"),
+    pytest.param(
+        ".npz",
+        lambda p: np.savez(p, x=_sine(1900, 48_000.0), fs=48_000),
+        {},
+        r"too short: 1900 samples at 48000 Hz give 1014 at 25600 Hz, one window needs 1024",
+        id="too-short",
+    ),
+    pytest.param(
+        ".npz",
+        lambda p: np.savez(p, DE=_sine(2048, RATE), fs=RATE),
+        {"var": "FE"},
+        r"variable 'FE' in .* not found; signals there: DE",
+        id="unknown-var",
+    ),
+    pytest.param(
+        ".mat",
+        lambda p: scipy.io.savemat(p, {"DE": _sine(2048, RATE), "FE": _sine(2048, RATE)}),
+        {"fs": RATE},
+        r"several signals \(DE, FE\): pass --var",
+        id="several-arrays",
+    ),
+    pytest.param(".csv", _two_columns, {"fs": RATE}, r"several signals \(g, t\)", id="several-columns"),
+    pytest.param(
+        ".parquet",
+        lambda p: pq.write_table(pa.table({"g": _sine(2048, RATE)}), p),
+        {"fs": RATE, "var": "acc"},
+        r"variable 'acc' .* not found; signals there: g",
+        id="unknown-column",
+    ),
+    pytest.param(
+        ".csv", lambda p: p.write_text("g\n0.1\n0.2\nbad\n"), {"fs": RATE}, r"no numeric signal .*found: g", id="text"
+    ),
+    pytest.param(
+        ".npz",
+        lambda p: np.savez(p, xyz=np.zeros((2048, 3)), fs=RATE),
+        {},
+        r"shape \(2048, 3\); expected",
+        id="matrix",
+    ),
+    pytest.param(
+        ".wav", lambda p: p.write_bytes(b"RIFF0000WAVE"), {"fs": RATE}, r"unsupported file type '.wav'", id="extension"
+    ),
+    pytest.param(
+        ".npz", lambda p: p.write_bytes(b"PK\x03\x04 no zip"), {"fs": RATE}, r"cannot read .* as .npz", id="corrupt-npz"
+    ),
+    pytest.param(
+        ".mat",
+        lambda p: p.write_bytes(b"\x00" * 40 + b"junk" * 50),
+        {"fs": RATE},
+        r"cannot read .* as .mat",
+        id="corrupt-mat",
+    ),
+    pytest.param(
+        ".parquet",
+        lambda p: p.write_bytes(b"PAR1 cut"),
+        {"fs": RATE},
+        r"cannot read .* as .parquet",
+        id="corrupt-parquet",
+    ),
+    pytest.param(".csv", lambda p: p.write_bytes(b""), {"fs": RATE}, r"is empty \(0 bytes\)", id="empty-file"),
+    pytest.param(
+        ".csv",
+        lambda p: np.savetxt(p, _sine(2048, RATE)),
+        {},
+        r"sample rate unknown for .*: pass --fs",
+        id="missing-fs",
+    ),
+    pytest.param(
+        ".npz",
+        lambda p: np.savez(p, x=_sine(2048, RATE), fs=0.0),
+        {},
+        r"invalid sample rate 0.0 Hz",
+        id="bad-fs",
+    ),
+    pytest.param(
+        ".npz",
+        lambda p: np.savez(p, x=_sine(2048, RATE), fs=RATE),
+        {"device": "a/b"},
+        r"device 'a/b' .* must be 1..64 characters",
+        id="bad-device",
+    ),
+]
+
+
+@pytest.mark.parametrize(("suffix", "make", "kwargs", "pattern"), BAD_INPUTS)
+def test_bad_input_raises_and_writes_nothing(
+    tmp_path: Path, suffix: str, make: BadMaker, kwargs: dict[str, object], pattern: str
+) -> None:
+    lake = tmp_path / "lake"
+    good = tmp_path / "good.npz"
+    np.savez(good, x=_sine(2 * WINDOW, RATE), fs=RATE)
+    import_file(good, lake_root=lake, fleet="f", device="dev")
+    before = _lake_files(lake)
+    path = tmp_path / f"bad{suffix}"
+    make(path)
+
+    with pytest.raises(DataImportError, match=pattern) as info:
+        import_file(path, lake_root=lake, fleet="f", **{"device": "dev", **kwargs})  # type: ignore[arg-type]
+
+    message = str(info.value)
+    assert path.name in message and "\n" not in message
+    assert _lake_files(lake) == before
+
+
+def test_missing_file_is_an_import_error(tmp_path: Path) -> None:
+    with pytest.raises(DataImportError, match=r"cannot read .*nowhere.npz"):
+        load_signal(tmp_path / "nowhere.npz", fs=RATE)
+
+
+def test_import_cwru_names_labels_and_rates(tmp_path: Path) -> None:
+    src = tmp_path / "cwru"
+    src.mkdir()
+    lengths = {"1797_Normal": 48_000 // 10, "1797_IR_7_DE12": 12_000 // 10, "1797_OR6_7_DE48": 48_000 // 10}
+    for stem, n in lengths.items():
+        np.savez(src / f"{stem}.npz", DE=_sine(n, 48_000.0).reshape(-1, 1), FE=np.zeros((n, 1)))
+    np.savez(src / "cwru_de_48k_1797rpm_1s.npz", normal=np.zeros(48_000), fs=48_000)  # fixture: not imported
+    lake = tmp_path / "lake"
+
+    results = import_cwru(src, lake_root=lake)
+
+    by_device = {r.device: r for r in results}
+    assert sorted(by_device) == ["cwru-1797-IR-7-DE12", "cwru-1797-Normal", "cwru-1797-OR6-7-DE48"]
+    assert by_device["cwru-1797-Normal"].label == "normal"
+    assert by_device["cwru-1797-IR-7-DE12"].label == "inner_race"
+    assert by_device["cwru-1797-OR6-7-DE48"].label == "outer_race"
+    assert by_device["cwru-1797-IR-7-DE12"].source_rate_hz == 12_000
+    # 0.1 s at any source rate is 2560 samples at 25.6 kHz: two windows each.
+    assert [r.windows for r in results] == [2, 2, 2]
+    assert len(read_windows(lake, fleet="cwru")) == 6
+
+
+def test_import_cwru_rejects_unknown_names_before_importing(tmp_path: Path) -> None:
+    np.savez(tmp_path / "1797_Normal.npz", DE=_sine(4800, 48_000.0))
+    np.savez(tmp_path / "1797_XX_7_DE48.npz", DE=_sine(4800, 48_000.0))
+    with pytest.raises(DataImportError, match=r"1797_XX_7_DE48.npz does not follow the CWRU naming"):
+        import_cwru(tmp_path, lake_root=tmp_path / "lake")
+    assert not (tmp_path / "lake").exists()
+
+
+@pytest.mark.realdata
+def test_import_real_cwru(cwru_dir: Path, tmp_path: Path) -> None:
+    lake = tmp_path / "lake"
+    results = import_cwru(cwru_dir, lake_root=lake)
+
+    expected_labels = {
+        "1797_Normal.npz": "normal", "1797_IR_7_DE48.npz": "inner_race", "1797_IR_7_DE12.npz": "inner_race",
+        "1797_OR6_7_DE48.npz": "outer_race", "1797_OR6_7_DE12.npz": "outer_race", "1797_B_7_DE48.npz": "ball",
+    }  # fmt: skip
+    assert {r.path.name: r.label for r in results} == expected_labels
+    windows = read_windows(lake, fleet="cwru", window_samples=WINDOW)
+    for r in results:
+        n = np.load(r.path)["DE"].shape[0]
+        ratio = Fraction(RATE, int(r.source_rate_hz))
+        assert r.source_rate_hz == (12_000 if "DE12" in r.path.name else 48_000)
+        assert r.windows == math.ceil(n * ratio) // WINDOW
+        assert int((windows.device == r.device).sum()) == r.windows
+        assert set(windows.label[windows.device == r.device]) == {r.label}
+    normal = next(r for r in results if r.label == "normal")
+    # 243,938 samples at 48 kHz are 130,101 at 25.6 kHz: 127 full windows.
+    assert normal.windows == 127
+
+    original = np.load(normal.path)["DE"].ravel()
+    imported = windows.samples[windows.device == normal.device].astype(np.float64)
+    rms_in, rms_out = np.sqrt(np.mean(original**2)), np.sqrt(np.mean(imported**2))
+    assert rms_out == pytest.approx(rms_in, rel=0.01)
+
+    again = import_cwru(cwru_dir, lake_root=lake)
+    assert all(r.duplicate for r in again)
+    assert len(read_windows(lake, fleet="cwru")) == len(windows)

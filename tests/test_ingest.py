@@ -1,0 +1,238 @@
+"""Ingest: validation rules, dedupe, and the real MQTT path (Mosquitto, amqtt, a crash mid-stream)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from firmware.codec import VibrationWindow, encode
+from tasks.ingest import IngestConfig, Ingestor, _Received, ensure_subscription, run_ingest, validate_message
+from tasks.lake import read_quarantine, read_windows
+from tinymlops.errors import DecodeError, ValidationError
+from tinymlops.mqtt import AmqttBroker, BrokerAddress, MosquittoBroker, connect, make_client
+from tinymlops.settings import MqttSettings, SensorSettings
+
+SENSOR = SensorSettings()
+NOW_US = int(time.time() * 1e6)
+
+
+def make_window(device: str = "node-0001", seq: int = 0, **overrides: object) -> VibrationWindow:
+    rng = np.random.default_rng(seq)
+    fields: dict[str, object] = {
+        "device_id": device,
+        "seq": seq,
+        "timestamp_us": NOW_US + seq * 40_000,
+        "sample_rate_hz": SENSOR.sample_rate_hz,
+        "scale": 16 / 32767,
+        "samples": rng.normal(0, 300, SENSOR.window_samples).astype(np.int16),
+    }
+    fields.update(overrides)
+    return VibrationWindow(**fields)  # type: ignore[arg-type]
+
+
+def topic(device: str = "node-0001", fleet: str = "f1") -> str:
+    return f"tinymlops/{fleet}/{device}/vibration"
+
+
+def check(t: str, payload: bytes) -> VibrationWindow:
+    return validate_message(t, payload, topic_root="tinymlops", fleet="f1", sensor=SENSOR, now_s=NOW_US / 1e6)
+
+
+def test_valid_message_passes() -> None:
+    window = check(topic(), encode(make_window()))
+    assert window.device_id == "node-0001"
+    assert window.samples.size == SENSOR.window_samples
+
+
+@pytest.mark.parametrize(
+    ("t", "window", "error", "reason"),
+    [
+        (topic(fleet="other"), make_window(), ValidationError, "unexpected topic"),
+        (topic("node-0002"), make_window(), ValidationError, "does not match topic device"),
+        (topic(), make_window(sample_rate_hz=48_000), ValidationError, "sample rate 48000 Hz"),
+        (topic(), make_window(samples=np.zeros(512, np.int16)), ValidationError, "512 samples"),
+        (topic(), make_window(samples=np.full(1024, 32767, np.int16)), ValidationError, "saturated"),
+        (topic(), make_window(timestamp_us=NOW_US + 3_600_000_000), ValidationError, "in the future"),
+        (topic(), make_window(timestamp_us=1_000_000), ValidationError, "before the earliest"),
+        (topic(), make_window(scale=float("nan")), DecodeError, "invalid scale nan"),
+        (topic(), make_window(scale=float("inf")), DecodeError, "invalid scale inf"),
+    ],
+)
+def test_invalid_content_is_rejected_with_reason(t: str, window: VibrationWindow, error: type, reason: str) -> None:
+    with pytest.raises(error, match=reason):
+        check(t, encode(window))
+
+
+def test_corrupt_bytes_are_rejected_with_reason() -> None:
+    good = encode(make_window())
+    flipped = bytearray(good)
+    flipped[100] ^= 0xFF
+    wrong_version = bytearray(good)
+    wrong_version[2] = 2
+    cases = {
+        b"": "truncated message: 0 bytes",
+        good[:-10]: "truncated message",
+        good + b"\x00" * 8: "oversized message",
+        b"\x00" * 80_000: "oversized message: 80000 bytes",
+        bytes(flipped): "bad CRC",
+        bytes(wrong_version): "unsupported header version 2",
+        b"XX" + good[2:]: "bad magic",
+    }
+    for payload, reason in cases.items():
+        with pytest.raises(DecodeError, match=reason):
+            check(topic(), payload)
+
+
+def config_for(tmp_path: Path, client_id: str = "ingest-test", **overrides: object) -> IngestConfig:
+    fields: dict[str, object] = {
+        "fleet": "f1",
+        "lake_root": tmp_path / "lake",
+        "quarantine_root": tmp_path / "quarantine",
+        "sensor": SENSOR,
+        "mqtt": MqttSettings(client_id=client_id),
+        "batch_windows": 200,
+        "flush_interval_s": 0.2,
+    }
+    fields.update(overrides)
+    return IngestConfig(**fields)  # type: ignore[arg-type]
+
+
+def received(windows: list[VibrationWindow]) -> list[_Received]:
+    return [_Received(i, 1, topic(w.device_id), encode(w), NOW_US) for i, w in enumerate(windows)]
+
+
+def test_written_batch_redelivered_after_crash_is_not_duplicated(tmp_path: Path) -> None:
+    """A crash after the write but before the ack makes the broker redeliver: the new process drops it."""
+    batch = received([make_window(seq=s) for s in range(10)])
+    first = Ingestor(config_for(tmp_path))
+    first.process(batch)
+    restarted = Ingestor(config_for(tmp_path))
+    restarted.process(batch + received([make_window(seq=10)]))
+    assert restarted.stats.duplicates == 10
+    assert restarted.stats.accepted == 1
+    lake = read_windows(tmp_path / "lake", fleet="f1")
+    assert sorted(lake.seq.tolist()) == list(range(11))
+
+
+def test_duplicates_inside_one_batch_are_dropped(tmp_path: Path) -> None:
+    ingestor = Ingestor(config_for(tmp_path))
+    ingestor.process(received([make_window(seq=1), make_window(seq=1), make_window(seq=2)]))
+    assert (ingestor.stats.accepted, ingestor.stats.duplicates) == (2, 1)
+
+
+def publish_all(address: BrokerAddress, payloads: list[tuple[str, bytes]]) -> None:
+    client = make_client(address, "test-publisher")
+    connect(client, address)
+    infos = [client.publish(t, p, qos=1) for t, p in payloads]
+    for info in infos:
+        info.wait_for_publish(timeout=30)
+    client.disconnect()
+    client.loop_stop()
+
+
+def fleet_payloads(n_devices: int, per_device: int) -> list[tuple[str, bytes]]:
+    return [
+        (topic(f"node-{d:04d}"), encode(make_window(f"node-{d:04d}", s)))
+        for s in range(per_device)
+        for d in range(n_devices)
+    ]
+
+
+@pytest.mark.mqtt
+def test_ingest_writes_exactly_the_windows_sent(tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+    config = config_for(tmp_path)
+    ensure_subscription(mosquitto.address, config)
+    good = fleet_payloads(8, 25)
+    redelivered = good[:30]
+    malformed = [(topic(), b"garbage"), (topic(), encode(make_window(sample_rate_hz=1000, seq=999)))]
+    publish_all(mosquitto.address, good + redelivered + malformed)
+
+    stats = run_ingest(mosquitto.address, config, seconds=30, idle_timeout_s=1.0)
+
+    assert stats.accepted == len(good)
+    assert stats.duplicates == len(redelivered)
+    assert stats.rejected == len(malformed)
+    lake = read_windows(tmp_path / "lake", fleet="f1")
+    keys = list(zip(lake.device.tolist(), lake.seq.tolist(), strict=True))
+    assert len(keys) == len(set(keys)) == 8 * 25
+    quarantine = read_quarantine(tmp_path / "quarantine").to_pydict()
+    assert sorted(r.split(":")[0] for r in quarantine["reason"]) == ["sample rate 1000 Hz, fleet expects 25600 Hz",
+                                                                      "truncated message"]  # fmt: skip
+    assert b"garbage" in quarantine["payload"]
+
+
+@pytest.mark.mqtt
+def test_max_windows_leaves_the_rest_on_the_broker(tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+    config = config_for(tmp_path)
+    ensure_subscription(mosquitto.address, config)
+    publish_all(mosquitto.address, fleet_payloads(4, 25))
+    first = run_ingest(mosquitto.address, config, seconds=20, max_windows=60)
+    second = run_ingest(mosquitto.address, config, seconds=20, idle_timeout_s=1.0)
+    assert first.accepted == 60
+    assert first.accepted + second.accepted == 100
+    assert len(read_windows(tmp_path / "lake", fleet="f1")) == 100
+
+
+INGEST_PROCESS = """
+import sys
+from pathlib import Path
+from tasks.ingest import IngestConfig, run_ingest
+from tinymlops.mqtt import parse_broker_url
+from tinymlops.settings import MqttSettings, SensorSettings
+root = Path(sys.argv[2])
+config = IngestConfig(fleet="f1", lake_root=root / "lake", quarantine_root=root / "quarantine", sensor=SensorSettings(),
+                      mqtt=MqttSettings(client_id="crash-test"), batch_windows=int(sys.argv[3]),
+                      flush_interval_s=float(sys.argv[4]))
+run_ingest(parse_broker_url(sys.argv[1]), config, seconds=60, idle_timeout_s=2.0)
+"""
+
+
+@pytest.mark.mqtt
+@pytest.mark.faults
+def test_killed_ingest_loses_nothing_after_restart(tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+    """kill -9 the ingest process while it holds received but unwritten windows; the restart gets them all."""
+    config = config_for(tmp_path, client_id="crash-test")
+    ensure_subscription(mosquitto.address, config)
+    payloads = fleet_payloads(10, 60)
+    publish_all(mosquitto.address, payloads[:300])
+
+    # Small batches with a long flush interval: part is written, the rest is held in memory unacked.
+    victim = subprocess.Popen([sys.executable, "-c", INGEST_PROCESS, mosquitto.address.url, str(tmp_path), "70", "30"])
+    lake = tmp_path / "lake"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(lake.rglob("*.parquet")):
+        time.sleep(0.05)
+    publish_all(mosquitto.address, payloads[300:])
+    time.sleep(1.0)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    before_restart = len(read_windows(lake, fleet="f1"))
+    assert 0 < before_restart < len(payloads), "the kill must land mid-stream"
+
+    restarted = subprocess.run(
+        [sys.executable, "-c", INGEST_PROCESS, mosquitto.address.url, str(tmp_path), "500", "0.2"], timeout=120
+    )
+    assert restarted.returncode == 0
+    windows = read_windows(lake, fleet="f1")
+    keys = list(zip(windows.device.tolist(), windows.seq.tolist(), strict=True))
+    assert len(keys) == len(set(keys)) == len(payloads)
+
+
+def test_ingest_through_embedded_amqtt_broker(tmp_path: Path) -> None:
+    broker = AmqttBroker().start()
+    try:
+        config = config_for(tmp_path, client_id="amqtt-ingest")
+        ensure_subscription(broker.address, config)
+        publish_all(broker.address, fleet_payloads(3, 20))
+        stats = run_ingest(broker.address, config, seconds=30, max_windows=60)
+    finally:
+        broker.stop()
+    assert stats.accepted == 60
+    assert len(read_windows(tmp_path / "lake", fleet="f1")) == 60

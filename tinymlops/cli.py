@@ -1,0 +1,293 @@
+"""The ``tinymlops`` command line: one subcommand per flow, plus the demo and the benchmarks.
+
+The CLI is the top layer: it may import flows (lazily, inside commands, after the process is
+configured) while nothing below imports it. Errors of the domain print as one line on stderr
+with a non-zero exit; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+import threading
+import traceback
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tinymlops.errors import TinyMLOpsError
+from tinymlops.runtime import configure_logging, configure_prefect_env
+from tinymlops.settings import Settings, get_settings
+
+app = typer.Typer(
+    name="tinymlops",
+    help="Tiny-MLOps for far-edge vibration sensors: ingest, train, compress, validate, register, redeploy, monitor.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+lake_app = typer.Typer(help="Inspect the Parquet data lake and its quarantine.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks: measured figures and ratios against a baseline in the same run.")
+app.add_typer(lake_app, name="lake")
+app.add_typer(bench_app, name="bench")
+
+console = Console()
+err_console = Console(stderr=True)
+_state = {"debug": False}
+
+
+def _settings() -> Settings:
+    settings = get_settings()
+    configure_prefect_env(settings)
+    return settings
+
+
+@app.callback()
+def main_options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors in the log.")] = False,
+) -> None:
+    """Tiny-MLOps for far-edge vibration sensors. Settings come from TINYMLOPS_* environment variables."""
+    _state["debug"] = debug
+    configure_logging(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
+
+
+@app.command()
+def demo(
+    devices: Annotated[int, typer.Option(min=1, max=2000, help="Simulated sensor nodes.")] = 20,
+    seconds: Annotated[float, typer.Option(min=1, help="How long the fleet streams.")] = 10.0,
+    interval: Annotated[float, typer.Option(min=0.01, help="Seconds between two windows of one node.")] = 0.25,
+) -> None:
+    """Run the main job on embedded defaults: start a broker, simulate a fleet, ingest it into the lake."""
+    settings = _settings()
+    from firmware.fleet import VirtualFleet
+    from flows.ingest import ingest_flow
+    from tasks.ingest import ensure_subscription, ingest_config
+    from tasks.lake import lake_summary
+    from tinymlops.mqtt import broker_for
+
+    with broker_for(settings.mqtt) as address:
+        console.print(f"MQTT broker: [bold]{address.url}[/]")
+        config = ingest_config(settings, settings.fleet)
+        ensure_subscription(address, config)
+        fleet = VirtualFleet(
+            settings.fleet,
+            devices,
+            sample_rate_hz=settings.sensor.sample_rate_hz,
+            window_samples=settings.sensor.window_samples,
+            topic_root=settings.mqtt.topic_root,
+        )
+        windows_per_device = max(1, int(seconds / interval))
+        console.print(f"fleet {settings.fleet!r}: {devices} nodes, {windows_per_device} windows each")
+        fleet_thread = threading.Thread(
+            target=fleet.run,
+            kwargs={"address": address, "interval_s": interval, "windows_per_device": windows_per_device,
+                    "duration_s": seconds + 60},
+            daemon=True,
+        )  # fmt: skip
+        fleet_thread.start()
+        stats = ingest_flow(
+            fleet=settings.fleet,
+            seconds=seconds + 120,
+            max_windows=devices * windows_per_device,
+            broker_url=address.url,
+        )
+        fleet_thread.join(5)
+    console.print(f"ingested: {stats}")
+    _print_table("Lake contents", lake_summary(settings.lake_root).to_pylist())
+    console.print(f"lake: {settings.lake_root}")
+
+
+@app.command()
+def ingest(
+    fleet: Annotated[str | None, typer.Option(help="Fleet to ingest (default from settings).")] = None,
+    seconds: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
+    max_windows: Annotated[int | None, typer.Option(min=1, help="Stop after this many accepted windows.")] = None,
+    idle_timeout: Annotated[float | None, typer.Option(help="Stop after this many silent seconds.")] = None,
+    broker: Annotated[str | None, typer.Option(help="Broker URL (default: settings, else embedded).")] = None,
+) -> None:
+    """Ingest vibration windows from MQTT into the lake (the ingest flow); runs until a bound or Ctrl-C."""
+    _settings()
+    from flows.ingest import ingest_flow
+
+    stats = ingest_flow(fleet=fleet, seconds=seconds, max_windows=max_windows, idle_timeout_s=idle_timeout,
+                        broker_url=broker)  # fmt: skip
+    console.print_json(json.dumps(stats))
+
+
+@app.command()
+def simulate(
+    devices: Annotated[int, typer.Option(min=1, max=5000, help="Number of sensor nodes.")] = 10,
+    fleet: Annotated[str | None, typer.Option(help="Fleet name (default from settings).")] = None,
+    seconds: Annotated[float | None, typer.Option(help="Stream for this long.")] = None,
+    windows: Annotated[int | None, typer.Option(min=1, help="Windows per node, then stop.")] = None,
+    interval: Annotated[float, typer.Option(min=0.0, help="Seconds between two windows of one node.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Base seed of the machines.")] = 0,
+    fault: Annotated[
+        list[str] | None, typer.Option(help="Inject KIND:SEVERITY[:DEVICE,...], e.g. inner_race:0.8:node-0001.")
+    ] = None,
+    broker: Annotated[str | None, typer.Option(help="Broker URL (default from settings).")] = None,
+) -> None:
+    """Run a virtual fleet of sensor nodes that publish vibration windows over MQTT."""
+    settings = _settings()
+    from firmware.fleet import VirtualFleet
+    from firmware.sensor import FaultSpec
+    from tinymlops.mqtt import broker_for
+
+    name = fleet or settings.fleet
+    sim = VirtualFleet(name, devices, seed=seed, sample_rate_hz=settings.sensor.sample_rate_hz,
+                       window_samples=settings.sensor.window_samples, topic_root=settings.mqtt.topic_root)  # fmt: skip
+    for spec in fault or []:
+        kind, _, rest = spec.partition(":")
+        severity, _, targets = rest.partition(":")
+        try:
+            fault_spec = FaultSpec(kind=kind, severity=float(severity or 1.0))  # type: ignore[arg-type]
+        except (ValueError, TypeError) as exc:
+            raise typer.BadParameter(f"invalid fault {spec!r}: {exc}", param_hint="--fault") from None
+        sim.inject_fault(fault_spec, targets.split(",") if targets else None)
+    if seconds is None and windows is None:
+        raise typer.BadParameter("give --seconds or --windows", param_hint="--seconds")
+    mqtt_settings = settings.mqtt.model_copy(update={"url": broker or settings.mqtt.url})
+    with broker_for(mqtt_settings) as address:
+        stats = sim.run(address, interval_s=interval, duration_s=seconds, windows_per_device=windows)
+    console.print(f"published {stats.published} windows from {devices} nodes in {stats.seconds:.1f} s")
+
+
+@app.command("import")
+def import_files(
+    paths: Annotated[list[Path], typer.Argument(help="Files: .npz, .mat, .csv or .parquet.")],
+    fs: Annotated[float | None, typer.Option(help="Sampling rate of the files in Hz (if the file has none).")] = None,
+    device: Annotated[str | None, typer.Option(help="Device id (default: file name).")] = None,
+    label: Annotated[str | None, typer.Option(help="Label: normal, or a fault type such as inner_race.")] = None,
+    var: Annotated[str | None, typer.Option(help="Variable/column to read when a file has several.")] = None,
+    fleet: Annotated[str | None, typer.Option(help="Fleet (default from settings).")] = None,
+) -> None:
+    """Import recorded vibration files into the lake, resampled to the fleet's sensor rate."""
+    settings = _settings()
+    from tasks.importers import import_file
+
+    rows = []
+    for path in paths:
+        result = import_file(
+            path,
+            lake_root=settings.lake_root,
+            fleet=fleet or settings.fleet,
+            device=device,
+            label=label,
+            var=var,
+            fs=fs,
+            target_rate_hz=settings.sensor.sample_rate_hz,
+            window_samples=settings.sensor.window_samples,
+        )
+        rows.append({"file": str(path), "device": result.device, "label": result.label or "",
+                     "windows": result.windows, "note": "already imported" if result.duplicate else ""})  # fmt: skip
+    _print_table("Imported", rows)
+
+
+@app.command("import-cwru")
+def import_cwru_command(
+    directory: Annotated[Path | None, typer.Argument(help="CWRU directory (default: settings.cwru_dir).")] = None,
+    fleet: Annotated[str, typer.Option(help="Fleet to import into.")] = "cwru",
+) -> None:
+    """Import the real CWRU bearing recordings (normal and faults, labelled) into the lake."""
+    settings = _settings()
+    from tasks.importers import import_cwru
+
+    results = import_cwru(directory or settings.cwru_dir, lake_root=settings.lake_root, fleet=fleet,
+                          target_rate_hz=settings.sensor.sample_rate_hz,
+                          window_samples=settings.sensor.window_samples)  # fmt: skip
+    _print_table("Imported", [{"device": r.device, "label": r.label or "", "windows": r.windows,
+                               "note": "already imported" if r.duplicate else ""} for r in results])  # fmt: skip
+
+
+@lake_app.command("summary")
+def lake_summary_command() -> None:
+    """Count windows per fleet, device and label."""
+    settings = _settings()
+    from tasks.lake import lake_summary
+
+    _print_table("Lake contents", lake_summary(settings.lake_root).to_pylist())
+
+
+@lake_app.command("quarantine")
+def lake_quarantine_command(limit: Annotated[int, typer.Option(min=1)] = 20) -> None:
+    """List the most recent rejected messages and why they were rejected."""
+    settings = _settings()
+    from tasks.lake import read_quarantine
+
+    table = read_quarantine(settings.quarantine_root).sort_by([("received_at", "descending")])
+    rows = [{"received_at": str(r["received_at"]), "topic": r["topic"], "reason": r["reason"],
+             "bytes": len(r["payload"])} for r in table.slice(0, limit).to_pylist()]  # fmt: skip
+    _print_table(f"Quarantine ({table.num_rows} messages)", rows)
+
+
+@app.command()
+def broker() -> None:
+    """Start the embedded MQTT broker (Mosquitto if installed, else amqtt) and keep it up until Ctrl-C."""
+    settings = _settings()
+    from tinymlops.mqtt import broker_for
+
+    with broker_for(settings.mqtt.model_copy(update={"url": None})) as address:
+        console.print(f"MQTT broker listening on [bold]{address.url}[/]; Ctrl-C stops it")
+        with contextlib.suppress(KeyboardInterrupt):
+            threading.Event().wait()
+
+
+@app.command("config")
+def show_config() -> None:
+    """Print the effective settings (secrets masked)."""
+    console.print_json(get_settings().model_dump_json())
+
+
+@bench_app.command("ingest")
+def bench_ingest(
+    quick: Annotated[bool, typer.Option(help="Reduced run for CI.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON on the last line.")] = False,
+) -> None:
+    """Measure ingest throughput into the lake against a bare subscriber draining the same stream."""
+    settings = _settings()
+    from tasks.bench import bench_ingest as run_bench
+
+    figures = run_bench(settings, quick=quick)
+    _print_table("Ingest benchmark", [{"figure": k, "value": v} for k, v in figures.items()])
+    if as_json:
+        print(json.dumps(figures))
+
+
+def _print_table(title: str, rows: list[dict[str, Any]]) -> None:
+    table = Table(title=title)
+    if not rows:
+        console.print(f"{title}: (none)")
+        return
+    for column in rows[0]:
+        table.add_column(str(column))
+    for row in rows:
+        table.add_row(*(f"{v:,.3f}" if isinstance(v, float) else str(v) for v in row.values()))
+    console.print(table)
+
+
+def main() -> None:
+    """Console-script entry point: run the app, turn domain errors into one line and exit 1."""
+    try:
+        app(standalone_mode=False)
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except TinyMLOpsError as exc:
+        err_console.print(f"error: {exc}", highlight=False, markup=False)
+        if _state["debug"]:
+            traceback.print_exc()
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
