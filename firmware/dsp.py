@@ -140,7 +140,8 @@ def raw_features(windows: npt.ArrayLike, spec: DspSpec) -> Float32Array:
         raise ValueError("windows contain NaN or infinite samples")
     centred = x - x.mean(axis=1, keepdims=True)
     power = np.abs(np.fft.rfft(centred * spec.hann, axis=1)) ** 2
-    cumulative = np.concatenate([np.zeros((power.shape[0], 1)), np.cumsum(power, axis=1)], axis=1)
+    # float64 running sum: band energies are differences of it, float32 cancels next to strong shaft lines
+    cumulative = np.concatenate([np.zeros((power.shape[0], 1)), np.cumsum(power, axis=1, dtype=np.float64)], axis=1)
     edges = spec.band_edges
     bands = cumulative[:, edges[1:]] - cumulative[:, edges[:-1]]
     log_bands = np.log10(bands + _EPS)

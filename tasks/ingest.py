@@ -209,9 +209,15 @@ def run_ingest(
     inbox: deque[_Received] = deque()
     arrived = threading.Event()
 
+    def batch_target() -> int:
+        """Windows that make a full batch: fewer when max_windows is nearly reached."""
+        if max_windows is None:
+            return config.batch_windows
+        return max(1, min(config.batch_windows, max_windows - ingestor.stats.accepted))
+
     def on_message(_client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
         inbox.append(_Received(msg.mid, msg.qos, msg.topic, msg.payload, time.time_ns() // 1000))
-        if len(inbox) >= config.batch_windows:
+        if len(inbox) >= batch_target():
             arrived.set()
 
     topic = vibration_topic(config.mqtt.topic_root, config.fleet, "+")
@@ -230,14 +236,12 @@ def run_ingest(
     last_arrival = start
     try:
         while True:
-            if len(inbox) < config.batch_windows:
+            if len(inbox) < batch_target():
                 # Clear first, then look again, so a batch completed in between still wakes us.
                 arrived.clear()
-                if len(inbox) < config.batch_windows:
+                if len(inbox) < batch_target():
                     arrived.wait(config.flush_interval_s)
-            take = min(len(inbox), config.batch_windows)
-            if max_windows is not None:
-                take = min(take, max(0, max_windows - ingestor.stats.accepted))
+            take = min(len(inbox), batch_target())
             if take:
                 messages = [inbox.popleft() for _ in range(take)]
                 ingestor.process(messages)

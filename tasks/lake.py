@@ -36,7 +36,8 @@ WINDOW_SCHEMA = pa.schema(
         ("timestamp", pa.timestamp("us", tz="UTC")),
         ("sample_rate_hz", pa.int32()),
         ("scale", pa.float32()),
-        ("samples", pa.list_(pa.int16())),
+        # little-endian int16 samples, as on the wire: 5x cheaper to encode than list<int16>
+        ("samples", pa.binary()),
         ("label", pa.string()),
         ("source", pa.string()),
         ("ingested_at", pa.timestamp("us", tz="UTC")),
@@ -84,7 +85,7 @@ def write_parquet_atomic(table: pa.Table, directory: Path) -> Path:
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as handle:
-            pq.write_table(table, handle, compression="zstd")
+            pq.write_table(table, handle, compression="zstd", use_dictionary=["label", "source"])
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, final)
@@ -130,26 +131,33 @@ class WindowBatch:
 
     def partitions(self) -> dict[tuple[str, str, str], pa.Table]:
         """Group the rows by (fleet, device, date) and return one Arrow table per partition."""
-        groups: dict[tuple[str, str, str], list[int]] = defaultdict(list)
-        for i, (fleet, device, ts) in enumerate(zip(self.fleet, self.device, self.timestamp_us, strict=True)):
-            groups[(fleet, device, utc_date(ts))].append(i)
-        ingested = _now_us()
+        day_us = 86_400_000_000
+        days = np.asarray(self.timestamp_us, dtype=np.int64) // day_us
+        groups: dict[tuple[str, str, int], list[int]] = defaultdict(list)
+        for i, key in enumerate(zip(self.fleet, self.device, days.tolist(), strict=True)):
+            groups[key].append(i)
+        ingested = pa.scalar(_now_us(), pa.int64()).cast(pa.timestamp("us", tz="UTC"))
+        seq = np.asarray(self.seq, dtype=np.int64)
+        ts = np.asarray(self.timestamp_us, dtype=np.int64)
+        rate = np.asarray(self.sample_rate_hz, dtype=np.int32)
+        scale = np.asarray(self.scale, dtype=np.float32)
         tables = {}
-        for key, rows in groups.items():
+        for (fleet, device, day), rows in groups.items():
+            index = np.asarray(rows)
             arrays = [self.samples[i] for i in rows]
             offsets = np.zeros(len(rows) + 1, dtype=np.int32)
-            np.cumsum([a.size for a in arrays], out=offsets[1:])
-            values = pa.array(np.concatenate(arrays).astype(np.int16, copy=False), type=pa.int16())
-            tables[key] = pa.table(
+            np.cumsum([2 * a.size for a in arrays], out=offsets[1:])
+            data = pa.py_buffer(np.concatenate(arrays).astype("<i2", copy=False).tobytes())
+            tables[(fleet, device, utc_date(day * day_us))] = pa.table(
                 [
-                    pa.array([self.seq[i] for i in rows], pa.int64()),
-                    pa.array([self.timestamp_us[i] for i in rows], pa.int64()).cast(pa.timestamp("us", tz="UTC")),
-                    pa.array([self.sample_rate_hz[i] for i in rows], pa.int32()),
-                    pa.array([self.scale[i] for i in rows], pa.float32()),
-                    pa.ListArray.from_arrays(pa.array(offsets), values),
+                    pa.array(seq[index]),
+                    pa.array(ts[index]).cast(pa.timestamp("us", tz="UTC")),
+                    pa.array(rate[index]),
+                    pa.array(scale[index]),
+                    pa.BinaryArray.from_buffers(pa.binary(), len(rows), [None, pa.py_buffer(offsets), data]),
                     pa.array([self.label[i] for i in rows], pa.string()),
                     pa.array([self.source[i] for i in rows], pa.string()),
-                    pa.array(np.full(len(rows), ingested, dtype=np.int64)).cast(pa.timestamp("us", tz="UTC")),
+                    pa.repeat(ingested, len(rows)),
                 ],
                 schema=WINDOW_SCHEMA,
             )
@@ -319,7 +327,7 @@ def read_windows(
     )
     if table.num_rows == 0:
         return _empty_windows(width)
-    lengths = pc.unique(pc.list_value_length(table["samples"])).to_pylist()
+    lengths = [n // 2 for n in pc.unique(pc.binary_length(table["samples"])).to_pylist()]
     rates = pc.unique(table["sample_rate_hz"]).to_pylist()
     if len(lengths) != 1 or (window_samples is not None and lengths[0] != window_samples):
         raise LakeError(
@@ -327,7 +335,11 @@ def read_windows(
         )
     if len(rates) != 1:
         raise LakeError(f"selected windows have sample rates {sorted(rates)} Hz; select one rate")
-    flat = table["samples"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    column = table["samples"].combine_chunks()
+    offsets = np.frombuffer(column.buffers()[1], dtype=np.int32, count=len(column) + 1, offset=4 * column.offset)
+    flat = np.frombuffer(
+        column.buffers()[2], dtype="<i2", count=(offsets[-1] - offsets[0]) // 2, offset=int(offsets[0])
+    )
     samples = flat.reshape(table.num_rows, lengths[0]).astype(np.float32)
     samples *= table["scale"].to_numpy(zero_copy_only=False).astype(np.float32)[:, None]
     return LakeWindows(

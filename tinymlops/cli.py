@@ -252,7 +252,7 @@ def bench_ingest(
 ) -> None:
     """Measure ingest throughput into the lake against a bare subscriber draining the same stream."""
     settings = _settings()
-    from tasks.bench import bench_ingest as run_bench
+    from tinymlops.bench import bench_ingest as run_bench
 
     figures = run_bench(settings, quick=quick)
     _print_table("Ingest benchmark", [{"figure": k, "value": v} for k, v in figures.items()])

@@ -1,0 +1,138 @@
+"""Benchmarks: each figure is measured beside a baseline in the same run, and reported as a ratio.
+
+Like the CLI, this module is part of the application layer on top of flows and tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from firmware.codec import encode
+from firmware.fleet import VirtualFleet
+from tasks.ingest import IngestConfig, ensure_subscription, run_ingest
+from tinymlops.mqtt import BrokerAddress, MosquittoBroker, connect, make_client
+from tinymlops.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def machine_description() -> dict[str, Any]:
+    """Describe the machine the figures were measured on."""
+    import os
+
+    return {
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "system": f"{platform.system()} {platform.release()}",
+    }
+
+
+def _drain_raw(address: BrokerAddress, client_id: str, topic: str, expected: int, timeout_s: float) -> float:
+    """Time a bare paho subscriber (auto-ack) receiving ``expected`` queued messages."""
+    done = threading.Event()
+    count = 0
+
+    def on_message(*_args: Any) -> None:
+        nonlocal count
+        count += 1
+        if count >= expected:
+            done.set()
+
+    client = make_client(address, client_id, clean_session=False)
+    client.on_message = on_message
+    start = time.perf_counter()
+    connect(client, address)
+    client.subscribe(topic, qos=1)
+    finished = done.wait(timeout_s)
+    elapsed = time.perf_counter() - start
+    client.disconnect()
+    client.loop_stop()
+    if not finished:
+        raise RuntimeError(f"bare subscriber received {count} of {expected} messages in {timeout_s:.0f} s")
+    return elapsed
+
+
+def _publish(address: BrokerAddress, payloads: list[tuple[str, bytes]]) -> None:
+    client = make_client(address, "bench-publisher")
+    connect(client, address)
+    infos = [client.publish(t, p, qos=1) for t, p in payloads]
+    for info in infos:
+        info.wait_for_publish(timeout=120)
+    client.disconnect()
+    client.loop_stop()
+
+
+def bench_ingest(settings: Settings, *, quick: bool = False) -> dict[str, Any]:
+    """Measure ingest throughput (MQTT -> validated -> Parquet lake) against a bare subscriber.
+
+    A fleet of 40 simulated sensors publishes windows at QoS 1 into two persistent sessions on a
+    Mosquitto broker: one for the ingest, one for a bare paho subscriber. Each consumer then
+    drains the same queued stream on its own, timed from connect to the last message handled.
+
+    Args:
+        settings: Sensor format and ingest batching.
+        quick: A reduced run (CI).
+
+    Returns:
+        Figures: samples per second for both, their ratio, and the run's size.
+    """
+    n_devices, per_device = (40, 25) if quick else (40, 500)
+    fleet = VirtualFleet(
+        "bench", n_devices, sample_rate_hz=settings.sensor.sample_rate_hz, window_samples=settings.sensor.window_samples
+    )
+    payloads = []
+    for _ in range(per_device):
+        now_us = time.time_ns() // 1000
+        payloads += [(node.topic, encode(node.next_window(now_us))) for node in fleet.nodes]
+    total = len(payloads)
+    samples = total * settings.sensor.window_samples
+    broker = MosquittoBroker().start()
+    try:
+        with tempfile.TemporaryDirectory(prefix="tinymlops-bench-") as tmp:
+            root = Path(tmp)
+            config = IngestConfig(
+                fleet="bench",
+                lake_root=root / "lake",
+                quarantine_root=root / "quarantine",
+                sensor=settings.sensor,
+                mqtt=settings.mqtt.model_copy(update={"client_id": "bench-ingest"}),
+                batch_windows=settings.ingest.batch_windows,
+                flush_interval_s=settings.ingest.flush_interval_s,
+            )
+            topic = f"{settings.mqtt.topic_root}/bench/+/vibration"
+            ensure_subscription(broker.address, config)
+            raw_session = make_client(broker.address, "bench-raw", clean_session=False)
+            connect(raw_session, broker.address)
+            raw_session.subscribe(topic, qos=1)
+            time.sleep(0.2)
+            raw_session.disconnect()
+            raw_session.loop_stop()
+            _publish(broker.address, payloads)
+
+            raw_s = _drain_raw(broker.address, "bench-raw", topic, total, timeout_s=600)
+            start = time.perf_counter()
+            stats = run_ingest(broker.address, config, max_windows=total, seconds=600)
+            ingest_s = time.perf_counter() - start
+            if stats.accepted != total:
+                raise RuntimeError(f"ingest accepted {stats.accepted} of {total} windows")
+    finally:
+        broker.stop()
+    ingest_rate = samples / ingest_s
+    raw_rate = samples / raw_s
+    return {
+        "ingest_samples_per_s": round(ingest_rate),
+        "raw_subscriber_samples_per_s": round(raw_rate),
+        "ingest_to_raw_ratio": round(ingest_rate / raw_rate, 3),
+        "ingest_windows": total,
+        "ingest_files_written": stats.files_written,
+        "window_samples": settings.sensor.window_samples,
+        "sensors_at_sensor_rate": round(ingest_rate / settings.sensor.sample_rate_hz, 1),
+    }
