@@ -43,3 +43,21 @@ def cwru_dir() -> Path:
             pytest.fail(f"{reason}; {REQUIRE_CWRU_ENV}=1 requires them")
         pytest.skip(reason)
     return path
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A real Prefect API (temporary database and server) for the whole session."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def cli_env(data_dir: Path, **extra: str) -> dict[str, str]:
+    """Environment for running the CLI in a subprocess against a temporary data directory."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TINYMLOPS_", "PREFECT_"))}
+    env.update({"TINYMLOPS_DATA_DIR": str(data_dir), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **extra})
+    return env

@@ -16,14 +16,13 @@ import traceback
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from tinymlops.errors import TinyMLOpsError
 from tinymlops.runtime import configure_logging, configure_prefect_env
-from tinymlops.settings import Settings, get_settings
+from tinymlops.settings import Settings, get_settings, settings_reference_markdown
 
 app = typer.Typer(
     name="tinymlops",
@@ -115,7 +114,10 @@ def ingest(
     """Ingest vibration windows from MQTT into the lake (the ingest flow); runs until a bound or Ctrl-C."""
     _settings()
     from flows.ingest import ingest_flow
+    from tinymlops.mqtt import parse_broker_url
 
+    if broker:
+        parse_broker_url(broker)  # fail before any flow machinery starts
     stats = ingest_flow(fleet=fleet, seconds=seconds, max_windows=max_windows, idle_timeout_s=idle_timeout,
                         broker_url=broker)  # fmt: skip
     console.print_json(json.dumps(stats))
@@ -240,8 +242,13 @@ def broker() -> None:
 
 
 @app.command("config")
-def show_config() -> None:
-    """Print the effective settings (secrets masked)."""
+def show_config(
+    reference: Annotated[bool, typer.Option(help="Print the reference of every setting as markdown.")] = False,
+) -> None:
+    """Print the effective settings (secrets masked), or the reference of all settings."""
+    if reference:
+        print(settings_reference_markdown(), end="")
+        return
     console.print_json(get_settings().model_dump_json())
 
 
@@ -276,18 +283,25 @@ def main() -> None:
     """Console-script entry point: run the app, turn domain errors into one line and exit 1."""
     try:
         app(standalone_mode=False)
-    except click.exceptions.Abort:
+    except typer.Abort:
         err_console.print("aborted")
         sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
+    except typer.TyperException as exc:  # usage errors: bad option values, missing arguments
+        exc.show()  # type: ignore[attr-defined]
+        sys.exit(getattr(exc, "exit_code", 2))
     except TinyMLOpsError as exc:
-        err_console.print(f"error: {exc}", highlight=False, markup=False)
+        err_console.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
         if _state["debug"]:
             traceback.print_exc()
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as exc:  # a bug or an unforeseen failure: still one line, the traceback on request
+        err_console.print(
+            f"error: unexpected {type(exc).__name__}: {exc} (--debug shows the traceback)", markup=False, soft_wrap=True
+        )
+        if _state["debug"]:
+            traceback.print_exc()
+        sys.exit(1)

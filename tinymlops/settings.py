@@ -8,6 +8,7 @@ SQLite file, Prefect without a server, everything under ``data/``.
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 from pydantic import BaseModel, Field, SecretStr
@@ -141,3 +142,25 @@ def get_settings() -> Settings:
 def reset_settings() -> None:
     """Forget the cached settings so the next :func:`get_settings` reads the environment again."""
     get_settings.cache_clear()
+
+
+def settings_reference_markdown() -> str:
+    """Return the configuration reference as a markdown table: variable, default, meaning."""
+    rows: list[tuple[str, str, str]] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, info in model.model_fields.items():
+            annotation = info.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                walk(annotation, f"{prefix}{name.upper()}__")
+                continue
+            default = info.get_default(call_default_factory=True)
+            if isinstance(default, Path):
+                default = os.path.relpath(default, REPO_ROOT)  # the checkout's location is not part of the default
+            shown = "(unset)" if default is None else f"`{default}`"
+            rows.append((f"`{prefix}{name.upper()}`", shown, info.description or ""))
+
+    walk(Settings, "TINYMLOPS_")
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    lines += [f"| {var} | {default} | {meaning} |" for var, default, meaning in rows]
+    return "\n".join(lines) + "\n"

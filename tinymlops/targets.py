@@ -52,7 +52,7 @@ class McuTarget(BaseModel):
         return self.cycles_per_mac_int8_cmsis_nn if self.uses_optimized_kernels else self.cycles_per_mac_int8
 
 
-def _first_error(exc: pydantic.ValidationError) -> str:
+def _describe_errors(exc: pydantic.ValidationError) -> str:
     """Describe a pydantic error in a few words: ``field 'clock_hz' is missing``."""
     parts = []
     for error in exc.errors():
@@ -100,7 +100,7 @@ def load_catalog(path: Path | None = None) -> dict[str, McuTarget]:
         try:
             catalog[str(name)] = McuTarget.model_validate({**fields, "name": name})
         except pydantic.ValidationError as exc:
-            raise ConfigError(f"MCU target catalog {path}: target '{name}': {_first_error(exc)}") from exc
+            raise ConfigError(f"MCU target catalog {path}: target '{name}': {_describe_errors(exc)}") from exc
     return catalog
 
 

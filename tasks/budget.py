@@ -1,0 +1,285 @@
+"""The budget gate: a compressed model must fit an MCU target's flash, RAM and latency budgets.
+
+Flash is the model flatbuffer plus the TFLite Micro runtime, the rest of the firmware and the DSP
+tables. RAM is the tensor arena measured in the real TFLite Micro interpreter (smallest working
+size, host build), the DSP buffers and the RTOS/network reserve. Latency is MACs counted from the
+graph times the target's cycles per MAC, plus the DSP front end, at the target's clock. When
+inputs are given, the TFLite and TFLite Micro outputs must also agree within a few LSB.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from firmware.dsp import DspSpec
+from firmware.tflm import ArenaMeasurement, ParityReport, TflmRunner, compare_interpreters, count_macs, measure_arena
+from tinymlops.errors import TinyMLOpsError
+from tinymlops.targets import McuTarget
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PARITY_TOLERANCE_LSB = 2
+
+
+class BudgetExceededError(TinyMLOpsError):
+    """A model does not fit an MCU target; the message names each exceeded limit."""
+
+
+@dataclass(frozen=True)
+class BudgetCheck:
+    """One gate item: a measured figure against its limit (lower is better)."""
+
+    name: str
+    measured: float
+    limit: float
+    unit: str
+
+    @property
+    def passed(self) -> bool:
+        """Whether the measured figure is within the limit."""
+        return self.measured <= self.limit
+
+    @property
+    def margin(self) -> float:
+        """Headroom left (negative when exceeded)."""
+        return self.limit - self.measured
+
+    def format(self, value: float) -> str:
+        """Format a value of this check with its unit."""
+        if self.unit == "B":
+            return f"{value:,.0f} B"
+        if self.unit == "ms":
+            return f"{value:.3f} ms"
+        return f"{value:g} {self.unit}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-serialisable dict including the verdict and margin."""
+        return {**asdict(self), "margin": self.margin, "passed": self.passed}
+
+
+@dataclass(frozen=True)
+class FlashUsage:
+    """Flash use in bytes."""
+
+    model_bytes: int
+    runtime_bytes: int
+    firmware_reserve_bytes: int
+    dsp_table_bytes: int
+    limit_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        """Everything that has to fit in flash."""
+        return self.model_bytes + self.runtime_bytes + self.firmware_reserve_bytes + self.dsp_table_bytes
+
+
+@dataclass(frozen=True)
+class RamUsage:
+    """RAM use in bytes; the arena is the smallest working one (the allocator's report is kept for reference)."""
+
+    arena_bytes: int
+    arena_reported_bytes: int
+    dsp_buffer_bytes: int
+    reserve_bytes: int
+    limit_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        """Everything that has to fit in SRAM."""
+        return self.arena_bytes + self.dsp_buffer_bytes + self.reserve_bytes
+
+
+@dataclass(frozen=True)
+class LatencyEstimate:
+    """Per-window latency estimate: DSP front end plus one inference."""
+
+    macs: int
+    optimized_kernels: bool
+    inference_ms_reference: float
+    inference_ms_optimized: float
+    dsp_ms: float
+    budget_ms: float
+
+    @property
+    def inference_ms(self) -> float:
+        """Inference time with the kernels the target uses."""
+        return self.inference_ms_optimized if self.optimized_kernels else self.inference_ms_reference
+
+    @property
+    def total_ms(self) -> float:
+        """DSP plus inference."""
+        return self.dsp_ms + self.inference_ms
+
+
+@dataclass(frozen=True)
+class BudgetReport:
+    """Result of validating one model against one MCU target."""
+
+    target: str
+    flash: FlashUsage
+    ram: RamUsage
+    latency: LatencyEstimate
+    checks: tuple[BudgetCheck, ...]
+    parity: ParityReport | None = None
+
+    @property
+    def passed(self) -> bool:
+        """Whether every check passed."""
+        return all(check.passed for check in self.checks)
+
+    @property
+    def failures(self) -> list[BudgetCheck]:
+        """The checks that failed."""
+        return [check for check in self.checks if not check.passed]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-serialisable dict with totals, checks and the verdict."""
+        return {
+            "target": self.target,
+            "passed": self.passed,
+            "flash": {**asdict(self.flash), "total_bytes": self.flash.total_bytes},
+            "ram": {**asdict(self.ram), "total_bytes": self.ram.total_bytes},
+            "latency": {
+                **asdict(self.latency),
+                "inference_ms": self.latency.inference_ms,
+                "total_ms": self.latency.total_ms,
+            },
+            "parity": None if self.parity is None else self.parity.to_dict(),
+            "checks": [check.to_dict() for check in self.checks],
+        }
+
+    def to_json(self) -> str:
+        """Return the report as JSON text."""
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_markdown(self) -> str:
+        """Return a Markdown table (check | measured | limit | margin | verdict) with the breakdown below."""
+        lines = [
+            f"### MCU budget: {self.target} — {'PASS' if self.passed else 'FAIL'}",
+            "",
+            "| check | measured | limit | margin | verdict |",
+            "|---|---:|---:|---:|---|",
+        ]
+        for check in self.checks:
+            share = f" ({check.margin / check.limit:+.1%})" if check.limit else ""
+            margin = ("+" if check.margin >= 0 else "-") + check.format(abs(check.margin)) + share
+            verdict = "pass" if check.passed else "**FAIL**"
+            measured, limit = check.format(check.measured), check.format(check.limit)
+            lines.append(f"| {check.name} | {measured} | {limit} | {margin} | {verdict} |")
+        f, r, t = self.flash, self.ram, self.latency
+        kernels = "optimised" if t.optimized_kernels else "reference"
+        lines += [
+            "",
+            f"- flash: model {f.model_bytes:,} B + TFLM runtime {f.runtime_bytes:,} B + firmware "
+            f"{f.firmware_reserve_bytes:,} B + DSP tables {f.dsp_table_bytes:,} B",
+            f"- RAM: tensor arena {r.arena_bytes:,} B (smallest working, host TFLM; allocator report "
+            f"{r.arena_reported_bytes:,} B) + DSP buffers {r.dsp_buffer_bytes:,} B "
+            f"+ RTOS/network {r.reserve_bytes:,} B",
+            f"- latency: DSP {t.dsp_ms:.3f} ms + {t.macs:,} MACs with {kernels} kernels {t.inference_ms:.3f} ms "
+            f"(reference {t.inference_ms_reference:.3f} ms, optimised {t.inference_ms_optimized:.3f} ms)",
+        ]
+        if self.parity is not None:
+            p = self.parity
+            lines.append(
+                f"- parity: TFLite vs TFLM max {p.max_abs_lsb} LSB, {p.fraction_differing:.2%} of outputs differ "
+                f"over {p.n} inputs"
+            )
+        return "\n".join(lines) + "\n"
+
+
+def dsp_buffer_bytes(dsp: DspSpec) -> int:
+    """RAM of the device DSP front end (firmware/c/dsp_features.h): int16 window, float32 work buffer, features."""
+    return dsp.window_samples * 2 + dsp.window_samples * 4 + dsp.n_features * 4
+
+
+def dsp_table_bytes(dsp: DspSpec) -> int:
+    """Flash of the DSP's const tables (firmware/c/dsp_features.h): Hann, twiddles, band edges, mean and std."""
+    return dsp.window_samples * 4 * 2 + (dsp.n_bands + 1) * 2 + dsp.n_features * 4 * 2
+
+
+def validate_budget(
+    model: bytes,
+    target: McuTarget,
+    dsp: DspSpec,
+    arena: ArenaMeasurement | None = None,
+    parity_inputs: npt.NDArray[np.float32] | None = None,
+    parity_tolerance_lsb: int = DEFAULT_PARITY_TOLERANCE_LSB,
+) -> BudgetReport:
+    """Check a model against one MCU target's flash, RAM and latency budgets.
+
+    Args:
+        model: The int8 .tflite flatbuffer.
+        target: The MCU target.
+        dsp: The DSP front end the model is fed by.
+        arena: A measurement of this model's arena (measured in TFLite Micro when not given).
+        parity_inputs: float32 feature rows; when given, TFLite and TFLite Micro outputs on them must
+            agree within ``parity_tolerance_lsb``, with TFLM running in the measured arena.
+        parity_tolerance_lsb: Largest allowed output difference in quantization steps.
+
+    Returns:
+        The report; see :func:`enforce_budget` to turn a failed report into an error.
+
+    """
+    arena = arena or measure_arena(model)
+    flash = FlashUsage(
+        model_bytes=len(model),
+        runtime_bytes=target.runtime_flash_bytes,
+        firmware_reserve_bytes=target.firmware_flash_reserve_bytes,
+        dsp_table_bytes=dsp_table_bytes(dsp),
+        limit_bytes=target.flash_bytes,
+    )
+    ram = RamUsage(
+        arena_bytes=arena.smallest_working_bytes,
+        arena_reported_bytes=arena.reported_bytes,
+        dsp_buffer_bytes=dsp_buffer_bytes(dsp),
+        reserve_bytes=target.ram_reserve_bytes,
+        limit_bytes=target.sram_bytes,
+    )
+    macs = count_macs(model)
+    ms_per_cycle = 1000.0 / target.clock_hz
+    latency = LatencyEstimate(
+        macs=macs,
+        optimized_kernels=target.uses_optimized_kernels,
+        inference_ms_reference=macs * target.cycles_per_mac_int8 * ms_per_cycle,
+        inference_ms_optimized=macs * target.cycles_per_mac_int8_cmsis_nn * ms_per_cycle,
+        dsp_ms=target.dsp_cycles_per_sample * dsp.window_samples * ms_per_cycle,
+        budget_ms=target.latency_budget_ms,
+    )
+    checks = [
+        BudgetCheck("flash", flash.total_bytes, flash.limit_bytes, "B"),
+        BudgetCheck("ram", ram.total_bytes, ram.limit_bytes, "B"),
+        BudgetCheck("latency", latency.total_ms, latency.budget_ms, "ms"),
+    ]
+    parity = None
+    if parity_inputs is not None:
+        parity = compare_interpreters(model, parity_inputs, TflmRunner(model, arena.smallest_working_bytes))
+        checks.append(BudgetCheck("parity", parity.max_abs_lsb, parity_tolerance_lsb, "LSB"))
+    report = BudgetReport(target.name, flash, ram, latency, tuple(checks), parity)
+    log.info(
+        "budget %s: %s (%s)",
+        target.name,
+        "pass" if report.passed else "FAIL",
+        ", ".join(f"{c.name} {c.format(c.measured)}/{c.format(c.limit)}" for c in checks),
+    )
+    return report
+
+
+def enforce_budget(report: BudgetReport) -> BudgetReport:
+    """Return the report if it passed, else raise naming each exceeded limit.
+
+    Raises:
+        BudgetExceededError: One line, e.g. ``model exceeds the nrf52840 budget: ram 300,000 B > 262,144 B``.
+
+    """
+    if report.passed:
+        return report
+    exceeded = "; ".join(
+        f"{check.name} {check.format(check.measured)} > {check.format(check.limit)}" for check in report.failures
+    )
+    raise BudgetExceededError(f"model exceeds the {report.target} budget: {exceeded}")

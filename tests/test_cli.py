@@ -1,0 +1,65 @@
+"""The tinymlops CLI as a user runs it: a real subprocess, real files, real services."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tasks.lake import lake_summary, read_windows
+from tests.conftest import cli_env
+
+CLI = [sys.executable, "-m", "tinymlops"]
+
+
+def run_cli(args: list[str], data_dir: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], env=cli_env(data_dir), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.prefect
+@pytest.mark.mqtt
+def test_demo_ingests_the_simulated_fleet(tmp_path: Path) -> None:
+    result = run_cli(["demo", "--devices", "6", "--seconds", "2", "--interval", "0.25"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "started embedded" in result.stderr
+    summary = lake_summary(tmp_path / "lake").to_pylist()
+    assert [row["device"] for row in summary] == [f"node-{i:04d}" for i in range(6)]
+    assert {row["windows"] for row in summary} == {8}
+
+
+def test_import_csv_through_the_cli(tmp_path: Path) -> None:
+    fs = 25_600
+    signal = np.sin(2 * np.pi * 100 * np.arange(fs) / fs)
+    path = tmp_path / "pump.csv"
+    np.savetxt(path, signal, delimiter=",", header="accel", comments="")
+    result = run_cli(["import", str(path), "--fs", str(fs), "--label", "normal", "--device", "pump-1"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    windows = read_windows(tmp_path / "lake", devices=["pump-1"])
+    assert len(windows) == fs // 1024
+    assert set(windows.label) == {"normal"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["import", "/nonexistent/file.npz", "--fs", "1000"], "file.npz"),
+        (["import", "{bad}", "--fs", "1000"], "NaN"),
+        (["simulate", "--devices", "2"], "give --seconds or --windows"),
+        (["ingest", "--broker", "http://nowhere"], "invalid MQTT broker URL"),
+        (["demo", "--devices", "0"], "devices"),
+    ],
+)
+def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path: Path, args: list[str], message: str) -> None:
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=np.array([1.0, np.nan] * 2000))
+    args = [str(bad) if a == "{bad}" else a for a in args]
+    result = run_cli(args, tmp_path)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert len(error_lines) <= 1

@@ -1,0 +1,63 @@
+"""Architecture rules: imports flow one way, and importing a module reads no settings."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tinymlops.settings import REPO_ROOT
+
+# Higher layers may import lower ones, never the reverse. The CLI and benchmarks sit on top.
+LAYERS = {"tinymlops": 1, "firmware": 2, "registry": 3, "tasks": 4, "flows": 5}
+APPLICATION_MODULES = {"tinymlops.cli", "tinymlops.bench", "tinymlops.demo"}
+TOP = 6
+
+
+def project_modules() -> dict[str, Path]:
+    modules = {}
+    for package in LAYERS:
+        for path in sorted((REPO_ROOT / package).rglob("*.py")):
+            name = ".".join(path.relative_to(REPO_ROOT).with_suffix("").parts).removesuffix(".__init__")
+            modules[name] = path
+    return modules
+
+
+def layer_of(module: str) -> int:
+    return TOP if module in APPLICATION_MODULES else LAYERS[module.split(".")[0]]
+
+
+def imported_project_modules(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+        found |= {n for n in names if n.split(".")[0] in LAYERS}
+    return found
+
+
+def test_imports_flow_one_way() -> None:
+    violations = []
+    for module, path in project_modules().items():
+        own = layer_of(module)
+        for target in imported_project_modules(path):
+            same_package = target.split(".")[0] == module.split(".")[0]
+            if layer_of(target) > own or (layer_of(target) == own and not same_package):
+                violations.append(f"{module} imports {target}")
+    assert not violations, "imports against the layering flows -> tasks -> registry -> firmware -> core:\n" + "\n".join(
+        violations
+    )
+
+
+def test_importing_modules_reads_no_settings() -> None:
+    """An invalid setting must not break an import: settings are read lazily, on first use."""
+    modules = [m for m in project_modules() if not m.startswith("tests")]
+    code = "import importlib, sys\nfor m in sys.argv[1:]: importlib.import_module(m)\n"
+    env = {**os.environ, "TINYMLOPS_FLEET": "not a valid fleet name!", "TINYMLOPS_MQTT__KEEPALIVE_S": "-1"}
+    result = subprocess.run(
+        [sys.executable, "-c", code, *modules], env=env, capture_output=True, text=True, cwd=REPO_ROOT, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]

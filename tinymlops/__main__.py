@@ -1,0 +1,5 @@
+"""``python -m tinymlops`` runs the CLI."""
+
+from tinymlops.cli import main
+
+main()
