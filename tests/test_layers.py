@@ -26,7 +26,8 @@ def project_modules() -> dict[str, Path]:
 
 
 def layer_of(module: str) -> int:
-    return TOP if module in APPLICATION_MODULES else LAYERS[module.split(".")[0]]
+    application = module in APPLICATION_MODULES or module.startswith("tinymlops.cli_")
+    return TOP if application else LAYERS[module.split(".")[0]]
 
 
 def imported_project_modules(path: Path) -> set[str]:
