@@ -1,0 +1,261 @@
+"""Evaluate anomaly scores: ROC-AUC overall and per fault class, detection at the threshold, false alarms.
+
+The same labelled feature windows are scored by the float tf-keras model, by the int8 model in the
+TFLite interpreter and by the same int8 model in TensorFlow Lite Micro (what the device runs), so
+the cost of each compression step and any interpreter disagreement show side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from sklearn.metrics import roc_auc_score
+
+from firmware.tflm import TflmRunner, tflite_predict
+from tasks.train import Predictor, calibrate_threshold, check_features, reconstruction_error
+from tinymlops.errors import TinyMLOpsError
+
+log = logging.getLogger(__name__)
+
+
+class EvaluationError(TinyMLOpsError):
+    """Scores or labelled windows cannot be evaluated."""
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Detection quality of one model on labelled windows.
+
+    A window is flagged as anomalous when its score is strictly above the threshold.
+
+    Attributes:
+        threshold: Score threshold used for the detection figures.
+        n_normal: Normal windows scored.
+        n_fault: Fault windows scored (all classes).
+        auc: ROC-AUC of normal against all fault windows.
+        auc_by_fault: ROC-AUC of normal against each fault class.
+        recall_by_fault: Fraction of each fault class flagged.
+        precision: Flagged windows that are faults.
+        recall: Fault windows flagged.
+        f1: Harmonic mean of precision and recall.
+        false_positives: Normal windows flagged.
+        false_alarms_per_hour: False positives per hour of normal signal.
+        normal_hours: Hours of normal signal scored.
+
+    """
+
+    threshold: float
+    n_normal: int
+    n_fault: int
+    auc: float
+    auc_by_fault: dict[str, float]
+    recall_by_fault: dict[str, float]
+    precision: float
+    recall: float
+    f1: float
+    false_positives: int
+    false_alarms_per_hour: float
+    normal_hours: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-serialisable dict."""
+        return asdict(self)
+
+
+def _scores(values: npt.ArrayLike, name: str) -> npt.NDArray[np.float64]:
+    s = np.asarray(values, dtype=np.float64).ravel()
+    if s.size == 0:
+        raise EvaluationError(f"no {name} scores to evaluate")
+    if not np.isfinite(s).all():
+        raise EvaluationError(f"{name} scores contain {int((~np.isfinite(s)).sum())} NaN or infinite values")
+    return s
+
+
+def _auc(normal: npt.NDArray[np.float64], fault: npt.NDArray[np.float64]) -> float:
+    labels = np.concatenate([np.zeros(normal.size), np.ones(fault.size)])
+    return float(roc_auc_score(labels, np.concatenate([normal, fault])))
+
+
+def evaluate_scores(
+    scores_normal: npt.ArrayLike,
+    scores_by_fault: Mapping[str, npt.ArrayLike],
+    threshold: float,
+    window_seconds: float,
+) -> Evaluation:
+    """Compute detection metrics from anomaly scores (higher means more anomalous).
+
+    Args:
+        scores_normal: Scores of normal windows never used in training or calibration.
+        scores_by_fault: Scores of fault windows by fault class.
+        threshold: Flag a window when its score is above this.
+        window_seconds: Duration of one window, to express false alarms per hour.
+
+    Returns:
+        The evaluation.
+
+    Raises:
+        EvaluationError: No normal or fault scores, non-finite scores, or a non-positive window duration.
+
+    """
+    if not window_seconds > 0:
+        raise EvaluationError(f"window duration must be positive, got {window_seconds} s")
+    if not np.isfinite(threshold):
+        raise EvaluationError(f"threshold must be finite, got {threshold}")
+    normal = _scores(scores_normal, "normal")
+    if not scores_by_fault:
+        raise EvaluationError("no fault classes to evaluate against")
+    faults = {name: _scores(values, f"fault class {name!r}") for name, values in scores_by_fault.items()}
+    every_fault = np.concatenate(list(faults.values()))
+    true_positives = int(np.sum(every_fault > threshold))
+    false_positives = int(np.sum(normal > threshold))
+    flagged = true_positives + false_positives
+    precision = true_positives / flagged if flagged else 0.0
+    recall = true_positives / every_fault.size
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    normal_hours = normal.size * window_seconds / 3600.0
+    return Evaluation(
+        threshold=float(threshold),
+        n_normal=int(normal.size),
+        n_fault=int(every_fault.size),
+        auc=_auc(normal, every_fault),
+        auc_by_fault={name: _auc(normal, s) for name, s in faults.items()},
+        recall_by_fault={name: float(np.mean(s > threshold)) for name, s in faults.items()},
+        precision=float(precision),
+        recall=float(recall),
+        f1=float(f1),
+        false_positives=false_positives,
+        false_alarms_per_hour=false_positives / normal_hours,
+        normal_hours=normal_hours,
+    )
+
+
+@dataclass(frozen=True)
+class ModelComparison:
+    """Evaluations of several models (by name) on the same labelled windows."""
+
+    evaluations: dict[str, Evaluation]
+
+    def __getitem__(self, name: str) -> Evaluation:
+        return self.evaluations[name]
+
+    def to_table(self) -> list[dict[str, Any]]:
+        """One row per model with rounded, report-ready columns (for markdown or a rich table)."""
+        rows = []
+        for name, ev in self.evaluations.items():
+            row: dict[str, Any] = {"model": name, "auc": round(ev.auc, 4)}
+            row.update({f"auc_{fault}": round(auc, 4) for fault, auc in ev.auc_by_fault.items()})
+            row.update(
+                {
+                    "precision": round(ev.precision, 4),
+                    "recall": round(ev.recall, 4),
+                    "f1": round(ev.f1, 4),
+                    "false_alarms_per_hour": round(ev.false_alarms_per_hour, 1),
+                    "threshold": round(ev.threshold, 4),
+                }
+            )
+            rows.append(row)
+        return rows
+
+    def to_markdown(self) -> str:
+        """Return :meth:`to_table` as a markdown table."""
+        rows = self.to_table()
+        if not rows:
+            return ""
+        header = list(rows[0])
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(str(row.get(column, "")) for column in header) + " |" for row in rows]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Return a JSON-serialisable dict: model name to evaluation."""
+        return {name: ev.to_dict() for name, ev in self.evaluations.items()}
+
+    def to_json(self) -> str:
+        """Return :meth:`to_dict` as JSON text."""
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def evaluate_predictors(
+    predictors: Mapping[str, Predictor],
+    normal: npt.ArrayLike,
+    faults: Mapping[str, npt.ArrayLike],
+    calibration: npt.ArrayLike,
+    *,
+    percentile: float,
+    window_seconds: float,
+) -> ModelComparison:
+    """Score the same windows with each predictor, each with its own threshold from calibration windows.
+
+    Args:
+        predictors: Name to a callable mapping features (n, F) to reconstructions.
+        normal: Held-out normal features (neither trained on nor used for calibration).
+        faults: Fault features by fault class.
+        calibration: Held-out normal features that set each model's threshold.
+        percentile: Threshold percentile of the calibration errors.
+        window_seconds: Duration of one window.
+
+    Returns:
+        The evaluations by predictor name.
+
+    """
+    x_normal = check_features(normal, name="normal features")
+    x_faults = {name: check_features(x, name=f"{name} features") for name, x in faults.items()}
+    x_calibration = check_features(calibration, name="calibration features")
+    evaluations = {}
+    for name, predict in predictors.items():
+        threshold = calibrate_threshold(reconstruction_error(predict, x_calibration), percentile)
+        evaluations[name] = evaluate_scores(
+            reconstruction_error(predict, x_normal),
+            {fault: reconstruction_error(predict, x) for fault, x in x_faults.items()},
+            threshold,
+            window_seconds,
+        )
+        log.info(
+            "%s: AUC %.4f, F1 %.4f at threshold %.4g", name, evaluations[name].auc, evaluations[name].f1, threshold
+        )
+    return ModelComparison(evaluations)
+
+
+def evaluate_models(
+    float_model: Any,
+    int8_model: bytes,
+    normal: npt.ArrayLike,
+    faults: Mapping[str, npt.ArrayLike],
+    calibration: npt.ArrayLike,
+    *,
+    percentile: float,
+    window_seconds: float,
+    arena_bytes: int | None = None,
+) -> ModelComparison:
+    """Evaluate the float model, the int8 model in TFLite and the int8 model in TFLite Micro.
+
+    Args:
+        float_model: The float tf-keras autoencoder.
+        int8_model: The int8 TFLite flatbuffer to deploy.
+        normal: Held-out normal features.
+        faults: Fault features by fault class.
+        calibration: Held-out normal features that set each model's threshold.
+        percentile: Threshold percentile of the calibration errors.
+        window_seconds: Duration of one window.
+        arena_bytes: TFLite Micro tensor arena (default ten times the model size).
+
+    Returns:
+        Evaluations named ``float``, ``int8_tflite`` and ``int8_tflm``.
+
+    """
+    runner = TflmRunner(int8_model, arena_bytes)
+    predictors: dict[str, Predictor] = {
+        "float": float_model,
+        "int8_tflite": partial(tflite_predict, int8_model),
+        "int8_tflm": runner.predict,
+    }
+    return evaluate_predictors(
+        predictors, normal, faults, calibration, percentile=percentile, window_seconds=window_seconds
+    )

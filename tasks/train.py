@@ -1,0 +1,440 @@
+"""Train the dense anomaly autoencoder on normal vibration features and calibrate its threshold.
+
+The autoencoder learns to reconstruct the DSP features of normal windows; a window whose
+reconstruction error exceeds a high percentile of the errors on held-out normal windows is an
+anomaly. Normal windows are split three ways so nothing is scored that the model trained on:
+train (fits weights and the feature normalisation), validation (early stopping) and calibration
+(threshold).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import re
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from firmware.dsp import DspSpec, extract_features, raw_features
+from tasks.lake import LakeWindows
+from tinymlops.errors import ConfigError, TinyMLOpsError
+from tinymlops.settings import REPO_ROOT
+from tinymlops.tfcompat import import_tf
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRAINING_CONFIG = REPO_ROOT / "data" / "training.yaml"
+Float32Array = npt.NDArray[np.float32]
+Predictor = Callable[[Float32Array], Any]
+# TensorFlow's native (absl) log lines and converter chatter, which bypass TF_CPP_MIN_LOG_LEVEL.
+_TF_NOISE = re.compile(
+    r"^(?:[IWEF]\d{4} [\d:.]+ +\d+ \S+:\d+\]|WARNING: All log messages before absl|fully_quantize: "
+    r"|To enable the following instructions|INFO: Created TensorFlow Lite)"
+)
+
+
+class TrainingDataError(TinyMLOpsError):
+    """The windows or features given for training cannot train a model."""
+
+
+class PruningConfig(BaseModel):
+    """Magnitude pruning with a PolynomialDecay sparsity schedule, then a fine-tune."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    target_sparsity: float = Field(default=0.5, ge=0.0, lt=1.0, description="Final fraction of zero weights.")
+    begin_step: int = Field(default=0, ge=0, description="Optimizer step at which pruning starts.")
+    end_step: int | None = Field(
+        default=None, ge=1, description="Step at which target sparsity is reached; unset: 75% of the fine-tune steps."
+    )
+    frequency: int = Field(default=10, ge=1, description="Steps between mask updates.")
+    fine_tune_epochs: int = Field(default=20, ge=1, description="Epochs of training while pruning.")
+    learning_rate: float = Field(default=5e-4, gt=0, description="Fine-tune learning rate.")
+
+    @model_validator(mode="after")
+    def _steps_ordered(self) -> PruningConfig:
+        if self.end_step is not None and self.end_step <= self.begin_step:
+            raise ValueError(f"end_step {self.end_step} must be after begin_step {self.begin_step}")
+        return self
+
+
+class QuantizationConfig(BaseModel):
+    """How the pruned model becomes a full-integer (int8) model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["qat", "ptq"] = Field(
+        default="qat", description="qat: pruning-preserving quantization-aware training; ptq: post-training."
+    )
+    qat_epochs: int = Field(default=10, ge=1, description="Epochs of quantization-aware fine-tuning (qat only).")
+    learning_rate: float = Field(default=1e-3, gt=0, description="QAT fine-tune learning rate.")
+    representative_samples: int = Field(default=200, ge=1, description="Training rows used to calibrate int8 ranges.")
+
+
+class TrainingConfig(BaseModel):
+    """The committed training configuration (``data/training.yaml``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hidden: list[Annotated[int, Field(ge=1)]] = Field(
+        default=[24, 8, 24], min_length=1, description="Units of the hidden dense layers."
+    )
+    epochs: int = Field(default=200, ge=1, description="Maximum training epochs.")
+    batch_size: int = Field(default=32, ge=1, description="Mini-batch size.")
+    learning_rate: float = Field(default=1e-3, gt=0, description="Adam learning rate.")
+    patience: int = Field(default=15, ge=1, description="Epochs without validation improvement before stopping.")
+    min_delta: float = Field(default=1e-4, ge=0, description="Smallest validation-loss decrease that counts.")
+    validation_fraction: float = Field(default=0.15, gt=0, lt=0.5, description="Normal windows held out for stopping.")
+    calibration_fraction: float = Field(
+        default=0.15, gt=0, lt=0.5, description="Normal windows held out for threshold."
+    )
+    threshold_percentile: float = Field(default=99.5, gt=0, le=100, description="Percentile of calibration errors.")
+    min_windows: int = Field(default=32, ge=3, description="Fewest normal windows a training run accepts.")
+    seed: int = Field(default=42, ge=0, description="Seed of the split, weight initialisation and shuffling.")
+    pruning: PruningConfig = Field(default_factory=PruningConfig)
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+
+
+def load_training_config(path: Path | str | None = None) -> TrainingConfig:
+    """Read and validate a training configuration file.
+
+    Args:
+        path: YAML file; default ``data/training.yaml`` in the repository.
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ConfigError: The file is missing, is not YAML mapping, or a field is invalid (named in the message).
+
+    """
+    path = Path(path) if path is not None else DEFAULT_TRAINING_CONFIG
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read training config {path}: {exc.strerror or exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"training config {path} is not valid YAML: {' '.join(str(exc).split())}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"training config {path} must be a mapping, got {type(data).__name__}")
+    try:
+        return TrainingConfig.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = ".".join(str(part) for part in error["loc"]) or "<root>"
+        got = f" (got {error['input']!r})" if "input" in error and not isinstance(error["input"], dict) else ""
+        raise ConfigError(f"training config {path}: {field}: {error['msg']}{got}") from exc
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """Normal rows (windows or features) split into train, validation and calibration parts."""
+
+    train: npt.NDArray[Any]
+    validation: npt.NDArray[Any]
+    calibration: npt.NDArray[Any]
+
+    @classmethod
+    def split(
+        cls,
+        normal: npt.NDArray[Any],
+        *,
+        validation_fraction: float,
+        calibration_fraction: float,
+        seed: int,
+        min_windows: int = 32,
+    ) -> TrainingData:
+        """Split normal rows at random (seeded) into the three disjoint parts.
+
+        Args:
+            normal: Rows of normal windows or features, shape (n, ...).
+            validation_fraction: Fraction held out for early stopping.
+            calibration_fraction: Fraction held out for the threshold.
+            seed: Seed of the permutation.
+            min_windows: Fewest rows accepted.
+
+        Raises:
+            TrainingDataError: Fewer than ``min_windows`` rows.
+
+        """
+        n = len(normal)
+        if n < min_windows:
+            raise TrainingDataError(f"too few normal windows to train: {n} < minimum {min_windows}")
+        n_val = max(1, round(n * validation_fraction))
+        n_cal = max(1, round(n * calibration_fraction))
+        order = np.random.default_rng(seed).permutation(n)
+        val, cal, train = np.split(order, [n_val, n_val + n_cal])
+        # Sorting keeps each part in time order, which makes results easier to read back.
+        return cls(normal[np.sort(train)], normal[np.sort(val)], normal[np.sort(cal)])
+
+    def map(self, fn: Callable[[npt.NDArray[Any]], npt.NDArray[Any]]) -> TrainingData:
+        """Apply ``fn`` to each part (for example windows to features)."""
+        return TrainingData(fn(self.train), fn(self.validation), fn(self.calibration))
+
+
+def _samples(windows: LakeWindows | npt.ArrayLike, spec: DspSpec) -> npt.NDArray[np.float32]:
+    if isinstance(windows, LakeWindows):
+        if len(windows) and windows.sample_rate_hz != spec.sample_rate_hz:
+            raise TrainingDataError(
+                f"windows are sampled at {windows.sample_rate_hz} Hz but the DSP spec expects {spec.sample_rate_hz} Hz"
+            )
+        return windows.samples
+    return np.asarray(windows, dtype=np.float32)
+
+
+def fit_feature_spec(train_windows: LakeWindows | npt.ArrayLike, spec: DspSpec) -> DspSpec:
+    """Fit the feature normalisation on training windows only and return the fitted spec."""
+    samples = _samples(train_windows, spec)
+    if len(samples) == 0:
+        raise TrainingDataError("no training windows to fit the feature normalisation on")
+    return spec.fitted(raw_features(samples, spec))
+
+
+def featurize(windows: LakeWindows | npt.ArrayLike, spec: DspSpec) -> Float32Array:
+    """Turn windows into normalised features with the same front end the device runs."""
+    return check_features(extract_features(_samples(windows, spec), spec))
+
+
+def prepare_training_data(
+    normal_windows: LakeWindows | npt.ArrayLike, spec: DspSpec, config: TrainingConfig
+) -> tuple[TrainingData, DspSpec]:
+    """Split normal windows, fit the normalisation on the train part, and featurize every part.
+
+    Args:
+        normal_windows: Normal windows (lake rows or an (n, window_samples) array).
+        spec: The DSP front end (unfitted or fitted: it is refitted on the train part).
+        config: Training configuration (split fractions, seed, minimum windows).
+
+    Returns:
+        The features of each part and the fitted DSP spec to ship with the model.
+
+    """
+    samples = _samples(normal_windows, spec)
+    windows = TrainingData.split(
+        samples,
+        validation_fraction=config.validation_fraction,
+        calibration_fraction=config.calibration_fraction,
+        seed=config.seed,
+        min_windows=config.min_windows,
+    )
+    fitted = fit_feature_spec(windows.train, spec)
+    return windows.map(lambda part: featurize(part, fitted)), fitted
+
+
+def check_features(features: npt.ArrayLike, *, name: str = "features") -> Float32Array:
+    """Return features as a 2-D float32 array, rejecting NaN or infinite values."""
+    x = np.asarray(features, dtype=np.float32)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise TrainingDataError(f"{name} must be a non-empty (n, n_features) array, got shape {x.shape}")
+    bad = ~np.isfinite(x)
+    if bad.any():
+        raise TrainingDataError(
+            f"{name} contain {int(bad.sum())} NaN or infinite values in {int(bad.any(axis=1).sum())} of {len(x)} rows"
+        )
+    return x
+
+
+@contextmanager
+def quiet_tensorflow() -> Iterator[None]:
+    """Drop TensorFlow's native log lines and converter warnings written while the block runs.
+
+    File descriptor 2 is captured for the duration; every captured line that is not TensorFlow
+    noise is written back to stderr afterwards, so other output is delayed, never lost.
+    """
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as capture, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"tensorflow(\..*)?$")
+        saved = os.dup(2)
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            text = capture.read().decode("utf-8", errors="replace")
+            kept = [line for line in text.splitlines(keepends=True) if not _TF_NOISE.match(line)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
+def tf_modules() -> tuple[ModuleType, ModuleType]:
+    """Import TensorFlow and tf-keras (lazily, via ``import_tf``) with their logging turned down."""
+    with quiet_tensorflow():
+        tf, tf_keras = import_tf()
+    tf.get_logger().setLevel(logging.ERROR)
+    return tf, tf_keras
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and TensorFlow and ask for deterministic kernels.
+
+    Op determinism is process-wide and cannot be switched off again; dense CPU kernels support it.
+    """
+    tf, tf_keras = tf_modules()
+    # The first TensorFlow call initialises devices, which logs natively (for example a missing CUDA driver).
+    with quiet_tensorflow():
+        tf_keras.utils.set_random_seed(seed)
+        try:
+            tf.config.experimental.enable_op_determinism()
+        except (AttributeError, RuntimeError) as exc:  # older TF or an already-initialised runtime
+            log.debug("op determinism unavailable: %s", exc)
+
+
+def build_autoencoder(n_features: int, hidden: list[int] | tuple[int, ...], seed: int) -> Any:
+    """Build an uncompiled dense autoencoder: relu hidden layers and a linear output.
+
+    Args:
+        n_features: Input and output width.
+        hidden: Units of each hidden layer, for example ``[24, 8, 24]``.
+        seed: Seed of the weight initialisation.
+
+    Returns:
+        A tf-keras ``Sequential`` model.
+
+    """
+    _, tf_keras = tf_modules()
+    tf_keras.utils.set_random_seed(seed)
+    layers = [tf_keras.layers.Input((n_features,), name="features")]
+    layers += [tf_keras.layers.Dense(units, activation="relu", name=f"dense_{i}") for i, units in enumerate(hidden)]
+    layers.append(tf_keras.layers.Dense(n_features, name="reconstruction"))
+    return tf_keras.Sequential(layers, name="autoencoder")
+
+
+def dense_macs(layer_sizes: list[int] | tuple[int, ...]) -> int:
+    """Multiply-accumulates of one inference of a dense stack with these layer widths (input first)."""
+    return sum(a * b for a, b in itertools.pairwise(layer_sizes))
+
+
+def dense_params(layer_sizes: list[int] | tuple[int, ...]) -> int:
+    """Weights plus biases of a dense stack with these layer widths (input first)."""
+    return sum(a * b + b for a, b in itertools.pairwise(layer_sizes))
+
+
+@dataclass
+class TrainedModel:
+    """A trained autoencoder and how training went.
+
+    Attributes:
+        model: The tf-keras model, with the weights of the best validation epoch.
+        history: Per-epoch metrics (``loss``, ``val_loss``).
+        epochs_run: Epochs actually run (fewer than configured when stopped early).
+        best_epoch: 1-based epoch whose weights were kept.
+
+    """
+
+    model: Any
+    history: dict[str, list[float]]
+    epochs_run: int
+    best_epoch: int
+
+    @property
+    def best_val_loss(self) -> float:
+        """Validation loss of the kept weights."""
+        return self.history["val_loss"][self.best_epoch - 1]
+
+
+@quiet_tensorflow()
+def train_autoencoder(
+    features_train: npt.ArrayLike, features_val: npt.ArrayLike, config: TrainingConfig
+) -> TrainedModel:
+    """Train the autoencoder to reconstruct normal features, stopping when validation loss stalls.
+
+    Args:
+        features_train: Normalised normal features (n, F) to fit.
+        features_val: Held-out normal features for early stopping.
+        config: Training configuration.
+
+    Returns:
+        The trained model (best validation weights restored) and its history.
+
+    Raises:
+        TrainingDataError: Too few rows, mismatched widths, or non-finite values.
+
+    """
+    x_train = check_features(features_train, name="training features")
+    x_val = check_features(features_val, name="validation features")
+    if len(x_train) < config.min_windows:
+        raise TrainingDataError(f"too few training windows: {len(x_train)} < minimum {config.min_windows}")
+    if x_val.shape[1] != x_train.shape[1]:
+        raise TrainingDataError(f"validation features have {x_val.shape[1]} columns, training {x_train.shape[1]}")
+    _, tf_keras = tf_modules()
+    seed_everything(config.seed)
+    model = build_autoencoder(x_train.shape[1], config.hidden, config.seed)
+    model.compile(optimizer=tf_keras.optimizers.Adam(config.learning_rate), loss="mse")
+    stop = tf_keras.callbacks.EarlyStopping(
+        monitor="val_loss", patience=config.patience, min_delta=config.min_delta, restore_best_weights=True
+    )
+    fit = model.fit(
+        x_train,
+        x_train,
+        validation_data=(x_val, x_val),
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        shuffle=True,
+        callbacks=[stop],
+        verbose=0,
+    )
+    history = {key: [float(v) for v in values] for key, values in fit.history.items()}
+    epochs_run = len(history["loss"])
+    best_epoch = int(stop.best_epoch) + 1  # the epoch whose weights EarlyStopping restored (min_delta counts)
+    log.info(
+        "trained %s autoencoder: %d epochs (best %d), loss %.4f, val_loss %.4f",
+        "-".join(str(u) for u in [x_train.shape[1], *config.hidden, x_train.shape[1]]),
+        epochs_run,
+        best_epoch,
+        history["loss"][best_epoch - 1],
+        history["val_loss"][best_epoch - 1],
+    )
+    return TrainedModel(model, history, epochs_run, best_epoch)
+
+
+def reconstruction_error(predict: Predictor, features: npt.ArrayLike) -> Float32Array:
+    """Mean squared reconstruction error per row.
+
+    Args:
+        predict: A tf-keras model or any callable mapping (n, F) float32 features to reconstructions.
+        features: Normalised features (n, F); the error is taken against these exact values.
+
+    Returns:
+        float32 array (n,).
+
+    """
+    x = check_features(features)
+    reconstruction = np.asarray(predict(x), dtype=np.float32)
+    if reconstruction.shape != x.shape:
+        raise TrainingDataError(f"reconstruction has shape {reconstruction.shape}, expected {x.shape}")
+    return np.asarray(np.mean((x - reconstruction) ** 2, axis=1, dtype=np.float64), dtype=np.float32)
+
+
+def calibrate_threshold(errors: npt.ArrayLike, percentile: float) -> float:
+    """Return the given percentile of reconstruction errors on held-out normal windows.
+
+    Raises:
+        TrainingDataError: No errors, or non-finite errors.
+        ValueError: ``percentile`` outside (0, 100].
+
+    """
+    if not 0 < percentile <= 100:
+        raise ValueError(f"threshold percentile must be in (0, 100], got {percentile}")
+    e = np.asarray(errors, dtype=np.float64).ravel()
+    if e.size == 0:
+        raise TrainingDataError("no calibration errors to set the threshold from")
+    if not np.isfinite(e).all():
+        raise TrainingDataError(f"calibration errors contain {int((~np.isfinite(e)).sum())} NaN or infinite values")
+    return float(np.percentile(e, percentile))
