@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from tasks.train import (
     TrainingConfig,
@@ -338,3 +340,11 @@ def compress(model: Any, x_train: npt.ArrayLike, x_val: npt.ArrayLike, config: T
         quantization=config.quantization.mode,
         sizes=sizes,
     )
+
+
+@task(name="compress", cache_policy=NO_CACHE)
+def compress_task(
+    model: Any, x_train: npt.ArrayLike, x_val: npt.ArrayLike, config: TrainingConfig
+) -> CompressionResult:
+    """Prefect task: :func:`compress`."""
+    return compress(model, x_train, x_val, config)

@@ -16,10 +16,19 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 from sklearn.metrics import roc_auc_score
 
 from firmware.tflm import TflmRunner, tflite_predict
-from tasks.train import Predictor, calibrate_threshold, check_features, reconstruction_error
+from tasks.train import (
+    FeatureSets,
+    Predictor,
+    QualityGateConfig,
+    calibrate_threshold,
+    check_features,
+    reconstruction_error,
+)
 from tinymlops.errors import TinyMLOpsError
 
 log = logging.getLogger(__name__)
@@ -258,4 +267,58 @@ def evaluate_models(
     }
     return evaluate_predictors(
         predictors, normal, faults, calibration, percentile=percentile, window_seconds=window_seconds
+    )
+
+
+class QualityGateError(TinyMLOpsError):
+    """The evaluated model misses a quality limit; the message lists each measured value and its limit."""
+
+
+def quality_failures(comparison: ModelComparison, gates: QualityGateConfig) -> list[str]:
+    """Return one line per quality limit the comparison misses (empty when it passes).
+
+    Args:
+        comparison: Evaluations named ``float``, ``int8_tflite`` and ``int8_tflm`` on the same windows.
+        gates: The limits.
+    """
+    auc_float = comparison["float"].auc
+    auc_int8 = comparison["int8_tflite"].auc
+    auc_tflm = comparison["int8_tflm"].auc
+    failures = []
+    if auc_int8 < gates.min_auc_int8:
+        failures.append(f"int8 ROC-AUC {auc_int8:.4f} < {gates.min_auc_int8:.4f}")
+    if auc_float - auc_int8 > gates.max_auc_loss_int8:
+        failures.append(f"AUC loss float->int8 {auc_float - auc_int8:.4f} > {gates.max_auc_loss_int8:.4f}")
+    if abs(auc_int8 - auc_tflm) > gates.max_auc_gap_tflm:
+        failures.append(f"AUC gap TFLite vs TFLM {abs(auc_int8 - auc_tflm):.4f} > {gates.max_auc_gap_tflm:.4f}")
+    return failures
+
+
+def enforce_quality(comparison: ModelComparison, gates: QualityGateConfig) -> None:
+    """Raise :class:`QualityGateError` naming every missed limit with its measured value."""
+    failures = quality_failures(comparison, gates)
+    if failures:
+        raise QualityGateError("model fails the quality gate: " + "; ".join(failures))
+
+
+@task(name="evaluate-models", cache_policy=NO_CACHE)
+def evaluate_models_task(
+    float_model: Any,
+    int8_model: bytes,
+    features: FeatureSets,
+    *,
+    percentile: float,
+    window_seconds: float,
+    arena_bytes: int,
+) -> ModelComparison:
+    """Prefect task: evaluate float, int8 TFLite and int8 TFLite Micro on the held-out features."""
+    return evaluate_models(
+        float_model,
+        int8_model,
+        features.test_normal,
+        features.faults,
+        features.parts.calibration,
+        percentile=percentile,
+        window_seconds=window_seconds,
+        arena_bytes=arena_bytes,
     )

@@ -26,6 +26,8 @@ from typing import Annotated, Any, Literal
 import numpy as np
 import numpy.typing as npt
 import yaml
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from firmware.dsp import DspSpec, extract_features, raw_features
@@ -84,6 +86,16 @@ class QuantizationConfig(BaseModel):
     representative_samples: int = Field(default=200, ge=1, description="Training rows used to calibrate int8 ranges.")
 
 
+class QualityGateConfig(BaseModel):
+    """Limits the evaluated model must meet before it is packaged for any target."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_auc_int8: float = Field(default=0.95, ge=0, le=1, description="Lowest ROC-AUC of the int8 model.")
+    max_auc_loss_int8: float = Field(default=0.01, ge=0, le=1, description="Largest AUC drop from float to int8.")
+    max_auc_gap_tflm: float = Field(default=0.01, ge=0, le=1, description="Largest AUC gap int8 TFLite vs TFLM.")
+
+
 class TrainingConfig(BaseModel):
     """The committed training configuration (``data/training.yaml``)."""
 
@@ -106,6 +118,7 @@ class TrainingConfig(BaseModel):
     seed: int = Field(default=42, ge=0, description="Seed of the split, weight initialisation and shuffling.")
     pruning: PruningConfig = Field(default_factory=PruningConfig)
     quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    gates: QualityGateConfig = Field(default_factory=QualityGateConfig)
 
 
 def load_training_config(path: Path | str | None = None) -> TrainingConfig:
@@ -438,3 +451,63 @@ def calibrate_threshold(errors: npt.ArrayLike, percentile: float) -> float:
     if not np.isfinite(e).all():
         raise TrainingDataError(f"calibration errors contain {int((~np.isfinite(e)).sum())} NaN or infinite values")
     return float(np.percentile(e, percentile))
+
+
+@dataclass(frozen=True)
+class FeatureSets:
+    """Every feature set of one training run, all made with the spec fitted on the train part.
+
+    Attributes:
+        parts: Train, validation (early stopping) and calibration (threshold) normal features.
+        test_normal: Held-out normal features, for evaluation only.
+        faults: Fault features by class, for evaluation only.
+        spec: The fitted DSP spec shipped with the model.
+    """
+
+    parts: TrainingData
+    test_normal: Float32Array
+    faults: dict[str, Float32Array]
+    spec: DspSpec
+
+
+def build_feature_sets(
+    train_normal: npt.ArrayLike,
+    test_normal: npt.ArrayLike,
+    faults: dict[str, npt.NDArray[np.float32]],
+    spec: DspSpec,
+    config: TrainingConfig,
+) -> FeatureSets:
+    """Split the training windows, fit the normalisation on the train part and featurize everything.
+
+    Args:
+        train_normal: Normal windows for training (split into train/validation/calibration).
+        test_normal: Held-out normal windows.
+        faults: Fault windows by class.
+        spec: The DSP front end (sample rate and window length of the data).
+        config: Training configuration.
+    """
+    parts, fitted = prepare_training_data(train_normal, spec, config)
+    return FeatureSets(
+        parts=parts,
+        test_normal=featurize(test_normal, fitted),
+        faults={name: featurize(windows, fitted) for name, windows in faults.items()},
+        spec=fitted,
+    )
+
+
+@task(name="build-features", cache_policy=NO_CACHE)
+def build_feature_sets_task(
+    train_normal: npt.ArrayLike,
+    test_normal: npt.ArrayLike,
+    faults: dict[str, npt.NDArray[np.float32]],
+    spec: DspSpec,
+    config: TrainingConfig,
+) -> FeatureSets:
+    """Prefect task: :func:`build_feature_sets`."""
+    return build_feature_sets(train_normal, test_normal, faults, spec, config)
+
+
+@task(name="train-autoencoder", cache_policy=NO_CACHE)
+def train_autoencoder_task(features: FeatureSets, config: TrainingConfig) -> TrainedModel:
+    """Prefect task: :func:`train_autoencoder` on the train part, stopping on the validation part."""
+    return train_autoencoder(features.parts.train, features.parts.validation, config)

@@ -61,3 +61,33 @@ def cli_env(data_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TINYMLOPS_", "PREFECT_"))}
     env.update({"TINYMLOPS_DATA_DIR": str(data_dir), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **extra})
     return env
+
+
+FAST_TRAINING_CONFIG = Path(__file__).parent / "data" / "training_fast.yaml"
+
+
+@pytest.fixture(scope="session")
+def cwru_trained(
+    cwru_dir: Path, prefect_harness: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, object]]:
+    """The real CWRU recordings imported into a lake and trained once per session by the train flow.
+
+    Yields the flow's outcome, plus ``data_dir``; the run's bundles stay on disk for the session.
+    """
+    from flows.train import train_flow
+    from tasks.importers import import_cwru
+
+    data_dir = tmp_path_factory.mktemp("cwru-data")
+    previous = os.environ.get("TINYMLOPS_DATA_DIR")
+    os.environ["TINYMLOPS_DATA_DIR"] = str(data_dir)
+    reset_settings()
+    try:
+        import_cwru(cwru_dir, lake_root=get_settings().lake_root, fleet="cwru")
+        outcome = train_flow(fleet="cwru", targets=["nrf52840", "rp2040"], config_path=str(FAST_TRAINING_CONFIG))
+        yield {**outcome, "data_dir": data_dir}
+    finally:
+        if previous is None:
+            os.environ.pop("TINYMLOPS_DATA_DIR", None)
+        else:
+            os.environ["TINYMLOPS_DATA_DIR"] = previous
+        reset_settings()

@@ -8,6 +8,7 @@ with a non-zero exit; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import logging
 import sys
@@ -159,6 +160,57 @@ def simulate(
     with broker_for(mqtt_settings) as address:
         stats = sim.run(address, interval_s=interval, duration_s=seconds, windows_per_device=windows)
     console.print(f"published {stats.published} windows from {devices} nodes in {stats.seconds:.1f} s")
+
+
+@app.command()
+def train(
+    fleet: Annotated[str | None, typer.Option(help="Fleet whose lake windows to train on.")] = None,
+    target: Annotated[list[str] | None, typer.Option(help="MCU target from the catalog (repeatable).")] = None,
+    device: Annotated[list[str] | None, typer.Option(help="Only these devices' windows (repeatable).")] = None,
+    since: Annotated[str | None, typer.Option(help="Only windows from this ISO time (UTC if no zone).")] = None,
+    until: Annotated[str | None, typer.Option(help="Only windows before this ISO time.")] = None,
+    config: Annotated[Path | None, typer.Option(help="Training configuration YAML.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the outcome as JSON.")] = False,
+) -> None:
+    """Train, compress and validate the anomaly model per MCU target (the train flow)."""
+    _settings()
+    from flows.train import train_flow
+
+    outcome = train_flow(fleet=fleet, targets=target, devices=device, start=_parse_time(since, "--since"),
+                         end=_parse_time(until, "--until"), config_path=str(config) if config else None)  # fmt: skip
+    if as_json:
+        print(json.dumps(outcome))
+        return
+    _print_table("Quality on held-out windows", [{"model": k, **v} for k, v in outcome["evaluation"].items()])
+    _print_table("Sizes", outcome["sizes"])
+    _print_table("Bundles", [{"target": t, "fits": outcome["budget_passed"][t], "bundle": d}
+                             for t, d in outcome["bundles"].items()])  # fmt: skip
+
+
+@app.command()
+def reference(
+    fleet: Annotated[str | None, typer.Option(help="Fleet to add the reference set to.")] = None,
+    windows: Annotated[int, typer.Option(min=8, help="Windows per fault class.")] = 64,
+    rpm: Annotated[float, typer.Option(min=60, help="Shaft speed of the fleet's machines.")] = 1797.0,
+) -> None:
+    """Add a labelled seeded-fault reference set (simulated) to a fleet, for evaluating its models."""
+    settings = _settings()
+    from tasks.datasets import write_reference_set
+
+    written = write_reference_set(settings.lake_root, fleet or settings.fleet, windows_per_fault=windows, rpm=rpm,
+                                  sample_rate_hz=settings.sensor.sample_rate_hz,
+                                  window_samples=settings.sensor.window_samples)  # fmt: skip
+    console.print(f"reference set: {written} windows written" if written else "reference set already present")
+
+
+def _parse_time(value: str | None, option: str) -> dt.datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not an ISO time such as 2026-11-23T08:00", param_hint=option) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
 @app.command("import")

@@ -24,8 +24,6 @@ from tinymlops.errors import TinyMLOpsError
 
 BUNDLE_FORMAT_VERSION = 1
 TFLITE_FILE = "model.tflite"
-C_SOURCE_FILE = "model_data.c"
-C_HEADER_FILE = "model_data.h"
 DSP_SPEC_FILE = "dsp_spec.json"
 METADATA_FILE = "bundle.json"
 BUDGET_JSON_FILE = "budget.json"
@@ -62,6 +60,7 @@ class BundleMetadata(BaseModel):
     arena_bytes: int = Field(description="Smallest working TFLite Micro tensor arena, measured.")
     macs: int
     n_features: int
+    c_name: str = Field(description="C identifier of the generated arrays: files <c_name>_model_data.c/.h.")
     quantization: str = Field(description="ptq or qat")
     sparsity: float
     budget_passed: bool
@@ -93,10 +92,19 @@ class ModelBundle:
         data = self.tflite_path.read_bytes()
         digest = sha256_hex(data)
         if digest != self.metadata.tflite_sha256:
-            raise BundleError(
-                f"{self.tflite_path}: sha256 {digest[:16]}… does not match the recorded {self.metadata.tflite_sha256[:16]}…"
-            )
+            recorded = self.metadata.tflite_sha256
+            raise BundleError(f"{self.tflite_path}: sha256 {digest[:16]}… does not match the recorded {recorded[:16]}…")
         return data
+
+    @property
+    def c_source_path(self) -> Path:
+        """Generated C source holding the model array (TFLM convention)."""
+        return self.directory / f"{self.metadata.c_name}_model_data.c"
+
+    @property
+    def c_header_path(self) -> Path:
+        """Generated C header declaring the model array and its size."""
+        return self.directory / f"{self.metadata.c_name}_model_data.h"
 
     def dsp_spec_json(self) -> str:
         """The DSP spec as JSON text (parse with ``firmware.dsp.DspSpec.from_json``)."""
@@ -139,8 +147,8 @@ def write_bundle(
     try:
         (tmp / TFLITE_FILE).write_bytes(tflite)
         (tmp / DSP_SPEC_FILE).write_text(dsp_spec_json)
-        (tmp / C_SOURCE_FILE).write_text(c_source)
-        (tmp / C_HEADER_FILE).write_text(c_header)
+        (tmp / f"{metadata.c_name}_model_data.c").write_text(c_source)
+        (tmp / f"{metadata.c_name}_model_data.h").write_text(c_header)
         (tmp / BUDGET_JSON_FILE).write_text(budget_json)
         (tmp / BUDGET_MD_FILE).write_text(budget_markdown)
         (tmp / EVALUATION_FILE).write_text(json.dumps(evaluation, indent=2, sort_keys=True))
@@ -167,8 +175,9 @@ def load_bundle(directory: Path, *, verify: bool = True) -> ModelBundle:
         raise BundleError(f"{meta_path}: invalid bundle metadata: {str(exc).splitlines()[0]}") from None
     bundle = ModelBundle(directory, metadata)
     if verify:
-        required = (TFLITE_FILE, DSP_SPEC_FILE, C_SOURCE_FILE, C_HEADER_FILE, BUDGET_JSON_FILE, EVALUATION_FILE)
-        missing = [name for name in required if not (directory / name).is_file()]
+        required = [directory / name for name in (TFLITE_FILE, DSP_SPEC_FILE, BUDGET_JSON_FILE, EVALUATION_FILE)]
+        required += [bundle.c_source_path, bundle.c_header_path]
+        missing = [path.name for path in required if not path.is_file()]
         if missing:
             raise BundleError(f"bundle {directory} is missing {', '.join(missing)}")
         bundle.tflite()

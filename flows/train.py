@@ -1,0 +1,121 @@
+"""Train flow: lake -> features -> autoencoder -> compression -> evaluation -> budget per target -> bundles."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from firmware.dsp import DspSpec
+from tasks.compress import compress_task
+from tasks.datasets import LakeSelection, load_dataset_task
+from tasks.evaluate import enforce_quality, evaluate_models_task
+from tasks.packaging import (
+    enforce_some_target_fits,
+    measure_arena_task,
+    package_for_target_task,
+    training_report_markdown,
+)
+from tasks.train import build_feature_sets_task, load_training_config, train_autoencoder_task
+from tinymlops.settings import get_settings
+from tinymlops.targets import get_target, load_catalog
+
+PARITY_ROWS = 64
+
+
+@flow(name="train")
+def train_flow(
+    fleet: str | None = None,
+    targets: list[str] | None = None,
+    devices: list[str] | None = None,
+    start: dt.datetime | None = None,
+    end: dt.datetime | None = None,
+    config_path: str | None = None,
+) -> dict[str, Any]:
+    """Train, compress and validate a model for each target MCU, writing one bundle per target.
+
+    Args:
+        fleet: Fleet whose lake windows to train on (default: settings).
+        targets: MCU target names from the catalog (default: settings).
+        devices: Only these devices' windows.
+        start: Only windows from this time.
+        end: Only windows before this time.
+        config_path: Training configuration (default ``data/training.yaml``).
+
+    Returns:
+        Run id, bundle directories per target, budget verdicts, and the evaluation figures.
+    """
+    settings = get_settings()
+    fleet = fleet or settings.fleet
+    config = load_training_config(config_path)
+    catalog = load_catalog(settings.targets.catalog)
+    mcu_targets = [get_target(name, catalog) for name in targets or settings.targets.default]
+    selection = LakeSelection(fleet, tuple(devices) if devices else None, start, end)
+    run_name = f"train-{dt.datetime.now(tz=dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+    lineage = {"train_run": run_name, "prefect_flow_run_id": str(flow_run.id or "")}
+
+    dataset = load_dataset_task(settings.lake_root, selection, settings.sensor.window_samples)
+    spec = DspSpec(sample_rate_hz=dataset.sample_rate_hz, window_samples=settings.sensor.window_samples)
+    features = build_feature_sets_task(dataset.train_normal, dataset.test_normal, dataset.faults, spec, config)
+    trained = train_autoencoder_task(features, config)
+    compression = compress_task(trained.model, features.parts.train, features.parts.validation, config)
+    arena = measure_arena_task(compression.deployable)
+    comparison = evaluate_models_task(
+        trained.model,
+        compression.deployable,
+        features,
+        percentile=config.threshold_percentile,
+        window_seconds=spec.window_samples / spec.sample_rate_hz,
+        arena_bytes=arena.smallest_working_bytes,
+    )
+    enforce_quality(comparison, config.gates)
+    run_dir = settings.data_dir / "models" / fleet / run_name
+    packaged = [
+        package_for_target_task(
+            run_dir,
+            target=target,
+            compression=compression,
+            spec=features.spec,
+            arena=arena,
+            comparison=comparison,
+            threshold_percentile=config.threshold_percentile,
+            fleet=fleet,
+            dataset_fingerprint=dataset.fingerprint,
+            parity_inputs=features.test_normal[:PARITY_ROWS],
+            lineage=lineage,
+        )
+        for target in mcu_targets
+    ]
+    create_markdown_artifact(
+        training_report_markdown(
+            fleet=fleet,
+            counts=dataset.counts,
+            comparison=comparison,
+            compression=compression,
+            arena=arena,
+            packaged=packaged,
+            extra={"run": run_name, "bundles": str(run_dir)},
+        ),
+        key=f"training-report-{fleet}".lower(),
+        description=f"Training run {run_name}",
+    )
+    enforce_some_target_fits(packaged)
+    return {
+        "run": run_name,
+        "fleet": fleet,
+        "epochs": trained.epochs_run,
+        "bundles": {item.target: str(item.bundle.directory) for item in packaged},
+        "budget_passed": {item.target: item.passed for item in packaged},
+        "evaluation": {
+            name: {"auc": e.auc, "f1": e.f1, "false_alarms_per_hour": e.false_alarms_per_hour}
+            for name, e in comparison.evaluations.items()
+        },
+        "sizes": compression.size_table(),
+        "arena_bytes": arena.smallest_working_bytes,
+        "dataset_fingerprint": dataset.fingerprint,
+        "counts": dataset.counts,
+    }

@@ -1,0 +1,201 @@
+"""Training and evaluation sets from the lake: selection, hold-out, fingerprint, seeded-fault reference.
+
+Training uses normal windows only. Evaluation needs labelled fault windows: imported recordings
+(for example CWRU) carry them; a fleet of live sensors usually does not, so
+:func:`write_reference_set` adds a seeded-fault reference set simulated at the fleet's
+operating point, clearly marked by its source.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from firmware.codec import VibrationWindow
+from firmware.sensor import FaultSpec, MachineSimulator, OperatingPoint, quantize
+from tasks.lake import LakeWindows, WindowBatch, read_windows, write_windows
+from tinymlops.errors import TinyMLOpsError
+
+log = logging.getLogger(__name__)
+
+NORMAL_LABEL = "normal"
+REFERENCE_FAULTS = ("inner_race", "outer_race", "ball", "imbalance", "misalignment")
+REFERENCE_SOURCE = "simulator:seeded-fault-reference"
+
+
+class DatasetError(TinyMLOpsError):
+    """The lake selection cannot give a training or evaluation set."""
+
+
+@dataclass(frozen=True)
+class LakeSelection:
+    """Which lake windows a training run reads.
+
+    Attributes:
+        fleet: Fleet to read.
+        devices: Only these devices (None: all).
+        start: Only windows at or after this time.
+        end: Only windows before this time.
+        unlabelled_as_normal: Treat unlabelled live windows as normal (a fleet commissioned
+            healthy); labelled fault windows are never trained on.
+    """
+
+    fleet: str
+    devices: tuple[str, ...] | None = None
+    start: dt.datetime | None = None
+    end: dt.datetime | None = None
+    unlabelled_as_normal: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form, recorded as lineage."""
+        return {
+            "fleet": self.fleet,
+            "devices": list(self.devices) if self.devices else None,
+            "start": self.start.isoformat() if self.start else None,
+            "end": self.end.isoformat() if self.end else None,
+            "unlabelled_as_normal": self.unlabelled_as_normal,
+        }
+
+
+@dataclass
+class DatasetSplit:
+    """Normal windows for training and held-out testing, and fault windows by class."""
+
+    train_normal: npt.NDArray[np.float32]
+    test_normal: npt.NDArray[np.float32]
+    faults: dict[str, npt.NDArray[np.float32]]
+    sample_rate_hz: int
+    fingerprint: str
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def fingerprint(windows: LakeWindows, selection: LakeSelection) -> str:
+    """sha256 over the selection and every selected window's identity and samples."""
+    digest = hashlib.sha256(json.dumps(selection.to_dict(), sort_keys=True).encode())
+    for device, seq, source in zip(windows.device, windows.seq, windows.source, strict=True):
+        digest.update(f"{device}\x00{seq}\x00{source}\x00".encode())
+    digest.update(np.ascontiguousarray(windows.samples).tobytes())
+    return digest.hexdigest()
+
+
+def holdout_last(windows: LakeWindows, fraction: float) -> tuple[LakeWindows, LakeWindows]:
+    """Split each device's windows in time: the last ``fraction`` of each device is held out.
+
+    A contiguous held-out tail is never adjacent to, or overlapping with, a training window
+    except at one boundary, unlike a random split of overlapping-in-time windows.
+    """
+    keep = np.ones(len(windows), dtype=bool)
+    for device in np.unique(windows.device):
+        rows = np.flatnonzero(windows.device == device)
+        rows = rows[np.argsort(windows.timestamp_us[rows], kind="stable")]
+        n_test = round(len(rows) * fraction)
+        keep[rows[len(rows) - n_test :]] = False
+    return windows.select(keep), windows.select(~keep)
+
+
+def load_dataset(
+    lake_root: Path, selection: LakeSelection, *, window_samples: int, test_fraction: float = 0.2
+) -> DatasetSplit:
+    """Read a selection, split normal windows into train and a time-ordered test tail, group faults.
+
+    Raises:
+        DatasetError: No normal windows, or no fault windows to evaluate against.
+    """
+    windows = read_windows(
+        lake_root,
+        fleet=selection.fleet,
+        devices=selection.devices,
+        start=selection.start,
+        end=selection.end,
+        window_samples=window_samples,
+    )
+    if len(windows) == 0:
+        raise DatasetError(f"no windows in the lake for {json.dumps(selection.to_dict())}")
+    labels = np.asarray([lbl if lbl is not None else "" for lbl in windows.label], dtype=object)
+    is_normal = labels == NORMAL_LABEL
+    if selection.unlabelled_as_normal:
+        is_normal |= labels == ""
+    normal = windows.select(is_normal)
+    if len(normal) == 0:
+        raise DatasetError(f"no normal windows for fleet {selection.fleet!r}: import or ingest normal vibration first")
+    train, test = holdout_last(normal, test_fraction)
+    fault_mask = ~is_normal & (labels != "")
+    faults = {str(label): windows.samples[fault_mask & (labels == label)] for label in sorted(set(labels[fault_mask]))}
+    if not faults:
+        raise DatasetError(
+            f"no labelled fault windows for fleet {selection.fleet!r} to evaluate against: import labelled "
+            "recordings or add the seeded-fault reference set (tinymlops reference)"
+        )
+    counts = {"train_normal": len(train), "test_normal": len(test), **{f"fault_{k}": len(v) for k, v in faults.items()}}
+    log.info("dataset for fleet %s: %s", selection.fleet, counts)
+    return DatasetSplit(
+        train_normal=train.samples,
+        test_normal=test.samples,
+        faults=faults,
+        sample_rate_hz=windows.sample_rate_hz,
+        fingerprint=fingerprint(windows, selection),
+        counts=counts,
+    )
+
+
+def write_reference_set(
+    lake_root: Path,
+    fleet: str,
+    *,
+    windows_per_fault: int = 64,
+    severity: float = 0.6,
+    rpm: float = 1797.0,
+    seed: int = 10_000,
+    sample_rate_hz: int = 25_600,
+    window_samples: int = 1024,
+    faults: tuple[str, ...] = REFERENCE_FAULTS,
+) -> int:
+    """Write labelled seeded-fault windows for a fleet into the lake (idempotent per fleet and seed).
+
+    Each fault class comes from its own simulated machine at the fleet's operating point, device id
+    ``ref-<fault>``, label = the fault class, source = ``simulator:seeded-fault-reference#seed=N``.
+
+    Returns:
+        Windows written (0 when the set was already there).
+    """
+    from tasks.lake import known_sources
+
+    source = f"{REFERENCE_SOURCE}#seed={seed}"
+    batch = WindowBatch()
+    start_us = int(dt.datetime.now(tz=dt.UTC).timestamp() * 1e6)
+    for i, kind in enumerate(faults):
+        device = f"ref-{kind.replace('_', '-')}"
+        if source in known_sources(lake_root, fleet, device):
+            continue
+        machine = MachineSimulator(
+            seed=seed + i,
+            sample_rate_hz=sample_rate_hz,
+            window_samples=window_samples,
+            operating_point=OperatingPoint(rpm=rpm, load=0.5),
+        )
+        machine.inject_fault(FaultSpec(kind=kind, severity=severity))  # type: ignore[arg-type]
+        step_us = int(window_samples / sample_rate_hz * 1e6)
+        for seq in range(windows_per_fault):
+            samples, scale = quantize(machine.next_window())
+            window = VibrationWindow(device, seq, start_us + seq * step_us, sample_rate_hz, scale, samples)
+            batch.append(fleet, window, label=kind, source=source)
+    if len(batch):
+        write_windows(lake_root, batch)
+    log.info("seeded-fault reference set for fleet %s: %d windows written", fleet, len(batch))
+    return len(batch)
+
+
+@task(name="load-dataset", cache_policy=NO_CACHE)
+def load_dataset_task(lake_root: Path, selection: LakeSelection, window_samples: int) -> DatasetSplit:
+    """Prefect task: :func:`load_dataset`."""
+    return load_dataset(lake_root, selection, window_samples=window_samples)

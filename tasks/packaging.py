@@ -1,0 +1,204 @@
+"""Package a compressed model per MCU target: budget validation, C arrays, the model bundle, reports."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from firmware.carray import model_to_c
+from firmware.dsp import DspSpec
+from firmware.tflm import ArenaMeasurement, count_macs, measure_arena
+from tasks.budget import BudgetExceededError, BudgetReport, validate_budget
+from tasks.compress import CompressionResult
+from tasks.evaluate import ModelComparison
+from tinymlops.schemas import BundleMetadata, ModelBundle, registered_model_name, sha256_hex, write_bundle
+from tinymlops.targets import McuTarget
+
+log = logging.getLogger(__name__)
+
+DEPLOYED_EVALUATION = "int8_tflm"
+
+
+@dataclass(frozen=True)
+class PackagedTarget:
+    """The outcome for one target: its budget report and the bundle written for it."""
+
+    target: str
+    report: BudgetReport
+    bundle: ModelBundle
+
+    @property
+    def passed(self) -> bool:
+        """Whether the model fits this target."""
+        return self.report.passed
+
+
+def model_metrics(comparison: ModelComparison, compression: CompressionResult) -> dict[str, float]:
+    """Flat metrics of a model: quality of each interpreter and artifact sizes."""
+    metrics: dict[str, float] = {}
+    for name, evaluation in comparison.evaluations.items():
+        metrics[f"auc_{name}"] = evaluation.auc
+        metrics[f"f1_{name}"] = evaluation.f1
+        metrics[f"false_alarms_per_hour_{name}"] = evaluation.false_alarms_per_hour
+    for row in compression.sizes:
+        metrics[f"bytes_{row.name}"] = row.raw_bytes
+        metrics[f"gzip_bytes_{row.name}"] = row.gzip_bytes
+    metrics["sparsity"] = compression.sparsity
+    return metrics
+
+
+def package_for_target(
+    out_dir: Path,
+    *,
+    target: McuTarget,
+    compression: CompressionResult,
+    spec: DspSpec,
+    arena: ArenaMeasurement,
+    comparison: ModelComparison,
+    threshold_percentile: float,
+    fleet: str,
+    dataset_fingerprint: str,
+    parity_inputs: npt.NDArray[np.float32],
+    lineage: dict[str, str],
+) -> PackagedTarget:
+    """Validate the deployable model against one target's budget and write its bundle.
+
+    The bundle is written whether or not the budget passes: its report says why it does not fit,
+    and only passing bundles are registered.
+
+    Args:
+        out_dir: Directory of this run's bundles; the bundle goes to ``out_dir/<target>``.
+        target: The MCU target.
+        compression: The compressed models (the deployable one is packaged).
+        spec: Fitted DSP spec.
+        arena: Measured TFLite Micro arena of the deployable model.
+        comparison: Evaluations on the held-out set (the TFLM one sets the threshold).
+        threshold_percentile: Percentile the threshold was calibrated at.
+        fleet: Fleet whose data trained the model.
+        dataset_fingerprint: Content hash of the training data and selection.
+        parity_inputs: Features on which TFLite and TFLite Micro must agree.
+        lineage: Run ids and other provenance.
+    """
+    model = compression.deployable
+    report = validate_budget(model, target, spec, arena=arena, parity_inputs=parity_inputs)
+    c_name = f"vibration_ae_{target.name}"
+    c_source, c_header = model_to_c(model, c_name)
+    deployed = comparison[DEPLOYED_EVALUATION]
+    metrics = model_metrics(comparison, compression)
+    metrics.update({f"budget_{check.name}": float(check.measured) for check in report.checks})
+    metadata = BundleMetadata(
+        model_name=registered_model_name(target.name),
+        target=target.name,
+        fleet=fleet,
+        threshold=deployed.threshold,
+        threshold_percentile=threshold_percentile,
+        dsp_spec_version=spec.version,
+        tflite_sha256=sha256_hex(model),
+        tflite_bytes=len(model),
+        arena_bytes=arena.smallest_working_bytes,
+        macs=count_macs(model),
+        n_features=spec.n_features,
+        c_name=c_name,
+        quantization=compression.quantization,
+        sparsity=compression.sparsity,
+        budget_passed=report.passed,
+        dataset_fingerprint=dataset_fingerprint,
+        metrics=metrics,
+        lineage=lineage,
+    )
+    bundle = write_bundle(
+        out_dir / target.name,
+        tflite=model,
+        dsp_spec_json=spec.to_json(),
+        metadata=metadata,
+        c_source=c_source,
+        c_header=c_header,
+        budget_json=report.to_json(),
+        budget_markdown=report.to_markdown(),
+        evaluation=comparison.to_dict(),
+    )
+    log.info("%s: budget %s, bundle %s", target.name, "passed" if report.passed else "FAILED", bundle.directory)
+    return PackagedTarget(target.name, report, bundle)
+
+
+def training_report_markdown(
+    *,
+    fleet: str,
+    counts: dict[str, int],
+    comparison: ModelComparison,
+    compression: CompressionResult,
+    arena: ArenaMeasurement,
+    packaged: list[PackagedTarget],
+    extra: dict[str, Any] | None = None,
+) -> str:
+    """The report of one training run: data, quality per interpreter, sizes, and the budget per target."""
+    lines = [f"# Training run for fleet `{fleet}`", ""]
+    lines += ["## Data", "", "| set | windows |", "|---|---|"]
+    lines += [f"| {name} | {count} |" for name, count in counts.items()]
+    lines += ["", "## Quality on held-out windows", "", comparison.to_markdown(), ""]
+    lines += ["## Sizes", "", "| model | raw bytes | gzip bytes |", "|---|---|---|"]
+    lines += [f"| {row.name} | {row.raw_bytes:,} | {row.gzip_bytes:,} |" for row in compression.sizes]
+    arena_text = f"TFLite Micro arena {arena.smallest_working_bytes:,} B (allocator report {arena.reported_bytes:,} B)"
+    lines += ["", f"Sparsity {compression.sparsity:.1%}, quantization `{compression.quantization}`, {arena_text}.", ""]
+    for item in packaged:
+        verdict = "fits" if item.passed else "does NOT fit"
+        lines += [f"## {item.target}: {verdict}", "", item.report.to_markdown(), ""]
+    for key, value in (extra or {}).items():
+        lines.append(f"- {key}: {value}")
+    return "\n".join(lines) + "\n"
+
+
+@task(name="measure-tflm-arena", retries=1, cache_policy=NO_CACHE)
+def measure_arena_task(model: bytes) -> ArenaMeasurement:
+    """Prefect task: measure the smallest working TFLite Micro arena (in worker subprocesses)."""
+    return measure_arena(model)
+
+
+@task(name="package-for-target", task_run_name="package-{target.name}", cache_policy=NO_CACHE)
+def package_for_target_task(
+    out_dir: Path,
+    *,
+    target: McuTarget,
+    compression: CompressionResult,
+    spec: DspSpec,
+    arena: ArenaMeasurement,
+    comparison: ModelComparison,
+    threshold_percentile: float,
+    fleet: str,
+    dataset_fingerprint: str,
+    parity_inputs: npt.NDArray[np.float32],
+    lineage: dict[str, str],
+) -> PackagedTarget:
+    """Prefect task: :func:`package_for_target`."""
+    return package_for_target(
+        out_dir,
+        target=target,
+        compression=compression,
+        spec=spec,
+        arena=arena,
+        comparison=comparison,
+        threshold_percentile=threshold_percentile,
+        fleet=fleet,
+        dataset_fingerprint=dataset_fingerprint,
+        parity_inputs=parity_inputs,
+        lineage=lineage,
+    )
+
+
+def enforce_some_target_fits(packaged: list[PackagedTarget]) -> None:
+    """Raise :class:`BudgetExceededError` naming each target's exceeded limits when no target fits."""
+    if any(item.passed for item in packaged):
+        return
+    parts = [
+        f"{item.target}: "
+        + ", ".join(f"{c.name} {c.format(c.measured)} > {c.format(c.limit)}" for c in item.report.failures)
+        for item in packaged
+    ]
+    raise BudgetExceededError("model fits no target: " + "; ".join(parts))

@@ -1,0 +1,68 @@
+"""The train flow end to end on the real CWRU recordings, in real Prefect, TFLite Micro and gcc."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from firmware.dsp import DspSpec
+from firmware.tflm import TflmRunner
+from tasks.packaging import PackagedTarget, enforce_some_target_fits
+from tinymlops.schemas import load_bundle
+
+pytestmark = [pytest.mark.realdata, pytest.mark.slow, pytest.mark.prefect]
+
+
+def test_train_flow_meets_the_quality_targets_on_cwru(cwru_trained: dict[str, object]) -> None:
+    evaluation = cwru_trained["evaluation"]
+    assert isinstance(evaluation, dict)
+    assert evaluation["int8_tflite"]["auc"] >= 0.99
+    assert evaluation["float"]["auc"] - evaluation["int8_tflite"]["auc"] <= 0.01
+    assert abs(evaluation["int8_tflm"]["auc"] - evaluation["int8_tflite"]["auc"]) <= 0.01
+
+
+def test_train_flow_writes_a_verified_bundle_per_target(cwru_trained: dict[str, object], tmp_path: Path) -> None:
+    bundles = cwru_trained["bundles"]
+    assert isinstance(bundles, dict)
+    assert set(bundles) == {"nrf52840", "rp2040"}
+    for target, directory in bundles.items():
+        bundle = load_bundle(Path(directory))
+        meta = bundle.metadata
+        assert meta.target == target
+        assert meta.budget_passed
+        assert meta.model_name == f"vibration-ae-{target}"
+        assert meta.tflite_bytes < 32_768
+        spec = DspSpec.from_json(bundle.dsp_spec_json())
+        assert spec.is_fitted and spec.n_features == meta.n_features
+        # the bundle's model runs in TFLite Micro in exactly the arena the bundle records
+        runner = TflmRunner(bundle.tflite(), meta.arena_bytes)
+        assert runner.n_features == meta.n_features
+        # the generated C array is valid C
+        obj = tmp_path / f"{target}.o"
+        compiled = subprocess.run(
+            ["gcc", "-std=c11", "-Wall", "-Wextra", "-Werror", "-c", str(bundle.c_source_path),
+             "-I", str(bundle.directory), "-o", str(obj)],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert compiled.returncode == 0, compiled.stderr
+        assert f"alignas(16) const unsigned char g_{meta.c_name}_model_data[]" in bundle.c_source_path.read_text()
+
+
+def test_a_model_that_fits_no_target_is_rejected_with_each_limit(cwru_trained: dict[str, object]) -> None:
+    from tasks.budget import BudgetExceededError, validate_budget
+    from tinymlops.targets import McuTarget, load_catalog
+
+    bundles = cwru_trained["bundles"]
+    assert isinstance(bundles, dict)
+    bundle = load_bundle(Path(bundles["nrf52840"]))
+    nrf = load_catalog()["nrf52840"]
+    tiny = McuTarget.model_validate(
+        {**nrf.model_dump(), "name": "tiny", "sram_bytes": 64 * 1024, "ram_reserve_bytes": 60 * 1024,
+         "latency_budget_ms": 0.1}
+    )  # fmt: skip
+    report = validate_budget(bundle.tflite(), tiny, DspSpec.from_json(bundle.dsp_spec_json()))
+    assert not report.passed
+    with pytest.raises(BudgetExceededError, match=r"tiny: .*ram [\d,]+ B > [\d,]+ B.*latency [\d.]+ ms > 0.100 ms"):
+        enforce_some_target_fits([PackagedTarget("tiny", report, bundle)])
