@@ -88,9 +88,14 @@ class DspSpec:
         mean = features.mean(axis=0)
         std = np.maximum(features.std(axis=0), 1e-6)
         return DspSpec(
-            self.sample_rate_hz, self.window_samples, self.n_bands, self.f_min_hz, self.version,
-            tuple(float(v) for v in mean), tuple(float(v) for v in std),
-        )  # fmt: skip
+            self.sample_rate_hz,
+            self.window_samples,
+            self.n_bands,
+            self.f_min_hz,
+            self.version,
+            tuple(float(v) for v in mean),
+            tuple(float(v) for v in std),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-serialisable dict."""

@@ -44,10 +44,25 @@ _OP_NAMES = {code: name for name, code in vars(schema_fb.BuiltinOperator).items(
 # Element-wise or data-movement ops: no multiply-accumulate loops worth counting.
 _NEGLIGIBLE_OPS = frozenset(
     {
-        "ADD", "AVERAGE_POOL_2D", "CONCATENATION", "DEQUANTIZE", "EXPAND_DIMS", "LOGISTIC", "MAX_POOL_2D",
-        "MUL", "PAD", "QUANTIZE", "RELU", "RELU6", "RESHAPE", "SOFTMAX", "SQUEEZE", "SUB", "TANH",
+        "ADD",
+        "AVERAGE_POOL_2D",
+        "CONCATENATION",
+        "DEQUANTIZE",
+        "EXPAND_DIMS",
+        "LOGISTIC",
+        "MAX_POOL_2D",
+        "MUL",
+        "PAD",
+        "QUANTIZE",
+        "RELU",
+        "RELU6",
+        "RESHAPE",
+        "SOFTMAX",
+        "SQUEEZE",
+        "SUB",
+        "TANH",
     }
-)  # fmt: skip
+)
 
 
 class TflmError(TinyMLOpsError):
@@ -270,9 +285,12 @@ def _run_worker(args: Sequence[str]) -> tuple[int, list[str], str]:
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "firmware.tflm", *args],
-            capture_output=True, text=True, timeout=_WORKER_TIMEOUT_S, env={**os.environ, "PYTHONPATH": pythonpath},
+            capture_output=True,
+            text=True,
+            timeout=_WORKER_TIMEOUT_S,
+            env={**os.environ, "PYTHONPATH": pythonpath},
             check=False,
-        )  # fmt: skip
+        )
     except subprocess.TimeoutExpired as exc:
         raise TflmError(f"TFLite Micro arena probe timed out after {_WORKER_TIMEOUT_S:.0f} s") from exc
     tail = " | ".join(line for line in proc.stderr.splitlines()[-3:] if line.strip())

@@ -103,13 +103,20 @@ def holdout_last(windows: LakeWindows, fraction: float) -> tuple[LakeWindows, La
     return windows.select(keep), windows.select(~keep)
 
 
-def load_dataset(
-    lake_root: Path, selection: LakeSelection, *, window_samples: int, test_fraction: float = 0.2
-) -> DatasetSplit:
-    """Read a selection, split normal windows into train and a time-ordered test tail, group faults.
+@dataclass(frozen=True)
+class LabelledWindows:
+    """Windows of a selection split by label: normal ones and fault ones by class."""
+
+    normal: LakeWindows
+    faults: dict[str, npt.NDArray[np.float32]]
+    fingerprint: str
+
+
+def load_labelled(lake_root: Path, selection: LakeSelection, *, window_samples: int) -> LabelledWindows:
+    """Read a selection and split it into normal windows and fault windows by class.
 
     Raises:
-        DatasetError: No normal windows, or no fault windows to evaluate against.
+        DatasetError: The selection holds no windows, or no normal ones.
     """
     windows = read_windows(
         lake_root,
@@ -120,32 +127,72 @@ def load_dataset(
         window_samples=window_samples,
     )
     if len(windows) == 0:
-        raise DatasetError(f"no windows in the lake for {json.dumps(selection.to_dict())}")
+        raise DatasetError(f"no windows in the lake at {lake_root} for {json.dumps(selection.to_dict())}")
     labels = np.asarray([lbl if lbl is not None else "" for lbl in windows.label], dtype=object)
     is_normal = labels == NORMAL_LABEL
     if selection.unlabelled_as_normal:
         is_normal |= labels == ""
-    normal = windows.select(is_normal)
-    if len(normal) == 0:
+    if not is_normal.any():
         raise DatasetError(f"no normal windows for fleet {selection.fleet!r}: import or ingest normal vibration first")
-    train, test = holdout_last(normal, test_fraction)
     fault_mask = ~is_normal & (labels != "")
-    faults = {str(label): windows.samples[fault_mask & (labels == label)] for label in sorted(set(labels[fault_mask]))}
-    if not faults:
+    faults = {str(lbl): windows.samples[fault_mask & (labels == lbl)] for lbl in sorted(set(labels[fault_mask]))}
+    return LabelledWindows(windows.select(is_normal), faults, fingerprint(windows, selection))
+
+
+def load_dataset(
+    lake_root: Path, selection: LakeSelection, *, window_samples: int, test_fraction: float = 0.2
+) -> DatasetSplit:
+    """Read a selection, split normal windows into train and a time-ordered test tail, group faults.
+
+    Raises:
+        DatasetError: No normal windows, or no fault windows to evaluate against.
+    """
+    labelled = load_labelled(lake_root, selection, window_samples=window_samples)
+    if not labelled.faults:
         raise DatasetError(
             f"no labelled fault windows for fleet {selection.fleet!r} to evaluate against: import labelled "
             "recordings or add the seeded-fault reference set (tinymlops reference)"
         )
-    counts = {"train_normal": len(train), "test_normal": len(test), **{f"fault_{k}": len(v) for k, v in faults.items()}}
+    train, test = holdout_last(labelled.normal, test_fraction)
+    counts = {"train_normal": len(train), "test_normal": len(test)}
+    counts |= {f"fault_{name}": len(rows) for name, rows in labelled.faults.items()}
     log.info("dataset for fleet %s: %s", selection.fleet, counts)
     return DatasetSplit(
         train_normal=train.samples,
         test_normal=test.samples,
-        faults=faults,
-        sample_rate_hz=windows.sample_rate_hz,
-        fingerprint=fingerprint(windows, selection),
+        faults=labelled.faults,
+        sample_rate_hz=labelled.normal.sample_rate_hz,
+        fingerprint=labelled.fingerprint,
         counts=counts,
     )
+
+
+def parse_selector(text: str) -> LakeSelection:
+    """Parse a lake selector ``fleet=NAME[,device=ID[|ID...]][,since=ISO][,until=ISO]``.
+
+    Raises:
+        DatasetError: Unknown key, missing fleet or a malformed time.
+    """
+    fields: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or key not in ("fleet", "device", "since", "until"):
+            raise DatasetError(f"invalid lake selector part {part!r}: use fleet=, device=, since=, until=")
+        fields[key] = value
+    if "fleet" not in fields:
+        raise DatasetError(f"lake selector {text!r} names no fleet (fleet=NAME)")
+
+    def when(key: str) -> dt.datetime | None:
+        if key not in fields:
+            return None
+        try:
+            value = dt.datetime.fromisoformat(fields[key])
+        except ValueError:
+            raise DatasetError(f"lake selector {key}={fields[key]!r} is not an ISO time") from None
+        return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+    devices = tuple(fields["device"].split("|")) if "device" in fields else None
+    return LakeSelection(fields["fleet"], devices, when("since"), when("until"))
 
 
 def write_reference_set(

@@ -20,6 +20,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from sklearn.metrics import roc_auc_score
 
+from firmware.dsp import DspSpec, extract_features
 from firmware.tflm import TflmRunner, tflite_predict
 from tasks.train import (
     FeatureSets,
@@ -30,6 +31,7 @@ from tasks.train import (
     reconstruction_error,
 )
 from tinymlops.errors import TinyMLOpsError
+from tinymlops.schemas import ModelBundle
 
 log = logging.getLogger(__name__)
 
@@ -321,4 +323,46 @@ def evaluate_models_task(
         percentile=percentile,
         window_seconds=window_seconds,
         arena_bytes=arena_bytes,
+    )
+
+
+def evaluate_bundle(
+    bundle: ModelBundle,
+    normal: npt.ArrayLike,
+    faults: Mapping[str, npt.ArrayLike],
+    *,
+    window_seconds: float,
+) -> ModelComparison:
+    """Evaluate a bundle's models on labelled windows, at the threshold the bundle ships with.
+
+    Evaluates the int8 model in TFLite and in TFLite Micro (in the bundle's arena), and the float
+    model when the bundle carries it. The DSP front end is the bundle's own fitted spec.
+
+    Args:
+        bundle: A verified model bundle.
+        normal: Normal windows (n, window_samples) in g.
+        faults: Fault windows by class.
+        window_seconds: Duration of one window.
+    """
+    spec = DspSpec.from_json(bundle.dsp_spec_json())
+    x_normal = extract_features(normal, spec)
+    x_faults = {name: extract_features(rows, spec) for name, rows in faults.items()}
+    int8 = bundle.tflite()
+    predictors: dict[str, Predictor] = {}
+    float_model = bundle.float_tflite()
+    if float_model is not None:
+        predictors["float"] = partial(tflite_predict, float_model)
+    predictors["int8_tflite"] = partial(tflite_predict, int8)
+    predictors["int8_tflm"] = TflmRunner(int8, bundle.metadata.arena_bytes).predict
+    threshold = bundle.metadata.threshold
+    return ModelComparison(
+        {
+            name: evaluate_scores(
+                reconstruction_error(predict, x_normal),
+                {fault: reconstruction_error(predict, x) for fault, x in x_faults.items()},
+                threshold,
+                window_seconds,
+            )
+            for name, predict in predictors.items()
+        }
     )

@@ -183,8 +183,16 @@ def import_file(
     write_windows(lake_root, batch)
     logger.info(
         "imported %s: %d windows as %s/%s seq %d..%d, label %s, %g Hz -> %d Hz",
-        path, n_windows, fleet, device_id, first_seq, first_seq + n_windows - 1, label, source_rate, target_rate_hz,
-    )  # fmt: skip
+        path,
+        n_windows,
+        fleet,
+        device_id,
+        first_seq,
+        first_seq + n_windows - 1,
+        label,
+        source_rate,
+        target_rate_hz,
+    )
     return ImportResult(path, device_id, label, n_windows, source_rate, duplicate=False)
 
 
@@ -238,8 +246,11 @@ def import_cwru(
     new = [r for r in results if not r.duplicate]
     logger.info(
         "CWRU import from %s: %d files, %d windows written, %d files already present",
-        cwru_dir, len(results), sum(r.windows for r in new), len(results) - len(new),
-    )  # fmt: skip
+        cwru_dir,
+        len(results),
+        sum(r.windows for r in new),
+        len(results) - len(new),
+    )
     return results
 
 

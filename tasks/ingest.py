@@ -216,7 +216,7 @@ def run_ingest(
         return max(1, min(config.batch_windows, max_windows - ingestor.stats.accepted))
 
     def on_message(_client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        inbox.append(_Received(msg.mid, msg.qos, msg.topic, msg.payload, time.time_ns() // 1000))
+        inbox.append(_Received(msg.mid, msg.qos, msg.topic, bytes(msg.payload), time.time_ns() // 1000))
         if len(inbox) >= batch_target():
             arrived.set()
 

@@ -275,9 +275,15 @@ class LakeWindows:
     def select(self, mask: npt.NDArray[np.bool_]) -> LakeWindows:
         """Return the rows where ``mask`` is true."""
         return LakeWindows(
-            self.samples[mask], self.sample_rate_hz, self.fleet[mask], self.device[mask], self.seq[mask],
-            self.timestamp_us[mask], self.label[mask], self.source[mask],
-        )  # fmt: skip
+            self.samples[mask],
+            self.sample_rate_hz,
+            self.fleet[mask],
+            self.device[mask],
+            self.seq[mask],
+            self.timestamp_us[mask],
+            self.label[mask],
+            self.source[mask],
+        )
 
 
 def read_windows(
@@ -357,17 +363,29 @@ def read_windows(
 def _empty_windows(width: int) -> LakeWindows:
     empty_str = np.asarray([], dtype=str)
     return LakeWindows(
-        np.zeros((0, width), np.float32), 0, empty_str, empty_str, np.zeros(0, np.int64), np.zeros(0, np.int64),
-        np.zeros(0, object), np.zeros(0, object),
-    )  # fmt: skip
+        np.zeros((0, width), np.float32),
+        0,
+        empty_str,
+        empty_str,
+        np.zeros(0, np.int64),
+        np.zeros(0, np.int64),
+        np.zeros(0, object),
+        np.zeros(0, object),
+    )
 
 
 def lake_summary(lake_root: Path) -> pa.Table:
     """Return window counts per fleet, device and label."""
     dataset = _vibration_dataset(lake_root)
     if dataset is None:
-        return pa.table({"fleet": pa.array([], pa.string()), "device": pa.array([], pa.string()),
-                         "label": pa.array([], pa.string()), "windows": pa.array([], pa.int64())})  # fmt: skip
+        return pa.table(
+            {
+                "fleet": pa.array([], pa.string()),
+                "device": pa.array([], pa.string()),
+                "label": pa.array([], pa.string()),
+                "windows": pa.array([], pa.int64()),
+            }
+        )
     table = dataset.to_table(columns=["fleet", "device", "label", "seq"])
     grouped = table.group_by(["fleet", "device", "label"], use_threads=False).aggregate([("seq", "count")])
     return grouped.rename_columns(["fleet", "device", "label", "windows"]).sort_by(

@@ -123,6 +123,7 @@ def package_for_target(
         budget_json=report.to_json(),
         budget_markdown=report.to_markdown(),
         evaluation=comparison.to_dict(),
+        float_tflite=compression.pruned_float_model,
     )
     log.info("%s: budget %s, bundle %s", target.name, "passed" if report.passed else "FAILED", bundle.directory)
     return PackagedTarget(target.name, report, bundle)

@@ -11,13 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
-import re
-import sys
-import tempfile
-import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -34,7 +28,7 @@ from firmware.dsp import DspSpec, extract_features, raw_features
 from tasks.lake import LakeWindows
 from tinymlops.errors import ConfigError, TinyMLOpsError
 from tinymlops.settings import REPO_ROOT
-from tinymlops.tfcompat import import_tf
+from tinymlops.tfcompat import import_tf, quiet_tensorflow
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +36,6 @@ DEFAULT_TRAINING_CONFIG = REPO_ROOT / "data" / "training.yaml"
 Float32Array = npt.NDArray[np.float32]
 Predictor = Callable[[Float32Array], Any]
 # TensorFlow's native (absl) log lines and converter chatter, which bypass TF_CPP_MIN_LOG_LEVEL.
-_TF_NOISE = re.compile(
-    r"^(?:[IWEF]\d{4} [\d:.]+ +\d+ \S+:\d+\]|WARNING: All log messages before absl|fully_quantize: "
-    r"|To enable the following instructions|INFO: Created TensorFlow Lite)"
-)
 
 
 class TrainingDataError(TinyMLOpsError):
@@ -260,38 +250,9 @@ def check_features(features: npt.ArrayLike, *, name: str = "features") -> Float3
     return x
 
 
-@contextmanager
-def quiet_tensorflow() -> Iterator[None]:
-    """Drop TensorFlow's native log lines and converter warnings written while the block runs.
-
-    File descriptor 2 is captured for the duration; every captured line that is not TensorFlow
-    noise is written back to stderr afterwards, so other output is delayed, never lost.
-    """
-    sys.stderr.flush()
-    with tempfile.TemporaryFile() as capture, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"tensorflow(\..*)?$")
-        saved = os.dup(2)
-        os.dup2(capture.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            text = capture.read().decode("utf-8", errors="replace")
-            kept = [line for line in text.splitlines(keepends=True) if not _TF_NOISE.match(line)]
-            if kept:
-                sys.stderr.write("".join(kept))
-                sys.stderr.flush()
-
-
 def tf_modules() -> tuple[ModuleType, ModuleType]:
-    """Import TensorFlow and tf-keras (lazily, via ``import_tf``) with their logging turned down."""
-    with quiet_tensorflow():
-        tf, tf_keras = import_tf()
-    tf.get_logger().setLevel(logging.ERROR)
-    return tf, tf_keras
+    """Import TensorFlow and tf-keras (lazily, quietly)."""
+    return import_tf()
 
 
 def seed_everything(seed: int) -> None:

@@ -24,8 +24,9 @@ def test_ingest_flow_writes_the_fleet_and_reports_an_artifact(
     fleet = VirtualFleet("plant-a", 5, seed=3)
     fleet.run(mosquitto.address, windows_per_device=4)
 
-    state = ingest_flow(fleet="plant-a", seconds=60, max_windows=20, broker_url=mosquitto.address.url,
-                        return_state=True)  # fmt: skip
+    state = ingest_flow(
+        fleet="plant-a", seconds=60, max_windows=20, broker_url=mosquitto.address.url, return_state=True
+    )
     assert state.is_completed()
     stats = state.result()
     assert stats["accepted"] == 20

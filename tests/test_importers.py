@@ -343,9 +343,13 @@ def test_import_real_cwru(cwru_dir: Path, tmp_path: Path) -> None:
     results = import_cwru(cwru_dir, lake_root=lake)
 
     expected_labels = {
-        "1797_Normal.npz": "normal", "1797_IR_7_DE48.npz": "inner_race", "1797_IR_7_DE12.npz": "inner_race",
-        "1797_OR6_7_DE48.npz": "outer_race", "1797_OR6_7_DE12.npz": "outer_race", "1797_B_7_DE48.npz": "ball",
-    }  # fmt: skip
+        "1797_Normal.npz": "normal",
+        "1797_IR_7_DE48.npz": "inner_race",
+        "1797_IR_7_DE12.npz": "inner_race",
+        "1797_OR6_7_DE48.npz": "outer_race",
+        "1797_OR6_7_DE12.npz": "outer_race",
+        "1797_B_7_DE48.npz": "ball",
+    }
     assert {r.path.name: r.label for r in results} == expected_labels
     windows = read_windows(lake, fleet="cwru", window_samples=WINDOW)
     for r in results:

@@ -163,8 +163,10 @@ def test_ingest_writes_exactly_the_windows_sent(tmp_path: Path, mosquitto: Mosqu
     keys = list(zip(lake.device.tolist(), lake.seq.tolist(), strict=True))
     assert len(keys) == len(set(keys)) == 8 * 25
     quarantine = read_quarantine(tmp_path / "quarantine").to_pydict()
-    assert sorted(r.split(":")[0] for r in quarantine["reason"]) == ["sample rate 1000 Hz, fleet expects 25600 Hz",
-                                                                      "truncated message"]  # fmt: skip
+    assert sorted(r.split(":")[0] for r in quarantine["reason"]) == [
+        "sample rate 1000 Hz, fleet expects 25600 Hz",
+        "truncated message",
+    ]
     assert b"garbage" in quarantine["payload"]
 
 

@@ -166,9 +166,15 @@ def test_featurize_checks_lake_sample_rate() -> None:
 
     def lake(rate: int) -> LakeWindows:
         return LakeWindows(
-            samples, rate, np.array(["f"] * n), np.array(["d"] * n), np.arange(n), np.arange(n),
-            np.array([None] * n, dtype=object), np.array(["test"] * n, dtype=object),
-        )  # fmt: skip
+            samples,
+            rate,
+            np.array(["f"] * n),
+            np.array(["d"] * n),
+            np.arange(n),
+            np.arange(n),
+            np.array([None] * n, dtype=object),
+            np.array(["test"] * n, dtype=object),
+        )
 
     fitted = fit_feature_spec(lake(spec.sample_rate_hz), spec)
     assert featurize(lake(spec.sample_rate_hz), fitted).shape == (n, spec.n_features)

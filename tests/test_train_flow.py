@@ -42,10 +42,22 @@ def test_train_flow_writes_a_verified_bundle_per_target(cwru_trained: dict[str, 
         # the generated C array is valid C
         obj = tmp_path / f"{target}.o"
         compiled = subprocess.run(
-            ["gcc", "-std=c11", "-Wall", "-Wextra", "-Werror", "-c", str(bundle.c_source_path),
-             "-I", str(bundle.directory), "-o", str(obj)],
-            capture_output=True, text=True,
-        )  # fmt: skip
+            [
+                "gcc",
+                "-std=c11",
+                "-Wall",
+                "-Wextra",
+                "-Werror",
+                "-c",
+                str(bundle.c_source_path),
+                "-I",
+                str(bundle.directory),
+                "-o",
+                str(obj),
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert compiled.returncode == 0, compiled.stderr
         assert f"alignas(16) const unsigned char g_{meta.c_name}_model_data[]" in bundle.c_source_path.read_text()
 
@@ -59,10 +71,52 @@ def test_a_model_that_fits_no_target_is_rejected_with_each_limit(cwru_trained: d
     bundle = load_bundle(Path(bundles["nrf52840"]))
     nrf = load_catalog()["nrf52840"]
     tiny = McuTarget.model_validate(
-        {**nrf.model_dump(), "name": "tiny", "sram_bytes": 64 * 1024, "ram_reserve_bytes": 60 * 1024,
-         "latency_budget_ms": 0.1}
-    )  # fmt: skip
+        {
+            **nrf.model_dump(),
+            "name": "tiny",
+            "sram_bytes": 64 * 1024,
+            "ram_reserve_bytes": 60 * 1024,
+            "latency_budget_ms": 0.1,
+        }
+    )
     report = validate_budget(bundle.tflite(), tiny, DspSpec.from_json(bundle.dsp_spec_json()))
     assert not report.passed
     with pytest.raises(BudgetExceededError, match=r"tiny: .*ram [\d,]+ B > [\d,]+ B.*latency [\d.]+ ms > 0.100 ms"):
         enforce_some_target_fits([PackagedTarget("tiny", report, bundle)])
+
+
+def test_evaluate_cli_scores_a_bundle_on_the_lake(cwru_trained: dict[str, object], tmp_path: Path) -> None:
+    import json
+    import sys
+
+    from tests.conftest import cli_env
+
+    bundles = cwru_trained["bundles"]
+    assert isinstance(bundles, dict)
+    env = cli_env(Path(str(cwru_trained["data_dir"])))
+    out = tmp_path / "evaluation.json"
+    args = [
+        sys.executable,
+        "-m",
+        "tinymlops",
+        "-q",
+        "evaluate",
+        "--model",
+        bundles["rp2040"],
+        "--data",
+        "fleet=cwru",
+        "--output",
+        str(out),
+        "--json",
+    ]
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report == json.loads(out.read_text())
+    assert set(report["evaluations"]) == {"float", "int8_tflite", "int8_tflm"}
+    assert report["evaluations"]["int8_tflm"]["auc"] >= 0.99
+    assert set(report["evaluations"]["int8_tflm"]["auc_by_fault"]) == {"ball", "inner_race", "outer_race"}
+
+    bad = subprocess.run([*args[:-4], "fleet=nosuchfleet"], env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1
+    assert bad.stderr.strip().startswith("error: no windows in the lake")

@@ -87,10 +87,14 @@ def demo(
         console.print(f"fleet {settings.fleet!r}: {devices} nodes, {windows_per_device} windows each")
         fleet_thread = threading.Thread(
             target=fleet.run,
-            kwargs={"address": address, "interval_s": interval, "windows_per_device": windows_per_device,
-                    "duration_s": seconds + 60},
+            kwargs={
+                "address": address,
+                "interval_s": interval,
+                "windows_per_device": windows_per_device,
+                "duration_s": seconds + 60,
+            },
             daemon=True,
-        )  # fmt: skip
+        )
         fleet_thread.start()
         stats = ingest_flow(
             fleet=settings.fleet,
@@ -119,8 +123,9 @@ def ingest(
 
     if broker:
         parse_broker_url(broker)  # fail before any flow machinery starts
-    stats = ingest_flow(fleet=fleet, seconds=seconds, max_windows=max_windows, idle_timeout_s=idle_timeout,
-                        broker_url=broker)  # fmt: skip
+    stats = ingest_flow(
+        fleet=fleet, seconds=seconds, max_windows=max_windows, idle_timeout_s=idle_timeout, broker_url=broker
+    )
     console.print_json(json.dumps(stats))
 
 
@@ -144,8 +149,14 @@ def simulate(
     from tinymlops.mqtt import broker_for
 
     name = fleet or settings.fleet
-    sim = VirtualFleet(name, devices, seed=seed, sample_rate_hz=settings.sensor.sample_rate_hz,
-                       window_samples=settings.sensor.window_samples, topic_root=settings.mqtt.topic_root)  # fmt: skip
+    sim = VirtualFleet(
+        name,
+        devices,
+        seed=seed,
+        sample_rate_hz=settings.sensor.sample_rate_hz,
+        window_samples=settings.sensor.window_samples,
+        topic_root=settings.mqtt.topic_root,
+    )
     for spec in fault or []:
         kind, _, rest = spec.partition(":")
         severity, _, targets = rest.partition(":")
@@ -176,15 +187,84 @@ def train(
     _settings()
     from flows.train import train_flow
 
-    outcome = train_flow(fleet=fleet, targets=target, devices=device, start=_parse_time(since, "--since"),
-                         end=_parse_time(until, "--until"), config_path=str(config) if config else None)  # fmt: skip
+    outcome = train_flow(
+        fleet=fleet,
+        targets=target,
+        devices=device,
+        start=_parse_time(since, "--since"),
+        end=_parse_time(until, "--until"),
+        config_path=str(config) if config else None,
+    )
     if as_json:
         print(json.dumps(outcome))
         return
     _print_table("Quality on held-out windows", [{"model": k, **v} for k, v in outcome["evaluation"].items()])
     _print_table("Sizes", outcome["sizes"])
-    _print_table("Bundles", [{"target": t, "fits": outcome["budget_passed"][t], "bundle": d}
-                             for t, d in outcome["bundles"].items()])  # fmt: skip
+    _print_table(
+        "Bundles",
+        [{"target": t, "fits": outcome["budget_passed"][t], "bundle": d} for t, d in outcome["bundles"].items()],
+    )
+
+
+@app.command()
+def evaluate(
+    model: Annotated[
+        str, typer.Option(help="Model bundle directory, or registry reference NAME@alias / NAME/version.")
+    ],
+    data: Annotated[
+        str, typer.Option(help="Lake selector fleet=NAME[,device=A|B][,since=ISO][,until=ISO], or a lake directory.")
+    ],
+    output: Annotated[Path | None, typer.Option(help="Also write the evaluation JSON to this file.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the evaluation as JSON instead of a table.")] = False,
+) -> None:
+    """Evaluate a model (float, int8 TFLite, int8 TFLite Micro) on labelled lake windows at its threshold."""
+    settings = _settings()
+    from tasks.datasets import LakeSelection, load_labelled, parse_selector
+    from tasks.evaluate import evaluate_bundle
+
+    bundle = _load_model(model)
+    lake_root, selection = settings.lake_root, None
+    if Path(data).is_dir():
+        lake_root, selection = Path(data), LakeSelection(bundle.metadata.fleet)
+    else:
+        selection = parse_selector(data)
+    labelled = load_labelled(lake_root, selection, window_samples=settings.sensor.window_samples)
+    comparison = evaluate_bundle(
+        bundle,
+        labelled.normal.samples,
+        labelled.faults,
+        window_seconds=settings.sensor.window_samples / labelled.normal.sample_rate_hz,
+    )
+    report = {"model": model, "data": data, "threshold": bundle.metadata.threshold, "evaluations": comparison.to_dict()}
+    if output is not None:
+        output.write_text(json.dumps(report, indent=2))
+    if as_json:
+        print(json.dumps(report))
+        return
+    title = f"{bundle.metadata.model_name} on {data} (threshold {bundle.metadata.threshold:.4g})"
+    evaluations = comparison.evaluations
+    _print_table(
+        title,
+        [
+            {
+                "model": name,
+                "auc": e.auc,
+                "precision": e.precision,
+                "recall": e.recall,
+                "f1": e.f1,
+                "false alarms/h": e.false_alarms_per_hour,
+            }
+            for name, e in evaluations.items()
+        ],
+    )
+    _print_table("ROC-AUC per fault class", [{"model": name, **e.auc_by_fault} for name, e in evaluations.items()])
+
+
+def _load_model(ref: str) -> Any:
+    """A verified bundle from a directory (registry references are resolved by the registry)."""
+    from tinymlops.schemas import load_bundle
+
+    return load_bundle(Path(ref))
 
 
 @app.command()
@@ -197,9 +277,14 @@ def reference(
     settings = _settings()
     from tasks.datasets import write_reference_set
 
-    written = write_reference_set(settings.lake_root, fleet or settings.fleet, windows_per_fault=windows, rpm=rpm,
-                                  sample_rate_hz=settings.sensor.sample_rate_hz,
-                                  window_samples=settings.sensor.window_samples)  # fmt: skip
+    written = write_reference_set(
+        settings.lake_root,
+        fleet or settings.fleet,
+        windows_per_fault=windows,
+        rpm=rpm,
+        sample_rate_hz=settings.sensor.sample_rate_hz,
+        window_samples=settings.sensor.window_samples,
+    )
     console.print(f"reference set: {written} windows written" if written else "reference set already present")
 
 
@@ -239,8 +324,15 @@ def import_files(
             target_rate_hz=settings.sensor.sample_rate_hz,
             window_samples=settings.sensor.window_samples,
         )
-        rows.append({"file": str(path), "device": result.device, "label": result.label or "",
-                     "windows": result.windows, "note": "already imported" if result.duplicate else ""})  # fmt: skip
+        rows.append(
+            {
+                "file": str(path),
+                "device": result.device,
+                "label": result.label or "",
+                "windows": result.windows,
+                "note": "already imported" if result.duplicate else "",
+            }
+        )
     _print_table("Imported", rows)
 
 
@@ -253,11 +345,25 @@ def import_cwru_command(
     settings = _settings()
     from tasks.importers import import_cwru
 
-    results = import_cwru(directory or settings.cwru_dir, lake_root=settings.lake_root, fleet=fleet,
-                          target_rate_hz=settings.sensor.sample_rate_hz,
-                          window_samples=settings.sensor.window_samples)  # fmt: skip
-    _print_table("Imported", [{"device": r.device, "label": r.label or "", "windows": r.windows,
-                               "note": "already imported" if r.duplicate else ""} for r in results])  # fmt: skip
+    results = import_cwru(
+        directory or settings.cwru_dir,
+        lake_root=settings.lake_root,
+        fleet=fleet,
+        target_rate_hz=settings.sensor.sample_rate_hz,
+        window_samples=settings.sensor.window_samples,
+    )
+    _print_table(
+        "Imported",
+        [
+            {
+                "device": r.device,
+                "label": r.label or "",
+                "windows": r.windows,
+                "note": "already imported" if r.duplicate else "",
+            }
+            for r in results
+        ],
+    )
 
 
 @lake_app.command("summary")
@@ -276,8 +382,10 @@ def lake_quarantine_command(limit: Annotated[int, typer.Option(min=1)] = 20) -> 
     from tasks.lake import read_quarantine
 
     table = read_quarantine(settings.quarantine_root).sort_by([("received_at", "descending")])
-    rows = [{"received_at": str(r["received_at"]), "topic": r["topic"], "reason": r["reason"],
-             "bytes": len(r["payload"])} for r in table.slice(0, limit).to_pylist()]  # fmt: skip
+    rows = [
+        {"received_at": str(r["received_at"]), "topic": r["topic"], "reason": r["reason"], "bytes": len(r["payload"])}
+        for r in table.slice(0, limit).to_pylist()
+    ]
     _print_table(f"Quarantine ({table.num_rows} messages)", rows)
 
 

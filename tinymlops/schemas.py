@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from tinymlops.errors import TinyMLOpsError
 
 BUNDLE_FORMAT_VERSION = 1
 TFLITE_FILE = "model.tflite"
+FLOAT_TFLITE_FILE = "model_float.tflite"
 DSP_SPEC_FILE = "dsp_spec.json"
 METADATA_FILE = "bundle.json"
 BUDGET_JSON_FILE = "budget.json"
@@ -106,6 +107,11 @@ class ModelBundle:
         """Generated C header declaring the model array and its size."""
         return self.directory / f"{self.metadata.c_name}_model_data.h"
 
+    def float_tflite(self) -> bytes | None:
+        """The float32 TFLite model the int8 one was quantized from, when the bundle carries it."""
+        path = self.directory / FLOAT_TFLITE_FILE
+        return path.read_bytes() if path.is_file() else None
+
     def dsp_spec_json(self) -> str:
         """The DSP spec as JSON text (parse with ``firmware.dsp.DspSpec.from_json``)."""
         return self.dsp_spec_path.read_text()
@@ -132,6 +138,7 @@ def write_bundle(
     budget_json: str,
     budget_markdown: str,
     evaluation: dict[str, Any],
+    float_tflite: bytes | None = None,
 ) -> ModelBundle:
     """Write a bundle atomically: into a temporary sibling directory, then renamed into place.
 
@@ -146,6 +153,8 @@ def write_bundle(
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=directory.parent))
     try:
         (tmp / TFLITE_FILE).write_bytes(tflite)
+        if float_tflite is not None:
+            (tmp / FLOAT_TFLITE_FILE).write_bytes(float_tflite)
         (tmp / DSP_SPEC_FILE).write_text(dsp_spec_json)
         (tmp / f"{metadata.c_name}_model_data.c").write_text(c_source)
         (tmp / f"{metadata.c_name}_model_data.h").write_text(c_header)
@@ -171,8 +180,10 @@ def load_bundle(directory: Path, *, verify: bool = True) -> ModelBundle:
         raise BundleError(f"{directory} is not a model bundle: {METADATA_FILE} is missing")
     try:
         metadata = BundleMetadata.model_validate_json(meta_path.read_text())
-    except ValueError as exc:
-        raise BundleError(f"{meta_path}: invalid bundle metadata: {str(exc).splitlines()[0]}") from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "<root>"
+        raise BundleError(f"{meta_path}: invalid bundle metadata: {field}: {first['msg']}") from None
     bundle = ModelBundle(directory, metadata)
     if verify:
         required = [directory / name for name in (TFLITE_FILE, DSP_SPEC_FILE, BUDGET_JSON_FILE, EVALUATION_FILE)]
