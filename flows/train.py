@@ -71,6 +71,11 @@ def train_flow(
         percentile=config.threshold_percentile,
         window_seconds=spec.window_samples / spec.sample_rate_hz,
         arena_bytes=arena.smallest_working_bytes,
+        extra_tflite={
+            "float32_tflite": compression.float_model,
+            "dynamic_range_tflite": compression.dynamic_range_model,
+            "int8_unpruned_tflite": compression.int8_model,
+        },
     )
     enforce_quality(comparison, config.gates)
     run_dir = settings.data_dir / "models" / fleet / run_name

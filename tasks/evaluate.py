@@ -244,6 +244,7 @@ def evaluate_models(
     percentile: float,
     window_seconds: float,
     arena_bytes: int | None = None,
+    extra_tflite: Mapping[str, bytes] | None = None,
 ) -> ModelComparison:
     """Evaluate the float model, the int8 model in TFLite and the int8 model in TFLite Micro.
 
@@ -256,6 +257,7 @@ def evaluate_models(
         percentile: Threshold percentile of the calibration errors.
         window_seconds: Duration of one window.
         arena_bytes: TFLite Micro tensor arena (default ten times the model size).
+        extra_tflite: Further TFLite models to score the same way (for example the dynamic-range one).
 
     Returns:
         Evaluations named ``float``, ``int8_tflite`` and ``int8_tflm``.
@@ -267,6 +269,7 @@ def evaluate_models(
         "int8_tflite": partial(tflite_predict, int8_model),
         "int8_tflm": runner.predict,
     }
+    predictors |= {name: partial(tflite_predict, model) for name, model in (extra_tflite or {}).items()}
     return evaluate_predictors(
         predictors, normal, faults, calibration, percentile=percentile, window_seconds=window_seconds
     )
@@ -312,6 +315,7 @@ def evaluate_models_task(
     percentile: float,
     window_seconds: float,
     arena_bytes: int,
+    extra_tflite: Mapping[str, bytes] | None = None,
 ) -> ModelComparison:
     """Prefect task: evaluate float, int8 TFLite and int8 TFLite Micro on the held-out features."""
     return evaluate_models(
@@ -323,6 +327,7 @@ def evaluate_models_task(
         percentile=percentile,
         window_seconds=window_seconds,
         arena_bytes=arena_bytes,
+        extra_tflite=extra_tflite,
     )
 
 
