@@ -15,6 +15,7 @@ from tasks.compress import compress_task
 from tasks.datasets import LakeSelection, load_dataset_task
 from tasks.evaluate import enforce_quality, evaluate_models_task
 from tasks.packaging import (
+    build_drift_reference_task,
     enforce_some_target_fits,
     measure_arena_task,
     package_for_target_task,
@@ -78,6 +79,9 @@ def train_flow(
         },
     )
     enforce_quality(comparison, config.gates)
+    drift_reference = build_drift_reference_task(
+        features, compression.deployable, arena.smallest_working_bytes, config.threshold_percentile
+    )
     run_dir = settings.data_dir / "models" / fleet / run_name
     packaged = [
         package_for_target_task(
@@ -91,6 +95,7 @@ def train_flow(
             fleet=fleet,
             dataset_fingerprint=dataset.fingerprint,
             parity_inputs=features.test_normal[:PARITY_ROWS],
+            drift_reference=drift_reference,
             lineage=lineage,
         )
         for target in mcu_targets

@@ -14,11 +14,19 @@ from prefect.cache_policies import NO_CACHE
 
 from firmware.carray import model_to_c
 from firmware.dsp import DspSpec
-from firmware.tflm import ArenaMeasurement, count_macs, measure_arena
+from firmware.tflm import ArenaMeasurement, TflmRunner, count_macs, measure_arena
 from tasks.budget import BudgetExceededError, BudgetReport, validate_budget
 from tasks.compress import CompressionResult
 from tasks.evaluate import ModelComparison
-from tinymlops.schemas import BundleMetadata, ModelBundle, registered_model_name, sha256_hex, write_bundle
+from tasks.train import FeatureSets, reconstruction_error
+from tinymlops.schemas import (
+    BundleMetadata,
+    DriftReference,
+    ModelBundle,
+    registered_model_name,
+    sha256_hex,
+    write_bundle,
+)
 from tinymlops.targets import McuTarget
 
 log = logging.getLogger(__name__)
@@ -54,6 +62,31 @@ def model_metrics(comparison: ModelComparison, compression: CompressionResult) -
     return metrics
 
 
+def build_drift_reference(
+    features: FeatureSets,
+    int8_model: bytes,
+    arena_bytes: int,
+    percentile: float,
+    *,
+    max_rows: int = 2000,
+    seed: int = 0,
+) -> DriftReference:
+    """Sample the training features and score the calibration windows with the deployed model (TFLite Micro).
+
+    Args:
+        features: The run's feature sets.
+        int8_model: The deployable model.
+        arena_bytes: Its measured arena.
+        percentile: Threshold percentile: the expected anomaly rate of normal data is 1 - percentile/100.
+        max_rows: At most this many training rows are kept.
+        seed: Seed of the row sample.
+    """
+    train = features.parts.train
+    rows = np.sort(np.random.default_rng(seed).choice(len(train), size=min(max_rows, len(train)), replace=False))
+    errors = reconstruction_error(TflmRunner(int8_model, arena_bytes).predict, features.parts.calibration)
+    return DriftReference(train[rows], errors, expected_anomaly_rate=1.0 - percentile / 100.0)
+
+
 def package_for_target(
     out_dir: Path,
     *,
@@ -66,6 +99,7 @@ def package_for_target(
     fleet: str,
     dataset_fingerprint: str,
     parity_inputs: npt.NDArray[np.float32],
+    drift_reference: DriftReference,
     lineage: dict[str, str],
 ) -> PackagedTarget:
     """Validate the deployable model against one target's budget and write its bundle.
@@ -84,6 +118,7 @@ def package_for_target(
         fleet: Fleet whose data trained the model.
         dataset_fingerprint: Content hash of the training data and selection.
         parity_inputs: Features on which TFLite and TFLite Micro must agree.
+        drift_reference: Training reference for the drift monitor.
         lineage: Run ids and other provenance.
     """
     model = compression.deployable
@@ -123,6 +158,7 @@ def package_for_target(
         budget_json=report.to_json(),
         budget_markdown=report.to_markdown(),
         evaluation=comparison.to_dict(),
+        drift_reference=drift_reference,
         float_tflite=compression.pruned_float_model,
     )
     log.info("%s: budget %s, bundle %s", target.name, "passed" if report.passed else "FAILED", bundle.directory)
@@ -162,6 +198,14 @@ def measure_arena_task(model: bytes) -> ArenaMeasurement:
     return measure_arena(model)
 
 
+@task(name="build-drift-reference", cache_policy=NO_CACHE)
+def build_drift_reference_task(
+    features: FeatureSets, int8_model: bytes, arena_bytes: int, percentile: float
+) -> DriftReference:
+    """Prefect task: :func:`build_drift_reference`."""
+    return build_drift_reference(features, int8_model, arena_bytes, percentile)
+
+
 @task(name="package-for-target", task_run_name="package-{target.name}", cache_policy=NO_CACHE)
 def package_for_target_task(
     out_dir: Path,
@@ -175,6 +219,7 @@ def package_for_target_task(
     fleet: str,
     dataset_fingerprint: str,
     parity_inputs: npt.NDArray[np.float32],
+    drift_reference: DriftReference,
     lineage: dict[str, str],
 ) -> PackagedTarget:
     """Prefect task: :func:`package_for_target`."""
@@ -189,6 +234,7 @@ def package_for_target_task(
         fleet=fleet,
         dataset_fingerprint=dataset_fingerprint,
         parity_inputs=parity_inputs,
+        drift_reference=drift_reference,
         lineage=lineage,
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from firmware.dsp import DspSpec
@@ -120,3 +121,16 @@ def test_evaluate_cli_scores_a_bundle_on_the_lake(cwru_trained: dict[str, object
     bad = subprocess.run([*args[:-4], "fleet=nosuchfleet"], env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1
     assert bad.stderr.strip().startswith("error: no windows in the lake")
+
+
+def test_bundle_carries_the_drift_reference(cwru_trained: dict[str, object]) -> None:
+    bundles = cwru_trained["bundles"]
+    assert isinstance(bundles, dict)
+    bundle = load_bundle(Path(bundles["nrf52840"]))
+    reference = bundle.drift_reference()
+    assert reference.features.shape[1] == bundle.metadata.n_features
+    assert abs(float(reference.features.mean())) < 0.5  # normalised on the training part
+    assert reference.expected_anomaly_rate == pytest.approx(0.005)
+    # the threshold sits at the calibration errors' 99.5th percentile (interpolated: the largest may lie above)
+    above = int((reference.errors > bundle.metadata.threshold).sum())
+    assert len(reference.errors) > 0 and above <= 1 + int(np.ceil(0.005 * len(reference.errors)))

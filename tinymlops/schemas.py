@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 from pydantic import BaseModel, Field, ValidationError
 
 from tinymlops.errors import TinyMLOpsError
@@ -30,6 +32,7 @@ METADATA_FILE = "bundle.json"
 BUDGET_JSON_FILE = "budget.json"
 BUDGET_MD_FILE = "budget.md"
 EVALUATION_FILE = "evaluation.json"
+DRIFT_REFERENCE_FILE = "drift_reference.npz"
 
 
 class BundleError(TinyMLOpsError):
@@ -69,6 +72,21 @@ class BundleMetadata(BaseModel):
     created_at: str = Field(default_factory=lambda: dt.datetime.now(tz=dt.UTC).isoformat())
     metrics: dict[str, float] = Field(default_factory=dict, description="Evaluation and size figures.")
     lineage: dict[str, str] = Field(default_factory=dict, description="Run ids, flow run ids, lake selection.")
+
+
+@dataclass(frozen=True)
+class DriftReference:
+    """The training reference a drift monitor compares live data with.
+
+    Attributes:
+        features: A sample of the normalised training features (rows, n_features).
+        errors: Reconstruction errors of the deployed model on held-out normal (calibration) windows.
+        expected_anomaly_rate: Fraction of normal windows expected above the threshold (false alarms).
+    """
+
+    features: npt.NDArray[np.float32]
+    errors: npt.NDArray[np.float32]
+    expected_anomaly_rate: float
 
 
 @dataclass(frozen=True)
@@ -116,6 +134,15 @@ class ModelBundle:
         """The DSP spec as JSON text (parse with ``firmware.dsp.DspSpec.from_json``)."""
         return self.dsp_spec_path.read_text()
 
+    def drift_reference(self) -> DriftReference:
+        """What the model was trained on, for the drift monitor."""
+        with np.load(self.directory / DRIFT_REFERENCE_FILE) as data:
+            return DriftReference(
+                features=data["features"],
+                errors=data["errors"],
+                expected_anomaly_rate=float(data["expected_anomaly_rate"]),
+            )
+
     def evaluation(self) -> dict[str, Any]:
         """The evaluation report."""
         data: dict[str, Any] = json.loads((self.directory / EVALUATION_FILE).read_text())
@@ -138,6 +165,7 @@ def write_bundle(
     budget_json: str,
     budget_markdown: str,
     evaluation: dict[str, Any],
+    drift_reference: DriftReference,
     float_tflite: bytes | None = None,
 ) -> ModelBundle:
     """Write a bundle atomically: into a temporary sibling directory, then renamed into place.
@@ -161,6 +189,12 @@ def write_bundle(
         (tmp / BUDGET_JSON_FILE).write_text(budget_json)
         (tmp / BUDGET_MD_FILE).write_text(budget_markdown)
         (tmp / EVALUATION_FILE).write_text(json.dumps(evaluation, indent=2, sort_keys=True))
+        np.savez(
+            tmp / DRIFT_REFERENCE_FILE,
+            features=drift_reference.features,
+            errors=drift_reference.errors,
+            expected_anomaly_rate=np.float64(drift_reference.expected_anomaly_rate),
+        )
         (tmp / METADATA_FILE).write_text(metadata.model_dump_json(indent=2))
         os.replace(tmp, directory)
     except BaseException:
@@ -186,7 +220,8 @@ def load_bundle(directory: Path, *, verify: bool = True) -> ModelBundle:
         raise BundleError(f"{meta_path}: invalid bundle metadata: {field}: {first['msg']}") from None
     bundle = ModelBundle(directory, metadata)
     if verify:
-        required = [directory / name for name in (TFLITE_FILE, DSP_SPEC_FILE, BUDGET_JSON_FILE, EVALUATION_FILE)]
+        names = (TFLITE_FILE, DSP_SPEC_FILE, BUDGET_JSON_FILE, EVALUATION_FILE, DRIFT_REFERENCE_FILE)
+        required = [directory / name for name in names]
         required += [bundle.c_source_path, bundle.c_header_path]
         missing = [path.name for path in required if not path.is_file()]
         if missing:
