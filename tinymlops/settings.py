@@ -91,6 +91,35 @@ class TargetSettings(BaseModel):
     default: list[str] = Field(default_factory=lambda: ["nrf52840", "stm32l4r5"], description="Targets to build for.")
 
 
+class DriftSettings(BaseModel):
+    """Drift monitoring thresholds and retraining guard rails."""
+
+    psi_threshold: float = Field(
+        default=0.25, gt=0, description="Population stability index above which a feature drifted."
+    )
+    ks_threshold: float = Field(
+        default=0.3, gt=0, le=1, description="Kolmogorov-Smirnov statistic above which a feature drifted."
+    )
+    min_drifted_features: int = Field(
+        default=3, ge=1, description="Drifted features that make a device's data drifted."
+    )
+    error_shift_threshold: float = Field(
+        default=0.3,
+        gt=0,
+        le=1,
+        description="KS statistic of reconstruction errors against the reference that counts as drift.",
+    )
+    anomaly_rate_factor: float = Field(
+        default=5.0, gt=1, description="Anomaly rate above this multiple of the expected false-alarm rate is abnormal."
+    )
+    fleet_fraction: float = Field(
+        default=0.5, gt=0, le=1, description="Fraction of devices drifting together that makes it fleet data drift."
+    )
+    min_windows: int = Field(default=30, ge=5, description="Fewest windows per device before it is judged.")
+    window_minutes: float = Field(default=10.0, gt=0, description="How far back each monitor run looks.")
+    cooldown_minutes: float = Field(default=30.0, ge=0, description="At most one retraining per fleet in this period.")
+
+
 class Settings(BaseSettings):
     """All tinymlops settings."""
 
@@ -106,6 +135,7 @@ class Settings(BaseSettings):
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
     prefect: PrefectSettings = Field(default_factory=PrefectSettings)
     targets: TargetSettings = Field(default_factory=TargetSettings)
+    drift: DriftSettings = Field(default_factory=DriftSettings)
 
     @property
     def lake_root(self) -> Path:
