@@ -65,7 +65,7 @@ class LakeSettings(BaseModel):
 class IngestSettings(BaseModel):
     """Batching of the MQTT ingest: a batch is written, then acknowledged."""
 
-    batch_windows: int = Field(default=2000, ge=1, description="Write a batch once it holds this many windows.")
+    batch_windows: int = Field(default=5000, ge=1, description="Write a batch once it holds this many windows.")
     flush_interval_s: float = Field(default=1.0, gt=0, description="Write a batch at least this often.")
 
 
