@@ -114,6 +114,9 @@ def _copy_model(model: Any) -> Any:
     return clone
 
 
+_SPARSITY_TOLERANCE = 0.05
+
+
 def _pruning_steps(n_train: int, config: TrainingConfig) -> tuple[int, int]:
     steps_per_epoch = -(-n_train // config.batch_size)
     total = steps_per_epoch * config.pruning.fine_tune_epochs
@@ -149,13 +152,19 @@ def prune_model(model: Any, x_train: npt.ArrayLike, x_val: npt.ArrayLike, config
     train = check_features(x_train, name="training features")
     val = check_features(x_val, name="validation features")
     end_step, total = _pruning_steps(len(train), config)
+    begin = config.pruning.begin_step
+    # The mask is only updated every `frequency` steps from begin_step: with few steps, a frequency
+    # larger than the schedule would update it once, at sparsity 0. Keep at least 4 updates and make
+    # the last one fall exactly on end_step, where the schedule reaches the target.
+    frequency = max(1, min(config.pruning.frequency, (end_step - begin) // 4))
+    end_step = begin + ((end_step - begin) // frequency) * frequency
     seed_everything(config.seed)
     schedule = tfmot.sparsity.keras.PolynomialDecay(
         initial_sparsity=0.0,
         final_sparsity=config.pruning.target_sparsity,
-        begin_step=config.pruning.begin_step,
+        begin_step=begin,
         end_step=end_step,
-        frequency=config.pruning.frequency,
+        frequency=frequency,
     )
     # prune_low_magnitude wraps layers in place: work on a copy so the baseline stays intact.
     pruned = tfmot.sparsity.keras.prune_low_magnitude(_copy_model(model), pruning_schedule=schedule)
@@ -172,6 +181,11 @@ def prune_model(model: Any, x_train: npt.ArrayLike, x_val: npt.ArrayLike, config
     )
     stripped = tfmot.sparsity.keras.strip_pruning(pruned)
     sparsity = kernel_sparsity(stripped)
+    if sparsity < config.pruning.target_sparsity - _SPARSITY_TOLERANCE:
+        raise CompressionError(
+            f"pruning reached {sparsity:.1%} zero weights, target {config.pruning.target_sparsity:.1%} "
+            f"(schedule steps {begin}-{end_step} of {total}, every {frequency}): raise pruning.fine_tune_epochs"
+        )
     log.info(
         "pruned to %.1f%% zero weights (target %.1f%%, schedule steps %d-%d of %d)",
         100 * sparsity,

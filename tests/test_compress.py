@@ -163,6 +163,19 @@ def test_pruning_end_step_beyond_fine_tune_is_a_config_error(baseline: Any, data
         prune_model(baseline, data["train"], data["val"], config)
 
 
+def test_pruning_reaches_target_with_few_steps_and_a_large_frequency(
+    baseline: Any, data: dict[str, np.ndarray]
+) -> None:
+    """96 rows / 32 = 3 steps per epoch, 4 epochs: 12 steps, fewer than the default mask-update frequency of 10.
+
+    The schedule adapts its frequency so the mask is updated several times and last at the end step;
+    before that fix the only update came at step 0 and the model stayed dense (0% sparsity).
+    """
+    config = CONFIG.model_copy(update={"pruning": CONFIG.pruning.model_copy(update={"frequency": 10})})
+    pruned = prune_model(baseline, data["train"][:96], data["val"], config)
+    assert kernel_sparsity(pruned) == pytest.approx(0.5, abs=0.02)
+
+
 def test_compress_in_ptq_mode(baseline: Any, data: dict[str, np.ndarray]) -> None:
     config = CONFIG.model_copy(
         update={
