@@ -427,6 +427,21 @@ def bench_ingest(
         print(json.dumps(figures))
 
 
+@bench_app.command("model")
+def bench_model_command(
+    quick: Annotated[bool, typer.Option(help="Reduced run for CI.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON on the last line.")] = False,
+) -> None:
+    """Compare our int8 model with the MLPerf Tiny anomaly-detection reference on the real CWRU data."""
+    settings = _settings()
+    from tinymlops.bench_model import bench_model
+
+    figures = bench_model(settings, quick=quick)
+    _print_table("Model benchmark", [{"figure": k, "value": v} for k, v in figures.items()])
+    if as_json:
+        print(json.dumps(figures))
+
+
 def _print_table(title: str, rows: list[dict[str, Any]]) -> None:
     table = Table(title=title)
     if not rows:
