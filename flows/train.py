@@ -21,6 +21,7 @@ from tasks.packaging import (
     package_for_target_task,
     training_report_markdown,
 )
+from tasks.registration import compare_and_promote_task, log_training_task, register_bundle_task
 from tasks.train import build_feature_sets_task, load_training_config, train_autoencoder_task
 from tinymlops.settings import get_settings
 from tinymlops.targets import get_target, load_catalog
@@ -36,6 +37,8 @@ def train_flow(
     start: dt.datetime | None = None,
     end: dt.datetime | None = None,
     config_path: str | None = None,
+    register_models: bool = True,
+    promote: bool = True,
 ) -> dict[str, Any]:
     """Train, compress and validate a model for each target MCU, writing one bundle per target.
 
@@ -46,6 +49,8 @@ def train_flow(
         start: Only windows from this time.
         end: Only windows before this time.
         config_path: Training configuration (default ``data/training.yaml``).
+        register_models: Log the run to MLflow and register every bundle that fits its target.
+        promote: Promote a registered version to champion when the promotion rule allows it.
 
     Returns:
         Run id, bundle directories per target, budget verdicts, and the evaluation figures.
@@ -62,6 +67,7 @@ def train_flow(
     dataset = load_dataset_task(settings.lake_root, selection, settings.sensor.window_samples)
     spec = DspSpec(sample_rate_hz=dataset.sample_rate_hz, window_samples=settings.sensor.window_samples)
     features = build_feature_sets_task(dataset.train_normal, dataset.test_normal, dataset.faults, spec, config)
+    window_seconds = spec.window_samples / spec.sample_rate_hz
     trained = train_autoencoder_task(features, config)
     compression = compress_task(trained.model, features.parts.train, features.parts.validation, config)
     arena = measure_arena_task(compression.deployable)
@@ -70,7 +76,7 @@ def train_flow(
         compression.deployable,
         features,
         percentile=config.threshold_percentile,
-        window_seconds=spec.window_samples / spec.sample_rate_hz,
+        window_seconds=window_seconds,
         arena_bytes=arena.smallest_working_bytes,
         extra_tflite={
             "float32_tflite": compression.float_model,
@@ -100,6 +106,27 @@ def train_flow(
         )
         for target in mcu_targets
     ]
+    mlflow_run_id = None
+    promotions = []
+    if register_models:
+        mlflow_run_id = log_training_task(
+            run_name=run_name,
+            config=config,
+            selection=selection,
+            dataset=dataset,
+            features=features,
+            trained=trained,
+            compression=compression,
+            comparison=comparison,
+            packaged=packaged,
+            flow_run_id=lineage["prefect_flow_run_id"],
+        )
+        for item in packaged:
+            if item.passed:
+                registered = register_bundle_task(item.bundle, mlflow_run_id, True)
+                promotions.append(
+                    compare_and_promote_task(registered, item.bundle, dataset, window_seconds, promote).to_dict()
+                )
     create_markdown_artifact(
         training_report_markdown(
             fleet=fleet,
@@ -108,7 +135,12 @@ def train_flow(
             compression=compression,
             arena=arena,
             packaged=packaged,
-            extra={"run": run_name, "bundles": str(run_dir)},
+            extra={
+                "run": run_name,
+                "bundles": str(run_dir),
+                "MLflow run id": mlflow_run_id,
+                **{f"{p['model']} v{p['version']}": "champion" if p["promoted"] else "candidate" for p in promotions},
+            },
         ),
         key=f"training-report-{fleet}".lower(),
         description=f"Training run {run_name}",
@@ -128,4 +160,6 @@ def train_flow(
         "arena_bytes": arena.smallest_working_bytes,
         "dataset_fingerprint": dataset.fingerprint,
         "counts": dataset.counts,
+        "mlflow_run_id": mlflow_run_id,
+        "registered": promotions,
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -78,13 +79,20 @@ def cwru_trained(
     from tasks.importers import import_cwru
 
     data_dir = tmp_path_factory.mktemp("cwru-data")
+    with using_data_dir(data_dir):
+        import_cwru(cwru_dir, lake_root=get_settings().lake_root, fleet="cwru")
+        outcome = train_flow(fleet="cwru", targets=["nrf52840", "rp2040"], config_path=str(FAST_TRAINING_CONFIG))
+    yield {**outcome, "data_dir": data_dir}
+
+
+@contextmanager
+def using_data_dir(data_dir: Path) -> Iterator[Settings]:
+    """Point the settings at another data directory for the duration of the block."""
     previous = os.environ.get("TINYMLOPS_DATA_DIR")
     os.environ["TINYMLOPS_DATA_DIR"] = str(data_dir)
     reset_settings()
     try:
-        import_cwru(cwru_dir, lake_root=get_settings().lake_root, fleet="cwru")
-        outcome = train_flow(fleet="cwru", targets=["nrf52840", "rp2040"], config_path=str(FAST_TRAINING_CONFIG))
-        yield {**outcome, "data_dir": data_dir}
+        yield get_settings()
     finally:
         if previous is None:
             os.environ.pop("TINYMLOPS_DATA_DIR", None)

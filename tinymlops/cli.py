@@ -21,6 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from tinymlops.cli_models import models_app
 from tinymlops.errors import TinyMLOpsError
 from tinymlops.runtime import configure_logging, configure_prefect_env
 from tinymlops.settings import Settings, get_settings, settings_reference_markdown
@@ -36,6 +37,7 @@ lake_app = typer.Typer(help="Inspect the Parquet data lake and its quarantine.",
 bench_app = typer.Typer(help="Benchmarks: measured figures and ratios against a baseline in the same run.")
 app.add_typer(lake_app, name="lake")
 app.add_typer(bench_app, name="bench")
+app.add_typer(models_app, name="models")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -261,10 +263,16 @@ def evaluate(
 
 
 def _load_model(ref: str) -> Any:
-    """A verified bundle from a directory (registry references are resolved by the registry)."""
+    """A verified bundle from a directory, or from the registry for NAME, NAME@alias, NAME/version, models:/..."""
     from tinymlops.schemas import load_bundle
 
-    return load_bundle(Path(ref))
+    if Path(ref).is_dir():
+        return load_bundle(Path(ref))
+    from registry.models import resolve
+    from registry.store import configure_from_settings
+
+    configure_from_settings(get_settings())
+    return resolve(ref).bundle
 
 
 @app.command()

@@ -1,0 +1,267 @@
+"""Track a training run in MLflow, register its bundles, and promote under the written rule.
+
+Registration is one atomic step per bundle (the registry undoes a half-done one), so its Prefect
+task may retry safely when the tracking store is briefly unavailable. Promotion compares the
+candidate with the current champion on the same held-out windows, evaluated in the same run by
+the same function (:func:`tasks.evaluate.evaluate_bundle`).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from firmware.tflm import TflmRunner
+from registry.errors import ModelNotFoundError
+from registry.models import RegisteredVersion, register_bundle, resolve
+from registry.promotion import decide_promotion, promote, record_comparison
+from registry.store import configure_from_settings
+from registry.tracking import log_training_run, plot_error_histogram, plot_roc, plot_training_loss
+from tasks.compress import CompressionResult
+from tasks.datasets import DatasetSplit, LakeSelection
+from tasks.evaluate import ModelComparison, evaluate_bundle
+from tasks.packaging import PackagedTarget
+from tasks.train import FeatureSets, TrainedModel, TrainingConfig, reconstruction_error
+from tinymlops.schemas import ModelBundle
+from tinymlops.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+PROMOTION_ACTOR = "train-flow"
+
+
+def training_params(config: TrainingConfig, features: FeatureSets, compression: CompressionResult) -> dict[str, Any]:
+    """The parameters of a training run, as MLflow shows them."""
+    layers = [features.spec.n_features, *config.hidden, features.spec.n_features]
+    return {
+        "architecture": "-".join(str(n) for n in layers),
+        "epochs_max": config.epochs,
+        "batch_size": config.batch_size,
+        "learning_rate": config.learning_rate,
+        "patience": config.patience,
+        "threshold_percentile": config.threshold_percentile,
+        "seed": config.seed,
+        "target_sparsity": config.pruning.target_sparsity,
+        "quantization": compression.quantization,
+        "dsp_spec_version": features.spec.version,
+        "dsp_n_bands": features.spec.n_bands,
+        "dsp_window_samples": features.spec.window_samples,
+        "dsp_sample_rate_hz": features.spec.sample_rate_hz,
+    }
+
+
+def training_metrics(
+    comparison: ModelComparison, compression: CompressionResult, packaged: list[PackagedTarget], epochs_run: int
+) -> dict[str, Any]:
+    """The figures of a training run: quality per interpreter, sizes, and per target the budget."""
+    metrics: dict[str, Any] = {"epochs_run": epochs_run, "sparsity": compression.sparsity}
+    for name, evaluation in comparison.evaluations.items():
+        metrics[name] = {
+            "auc": evaluation.auc,
+            "f1": evaluation.f1,
+            "false_alarms_per_hour": evaluation.false_alarms_per_hour,
+        }
+    metrics["bytes"] = {row.name: row.raw_bytes for row in compression.sizes}
+    metrics["gzip_bytes"] = {row.name: row.gzip_bytes for row in compression.sizes}
+    for item in packaged:
+        metrics[item.target] = {check.name: check.measured for check in item.report.checks}
+        metrics[item.target]["fits"] = float(item.passed)
+    if packaged:
+        metrics["arena_bytes"] = packaged[0].bundle.metadata.arena_bytes
+        metrics["macs"] = packaged[0].bundle.metadata.macs
+    return metrics
+
+
+def training_plots(
+    trained: TrainedModel, features: FeatureSets, int8_model: bytes, arena_bytes: int, threshold: float
+) -> dict[str, Any]:
+    """Reconstruction-error histogram (deployed model), ROC of float and deployed model, training loss."""
+    runner = TflmRunner(int8_model, arena_bytes)
+    normal = reconstruction_error(runner.predict, features.test_normal)
+    faults = {name: reconstruction_error(runner.predict, x) for name, x in features.faults.items()}
+    all_faults = np.concatenate(list(faults.values()))
+    float_normal = reconstruction_error(trained.model, features.test_normal)
+    float_faults = np.concatenate([reconstruction_error(trained.model, x) for x in features.faults.values()])
+    return {
+        "reconstruction_error_histogram": plot_error_histogram(normal, faults, threshold),
+        "roc": plot_roc({"float": (float_normal, float_faults), "int8 TFLite Micro": (normal, all_faults)}),
+        "training_loss": plot_training_loss(trained.history),
+    }
+
+
+def log_training(
+    *,
+    run_name: str,
+    config: TrainingConfig,
+    selection: LakeSelection,
+    dataset: DatasetSplit,
+    features: FeatureSets,
+    trained: TrainedModel,
+    compression: CompressionResult,
+    comparison: ModelComparison,
+    packaged: list[PackagedTarget],
+    flow_run_id: str | None,
+) -> str:
+    """Log one training run to MLflow with its parameters, metrics, plots, Keras model and bundles.
+
+    Returns:
+        The MLflow run id.
+    """
+    experiment_id = configure_from_settings(get_settings())
+    bundle = packaged[0].bundle
+    plots = training_plots(
+        trained, features, compression.deployable, bundle.metadata.arena_bytes, bundle.metadata.threshold
+    )
+    with tempfile.TemporaryDirectory(prefix="tinymlops-keras-") as tmp:
+        keras_path = Path(tmp) / "autoencoder.keras"
+        trained.model.save(keras_path)
+        run_id = log_training_run(
+            experiment_id,
+            params=training_params(config, features, compression),
+            metrics=training_metrics(comparison, compression, packaged, trained.epochs_run),
+            dataset_fingerprint=dataset.fingerprint,
+            lake_selection={**selection.to_dict(), "counts": dataset.counts},
+            plots=plots,
+            bundles=[item.bundle for item in packaged],
+            keras_model_path=keras_path,
+            history=trained.history,
+            tags={"fleet": selection.fleet, "train_run": run_name},
+            flow_run_id=flow_run_id,
+            run_name=run_name,
+        )
+    log.info("training run %s logged to MLflow as %s", run_name, run_id)
+    return run_id
+
+
+@dataclass(frozen=True)
+class PromotionOutcome:
+    """What happened to one registered version."""
+
+    model_name: str
+    version: str
+    promoted: bool
+    champion_version: str | None
+    candidate_eval: dict[str, float]
+    champion_eval: dict[str, float] | None
+    reasons: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for reports."""
+        return {
+            "model": self.model_name,
+            "version": self.version,
+            "promoted": self.promoted,
+            "champion_before": self.champion_version,
+            "candidate": self.candidate_eval,
+            "champion": self.champion_eval,
+            "reasons": list(self.reasons),
+        }
+
+
+def _figures(
+    bundle: ModelBundle,
+    normal: npt.NDArray[np.float32],
+    faults: dict[str, npt.NDArray[np.float32]],
+    window_seconds: float,
+) -> dict[str, float]:
+    deployed = evaluate_bundle(bundle, normal, faults, window_seconds=window_seconds)["int8_tflm"]
+    return {"auc_int8": deployed.auc, "false_alarms_per_hour": deployed.false_alarms_per_hour, "f1": deployed.f1}
+
+
+def compare_and_promote(
+    registered: RegisteredVersion,
+    bundle: ModelBundle,
+    dataset: DatasetSplit,
+    *,
+    window_seconds: float,
+    auto_promote: bool,
+) -> PromotionOutcome:
+    """Evaluate candidate and champion on the same held-out windows, record it, and promote if the rule allows.
+
+    Args:
+        registered: The newly registered candidate version.
+        bundle: Its bundle.
+        dataset: The run's held-out normal and fault windows.
+        window_seconds: Duration of one window.
+        auto_promote: Promote when the rule allows; otherwise only record the comparison.
+    """
+    name = registered.name
+    candidate = _figures(bundle, dataset.test_normal, dataset.faults, window_seconds)
+    champion_version: str | None = None
+    champion: dict[str, float] | None = None
+    try:
+        current = resolve(f"{name}@champion")
+    except ModelNotFoundError:
+        current = None
+    if current is not None:
+        champion_version = current.version.version
+        champion = _figures(current.bundle, dataset.test_normal, dataset.faults, window_seconds)
+        record_comparison(
+            name,
+            registered.version,
+            candidate_eval=candidate,
+            champion_eval=champion,
+            champion_version=champion_version,
+        )
+    decision = decide_promotion(candidate, champion, budget_passed=registered.gates_passed)
+    promoted = False
+    if decision.allowed and auto_promote:
+        promote(
+            name,
+            registered.version,
+            candidate_eval=candidate,
+            champion_eval={**champion, "version": champion_version} if champion is not None else None,
+            actor=PROMOTION_ACTOR,
+            reason="; ".join(decision.reasons),
+        )
+        promoted = True
+    log.info(
+        "%s v%s: %s (%s)",
+        name,
+        registered.version,
+        "promoted to champion" if promoted else "stays candidate",
+        "; ".join(decision.reasons + decision.failures),
+    )
+    return PromotionOutcome(
+        name,
+        registered.version,
+        promoted,
+        champion_version,
+        candidate,
+        champion,
+        tuple(decision.reasons + decision.failures),
+    )
+
+
+@task(name="log-training-run", retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
+def log_training_task(**kwargs: Any) -> str:
+    """Prefect task: :func:`log_training` (a failed attempt leaves a FAILED run, nothing registered)."""
+    return log_training(**kwargs)
+
+
+@task(
+    name="register-bundle",
+    task_run_name="register-{bundle.metadata.target}",
+    retries=2,
+    retry_delay_seconds=3,
+    cache_policy=NO_CACHE,
+)
+def register_bundle_task(bundle: ModelBundle, run_id: str, gates_passed: bool) -> RegisteredVersion:
+    """Prefect task: register one bundle atomically (safe to retry)."""
+    return register_bundle(bundle, run_id, gates_passed=gates_passed)
+
+
+@task(name="compare-and-promote", task_run_name="promote-{registered.name}", cache_policy=NO_CACHE)
+def compare_and_promote_task(
+    registered: RegisteredVersion, bundle: ModelBundle, dataset: DatasetSplit, window_seconds: float, auto_promote: bool
+) -> PromotionOutcome:
+    """Prefect task: :func:`compare_and_promote`."""
+    return compare_and_promote(registered, bundle, dataset, window_seconds=window_seconds, auto_promote=auto_promote)

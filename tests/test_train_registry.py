@@ -1,0 +1,62 @@
+"""The train flow tracks its run in MLflow, registers what fits, and promotes under the written rule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from registry.models import aliases_of, resolve
+from registry.promotion import decide_promotion, recorded_comparison
+from registry.store import configure_from_settings
+from tests.conftest import FAST_TRAINING_CONFIG, using_data_dir
+
+pytestmark = [pytest.mark.realdata, pytest.mark.slow, pytest.mark.prefect, pytest.mark.mlflow]
+
+
+def test_training_run_is_tracked_with_lineage(cwru_trained: dict[str, object]) -> None:
+    with using_data_dir(Path(str(cwru_trained["data_dir"]))) as settings:
+        configure_from_settings(settings)
+        run = MlflowClient().get_run(str(cwru_trained["mlflow_run_id"]))
+    assert run.data.params["architecture"] == "35-24-8-24-35"
+    assert run.data.params["quantization"] == "qat"
+    assert run.data.metrics["int8_tflm.auc"] >= 0.99
+    assert run.data.tags["dataset.fingerprint"] == cwru_trained["dataset_fingerprint"]
+    assert run.data.tags["prefect.flow_run_id"]
+    artifacts = {a.path for a in MlflowClient(settings.mlflow_tracking_uri).list_artifacts(run.info.run_id, "plots")}
+    assert {"plots/roc.png", "plots/training_loss.png", "plots/reconstruction_error_histogram.png"} <= artifacts
+
+
+def test_first_models_become_champions_and_load_by_alias(cwru_trained: dict[str, object]) -> None:
+    registered = cwru_trained["registered"]
+    assert isinstance(registered, list)
+    assert {r["model"] for r in registered} == {"vibration-ae-nrf52840", "vibration-ae-rp2040"}
+    with using_data_dir(Path(str(cwru_trained["data_dir"]))) as settings:
+        configure_from_settings(settings)
+        for entry in registered:
+            assert entry["promoted"] and entry["champion_before"] is None
+            champion = resolve(f"{entry['model']}@champion")
+            assert champion.version.version == entry["version"]
+            assert champion.bundle.metadata.tflite_sha256 == champion.version.tags["tflite_sha256"]
+
+
+def test_retraining_is_compared_with_the_champion_and_promoted_by_the_rule(cwru_trained: dict[str, object]) -> None:
+    from flows.train import train_flow
+
+    with using_data_dir(Path(str(cwru_trained["data_dir"]))) as settings:
+        outcome = train_flow(fleet="cwru", targets=["nrf52840"], config_path=str(FAST_TRAINING_CONFIG))
+        configure_from_settings(settings)
+        (entry,) = outcome["registered"]
+        name, version = entry["model"], entry["version"]
+        first = next(r for r in cwru_trained["registered"] if r["model"] == name)  # type: ignore[union-attr]
+        assert entry["champion_before"] == first["version"]
+        candidate_eval, champion_eval = recorded_comparison(MlflowClient().get_model_version(name, version))
+        assert candidate_eval is not None and champion_eval is not None
+        expected = decide_promotion(candidate_eval, champion_eval, budget_passed=True).allowed
+        assert entry["promoted"] == expected
+        aliases = aliases_of(name)
+        if expected:
+            assert aliases["champion"] == version and aliases["previous"] == first["version"]
+        else:
+            assert aliases["champion"] == first["version"] and aliases["candidate"] == version
