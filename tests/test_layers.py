@@ -12,7 +12,7 @@ from tinymlops.settings import REPO_ROOT
 
 # Higher layers may import lower ones, never the reverse. The CLI and benchmarks sit on top.
 LAYERS = {"tinymlops": 1, "firmware": 2, "registry": 3, "tasks": 4, "flows": 5}
-APPLICATION_MODULES = {"tinymlops.cli", "tinymlops.bench", "tinymlops.demo"}
+APPLICATION_MODULES = {"tinymlops.cli", "tinymlops.bench", "tinymlops.demo", "tinymlops.__main__"}
 TOP = 6
 
 
@@ -26,7 +26,7 @@ def project_modules() -> dict[str, Path]:
 
 
 def layer_of(module: str) -> int:
-    application = module in APPLICATION_MODULES or module.startswith("tinymlops.cli_")
+    application = module in APPLICATION_MODULES or module.startswith(("tinymlops.cli_", "tinymlops.bench_"))
     return TOP if application else LAYERS[module.split(".")[0]]
 
 
@@ -55,7 +55,7 @@ def test_imports_flow_one_way() -> None:
 
 def test_importing_modules_reads_no_settings() -> None:
     """An invalid setting must not break an import: settings are read lazily, on first use."""
-    modules = [m for m in project_modules() if not m.startswith("tests")]
+    modules = [m for m in project_modules() if not m.endswith("__main__")]
     code = "import importlib, sys\nfor m in sys.argv[1:]: importlib.import_module(m)\n"
     env = {**os.environ, "TINYMLOPS_FLEET": "not a valid fleet name!", "TINYMLOPS_MQTT__KEEPALIVE_S": "-1"}
     result = subprocess.run(

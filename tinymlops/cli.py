@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tinymlops.cli_models import models_app
+from tinymlops.cli_security import security_app
 from tinymlops.errors import TinyMLOpsError
 from tinymlops.runtime import configure_logging, configure_prefect_env
 from tinymlops.settings import Settings, get_settings, settings_reference_markdown
@@ -38,6 +39,7 @@ bench_app = typer.Typer(help="Benchmarks: measured figures and ratios against a 
 app.add_typer(lake_app, name="lake")
 app.add_typer(bench_app, name="bench")
 app.add_typer(models_app, name="models")
+app.add_typer(security_app, name="security")
 
 console = Console()
 err_console = Console(stderr=True)

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
+import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -17,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
@@ -25,9 +28,14 @@ import paho.mqtt.client as mqtt
 from tinymlops.errors import BrokerError
 from tinymlops.settings import MqttSettings
 
+if TYPE_CHECKING:
+    from tinymlops.mqtt_security import SecureBrokerMaterial
+
 log = logging.getLogger(__name__)
 
 DEFAULT_USERNAME = "tinymlops"
+# The embedded default: anyone on loopback may connect.
+ANONYMOUS_LISTENER = "allow_anonymous true\n"
 
 
 @dataclass(frozen=True)
@@ -87,8 +95,17 @@ def make_client(
     clean_session: bool = True,
     manual_ack: bool = False,
     settings: MqttSettings | None = None,
+    username: str | None = None,
+    password: str | None = None,
+    ca_file: Path | None = None,
+    client_cert: Path | None = None,
+    client_key: Path | None = None,
 ) -> mqtt.Client:
-    """Create a paho client (callback API v2, MQTT 3.1.1) configured for the broker; not yet connected."""
+    """Create a paho client (callback API v2, MQTT 3.1.1) configured for the broker; not yet connected.
+
+    Explicit ``username``, ``password`` and ``ca_file`` win over ``settings``. ``client_cert`` and
+    ``client_key`` (PEM) authenticate by certificate on an mqtts listener that requires one.
+    """
     client = mqtt.Client(
         mqtt.CallbackAPIVersion.VERSION2,
         client_id=client_id,
@@ -99,12 +116,23 @@ def make_client(
     # Far more QoS 1 messages in flight than the default 20: the ingest acks a whole batch at once.
     client.max_inflight_messages_set(65_535)
     client.max_queued_messages_set(0)
+    if settings is not None:
+        username = username or settings.username
+        password = password or (settings.password.get_secret_value() if settings.password else None)
+        ca_file = ca_file or settings.ca_file
+        client_cert = client_cert or settings.client_cert
+        client_key = client_key or settings.client_key
     # Always send a user name: brokers (amqtt) keep offline QoS 1 messages only for non-anonymous sessions.
-    username = settings.username if settings is not None and settings.username else DEFAULT_USERNAME
-    password = settings.password.get_secret_value() if settings is not None and settings.password else None
-    client.username_pw_set(username, password)
+    client.username_pw_set(username or DEFAULT_USERNAME, password)
     if address.tls:
-        client.tls_set(ca_certs=str(settings.ca_file) if settings and settings.ca_file else None)
+        # Without a CA file the system's CAs decide (a public broker); hostnames are always checked.
+        client.tls_set(
+            ca_certs=str(ca_file) if ca_file else None,
+            certfile=str(client_cert) if client_cert else None,
+            keyfile=str(client_key) if client_key else None,
+        )
+    elif client_cert is not None:
+        raise BrokerError(f"a client certificate needs an mqtts:// broker, got {address.url}")
     return client
 
 
@@ -112,7 +140,8 @@ def connect(client: mqtt.Client, address: BrokerAddress, keepalive_s: int = 30, 
     """Connect and start the network loop thread; wait until the broker accepted the connection.
 
     Raises:
-        BrokerError: The broker cannot be reached or refused the connection.
+        BrokerError: The broker cannot be reached, the TLS handshake failed, or the broker refused
+            or closed the connection.
     """
     connected = threading.Event()
     outcome: dict[str, Any] = {}
@@ -121,31 +150,87 @@ def connect(client: mqtt.Client, address: BrokerAddress, keepalive_s: int = 30, 
         outcome["reason"] = reason
         connected.set()
 
-    previous = client.on_connect
-    client.on_connect = on_connect
+    def on_disconnect(_c: mqtt.Client, _u: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        # A broker that rejects a client certificate after a TLS 1.3 handshake just closes the socket.
+        outcome.setdefault("closed", reason)
+        connected.set()
+
+    previous = client.on_connect, client.on_disconnect
+    client.on_connect, client.on_disconnect = on_connect, on_disconnect
     try:
         client.connect(address.host, address.port, keepalive=keepalive_s)
+    except ssl.SSLError as exc:
+        client.on_connect, client.on_disconnect = previous
+        detail = getattr(exc, "verify_message", None)  # why a certificate was refused: unknown CA, wrong host
+        why = f"{exc.reason}: {detail}" if detail else exc.reason or str(exc)
+        raise BrokerError(f"TLS handshake with MQTT broker at {address.url} failed: {why}") from exc
     except OSError as exc:
+        client.on_connect, client.on_disconnect = previous
         raise BrokerError(f"cannot reach MQTT broker at {address.url}: {exc.strerror or exc}") from exc
     client.loop_start()
-    if not connected.wait(timeout_s):
+    accepted = connected.wait(timeout_s)
+    client.on_connect, client.on_disconnect = previous
+    if not accepted:
         client.loop_stop()
         raise BrokerError(f"MQTT broker at {address.url} did not accept the connection within {timeout_s:.0f} s")
-    client.on_connect = previous
-    reason = outcome["reason"]
+    reason = outcome.get("reason")
+    if reason is None:
+        client.loop_stop()
+        raise BrokerError(f"MQTT broker at {address.url} closed the connection before accepting it")
     if reason.is_failure:
         client.loop_stop()
         raise BrokerError(f"MQTT broker at {address.url} refused the connection: {reason}")
 
 
 class MosquittoBroker:
-    """A Mosquitto process on loopback, configured for the ingest's batched acknowledgements."""
+    """A Mosquitto process on loopback, configured for the ingest's batched acknowledgements.
 
-    def __init__(self, port: int | None = None, extra_config: str = "") -> None:
+    Args:
+        port: Port to listen on (default: a free one).
+        extra_config: Further configuration lines.
+        listener_config: Options of the listener: authentication, ACL, TLS (default: anonymous).
+        tls: Whether the listener speaks TLS (its address is then mqtts://).
+    """
+
+    def __init__(
+        self,
+        port: int | None = None,
+        extra_config: str = "",
+        *,
+        listener_config: str = ANONYMOUS_LISTENER,
+        tls: bool = False,
+    ) -> None:
         self.port = port or free_port()
         self._extra = extra_config
+        self._listener = listener_config
+        self._tls = tls
         self._dir = Path(tempfile.mkdtemp(prefix="tinymlops-mosquitto-"))
         self._process: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def secure(
+        cls,
+        material: SecureBrokerMaterial,
+        port: int | None = None,
+        *,
+        tls: bool = True,
+        require_certificate: bool = False,
+        extra_config: str = "",
+    ) -> MosquittoBroker:
+        """A broker in the secure profile: no anonymous clients, the material's passwords and ACL, TLS.
+
+        Args:
+            material: Written by :func:`tinymlops.mqtt_security.init_material`.
+            port: Port to listen on (default: a free one).
+            tls: Serve mqtts:// with the material's server certificate.
+            require_certificate: Authenticate by client certificate (its CN is the user name) instead of password.
+            extra_config: Further configuration lines.
+        """
+        config = material.listener_config(tls=tls, require_certificate=require_certificate)
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            # As root, Mosquitto drops to the mosquitto user before reading the password file (0600, ours).
+            config += "user root\n"
+        return cls(port, extra_config, listener_config=config, tls=tls)
 
     @staticmethod
     def executable() -> str | None:
@@ -157,7 +242,12 @@ class MosquittoBroker:
     @property
     def address(self) -> BrokerAddress:
         """Where it listens."""
-        return BrokerAddress("127.0.0.1", self.port)
+        return BrokerAddress("127.0.0.1", self.port, self._tls)
+
+    @property
+    def log_file(self) -> Path:
+        """The broker's log."""
+        return self._dir / "mosquitto.log"
 
     @property
     def pid(self) -> int:
@@ -174,7 +264,7 @@ class MosquittoBroker:
         config = self._dir / "mosquitto.conf"
         config.write_text(
             f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
+            f"{self._listener}"
             "persistence false\n"
             # QoS 1 messages held unacked while the ingest writes a batch; queue generously.
             "max_inflight_messages 0\n"
@@ -182,17 +272,19 @@ class MosquittoBroker:
             "max_queued_bytes 0\n"
             f"{self._extra}\n"
         )
-        log_file = open(self._dir / "mosquitto.log", "wb")  # noqa: SIM115 - owned by the process
+        log_file = open(self.log_file, "wb")  # noqa: SIM115 - owned by the process
         self._process = subprocess.Popen([binary, "-c", str(config)], stdout=log_file, stderr=subprocess.STDOUT)
         try:
             wait_for_port("127.0.0.1", self.port)
         except BrokerError:
             self.stop()
-            raise BrokerError(
-                f"mosquitto did not start on port {self.port}; see {self._dir / 'mosquitto.log'}"
-            ) from None
+            raise BrokerError(f"mosquitto did not start on port {self.port}; see {self.log_file}") from None
         log.info("started mosquitto (pid %d) on %s", self._process.pid, self.address.url)
         return self
+
+    def reload(self) -> None:
+        """Make the broker re-read its password file and ACL (SIGHUP)."""
+        os.kill(self.pid, signal.SIGHUP)
 
     def stop(self) -> None:
         """Stop the broker by its pid."""

@@ -28,6 +28,10 @@ class MqttSettings(BaseModel):
         default=None, description="Password for the server-side flows (environment only)."
     )
     ca_file: Path | None = Field(default=None, description="CA certificate for mqtts:// URLs.")
+    client_cert: Path | None = Field(
+        default=None, description="Client certificate (PEM) for mqtts:// listeners that require one."
+    )
+    client_key: Path | None = Field(default=None, description="Private key (PEM) of client_cert.")
     client_id: str = Field(
         default="tinymlops-ingest", description="Client id of the ingest subscriber (persistent session)."
     )
