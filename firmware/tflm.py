@@ -11,6 +11,7 @@ arena size that is not known to work is therefore first tried in a worker subpro
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -364,10 +365,19 @@ def measure_arena(model: bytes) -> ArenaMeasurement:
 
 
 def probe_arena(model: bytes, arena_bytes: int) -> bool:
-    """Return whether the model allocates and runs with ``arena_bytes``, tried in a subprocess."""
+    """Return whether the model allocates and runs with ``arena_bytes``, tried in a subprocess.
+
+    The answer depends only on the bytes and the size, so it is remembered for the process: a
+    fleet of simulated devices loading the same model probes it once, not once per device.
+    """
     _main_subgraph(model)
     if arena_bytes <= 0:
         return False
+    return _probe_cached(model, arena_bytes)
+
+
+@functools.lru_cache(maxsize=256)
+def _probe_cached(model: bytes, arena_bytes: int) -> bool:
     with tempfile.TemporaryDirectory(prefix="tflm-probe-") as tmp:
         code, lines, _ = _run_worker(["check", _model_file(tmp, model), str(arena_bytes)])
     return code == 0 and f"ok {arena_bytes}" in lines

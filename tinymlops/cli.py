@@ -21,6 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from tinymlops.cli_device import device_app
 from tinymlops.cli_models import models_app
 from tinymlops.cli_security import security_app
 from tinymlops.errors import TinyMLOpsError
@@ -40,6 +41,7 @@ app.add_typer(lake_app, name="lake")
 app.add_typer(bench_app, name="bench")
 app.add_typer(models_app, name="models")
 app.add_typer(security_app, name="security")
+app.add_typer(device_app, name="device")
 
 console = Console()
 err_console = Console(stderr=True)
