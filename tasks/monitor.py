@@ -1,0 +1,665 @@
+"""The drift monitor: a fleet's live windows over a time window, judged against the champion model.
+
+:func:`monitor_fleet` reads the fleet's live (``source == "mqtt"``) windows in ``[since, until)``
+from the lake (labelled imports and the seeded-fault reference set are left out: they are not
+what the fleet measures now), computes features with the champion's own DSP spec and scores them
+with the champion's int8 model in the real TensorFlow Lite Micro interpreter, in the arena the
+bundle records: the exact arithmetic of the devices, without importing TensorFlow. Devices that
+only publish drift summaries (``firmware.ota.DriftSummary``: counts, score histogram, feature
+moments) are judged from those. The decision rule lives in :mod:`tasks.drift`. The result, a
+:class:`MonitorReport`, renders as markdown, as flat metrics for MLflow, as a plot, and as the
+Prefect events the monitor flow emits: ``tinymlops.drift.detected`` (retrain) and
+``tinymlops.anomaly.alert`` (inspect, no retraining).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import re
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from firmware.dsp import DspSpec, extract_features
+from firmware.tflm import TflmRunner
+from tasks.drift import (
+    DeviceAssessment,
+    FleetAssessment,
+    FleetVerdict,
+    SummaryStats,
+    assess_device,
+    assess_device_summary,
+    assess_fleet,
+    feature_names,
+    pooled_feature_drift,
+)
+from tasks.lake import read_windows
+from tasks.train import reconstruction_error
+from tinymlops.errors import TinyMLOpsError
+from tinymlops.schemas import DriftReference, ModelBundle
+from tinymlops.settings import DriftSettings
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from firmware.ota import DriftSummary
+
+log = logging.getLogger(__name__)
+
+DRIFT_EVENT = "tinymlops.drift.detected"
+ALERT_EVENT = "tinymlops.anomaly.alert"
+LIVE_SOURCES = ("mqtt",)
+SCORER = "tflite-micro"
+_METRIC_KEY = re.compile(r"[^A-Za-z0-9_\-. /]")
+_VERDICT_COLOURS = {"ok": "#4c9a2a", "drift": "#e08a00", "fault": "#c0392b", "insufficient_data": "#9e9e9e"}
+
+
+class MonitorError(TinyMLOpsError):
+    """The monitor cannot run on these inputs (time window, bundle, lake contents)."""
+
+
+def fleet_resource_id(fleet: str) -> str:
+    """Prefect resource id of a fleet, the ``match`` of the retraining and alert triggers."""
+    return f"tinymlops.fleet.{fleet}"
+
+
+@dataclass(frozen=True)
+class Champion:
+    """The deployed model as the monitor runs it: DSP spec, TFLite Micro runner, reference, threshold."""
+
+    spec: DspSpec
+    runner: TflmRunner
+    reference: DriftReference
+    threshold: float
+    model_name: str
+    target: str
+    sha256: str
+
+    @classmethod
+    def from_bundle(cls, bundle: ModelBundle) -> Champion:
+        """Load a bundle's model into TFLite Micro in its recorded arena, with its spec and drift reference.
+
+        Raises:
+            MonitorError: The spec is not fitted, or spec, model and reference disagree in width.
+        """
+        spec = DspSpec.from_json(bundle.dsp_spec_json())
+        reference = bundle.drift_reference()
+        runner = TflmRunner(bundle.tflite(), bundle.metadata.arena_bytes)
+        meta = bundle.metadata
+        if not spec.is_fitted:
+            raise MonitorError(f"bundle {bundle.directory}: its DSP spec has no normalisation statistics")
+        widths = (spec.n_features, runner.n_features, reference.features.shape[1], meta.n_features)
+        if len(set(widths)) != 1:
+            raise MonitorError(
+                f"bundle {bundle.directory}: feature widths disagree: spec {widths[0]}, model {widths[1]}, "
+                f"drift reference {widths[2]}, metadata {widths[3]}"
+            )
+        return cls(spec, runner, reference, meta.threshold, meta.model_name, meta.target, meta.tflite_sha256)
+
+    def score(self, samples: npt.ArrayLike) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        """Normalised features and reconstruction errors of windows (n, window_samples) in physical units."""
+        features = extract_features(samples, self.spec)
+        return features, reconstruction_error(self.runner.predict, features)
+
+    def feature_labels(self) -> dict[str, str]:
+        """Feature name to a readable label: band frequency ranges in Hz."""
+        names = feature_names(self.spec.n_features)
+        bin_hz = self.spec.sample_rate_hz / self.spec.window_samples
+        edges = self.spec.band_edges
+        labels = {name: name for name in names}
+        for i in range(self.spec.n_bands):
+            labels[names[i]] = f"{names[i]} ({edges[i] * bin_hz:.0f}-{edges[i + 1] * bin_hz:.0f} Hz)"
+        return labels
+
+
+def summary_stats(summaries: Sequence[DriftSummary]) -> SummaryStats:
+    """Merge one device's drift summaries (``firmware.ota.DriftSummary``) into :class:`SummaryStats`."""
+    return SummaryStats.merge(
+        [
+            SummaryStats(
+                windows=s.windows,
+                anomalies=s.anomalies,
+                score_edges=np.asarray(s.score_edges, dtype=np.float64),
+                score_counts=np.asarray(s.score_counts, dtype=np.int64),
+                feature_mean=np.asarray(s.feature_mean, dtype=np.float64),
+                feature_var=np.asarray(s.feature_var, dtype=np.float64),
+            )
+            for s in summaries
+        ]
+    )
+
+
+def assess_windows(
+    samples_by_device: Mapping[str, npt.ArrayLike],
+    champion: Champion,
+    settings: DriftSettings,
+    summaries_by_device: Mapping[str, SummaryStats] | None = None,
+) -> FleetAssessment:
+    """Score each device's windows with the champion and judge devices and fleet (:mod:`tasks.drift`).
+
+    Args:
+        samples_by_device: Device id to its windows (n, window_samples), in physical units.
+        champion: The deployed model.
+        settings: Drift thresholds.
+        summaries_by_device: Device id to its merged summaries; used for devices without windows.
+    """
+    features: dict[str, npt.NDArray[np.float32] | SummaryStats] = {}
+    assessments: list[DeviceAssessment] = []
+    empty = np.zeros((0, champion.spec.n_features), dtype=np.float32)
+    summaries = summaries_by_device or {}
+    ref, threshold = champion.reference, champion.threshold
+    for device in sorted(set(samples_by_device) | set(summaries)):
+        if device not in samples_by_device:  # known from its summaries only
+            features[device] = summaries[device]
+            assessments.append(assess_device_summary(device, summaries[device], ref, threshold, settings))
+            continue
+        samples = np.asarray(samples_by_device[device], dtype=np.float32)
+        x, errors = champion.score(samples) if len(samples) else (empty, np.zeros(0, dtype=np.float32))
+        features[device] = x
+        assessments.append(assess_device(device, x, errors, ref, threshold, settings))
+    pooled = pooled_feature_drift(ref.features, features, assessments, settings)
+    return assess_fleet(assessments, settings, pooled=pooled)
+
+
+def _metric_key(key: str) -> str:
+    return _METRIC_KEY.sub("_", key)
+
+
+@dataclass(frozen=True)
+class MonitorReport:
+    """One monitor run over one fleet and time window.
+
+    Attributes:
+        fleet: Fleet name.
+        since: Start of the window (inclusive).
+        until: End of the window (exclusive).
+        model_name: Registered model name of the champion.
+        target: MCU target profile of the champion's bundle.
+        model_sha256: sha256 of the champion's int8 model.
+        threshold: The champion's anomaly threshold.
+        expected_anomaly_rate: False-alarm rate the champion expects on normal data.
+        assessment: Device and fleet verdicts.
+        settings: Thresholds the verdicts were made with.
+        windows_live: Live windows scored.
+        windows_excluded: Windows in the time range left out (imports, reference sets).
+        summaries_used: Device summaries that judged devices without windows in the lake.
+        summaries_ignored: Summaries left out: another model or threshold, outside the window, or
+            of a device whose windows were scored.
+        feature_labels: Feature name to readable label (band frequency ranges).
+        scorer: The interpreter that computed the reconstruction errors.
+        created_at: When the report was made (UTC, ISO 8601).
+    """
+
+    fleet: str
+    since: dt.datetime
+    until: dt.datetime
+    model_name: str
+    target: str
+    model_sha256: str
+    threshold: float
+    expected_anomaly_rate: float
+    assessment: FleetAssessment
+    settings: DriftSettings
+    windows_live: int
+    windows_excluded: int
+    summaries_used: int = 0
+    summaries_ignored: int = 0
+    feature_labels: dict[str, str] = field(default_factory=dict)
+    scorer: str = SCORER
+    created_at: str = field(default_factory=lambda: dt.datetime.now(tz=dt.UTC).isoformat())
+
+    @property
+    def verdict(self) -> FleetVerdict:
+        """The fleet verdict."""
+        return self.assessment.verdict
+
+    @property
+    def drift_detected(self) -> bool:
+        """Whether the fleet's data drifted: emit :data:`DRIFT_EVENT` (retraining)."""
+        return self.assessment.drift_detected
+
+    @property
+    def fault_devices(self) -> list[str]:
+        """Devices whose anomalies carry a fault signature."""
+        return self.assessment.fault_devices
+
+    @property
+    def alert_devices(self) -> list[str]:
+        """Devices to alert about: emit :data:`ALERT_EVENT` when not empty."""
+        return self.assessment.alert_devices
+
+    @property
+    def devices(self) -> tuple[DeviceAssessment, ...]:
+        """Every device's assessment."""
+        return self.assessment.devices
+
+    def fleet_metrics(self) -> dict[str, float]:
+        """Fleet-level figures (flat, numeric)."""
+        devices = self.devices
+        scored = sum(a.n_windows for a in devices)
+        metrics = {
+            "fleet.devices": float(len(devices)),
+            "fleet.judged_devices": float(len(self.assessment.judged_devices)),
+            "fleet.drift_devices": float(len(self.assessment.drift_devices)),
+            "fleet.fault_devices": float(len(self.fault_devices)),
+            "fleet.insufficient_devices": float(len(self.assessment.insufficient_devices)),
+            "fleet.windows": float(self.windows_live),
+            "fleet.windows_excluded": float(self.windows_excluded),
+            "fleet.summaries_used": float(self.summaries_used),
+            "fleet.anomaly_rate": sum(a.anomalies for a in devices) / scored if scored else 0.0,
+            "fleet.drift_detected": float(self.drift_detected),
+            "fleet.alert": float(bool(self.alert_devices)),
+        }
+        pooled = self.assessment.pooled
+        if pooled is not None:
+            metrics |= {
+                "fleet.pooled_drifted_features": float(pooled.n_drifted),
+                "fleet.pooled_max_psi": pooled.max_psi,
+                "fleet.pooled_max_ks": pooled.max_ks,
+            }
+        return metrics
+
+    def device_metrics(self, device: DeviceAssessment) -> dict[str, float]:
+        """One device's figures (flat, numeric), keys prefixed ``device.<id>.``."""
+        prefix = f"device.{device.device}."
+        metrics = {
+            "windows": float(device.n_windows),
+            "anomaly_rate": device.anomaly_rate,
+            "anomaly_rate_lower": device.anomaly_rate_lower,
+            "abnormal": float(device.abnormal),
+        }
+        if device.error_shift is not None:
+            metrics |= {"error_ks": device.error_shift.ks, "error_median_ratio": device.error_shift.median_ratio}
+        if device.features is not None:
+            metrics |= {"drifted_features": float(device.features.n_drifted), "max_psi": device.features.max_psi}
+        if device.shape is not None:
+            metrics |= {
+                "impulsive_fraction": device.shape.impulsive_fraction,
+                "periodic_fraction": device.shape.periodic_fraction,
+            }
+        return {_metric_key(prefix + key): value for key, value in metrics.items()}
+
+    def metrics(self) -> dict[str, float]:
+        """Every figure as a flat dict for MLflow: fleet level, per device, pooled PSI per feature."""
+        metrics = self.fleet_metrics()
+        for device in self.devices:
+            metrics |= self.device_metrics(device)
+        pooled = self.assessment.pooled
+        if pooled is not None:
+            for name, psi, ks in zip(pooled.names, pooled.psi, pooled.ks, strict=True):
+                metrics[f"pooled.psi.{name}"] = float(psi)
+                metrics[f"pooled.ks.{name}"] = float(ks)
+        return metrics
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form of the whole report."""
+        return {
+            "fleet": self.fleet,
+            "since": self.since.isoformat(),
+            "until": self.until.isoformat(),
+            "model_name": self.model_name,
+            "target": self.target,
+            "model_sha256": self.model_sha256,
+            "threshold": self.threshold,
+            "expected_anomaly_rate": self.expected_anomaly_rate,
+            "scorer": self.scorer,
+            "windows_live": self.windows_live,
+            "windows_excluded": self.windows_excluded,
+            "summaries_used": self.summaries_used,
+            "summaries_ignored": self.summaries_ignored,
+            "created_at": self.created_at,
+            "drift_detected": self.drift_detected,
+            "alert_devices": self.alert_devices,
+            "settings": self.settings.model_dump(),
+            "assessment": self.assessment.to_dict(),
+        }
+
+    def to_markdown(self) -> str:
+        """Fleet verdict with its reasons, a table per device, the drifted pooled features, the settings."""
+        a = self.assessment
+        lines = [
+            f"# Drift monitor: fleet `{self.fleet}`",
+            "",
+            f"Window {self.since.isoformat()} to {self.until.isoformat()}: {self.windows_live} live windows "
+            f"({self.windows_excluded} other windows left out), {self.summaries_used} device summaries "
+            f"({self.summaries_ignored} left out). Champion `{self.model_name}` ({self.target}, "
+            f"sha256 {self.model_sha256[:12]}), threshold {self.threshold:.4g}, expected false-alarm rate "
+            f"{self.expected_anomaly_rate:.2%}, scored in {self.scorer}.",
+            "",
+            f"## Fleet verdict: **{a.verdict}**",
+            "",
+        ]
+        lines += [f"- {reason}" for reason in a.reasons]
+        if self.drift_detected:
+            lines.append("- the fleet's data drifted: retraining is due")
+        if self.alert_devices:
+            lines.append(f"- alert, no retraining for: {', '.join(self.alert_devices)}")
+        lines += [
+            "",
+            "## Devices",
+            "",
+            "| device | verdict | source | windows | anomaly rate (99% lower bound) | limit | error KS "
+            "| error median ratio | waveform shape | features off the fleet reference |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for d in self.devices:
+            ks = f"{d.error_shift.ks:.2f}" if d.error_shift else "-"
+            ratio = f"{d.error_shift.median_ratio:.2f}" if d.error_shift else "-"
+            shape = d.shape.kind if d.shape else "-"
+            off = f"{d.features.n_drifted}/{len(d.features.names)}" if d.features else "-"
+            lines.append(
+                f"| {d.device} | {d.verdict} | {d.source} | {d.n_windows} | {d.anomaly_rate:.1%} "
+                f"({d.anomaly_rate_lower:.1%}) | {d.anomaly_rate_limit:.1%} | {ks} | {ratio} | {shape} | {off} |"
+            )
+        lines += [
+            "",
+            "A device is judged on its anomaly rate (its 99% lower bound against the limit), its error shift "
+            "and its waveform shape; features off the fleet reference are shown, not judged: one healthy "
+            "machine is a sub-population of the pooled reference. Fleet-wide feature drift is judged on the "
+            "pooled ok devices.",
+        ]
+        flagged = [d for d in self.devices if d.verdict != "ok"]
+        if flagged:
+            lines += ["", "## Why", ""]
+            for d in flagged:
+                lines.append(f"**{d.device}** ({d.verdict})")
+                lines.append("")
+                lines += [f"- {reason}" for reason in d.reasons]
+                lines.append("")
+        if a.pooled is not None:
+            order = np.argsort(-a.pooled.psi, kind="stable")[:10]
+            lines += [
+                "",
+                f"## Pooled features of the ok devices ({a.pooled.n_rows} windows), largest PSI first",
+                "",
+                "| feature | PSI | KS | drifted |",
+                "|---|---|---|---|",
+            ]
+            for i in order:
+                name = a.pooled.names[i]
+                lines.append(
+                    f"| {self.feature_labels.get(name, name)} | {a.pooled.psi[i]:.3f} | {a.pooled.ks[i]:.3f} "
+                    f"| {'yes' if a.pooled.drifted[i] else 'no'} |"
+                )
+        lines += ["", "## Settings", "", "| setting | value |", "|---|---|"]
+        lines += [f"| {key} | {value} |" for key, value in self.settings.model_dump().items()]
+        return "\n".join(lines) + "\n"
+
+
+def _check_window(since: dt.datetime, until: dt.datetime) -> None:
+    if since.tzinfo is None or until.tzinfo is None:
+        raise MonitorError(f"monitor window {since.isoformat()} to {until.isoformat()} must be timezone-aware")
+    if since >= until:
+        raise MonitorError(f"monitor window starts {since.isoformat()}, not before its end {until.isoformat()}")
+
+
+def monitor_fleet(
+    lake_root: Path,
+    fleet: str,
+    bundle: ModelBundle,
+    *,
+    since: dt.datetime,
+    until: dt.datetime,
+    settings: DriftSettings,
+    sources: Collection[str] = LIVE_SOURCES,
+    summaries: Sequence[DriftSummary] = (),
+) -> MonitorReport:
+    """Judge a fleet's live windows in ``[since, until)`` against the champion bundle.
+
+    Devices that published drift summaries but have no live windows in the lake (nodes that
+    score on board and do not stream raw windows) are judged from their summaries: those of the
+    champion (same model name and threshold) whose period ends inside the window.
+
+    Args:
+        lake_root: Lake root.
+        fleet: Fleet name.
+        bundle: The champion's bundle (model, DSP spec, threshold, drift reference).
+        since: Start of the window (timezone-aware, inclusive).
+        until: End of the window (exclusive).
+        settings: Drift thresholds.
+        sources: Lake ``source`` values that count as live data.
+        summaries: Drift summaries the fleet's devices published (``firmware.ota.DriftSummary``).
+
+    Returns:
+        The report; ``report.drift_detected`` and ``report.alert_devices`` say which event is due.
+
+    Raises:
+        MonitorError: Bad time window, a bundle whose parts disagree, or windows at another sample rate.
+        LakeError: The lake cannot be read.
+    """
+    _check_window(since, until)
+    champion = Champion.from_bundle(bundle)
+    windows = read_windows(lake_root, fleet=fleet, start=since, end=until, window_samples=champion.spec.window_samples)
+    live = windows.select(np.asarray([source in sources for source in windows.source], dtype=bool))
+    if len(live) and live.sample_rate_hz != champion.spec.sample_rate_hz:
+        raise MonitorError(
+            f"fleet {fleet} windows are sampled at {live.sample_rate_hz} Hz, "
+            f"the champion's DSP spec at {champion.spec.sample_rate_hz} Hz"
+        )
+    samples = {str(device): live.samples[live.device == device] for device in np.unique(live.device)}
+    usable: dict[str, list[DriftSummary]] = {}
+    for summary in summaries:
+        if (
+            summary.device not in samples
+            and summary.model == champion.model_name
+            and math.isclose(summary.threshold, champion.threshold, rel_tol=1e-6)
+            and since.timestamp() <= summary.end_ts < until.timestamp()
+        ):
+            usable.setdefault(summary.device, []).append(summary)
+    used = sum(len(group) for group in usable.values())
+    merged = {device: summary_stats(group) for device, group in usable.items()}
+    assessment = assess_windows(samples, champion, settings, merged)
+    report = MonitorReport(
+        fleet=fleet,
+        since=since,
+        until=until,
+        model_name=champion.model_name,
+        target=champion.target,
+        model_sha256=champion.sha256,
+        threshold=champion.threshold,
+        expected_anomaly_rate=champion.reference.expected_anomaly_rate,
+        assessment=assessment,
+        settings=settings,
+        windows_live=len(live),
+        windows_excluded=len(windows) - len(live),
+        summaries_used=used,
+        summaries_ignored=len(summaries) - used,
+        feature_labels=champion.feature_labels(),
+    )
+    log.info(
+        "monitor %s %s..%s: %s (%d live windows, %d devices; drift %s, alert %s)",
+        fleet,
+        since.isoformat(),
+        until.isoformat(),
+        report.verdict,
+        report.windows_live,
+        len(report.devices),
+        report.assessment.drift_devices,
+        report.alert_devices,
+    )
+    return report
+
+
+def plot(report: MonitorReport) -> Figure:
+    """Per-device anomaly rate and error shift (bars coloured by verdict), and the pooled PSI per feature."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    devices = report.devices
+    names = [d.device for d in devices]
+    colours = [_VERDICT_COLOURS[d.verdict] for d in devices]
+    x = np.arange(len(devices))
+    fig = Figure(figsize=(max(8.0, 0.45 * len(devices) + 3.0), 9.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    rate_ax, error_ax, psi_ax = fig.subplots(3, 1)
+    fig.suptitle(f"Fleet {report.fleet}: {report.verdict} ({report.since:%Y-%m-%d %H:%M} to {report.until:%H:%M} UTC)")
+
+    fig.legend(
+        handles=[Patch(color=c, label=v) for v, c in _VERDICT_COLOURS.items()],
+        loc="outside lower center",
+        ncols=len(_VERDICT_COLOURS),
+        fontsize="small",
+    )
+    limit = report.settings.anomaly_rate_factor * report.expected_anomaly_rate
+    rate_ax.bar(x, [d.anomaly_rate for d in devices], color=colours)
+    rate_ax.axhline(limit, color="black", linestyle="--", linewidth=1, label=f"limit {limit:.1%}")
+    rate_ax.set_ylabel("anomaly rate")
+    error_ax.bar(x, [d.error_shift.ks if d.error_shift else 0.0 for d in devices], color=colours)
+    error_ax.axhline(
+        report.settings.error_shift_threshold,
+        color="black",
+        linestyle="--",
+        linewidth=1,
+        label=f"limit {report.settings.error_shift_threshold:g}",
+    )
+    error_ax.set_ylabel("error shift (KS)")
+    for ax in (rate_ax, error_ax):
+        ax.set_ylim(0, 1.05)
+        ax.set_xticks(x, names, rotation=60, ha="right", fontsize="small")
+        ax.legend(loc="upper left", fontsize="small")
+
+    pooled = report.assessment.pooled
+    if pooled is None:
+        psi_ax.text(0.5, 0.5, "too few ok devices for a pooled comparison", ha="center", va="center")
+        psi_ax.set_axis_off()
+    else:
+        feature_x = np.arange(len(pooled.names))
+        psi_ax.bar(feature_x, pooled.psi, color=np.where(pooled.drifted, "#c0392b", "#4a6fa5"))
+        psi_ax.axhline(
+            report.settings.psi_threshold,
+            color="black",
+            linestyle="--",
+            linewidth=1,
+            label=f"limit {report.settings.psi_threshold:g} (red: drifted, KS too)",
+        )
+        psi_ax.set_xticks(feature_x, pooled.names, rotation=90, fontsize="x-small")
+        psi_ax.set_ylabel("pooled PSI (ok devices)")
+        psi_ax.set_ylim(0, 1.3 * max(report.settings.psi_threshold, pooled.max_psi))
+        psi_ax.legend(loc="upper right", fontsize="small")
+    return fig
+
+
+def _payload_base(report: MonitorReport, champion_version: str | None) -> dict[str, Any]:
+    return {
+        "fleet": report.fleet,
+        "verdict": report.verdict,
+        "since": report.since.isoformat(),
+        "until": report.until.isoformat(),
+        "model_name": report.model_name,
+        "model_sha256": report.model_sha256,
+        "champion_version": champion_version,
+        "reasons": list(report.assessment.reasons),
+    }
+
+
+def _resource(report: MonitorReport, champion_version: str | None) -> dict[str, str]:
+    return {
+        "prefect.resource.id": fleet_resource_id(report.fleet),
+        "prefect.resource.name": report.fleet,
+        "tinymlops.fleet": report.fleet,
+        "tinymlops.model": report.model_name,
+        "tinymlops.champion-version": champion_version or "",
+    }
+
+
+def _related_model(report: MonitorReport, champion_version: str | None) -> dict[str, str]:
+    suffix = f".{champion_version}" if champion_version else ""
+    return {
+        "prefect.resource.id": f"tinymlops.model.{report.model_name}{suffix}",
+        "prefect.resource.role": "model",
+        "prefect.resource.name": report.model_name,
+    }
+
+
+def drift_event(report: MonitorReport, champion_version: str | None) -> dict[str, Any]:
+    """Keyword arguments of ``prefect.events.emit_event`` announcing the fleet's data drift.
+
+    The payload names the devices whose data a retraining should use (judged, not faulty) and the
+    faulty ones it must leave out.
+
+    Raises:
+        MonitorError: The report found no drift.
+    """
+    if not report.drift_detected:
+        raise MonitorError(f"fleet {report.fleet} verdict is {report.verdict}: no drift to announce")
+    a = report.assessment
+    faulty = set(a.fault_devices)
+    payload = _payload_base(report, champion_version) | {
+        "devices": [d for d in a.judged_devices if d not in faulty],
+        "drift_devices": a.drift_devices,
+        "exclude_devices": a.fault_devices,
+        "metrics": report.fleet_metrics(),
+        "pooled_drifted_features": a.pooled.drifted_names() if a.pooled else [],
+    }
+    return {
+        "event": DRIFT_EVENT,
+        "resource": _resource(report, champion_version),
+        "related": [_related_model(report, champion_version)],
+        "payload": payload,
+    }
+
+
+def alert_event(report: MonitorReport, champion_version: str | None = None) -> dict[str, Any]:
+    """Keyword arguments of ``prefect.events.emit_event`` alerting about abnormal devices (no retraining).
+
+    Raises:
+        MonitorError: The report has no device to alert about.
+    """
+    devices = report.alert_devices
+    if not devices:
+        raise MonitorError(f"fleet {report.fleet} verdict is {report.verdict}: no device to alert about")
+    by_id = {d.device: d for d in report.devices}
+    metrics = report.fleet_metrics()
+    details = {}
+    for device in devices:
+        assessment = by_id[device]
+        metrics |= report.device_metrics(assessment)
+        details[device] = {
+            "verdict": assessment.verdict,
+            "anomaly_rate": assessment.anomaly_rate,
+            "waveform_shape": assessment.shape.kind if assessment.shape else None,
+            "reasons": list(assessment.reasons),
+        }
+    related = [_related_model(report, champion_version)] + [
+        {
+            "prefect.resource.id": f"tinymlops.device.{report.fleet}.{device}",
+            "prefect.resource.role": "device",
+            "prefect.resource.name": device,
+        }
+        for device in devices
+    ]
+    payload = _payload_base(report, champion_version) | {
+        "devices": devices,
+        "device_details": details,
+        "metrics": metrics,
+    }
+    return {
+        "event": ALERT_EVENT,
+        "resource": _resource(report, champion_version),
+        "related": related,
+        "payload": payload,
+    }
+
+
+@task(name="monitor-fleet", cache_policy=NO_CACHE)
+def monitor_fleet_task(
+    lake_root: Path,
+    fleet: str,
+    bundle: ModelBundle,
+    *,
+    since: dt.datetime,
+    until: dt.datetime,
+    settings: DriftSettings,
+    summaries: Sequence[DriftSummary] = (),
+) -> MonitorReport:
+    """Prefect task: :func:`monitor_fleet`."""
+    return monitor_fleet(lake_root, fleet, bundle, since=since, until=until, settings=settings, summaries=summaries)
