@@ -172,6 +172,17 @@ def configure_from_settings(settings: Settings | None = None, *, timeout_s: floa
     return configure_mlflow(uri, artifact_root, settings.mlflow.experiment, timeout_s=timeout_s)
 
 
+def configure_experiment(name: str, settings: Settings | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> str:
+    """Like :func:`configure_from_settings`, for another experiment (monitoring, deployments)."""
+    if settings is None:
+        from tinymlops.settings import get_settings
+
+        settings = get_settings()
+    uri = settings.mlflow_tracking_uri
+    artifact_root = settings.mlflow.artifact_root if is_http_uri(uri) else settings.mlflow_artifact_root
+    return configure_mlflow(uri, artifact_root, name, timeout_s=timeout_s)
+
+
 def mlflow_client() -> MlflowClient:
     """A client for the configured tracking and registry URIs."""
     from mlflow import MlflowClient

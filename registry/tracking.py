@@ -236,3 +236,47 @@ def plot_training_loss(history: Mapping[str, Sequence[float]]) -> Figure:
     ax.set_ylabel("loss (MSE)")
     ax.legend(fontsize="small")
     return figure
+
+
+def log_report_run(
+    experiment_id: str,
+    *,
+    run_name: str,
+    params: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    markdown: str,
+    figure: Figure | None = None,
+    tags: Mapping[str, str] | None = None,
+    flow_run_id: str | None = None,
+) -> str:
+    """Log a finished monitoring or deployment run: parameters, flat metrics, a report and a plot.
+
+    Returns:
+        The run id.
+
+    Raises:
+        RegistryError: MLflow refused a call (the run is marked FAILED).
+    """
+    from mlflow.entities import Metric, Param
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow_client()
+    all_tags = {**(tags or {}), **({"prefect.flow_run_id": flow_run_id} if flow_run_id else {})}
+    run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+    run_id = run.info.run_id
+    try:
+        now = int(run.info.start_time)
+        values = {k: v for k, v in _metric_values(metrics).items() if math.isfinite(v)}
+        client.log_batch(
+            run_id,
+            metrics=[Metric(k, v, now, 0) for k, v in values.items()],
+            params=[Param(k, _param_value(v)) for k, v in _flatten(params).items()],
+        )
+        client.log_text(run_id, markdown, "report.md")
+        if figure is not None:
+            client.log_figure(run_id, figure, "plots/report.png")
+    except MlflowException as exc:
+        client.set_terminated(run_id, "FAILED")
+        raise RegistryError(f"cannot log run {run_name!r}: {first_line(exc)}") from exc
+    client.set_terminated(run_id, "FINISHED")
+    return str(run_id)

@@ -113,30 +113,34 @@ class LabelledWindows:
 
 
 def load_labelled(lake_root: Path, selection: LakeSelection, *, window_samples: int) -> LabelledWindows:
-    """Read a selection and split it into normal windows and fault windows by class.
+    """Read the selection's normal windows, and the fleet's labelled fault windows, by class.
+
+    The device and time filters apply to normal windows only: labelled fault windows (imported
+    recordings, the seeded-fault reference set) are the fleet's evaluation set whatever the
+    selection, so a retraining on the last minutes of some devices is still evaluated on them.
 
     Raises:
         DatasetError: The selection holds no windows, or no normal ones.
     """
-    windows = read_windows(
-        lake_root,
-        fleet=selection.fleet,
-        devices=selection.devices,
-        start=selection.start,
-        end=selection.end,
-        window_samples=window_samples,
-    )
-    if len(windows) == 0:
-        raise DatasetError(f"no windows in the lake at {lake_root} for {json.dumps(selection.to_dict())}")
+    windows = read_windows(lake_root, fleet=selection.fleet, window_samples=window_samples)
     labels = np.asarray([lbl if lbl is not None else "" for lbl in windows.label], dtype=object)
+    in_selection = np.ones(len(windows), dtype=bool)
+    if selection.devices is not None:
+        in_selection &= np.isin(windows.device, list(selection.devices))
+    if selection.start is not None:
+        in_selection &= windows.timestamp_us >= int(selection.start.timestamp() * 1e6)
+    if selection.end is not None:
+        in_selection &= windows.timestamp_us < int(selection.end.timestamp() * 1e6)
     is_normal = labels == NORMAL_LABEL
     if selection.unlabelled_as_normal:
         is_normal |= labels == ""
-    if not is_normal.any():
-        raise DatasetError(f"no normal windows for fleet {selection.fleet!r}: import or ingest normal vibration first")
+    normal_mask = is_normal & in_selection
+    if not normal_mask.any():
+        raise DatasetError(f"no normal windows in the lake at {lake_root} for {json.dumps(selection.to_dict())}")
     fault_mask = ~is_normal & (labels != "")
     faults = {str(lbl): windows.samples[fault_mask & (labels == lbl)] for lbl in sorted(set(labels[fault_mask]))}
-    return LabelledWindows(windows.select(is_normal), faults, fingerprint(windows, selection))
+    used = windows.select(normal_mask | fault_mask)
+    return LabelledWindows(windows.select(normal_mask), faults, fingerprint(used, selection))
 
 
 def load_dataset(

@@ -30,6 +30,9 @@ from prefect.cache_policies import NO_CACHE
 
 from firmware.dsp import DspSpec, extract_features
 from firmware.tflm import TflmRunner
+from registry.models import ResolvedModel, resolve
+from registry.store import configure_experiment, configure_from_settings
+from registry.tracking import log_report_run
 from tasks.drift import (
     DeviceAssessment,
     FleetAssessment,
@@ -45,7 +48,7 @@ from tasks.lake import read_windows
 from tasks.train import reconstruction_error
 from tinymlops.errors import TinyMLOpsError
 from tinymlops.schemas import DriftReference, ModelBundle
-from tinymlops.settings import DriftSettings
+from tinymlops.settings import DriftSettings, get_settings
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -54,6 +57,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+MONITORING_EXPERIMENT = "tinymlops-monitoring"
 DRIFT_EVENT = "tinymlops.drift.detected"
 ALERT_EVENT = "tinymlops.anomaly.alert"
 LIVE_SOURCES = ("mqtt",)
@@ -663,3 +667,48 @@ def monitor_fleet_task(
 ) -> MonitorReport:
     """Prefect task: :func:`monitor_fleet`."""
     return monitor_fleet(lake_root, fleet, bundle, since=since, until=until, settings=settings, summaries=summaries)
+
+
+def resolve_champion(model_ref: str) -> ResolvedModel:
+    """Resolve the model a fleet's devices should be running, from the registry (verified)."""
+    configure_from_settings(get_settings())
+    return resolve(model_ref)
+
+
+@task(name="resolve-champion", retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
+def resolve_champion_task(model_ref: str) -> ResolvedModel:
+    """Prefect task: :func:`resolve_champion`."""
+    return resolve_champion(model_ref)
+
+
+def log_monitoring(report: MonitorReport, champion: ResolvedModel, flow_run_id: str | None) -> str:
+    """Log one monitor run to the MLflow experiment ``tinymlops-monitoring``; returns the run id."""
+    import matplotlib.pyplot as plt
+
+    experiment_id = configure_experiment(MONITORING_EXPERIMENT, get_settings())
+    figure = plot(report)
+    try:
+        return log_report_run(
+            experiment_id,
+            run_name=f"monitor-{report.fleet}-{report.until:%Y%m%dT%H%M%S}",
+            params={
+                "fleet": report.fleet,
+                "model": champion.version.name,
+                "model_version": champion.version.version,
+                "since": report.since.isoformat(),
+                "until": report.until.isoformat(),
+            },
+            metrics={**report.metrics(), **report.fleet_metrics()},
+            markdown=report.to_markdown(),
+            figure=figure,
+            tags={"fleet": report.fleet, "verdict": report.verdict},
+            flow_run_id=flow_run_id,
+        )
+    finally:
+        plt.close(figure)
+
+
+@task(name="log-monitoring-run", retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
+def log_monitoring_task(report: MonitorReport, champion: ResolvedModel, flow_run_id: str | None) -> str:
+    """Prefect task: :func:`log_monitoring`."""
+    return log_monitoring(report, champion, flow_run_id)

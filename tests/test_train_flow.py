@@ -120,7 +120,7 @@ def test_evaluate_cli_scores_a_bundle_on_the_lake(cwru_trained: dict[str, object
 
     bad = subprocess.run([*args[:-4], "fleet=nosuchfleet"], env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1
-    assert bad.stderr.strip().startswith("error: no windows in the lake")
+    assert bad.stderr.strip().startswith("error: no normal windows in the lake")
 
 
 def test_bundle_carries_the_drift_reference(cwru_trained: dict[str, object]) -> None:
