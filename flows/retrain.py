@@ -1,0 +1,62 @@
+"""Retrain and redeploy: the flow a ``tinymlops.drift.detected`` event triggers.
+
+Guard rails: one retraining per fleet per cooldown (claimed atomically), a deployment concurrency
+limit of one (``prefect.yaml``), training on the recent drifted-but-normal windows of the devices
+the monitor judged healthy, and the usual gates and promotion rule before anything is deployed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from prefect import flow
+
+from flows.deploy import deploy_flow
+from flows.train import train_flow
+from tasks.guards import claim_retraining_task
+from tinymlops.settings import get_settings
+
+
+@flow(name="retrain-and-redeploy")
+def retrain_flow(
+    fleet: str,
+    devices: list[str] | None = None,
+    since: dt.datetime | None = None,
+    champion_version: str | None = None,
+    reason: str = "drift detected",
+    targets: list[str] | None = None,
+    canary_fraction: float = 0.0,
+    broker_url: str | None = None,
+) -> dict[str, Any]:
+    """Retrain a fleet's models on its recent normal data, then deploy every new champion.
+
+    Args:
+        fleet: The drifting fleet.
+        devices: Devices whose recent windows to train on (the monitor's healthy ones; None: all).
+        since: Start of the drifted data (default: the drift settings' monitoring window).
+        champion_version: The champion the drift was measured against (recorded).
+        reason: Why (recorded in the report).
+        targets: MCU targets (default: settings).
+        canary_fraction: Canary share of each deployment.
+        broker_url: Broker of the fleet (default: settings).
+    """
+    settings = get_settings()
+    claim = claim_retraining_task(settings.data_dir / "state", fleet, settings.drift.cooldown_minutes)
+    if not claim.granted:
+        return {"fleet": fleet, "retrained": False, "reason": claim.reason}
+    since = since or dt.datetime.now(tz=dt.UTC) - dt.timedelta(minutes=settings.drift.window_minutes)
+    outcome = train_flow(fleet=fleet, targets=targets, devices=devices, start=since)
+    deployments = [
+        deploy_flow(f"{entry['model']}@champion", fleet=fleet, canary_fraction=canary_fraction, broker_url=broker_url)
+        for entry in outcome["registered"]
+        if entry["promoted"]
+    ]
+    return {
+        "fleet": fleet,
+        "retrained": True,
+        "reason": reason,
+        "champion_before": champion_version,
+        "train": {k: outcome[k] for k in ("run", "mlflow_run_id", "registered", "evaluation", "counts")},
+        "deployments": deployments,
+    }

@@ -1,0 +1,101 @@
+"""prefect.yaml deploys as written to a real Prefect server, and the drift event triggers retraining."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tinymlops.services import LocalService, prefect_server
+from tinymlops.settings import REPO_ROOT
+
+pytestmark = [pytest.mark.prefect, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalService]:
+    home = tmp_path_factory.mktemp("prefect-server")
+    service = prefect_server(home, home / "logs").start()
+    yield service
+    service.stop()
+
+
+def prefect_cli(args: list[str], server: LocalService) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": f"{server.url}/api",
+        "PWD": str(REPO_ROOT),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "prefect", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_prefect_yaml_deploys_every_deployment_and_the_trigger_runs_retraining(server: LocalService) -> None:
+    assert prefect_cli(["work-pool", "create", "tinymlops", "--type", "process"], server).returncode == 0
+    deployed = prefect_cli(["--no-prompt", "deploy", "--all"], server)
+    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+
+    os.environ["PREFECT_API_URL"] = f"{server.url}/api"
+    try:
+        from prefect.client.orchestration import get_client
+        from prefect.events import emit_event
+
+        async def deployments() -> dict[str, object]:
+            async with get_client() as client:
+                return {d.name: d for d in await client.read_deployments()}
+
+        found = asyncio.run(deployments())
+        assert set(found) >= {
+            "ingest-scheduled",
+            "monitor-scheduled",
+            "retrain-on-drift",
+            "train-manual",
+            "deploy-manual",
+            "full-loop-manual",
+        }
+        ingest = found["ingest-scheduled"]
+        assert [s.schedule.cron for s in ingest.schedules] == ["*/10 * * * *"]
+        retrain = found["retrain-on-drift"]
+        assert retrain.global_concurrency_limit is not None and retrain.global_concurrency_limit.limit == 1
+        assert retrain.concurrency_options.collision_strategy == "CANCEL_NEW"
+        assert retrain.entrypoint == "flows/retrain.py:retrain_flow"
+
+        time.sleep(2)  # the automation is loaded by the server's triggers service
+        emit_event(
+            event="tinymlops.drift.detected",
+            resource={"prefect.resource.id": "tinymlops.fleet.plant-7"},
+            payload={
+                "fleet": "plant-7",
+                "devices": ["nrf-0001", "nrf-0004"],
+                "since": "2026-11-23T06:00:00+00:00",
+                "champion_version": "3",
+            },
+        )
+
+        async def triggered_runs() -> list[object]:
+            async with get_client() as client:
+                from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+                return await client.read_flow_runs(
+                    deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[retrain.id]))
+                )
+
+        deadline = time.monotonic() + 60
+        runs: list[object] = []
+        while time.monotonic() < deadline and not runs:
+            time.sleep(1)
+            runs = asyncio.run(triggered_runs())
+        assert len(runs) == 1, "the drift event did not create a retraining run"
+        parameters = runs[0].parameters  # type: ignore[attr-defined]
+        assert parameters["fleet"] == "plant-7"
+        assert parameters["devices"] == ["nrf-0001", "nrf-0004"]
+        assert parameters["champion_version"] == "3"
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
