@@ -63,6 +63,8 @@ def monitor_flow(
         emitted.append(emit_event(**alert_event(report, champion.version.version)))
     return {
         **report.to_dict(),
+        "verdict": report.verdict,
+        "fault_devices": report.fault_devices,
         "model": f"{champion.version.name}/{champion.version.version}",
         "mlflow_run_id": mlflow_run_id,
         "events": [event.event for event in emitted if event is not None],

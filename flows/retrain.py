@@ -18,7 +18,7 @@ from tasks.guards import claim_retraining_task
 from tinymlops.settings import get_settings
 
 
-@flow(name="retrain-and-redeploy")
+@flow(name="retrain-and-redeploy", persist_result=True)
 def retrain_flow(
     fleet: str,
     devices: list[str] | None = None,

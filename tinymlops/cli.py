@@ -11,6 +11,7 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import os
 import sys
 import threading
 import traceback
@@ -66,52 +67,37 @@ def main_options(
 
 @app.command()
 def demo(
-    devices: Annotated[int, typer.Option(min=1, max=2000, help="Simulated sensor nodes.")] = 20,
-    seconds: Annotated[float, typer.Option(min=1, help="How long the fleet streams.")] = 10.0,
-    interval: Annotated[float, typer.Option(min=0.01, help="Seconds between two windows of one node.")] = 0.25,
+    devices: Annotated[int, typer.Option(min=2, max=500, help="Simulated devices per MCU profile.")] = 10,
+    quick: Annotated[bool, typer.Option(help="Short phases and training (CI).")] = False,
+    keep_running: Annotated[bool, typer.Option(help="Leave the services up at the end for exploring the UIs.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on the last line.")] = False,
 ) -> None:
-    """Run the main job on embedded defaults: start a broker, simulate a fleet, ingest it into the lake."""
-    settings = _settings()
-    from firmware.fleet import VirtualFleet
-    from flows.ingest import ingest_flow
-    from tasks.ingest import ensure_subscription, ingest_config
-    from tasks.lake import lake_summary
-    from tinymlops.mqtt import broker_for
+    """Run the whole Tiny-MLOps loop on embedded defaults: fleet, train, deploy, fault alert, drift, retraining."""
+    _settings()
+    from tinymlops.demo import DemoConfig, run_demo
 
-    with broker_for(settings.mqtt) as address:
-        console.print(f"MQTT broker: [bold]{address.url}[/]")
-        config = ingest_config(settings, settings.fleet)
-        ensure_subscription(address, config)
-        fleet = VirtualFleet(
-            settings.fleet,
-            devices,
-            sample_rate_hz=settings.sensor.sample_rate_hz,
-            window_samples=settings.sensor.window_samples,
-            topic_root=settings.mqtt.topic_root,
-        )
-        windows_per_device = max(1, int(seconds / interval))
-        console.print(f"fleet {settings.fleet!r}: {devices} nodes, {windows_per_device} windows each")
-        fleet_thread = threading.Thread(
-            target=fleet.run,
-            kwargs={
-                "address": address,
-                "interval_s": interval,
-                "windows_per_device": windows_per_device,
-                "duration_s": seconds + 60,
-            },
-            daemon=True,
-        )
-        fleet_thread.start()
-        stats = ingest_flow(
-            fleet=settings.fleet,
-            seconds=seconds + 120,
-            max_windows=devices * windows_per_device,
-            broker_url=address.url,
-        )
-        fleet_thread.join(5)
-    console.print(f"ingested: {stats}")
-    _print_table("Lake contents", lake_summary(settings.lake_root).to_pylist())
-    console.print(f"lake: {settings.lake_root}")
+    config = DemoConfig(
+        devices_per_profile=devices,
+        quick=quick,
+        keep_running=keep_running,
+        ingest_s=20.0 if quick else 40.0,
+        monitor_s=15.0 if quick else 25.0,
+    )
+    summary = run_demo(config, console)
+    console.rule("[bold]Summary")
+    _print_table("Models per MCU profile (champion)", summary.models)
+    _print_table("Devices: what they run and the Tiny-MLOps latencies", summary.devices)
+    _print_table("Fault alerts", summary.alerts)
+    _print_table("Drift and retraining", summary.drift + summary.retrainings)
+    for name, url in summary.urls.items():
+        console.print(f"{name}: {url}")
+    console.print(
+        f"Prefect UI: flow runs 'full-loop', 'monitor', 'retrain-and-redeploy' and their artifacts; "
+        f"MLflow UI: experiments tinymlops, tinymlops-monitoring, tinymlops-deployments; "
+        f"models vibration-ae-*. Data: {summary.data_dir}. Took {summary.seconds:.0f} s."
+    )
+    if as_json:
+        print(json.dumps(summary.to_dict(), default=str))
 
 
 @app.command()
@@ -399,6 +385,30 @@ def lake_quarantine_command(limit: Annotated[int, typer.Option(min=1)] = 20) -> 
         for r in table.slice(0, limit).to_pylist()
     ]
     _print_table(f"Quarantine ({table.num_rows} messages)", rows)
+
+
+@app.command()
+def serve(
+    only: Annotated[
+        list[str] | None, typer.Option(help="Serve only these: ingest, monitor, retrain, train, deploy, full-loop.")
+    ] = None,
+) -> None:
+    """Serve the deployments (schedules, drift-triggered retraining) against a Prefect server until Ctrl-C."""
+    settings = _settings()
+    if not settings.prefect.api_url and "PREFECT_API_URL" not in os.environ:
+        raise typer.BadParameter(
+            "serving needs a Prefect server: start one (prefect server start) and set "
+            "TINYMLOPS_PREFECT__API_URL=http://127.0.0.1:4200/api",
+            param_hint="--only",
+        )
+    from flows.deployments import NAMES, serve_deployments
+
+    unknown = sorted(set(only or ()) - set(NAMES))
+    if unknown:
+        raise typer.BadParameter(
+            f"unknown deployments {', '.join(unknown)}; choose from {', '.join(NAMES)}", param_hint="--only"
+        )
+    serve_deployments(set(only) if only else None)
 
 
 @app.command()
