@@ -64,7 +64,7 @@ def cli_env(data_dir: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-FAST_TRAINING_CONFIG = Path(__file__).parent / "data" / "training_fast.yaml"
+FAST_TRAINING_CONFIG = REPO_ROOT / "data" / "training_quick.yaml"
 
 
 @pytest.fixture(scope="session")

@@ -81,7 +81,7 @@ TRAIN_WINDOWS = 64  # per device
 MONITOR_WINDOWS = 40  # per device and monitor window (default min_windows is 30)
 WINDOW_US = 40_000  # 1024 samples at 25.6 kHz
 T0 = dt.datetime(2026, 1, 5, 8, 0, tzinfo=dt.UTC)
-FAST_TRAINING_CONFIG = Path(__file__).parent / "data" / "training_fast.yaml"
+FAST_TRAINING_CONFIG = REPO_ROOT / "data" / "training_quick.yaml"
 SETTINGS = DriftSettings()
 
 

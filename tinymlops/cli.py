@@ -22,6 +22,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from tinymlops.cli_deploy import deploy_command, keys_app
 from tinymlops.cli_device import device_app
 from tinymlops.cli_models import models_app
 from tinymlops.cli_security import security_app
@@ -37,12 +38,17 @@ app = typer.Typer(
     add_completion=False,
 )
 lake_app = typer.Typer(help="Inspect the Parquet data lake and its quarantine.", no_args_is_help=True)
-bench_app = typer.Typer(help="Benchmarks: measured figures and ratios against a baseline in the same run.")
+bench_app = typer.Typer(
+    help="Benchmarks: measured figures and ratios against a baseline in the same run. Without a subcommand: all.",
+    invoke_without_command=True,
+)
 app.add_typer(lake_app, name="lake")
 app.add_typer(bench_app, name="bench")
 app.add_typer(models_app, name="models")
 app.add_typer(security_app, name="security")
 app.add_typer(device_app, name="device")
+app.add_typer(keys_app, name="keys")
+app.command("deploy")(deploy_command)
 
 console = Console()
 err_console = Console(stderr=True)
@@ -432,6 +438,70 @@ def show_config(
         print(settings_reference_markdown(), end="")
         return
     console.print_json(get_settings().model_dump_json())
+
+
+@bench_app.callback()
+def bench_all(
+    ctx: typer.Context,
+    quick: Annotated[bool, typer.Option(help="Reduced run for CI.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print all figures as JSON on the last line.")] = False,
+    output: Annotated[Path, typer.Option(help="Where to write the figures.")] = Path("bench/results.json"),
+) -> None:
+    """Run the ingest, model, deploy and loop benchmarks and write one JSON file of all figures."""
+    if ctx.invoked_subcommand is not None:
+        return
+    settings = _settings()
+    from tinymlops.bench import bench_ingest as run_ingest_bench
+    from tinymlops.bench import machine_description
+    from tinymlops.bench_deploy import bench_deploy
+    from tinymlops.bench_loop import bench_loop
+    from tinymlops.bench_model import bench_model
+
+    figures: dict[str, Any] = {"quick": quick, **machine_description()}
+    for name, run in (
+        ("ingest", run_ingest_bench),
+        ("model", bench_model),
+        ("deploy", bench_deploy),
+        ("loop", bench_loop),
+    ):
+        console.rule(f"bench {name}")
+        figures.update(run(settings, quick=quick))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
+    _print_table("Benchmarks", [{"figure": k, "value": v} for k, v in sorted(figures.items())])
+    console.print(f"written to {output}")
+    if as_json:
+        print(json.dumps(figures))
+
+
+@bench_app.command("deploy")
+def bench_deploy_command(
+    quick: Annotated[bool, typer.Option(help="Reduced run for CI.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON on the last line.")] = False,
+) -> None:
+    """Deployment, loading and inference latency; fleet updates against bare broker delivery."""
+    settings = _settings()
+    from tinymlops.bench_deploy import bench_deploy
+
+    figures = bench_deploy(settings, quick=quick)
+    _print_table("Deploy benchmark", [{"figure": k, "value": v} for k, v in figures.items()])
+    if as_json:
+        print(json.dumps(figures))
+
+
+@bench_app.command("loop")
+def bench_loop_command(
+    quick: Annotated[bool, typer.Option(help="Reduced run for CI.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON on the last line.")] = False,
+) -> None:
+    """Time drift onset -> drift event -> retrained model active on every device of a simulated fleet."""
+    settings = _settings()
+    from tinymlops.bench_loop import bench_loop
+
+    figures = bench_loop(settings, quick=quick)
+    _print_table("Loop benchmark", [{"figure": k, "value": v} for k, v in figures.items()])
+    if as_json:
+        print(json.dumps(figures))
 
 
 @bench_app.command("ingest")

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 FAULT_DEVICE_INDEX = 2
 DRIFT_GAIN = 0.3
 RETRAIN_DEPLOYMENT = "retrain-and-redeploy/retrain-on-drift"
-FAST_TRAINING_CONFIG = REPO_ROOT / "tests" / "data" / "training_fast.yaml"
+QUICK_TRAINING_CONFIG = REPO_ROOT / "data" / "training_quick.yaml"
 
 
 class DemoError(TinyMLOpsError):
@@ -81,7 +81,7 @@ class DemoSummary:
 
 
 @contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
+def environment(values: dict[str, str]) -> Iterator[None]:
     """Set environment variables for the block (settings and Prefect read them lazily)."""
     saved = {key: os.environ.get(key) for key in values}
     os.environ.update(values)
@@ -126,7 +126,7 @@ def run_demo(config: DemoConfig, console: Console) -> DemoSummary:
             "PREFECT_API_URL": f"{prefect.url}/api",
             "PREFECT_HOME": str(demo_dir / "prefect"),
         }
-        stack.enter_context(_environment(env))
+        stack.enter_context(environment(env))
         settings = get_settings()
         ui = mlflow_ui(settings.mlflow_tracking_uri, settings.mlflow_artifact_root, demo_dir / "logs")
         ui_thread = threading.Thread(target=_start_quietly, args=(ui,), daemon=True)
@@ -139,7 +139,7 @@ def run_demo(config: DemoConfig, console: Console) -> DemoSummary:
         _phase(
             console, f"2. Virtual fleet: {config.devices_per_profile} devices on each of {', '.join(config.profiles)}"
         )
-        fleets = _start_devices(settings, config, address, stack)
+        fleets = start_devices(settings, config, address, stack)
         from tasks.datasets import write_reference_set
 
         write_reference_set(
@@ -148,13 +148,13 @@ def run_demo(config: DemoConfig, console: Console) -> DemoSummary:
             sample_rate_hz=settings.sensor.sample_rate_hz,
             window_samples=settings.sensor.window_samples,
         )
-        server = _serve_retraining(demo_dir)
-        stack.callback(_stop_process, server)
+        server = serve_retraining(demo_dir)
+        stack.callback(stop_process, server)
 
         _phase(console, "3. Full loop: ingest -> train -> register -> deploy -> monitor")
         from flows.loop import loop_flow
 
-        training_config = str(FAST_TRAINING_CONFIG) if config.quick else None
+        training_config = str(QUICK_TRAINING_CONFIG) if config.quick else None
         loop = loop_flow(
             fleet=settings.fleet,
             ingest_seconds=config.ingest_s,
@@ -169,7 +169,7 @@ def run_demo(config: DemoConfig, console: Console) -> DemoSummary:
         from firmware.sensor import DriftSpec, FaultSpec
 
         _sensors_of(fleets, faulty).inject_fault(FaultSpec(kind="inner_race", severity=0.6), [faulty])
-        fault_report = _ingest_and_monitor(settings, config)
+        fault_report = ingest_and_monitor(settings, config)
         summary.alerts.append(
             {
                 "phase": "fault",
@@ -184,17 +184,17 @@ def run_demo(config: DemoConfig, console: Console) -> DemoSummary:
         _phase(console, f"5. Sensor gain +{DRIFT_GAIN:.0%} on every machine")
         for fleet in fleets.values():
             fleet.sensors.add_drift(DriftSpec(kind="gain", amount=DRIFT_GAIN))
-        drift_report = _ingest_and_monitor(settings, config)
+        drift_report = ingest_and_monitor(settings, config)
         summary.drift.append(
             {"phase": "drift", "verdict": drift_report["verdict"], "events": ", ".join(drift_report["events"])}
         )
         console.print(f"  verdict: [bold]{drift_report['verdict']}[/], events: {drift_report['events']}")
         if "tinymlops.drift.detected" in drift_report["events"]:
             console.print("  waiting for the event-triggered retraining (Prefect automation -> served deployment)")
-            summary.retrainings.append(_await_retraining(config.retrain_timeout_s))
+            summary.retrainings.append(await_retraining(config.retrain_timeout_s))
 
         _phase(console, "6. Monitoring after the retraining")
-        after = _ingest_and_monitor(settings, config)
+        after = ingest_and_monitor(settings, config)
         summary.drift.append(
             {"phase": "after retraining", "verdict": after["verdict"], "events": ", ".join(after["events"])}
         )
@@ -216,7 +216,10 @@ def _start_quietly(service: Any) -> None:
         log.warning("%s", exc)
 
 
-def _start_devices(settings: Settings, config: DemoConfig, address: Any, stack: ExitStack) -> dict[str, Any]:
+def start_devices(
+    settings: Settings, config: DemoConfig, address: Any, stack: ExitStack, score_interval_s: float = 0.1
+) -> dict[str, Any]:
+    """Start a device fleet per MCU profile, streaming and scoring in real time; stopped with ``stack``."""
     from firmware.device import DeviceConfig
     from firmware.device_fleet import DeviceFleet
     from tasks.deploy import KeyStore, keys_dir
@@ -228,7 +231,10 @@ def _start_devices(settings: Settings, config: DemoConfig, address: Any, stack: 
     keyring = store.keyring()
     catalog = load_catalog(settings.targets.catalog)
     device_config = DeviceConfig(
-        score_interval_s=0.1, publish_windows=True, summary_windows=100, topic_root=settings.mqtt.topic_root
+        score_interval_s=score_interval_s,
+        publish_windows=True,
+        summary_windows=100,
+        topic_root=settings.mqtt.topic_root,
     )
     fleets = {}
     for i, profile in enumerate(config.profiles):
@@ -259,7 +265,8 @@ def _sensors_of(fleets: dict[str, Any], device_id: str) -> Any:
     return next(f.sensors for f in fleets.values() if device_id in f.sensors.device_ids)
 
 
-def _ingest_and_monitor(settings: Settings, config: DemoConfig) -> dict[str, Any]:
+def ingest_and_monitor(settings: Settings, config: DemoConfig) -> dict[str, Any]:
+    """Ingest the fleet for the monitoring window, then run the monitor flow over it."""
     from flows.ingest import ingest_flow
     from flows.monitor import monitor_flow
 
@@ -267,7 +274,7 @@ def _ingest_and_monitor(settings: Settings, config: DemoConfig) -> dict[str, Any
     return monitor_flow(fleet=settings.fleet, window_minutes=config.monitor_s / 60.0)
 
 
-def _serve_retraining(demo_dir: Path) -> subprocess.Popen[bytes]:
+def serve_retraining(demo_dir: Path) -> subprocess.Popen[bytes]:
     """Serve the drift-triggered retraining deployment in a child process (Prefect's runner)."""
     out = open(demo_dir / "logs" / "serve.log", "wb")  # noqa: SIM115 - owned by the child
     return subprocess.Popen(
@@ -279,7 +286,8 @@ def _serve_retraining(demo_dir: Path) -> subprocess.Popen[bytes]:
     )
 
 
-def _stop_process(process: subprocess.Popen[bytes]) -> None:
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """Stop a served runner: SIGINT (it pauses its deployments), then SIGKILL."""
     if process.poll() is None:
         os.killpg(process.pid, 2)  # SIGINT: Prefect's runner stops on it
         try:
@@ -288,7 +296,7 @@ def _stop_process(process: subprocess.Popen[bytes]) -> None:
             os.killpg(process.pid, 9)
 
 
-def _await_retraining(timeout_s: float) -> dict[str, Any]:
+def await_retraining(timeout_s: float) -> dict[str, Any]:
     """Wait for the retraining flow run the drift event triggered, and return its outcome."""
     import asyncio
 

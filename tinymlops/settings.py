@@ -131,6 +131,10 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(default=REPO_ROOT / "data", description="Root of the lake and local stores.")
     fleet: str = Field(default="demo", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Default fleet name.")
+    keys_dir: Path | None = Field(
+        default=None,
+        description="OTA signing key directory; default ~/.config/tinymlops/keys (outside the repository).",
+    )
     cwru_dir: Path = Field(default=REPO_ROOT.parent / "shared" / "data" / "cwru", description="CWRU recordings.")
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     sensor: SensorSettings = Field(default_factory=SensorSettings)

@@ -1,0 +1,93 @@
+"""Deploy flow: registered model -> devices of its MCU profile over MQTT, with an optional canary and rollback."""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from firmware.ota import OtaTopics
+from tasks.deploy import (
+    DeployError,
+    DeploymentReport,
+    DeploymentSession,
+    deploy_wave_task,
+    held_outcomes,
+    judge_canary_task,
+    load_signer,
+    log_deployment_task,
+    plan_canary,
+    report_started_at,
+    resolve_deployable_task,
+    rollback_canaries_task,
+    select_targets_task,
+)
+from tinymlops.mqtt import parse_broker_url
+from tinymlops.settings import get_settings
+
+
+@flow(name="deploy")
+def deploy_flow(
+    model_ref: str = "vibration-ae-nrf52840@champion",
+    fleet: str | None = None,
+    devices: list[str] | None = None,
+    group: str | None = None,
+    canary_fraction: float = 0.0,
+    watch_s: float = 30.0,
+    timeout_s: float = 60.0,
+    broker_url: str | None = None,
+) -> dict[str, Any]:
+    """Deploy a registered model to the fleet's devices of its MCU profile and report per device.
+
+    Args:
+        model_ref: ``NAME@alias`` or ``NAME/version`` in the registry.
+        fleet: Fleet name (default: settings).
+        devices: Only these devices.
+        group: Only this group's members (one group manifest when there is no canary phase).
+        canary_fraction: Deploy to this fraction first, watch, then the rest or roll back.
+        watch_s: How long the canaries' anomaly rate is watched.
+        timeout_s: How long each wave waits for the devices' final statuses.
+        broker_url: Broker of the fleet (default: settings; one is required).
+
+    Returns:
+        The :class:`~tasks.deploy.DeploymentReport` as a dict, with the MLflow run id.
+    """
+    settings = get_settings()
+    fleet = fleet or settings.fleet
+    url = broker_url or settings.mqtt.url
+    if not url:
+        raise DeployError("no broker to reach the fleet: pass broker_url or set TINYMLOPS_MQTT__URL")
+    address = parse_broker_url(url)
+    started_at, started = report_started_at(), time.monotonic()
+    model = resolve_deployable_task(model_ref)
+    topics = OtaTopics(fleet, settings.mqtt.topic_root)
+    with DeploymentSession(address, topics, load_signer(), mqtt_settings=settings.mqtt) as session:
+        selection = select_targets_task(session, model, devices, group)
+        canary, rest = plan_canary(selection.targets, canary_fraction)
+        outcomes = deploy_wave_task(session, model, canary, "canary", None, timeout_s) if canary else []
+        verdict = judge_canary_task(session, model, outcomes, rest, watch_s) if canary else None
+        registry_rollback, notes = None, []
+        if verdict is None or verdict.healthy:
+            outcomes += deploy_wave_task(session, model, rest, "fleet", None if canary else group, timeout_s)
+        else:
+            rolled = rollback_canaries_task(session, model, canary, verdict.reason, timeout_s)
+            outcomes += rolled.outcomes + held_outcomes(model, rest, "canary unhealthy")
+            registry_rollback, notes = rolled.registry, rolled.notes
+    report = DeploymentReport(
+        model_ref=model_ref, model=model.name, registry_version=model.registry_version, sha256=model.sha256,
+        target=model.target, fleet=fleet, broker=address.url, canary_fraction=canary_fraction, outcomes=outcomes,
+        skipped=selection.skipped, canary=verdict, rolled_back=verdict is not None and not verdict.healthy,
+        registry_rollback=registry_rollback, notes=notes, started_at=started_at,
+        duration_s=time.monotonic() - started,
+    )  # fmt: skip
+    run_id = log_deployment_task(report, str(flow_run.id or "") or None)
+    create_markdown_artifact(
+        report.to_markdown(),
+        key=re.sub(r"[^a-z0-9-]", "-", f"deployment-{fleet}-{model.target}".lower()),
+        description=f"Deployment of {model.label} to fleet {fleet}: {report.outcome}",
+    )
+    return {**report.to_dict(), "mlflow_run_id": run_id}
