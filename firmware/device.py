@@ -65,7 +65,7 @@ from firmware.ota import (
     decode_manifest,
     reason_for,
 )
-from firmware.sensor import MachineSimulator, quantize
+from firmware.sensor import MachineSimulator, VibrationSource, quantize
 from firmware.signing import KeyRing
 from firmware.tflm import TflmRunner
 from tinymlops.errors import TinyMLOpsError
@@ -291,7 +291,7 @@ class DeviceRuntime:
         broker: BrokerAddress | None = None,
         *,
         group: str | None = None,
-        simulator: MachineSimulator | None = None,
+        simulator: VibrationSource | None = None,
         config: DeviceConfig | None = None,
         mqtt_settings: MqttSettings | None = None,
     ) -> None:
@@ -307,7 +307,7 @@ class DeviceRuntime:
             ReceiverConfig(self.device_id, profile.name, self.budget.slot_bytes, self.budget.ram_free, self.group),
             keyring,
         )
-        self.simulator = simulator or MachineSimulator(seed=zlib.crc32(self.device_id.encode()))
+        self.simulator: VibrationSource = simulator or MachineSimulator(seed=zlib.crc32(self.device_id.encode()))
         self.broker = broker
         self.mqtt_settings = mqtt_settings
         self.statuses: deque[DeviceStatus] = deque(maxlen=_STATUS_HISTORY)

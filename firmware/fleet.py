@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import paho.mqtt.client as mqtt
 
 from firmware.codec import VibrationWindow, encode
-from firmware.sensor import DriftSpec, FaultSpec, MachineSimulator, OperatingPoint, quantize
+from firmware.sensor import DriftSpec, FaultSpec, MachineSimulator, OperatingPoint, VibrationSource, quantize
 from tinymlops.mqtt import BrokerAddress, connect, make_client
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 class SensorNode:
     """One simulated sensor: a machine, a sequence counter and a topic."""
 
-    def __init__(self, device_id: str, simulator: MachineSimulator, topic: str, full_scale_g: float = 16.0) -> None:
+    def __init__(self, device_id: str, simulator: VibrationSource, topic: str, full_scale_g: float = 16.0) -> None:
         self.device_id = device_id
         self.simulator = simulator
         self.topic = topic

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -207,6 +207,29 @@ def quantize(x: Float32Array, full_scale_g: float = 16.0) -> tuple[npt.NDArray[n
     scale = full_scale_g / 32767
     counts = np.clip(np.rint(np.asarray(x, dtype=np.float64) / scale), -32768, 32767)
     return counts.astype(np.int16), scale
+
+
+class VibrationSource(Protocol):
+    """What a sensor node or device needs from its machine: windows, faults and drift."""
+
+    sample_rate_hz: int
+    window_samples: int
+
+    def next_window(self) -> Float32Array:
+        """The next window in g."""
+        ...
+
+    def inject_fault(self, fault: FaultSpec) -> None:
+        """Make the machine faulty."""
+        ...
+
+    def add_drift(self, drift: DriftSpec) -> None:
+        """Make the machine or its sensor drift."""
+        ...
+
+    def set_operating_point(self, operating_point: OperatingPoint) -> None:
+        """Change speed and load."""
+        ...
 
 
 class MachineSimulator:

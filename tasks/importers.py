@@ -254,6 +254,24 @@ def import_cwru(
     return results
 
 
+def load_cwru_recordings(cwru_dir: Path, *, target_rate_hz: int = 25_600) -> dict[str, Float64Array]:
+    """Return the drive-end signal of each CWRU class (48 kHz files), resampled to the sensor rate.
+
+    Raises:
+        DataImportError: No 48 kHz normal recording in the directory, or a file is invalid.
+    """
+    recordings = {}
+    for path in sorted(cwru_dir.glob(CWRU_GLOB)):
+        label, rate = _cwru_meta(path)
+        if rate != 48_000.0 or label in recordings:
+            continue
+        signal, _ = load_signal(path, var=CWRU_CHANNEL, fs=rate)
+        recordings[label] = _resample(signal, rate, target_rate_hz, path)
+    if "normal" not in recordings:
+        raise DataImportError(f"no CWRU normal recording (1797_Normal.npz) in {cwru_dir}")
+    return recordings
+
+
 def _cwru_meta(path: Path) -> tuple[str, float]:
     """Return the label and sample rate a CWRU file name stands for."""
     match = _CWRU_NAME.match(path.stem)

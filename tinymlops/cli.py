@@ -76,6 +76,9 @@ def demo(
     devices: Annotated[int, typer.Option(min=2, max=500, help="Simulated devices per MCU profile.")] = 10,
     quick: Annotated[bool, typer.Option(help="Short phases and training (CI).")] = False,
     keep_running: Annotated[bool, typer.Option(help="Leave the services up at the end for exploring the UIs.")] = False,
+    real_data: Annotated[
+        bool, typer.Option(help="Devices replay the real CWRU recordings instead of the physics simulator.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on the last line.")] = False,
 ) -> None:
     """Run the whole Tiny-MLOps loop on embedded defaults: fleet, train, deploy, fault alert, drift, retraining."""
@@ -86,6 +89,7 @@ def demo(
         devices_per_profile=devices,
         quick=quick,
         keep_running=keep_running,
+        real_data=real_data,
         ingest_s=20.0 if quick else 40.0,
         monitor_s=15.0 if quick else 25.0,
     )

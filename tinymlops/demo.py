@@ -51,6 +51,9 @@ class DemoConfig:
         retrain_timeout_s: How long to wait for the event-triggered retraining.
         quick: Short training (CI).
         keep_running: Leave the services up at the end.
+        real_data: Devices replay the real CWRU recordings (normal; a fault replays that fault's
+            recording) and the fleet is evaluated on the imported CWRU fault files, instead of the
+            physics simulator and its seeded-fault reference set.
     """
 
     devices_per_profile: int = 10
@@ -60,6 +63,7 @@ class DemoConfig:
     retrain_timeout_s: float = 300.0
     quick: bool = False
     keep_running: bool = False
+    real_data: bool = False
 
 
 @dataclass
@@ -140,14 +144,7 @@ def run_demo(config: DemoConfig, console: Console) -> DemoSummary:
             console, f"2. Virtual fleet: {config.devices_per_profile} devices on each of {', '.join(config.profiles)}"
         )
         fleets = start_devices(settings, config, address, stack)
-        from tasks.datasets import write_reference_set
-
-        write_reference_set(
-            settings.lake_root,
-            settings.fleet,
-            sample_rate_hz=settings.sensor.sample_rate_hz,
-            window_samples=settings.sensor.window_samples,
-        )
+        add_evaluation_set(settings, config)
         server = serve_retraining(demo_dir)
         stack.callback(stop_process, server)
 
@@ -236,6 +233,11 @@ def start_devices(
         summary_windows=100,
         topic_root=settings.mqtt.topic_root,
     )
+    recordings = None
+    if config.real_data:
+        from tasks.importers import load_cwru_recordings
+
+        recordings = load_cwru_recordings(settings.cwru_dir, target_rate_hz=settings.sensor.sample_rate_hz)
     fleets = {}
     for i, profile in enumerate(config.profiles):
         fleet = DeviceFleet(
@@ -249,11 +251,41 @@ def start_devices(
             device_prefix=profile[:3],
             mqtt_settings=settings.mqtt,
         )
+        if recordings is not None:
+            from firmware.recorded import RecordedMachine
+
+            for j, (node, device) in enumerate(zip(fleet.sensors.nodes, fleet.devices, strict=True)):
+                node.simulator = device.simulator = RecordedMachine(
+                    recordings, settings.sensor.sample_rate_hz, settings.sensor.window_samples, seed=100 * i + j
+                )
         fleet.start()
         stack.callback(fleet.stop)
         threading.Thread(target=fleet.run, daemon=True, name=f"devices-{profile}").start()
         fleets[profile] = fleet
     return fleets
+
+
+def add_evaluation_set(settings: Settings, config: DemoConfig) -> None:
+    """Labelled fault windows to evaluate the fleet's models on: simulated, or the real CWRU files."""
+    if config.real_data:
+        from tasks.importers import import_cwru
+
+        import_cwru(
+            settings.cwru_dir,
+            lake_root=settings.lake_root,
+            fleet=settings.fleet,
+            target_rate_hz=settings.sensor.sample_rate_hz,
+            window_samples=settings.sensor.window_samples,
+        )
+        return
+    from tasks.datasets import write_reference_set
+
+    write_reference_set(
+        settings.lake_root,
+        settings.fleet,
+        sample_rate_hz=settings.sensor.sample_rate_hz,
+        window_samples=settings.sensor.window_samples,
+    )
 
 
 def _fleet_device(fleets: dict[str, Any], index: int) -> str:
