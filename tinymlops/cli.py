@@ -98,7 +98,8 @@ def demo(
     _print_table("Models per MCU profile (champion)", summary.models)
     _print_table("Devices: what they run and the Tiny-MLOps latencies", summary.devices)
     _print_table("Fault alerts", summary.alerts)
-    _print_table("Drift and retraining", summary.drift + summary.retrainings)
+    _print_table("Drift", summary.drift)
+    _print_table("Event-triggered retrainings", summary.retrainings)
     for name, url in summary.urls.items():
         console.print(f"{name}: {url}")
     console.print(

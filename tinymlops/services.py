@@ -105,9 +105,11 @@ class LocalService:
                 continue
 
 
-def prefect_server(home: Path, log_dir: Path, port: int | None = None) -> LocalService:
-    """A Prefect server (API and UI) with its database under ``home``."""
+def prefect_server(home: Path, log_dir: Path, port: int | None = None, database_url: str | None = None) -> LocalService:
+    """A Prefect server (API and UI): its database under ``home``, or ``database_url`` (PostgreSQL for teams)."""
     env = {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "true"}
+    if database_url:
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
     command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", "{port}"]
     return LocalService("Prefect server", command, "/api/health", env, log_dir / "prefect-server.log", port)
 
