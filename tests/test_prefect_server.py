@@ -42,10 +42,11 @@ def test_prefect_yaml_deploys_every_deployment_and_the_trigger_runs_retraining(s
     deployed = prefect_cli(["--no-prompt", "deploy", "--all"], server)
     assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
 
-    os.environ["PREFECT_API_URL"] = f"{server.url}/api"
-    try:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    # Prefect may already be imported and configured by earlier tests: settings, not the environment.
+    with temporary_settings(updates={PREFECT_API_URL: f"{server.url}/api"}):
         from prefect.client.orchestration import get_client
-        from prefect.events import emit_event
 
         async def deployments() -> dict[str, object]:
             async with get_client() as client:
@@ -68,16 +69,22 @@ def test_prefect_yaml_deploys_every_deployment_and_the_trigger_runs_retraining(s
         assert retrain.entrypoint == "flows/retrain.py:retrain_flow"
 
         time.sleep(2)  # the automation is loaded by the server's triggers service
-        emit_event(
-            event="tinymlops.drift.detected",
-            resource={"prefect.resource.id": "tinymlops.fleet.plant-7"},
-            payload={
-                "fleet": "plant-7",
-                "devices": ["nrf-0001", "nrf-0004"],
-                "since": "2026-11-23T06:00:00+00:00",
-                "champion_version": "3",
-            },
+        # From its own process, as the monitor flow does: Prefect's events worker is a per-process
+        # singleton, already bound to another API in a test session.
+        emitter = (
+            "from prefect.events import emit_event\n"
+            "emit_event(event='tinymlops.drift.detected', resource={'prefect.resource.id': 'tinymlops.fleet.plant-7'},"
+            " payload={'fleet': 'plant-7', 'devices': ['nrf-0001', 'nrf-0004'],"
+            " 'since': '2026-11-23T06:00:00+00:00', 'champion_version': '3'})\n"
         )
+        emitted = subprocess.run(
+            [sys.executable, "-c", emitter],
+            env={**os.environ, "PREFECT_API_URL": f"{server.url}/api"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert emitted.returncode == 0, emitted.stderr[-2000:]
 
         async def triggered_runs() -> list[object]:
             async with get_client() as client:
@@ -97,5 +104,3 @@ def test_prefect_yaml_deploys_every_deployment_and_the_trigger_runs_retraining(s
         assert parameters["fleet"] == "plant-7"
         assert parameters["devices"] == ["nrf-0001", "nrf-0004"]
         assert parameters["champion_version"] == "3"
-    finally:
-        os.environ.pop("PREFECT_API_URL", None)

@@ -5,6 +5,7 @@ Like the CLI, this module is part of the application layer on top of flows and t
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import tempfile
@@ -136,3 +137,60 @@ def bench_ingest(settings: Settings, *, quick: bool = False) -> dict[str, Any]:
         "window_samples": settings.sensor.window_samples,
         "sensors_at_sensor_rate": round(ingest_rate / settings.sensor.sample_rate_hz, 1),
     }
+
+
+# (figure key, what it is, target) for the README's table; the values come from bench/results.json.
+README_FIGURES: tuple[tuple[str, str, str], ...] = (
+    ("ingest_samples_per_s", "ingest MQTT -> validated -> Parquet lake, samples/s", ">= 1,000,000"),
+    ("raw_subscriber_samples_per_s", "bare paho subscriber draining the same stream, samples/s", "baseline"),
+    ("ingest_to_raw_ratio", "ingest / bare subscriber", ">= 0.5"),
+    ("int8_model_bytes", "deployed int8 model, bytes", ""),
+    ("reference_int8_model_bytes", "MLPerf Tiny AD reference int8, bytes", "baseline"),
+    ("bytes_ratio", "reference / ours, bytes", ">= 10"),
+    ("macs", "MACs per inference (ours)", ""),
+    ("macs_ratio", "reference / ours, MACs", ">= 10"),
+    ("tflm_arena_bytes", "TFLite Micro tensor arena, bytes (measured)", ""),
+    ("auc_float", "ROC-AUC on CWRU, float", ""),
+    ("auc_int8", "ROC-AUC on CWRU, int8 TFLite", ">= 0.99"),
+    ("auc_tflm", "ROC-AUC on CWRU, int8 TFLite Micro", ">= 0.99"),
+    ("reference_auc_int8", "ROC-AUC on CWRU, reference int8", "<= ours"),
+    ("train_flow_s", "wall time of a full train flow, s", ""),
+    ("deploy_latency_ms_p50", "deployment latency p50 (manifest -> active), ms", "< 50"),
+    ("deploy_latency_ms_p95", "deployment latency p95, ms", ""),
+    ("load_latency_ms_p50", "loading latency p50 (device), ms", ""),
+    ("inference_latency_ms_p50", "inference latency p50 (device), ms", ""),
+    ("fleet_1000_update_s", "update 1,000 devices, s", "< 30"),
+    ("bare_broker_fleet_1000_s", "bare broker delivering the same bytes to 1,000, s", "baseline"),
+    ("fleet_1000_to_bare_ratio", "fleet update / bare broker", "<= 3"),
+    ("drift_onset_to_event_s", "drift onset -> drift event, s", ""),
+    ("drift_event_to_active_s", "drift event -> retrained model active on every device, s", "< 120"),
+)
+
+
+def bench_table_markdown(figures: dict[str, Any]) -> str:
+    """The README's benchmark table, made from a ``bench/results.json``."""
+
+    def shown(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:,.3f}" if abs(value) < 100 else f"{value:,.0f}"
+        return f"{value:,}" if isinstance(value, int) else str(value)
+
+    lines = ["| figure | value | target |", "|---|---|---|"]
+    lines += [
+        f"| {text} (`{key}`) | {shown(figures.get(key, 'not measured'))} | {target} |"
+        for key, text, target in README_FIGURES
+    ]
+    machine = f"{figures.get('cpus')} CPUs, {figures.get('processor')}, {figures.get('system')}"
+    lines += ["", f"Measured on {machine}, Python {figures.get('python')}; `quick` = {figures.get('quick')}."]
+    return "\n".join(lines) + "\n"
+
+
+README_BENCH_START, README_BENCH_END = "<!-- bench-table:start -->\n", "<!-- bench-table:end -->"
+
+
+def render_readme_table(results: Path, readme: Path) -> None:
+    """Rewrite the README's benchmark table (between its markers) from a results file."""
+    figures = json.loads(results.read_text())
+    text = readme.read_text()
+    start = text.index(README_BENCH_START) + len(README_BENCH_START)
+    readme.write_text(text[:start] + bench_table_markdown(figures) + text[text.index(README_BENCH_END) :])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import itertools
 import json
 import logging
 import os
@@ -18,15 +19,16 @@ import traceback
 from pathlib import Path
 from typing import Annotated, Any
 
+import pydantic
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from tinymlops.cli_deploy import deploy_command, keys_app
+from tinymlops.cli_deploy import deploy_command, keys_app, require_broker, require_prefect_api
 from tinymlops.cli_device import device_app
 from tinymlops.cli_models import models_app
 from tinymlops.cli_security import security_app
-from tinymlops.errors import TinyMLOpsError
+from tinymlops.errors import ConfigError, LakeError, TinyMLOpsError
 from tinymlops.runtime import configure_logging, configure_prefect_env
 from tinymlops.settings import Settings, get_settings, settings_reference_markdown
 
@@ -61,6 +63,39 @@ def _settings() -> Settings:
     return settings
 
 
+def _check_fleet(fleet: str | None) -> None:
+    """Refuse a fleet name that cannot be one topic level or lake partition (``a/b`` would escape it)."""
+    if fleet is not None:
+        from firmware.ota import check_name
+
+        check_name(fleet, "fleet")
+
+
+class _NoTracebackFormatter(logging.Formatter):
+    """Formats like ``inner`` but with an exception as one ``(Type: message)`` suffix instead of a traceback."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self._inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        exc = record.exc_info[1] if record.exc_info else None
+        record.exc_info = record.exc_text = record.stack_info = None
+        try:
+            text = self._inner.format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+        if exc is None or _one_line(str(exc)) in text:  # Prefect's records already name the exception
+            return text
+        return f"{text} ({type(exc).__name__}: {_one_line(str(exc))})"
+
+
+def _one_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] + (" [...]" if len(lines) > 1 else "") if lines else ""
+
+
 @app.callback()
 def main_options(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
@@ -69,6 +104,10 @@ def main_options(
     """Tiny-MLOps for far-edge vibration sensors. Settings come from TINYMLOPS_* environment variables."""
     _state["debug"] = debug
     configure_logging(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
+    if not debug:  # a failing flow logs its traceback (Prefect): the one-line error is enough without --debug
+        for handler in logging.getLogger().handlers:
+            if not isinstance(handler.formatter, _NoTracebackFormatter):
+                handler.setFormatter(_NoTracebackFormatter(handler.formatter or logging.Formatter()))
 
 
 @app.command()
@@ -82,7 +121,8 @@ def demo(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on the last line.")] = False,
 ) -> None:
     """Run the whole Tiny-MLOps loop on embedded defaults: fleet, train, deploy, fault alert, drift, retraining."""
-    _settings()
+    settings = _settings()
+    require_broker(settings.mqtt.url, "TINYMLOPS_MQTT__URL")
     from tinymlops.demo import DemoConfig, run_demo
 
     config = DemoConfig(
@@ -120,12 +160,13 @@ def ingest(
     broker: Annotated[str | None, typer.Option(help="Broker URL (default: settings, else embedded).")] = None,
 ) -> None:
     """Ingest vibration windows from MQTT into the lake (the ingest flow); runs until a bound or Ctrl-C."""
-    _settings()
+    settings = _settings()
+    # fail before any flow machinery starts
+    _check_fleet(fleet)
+    require_broker(broker or settings.mqtt.url, "--broker" if broker else "TINYMLOPS_MQTT__URL")
+    require_prefect_api(settings)
     from flows.ingest import ingest_flow
-    from tinymlops.mqtt import parse_broker_url
 
-    if broker:
-        parse_broker_url(broker)  # fail before any flow machinery starts
     stats = ingest_flow(
         fleet=fleet, seconds=seconds, max_windows=max_windows, idle_timeout_s=idle_timeout, broker_url=broker
     )
@@ -147,6 +188,7 @@ def simulate(
 ) -> None:
     """Run a virtual fleet of sensor nodes that publish vibration windows over MQTT."""
     settings = _settings()
+    _check_fleet(fleet)
     from firmware.fleet import VirtualFleet
     from firmware.sensor import FaultSpec
     from tinymlops.mqtt import broker_for
@@ -183,19 +225,41 @@ def train(
     device: Annotated[list[str] | None, typer.Option(help="Only these devices' windows (repeatable).")] = None,
     since: Annotated[str | None, typer.Option(help="Only windows from this ISO time (UTC if no zone).")] = None,
     until: Annotated[str | None, typer.Option(help="Only windows before this ISO time.")] = None,
-    config: Annotated[Path | None, typer.Option(help="Training configuration YAML.")] = None,
+    config: Annotated[
+        Path | None, typer.Option(exists=True, dir_okay=False, help="Training configuration YAML.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the outcome as JSON.")] = False,
 ) -> None:
     """Train, compress and validate the anomaly model per MCU target (the train flow)."""
-    _settings()
+    settings = _settings()
+    start, end = _parse_time(since, "--since"), _parse_time(until, "--until")
+    # Fail before the flow (and minutes of training) starts: targets, fleet data, services.
+    from registry.store import check_tracking
+    from tasks.lake import lake_summary
+    from tinymlops.targets import get_target, load_catalog
+
+    catalog = load_catalog(settings.targets.catalog)
+    for name in target or settings.targets.default:
+        get_target(name, catalog)
+    _check_fleet(fleet)
+    name = fleet or settings.fleet
+    fleets = sorted(set(lake_summary(settings.lake_root).column("fleet").to_pylist()))
+    if name not in fleets:
+        known = ", ".join(fleets) or "none"
+        raise LakeError(
+            f"no windows of fleet {name!r} in the lake at {settings.lake_root} (fleets: {known}); "
+            "ingest or import some first"
+        )
+    check_tracking(settings.mlflow_tracking_uri)
+    require_prefect_api(settings)
     from flows.train import train_flow
 
     outcome = train_flow(
         fleet=fleet,
         targets=target,
         devices=device,
-        start=_parse_time(since, "--since"),
-        end=_parse_time(until, "--until"),
+        start=start,
+        end=end,
         config_path=str(config) if config else None,
     )
     if as_json:
@@ -284,6 +348,7 @@ def reference(
 ) -> None:
     """Add a labelled seeded-fault reference set (simulated) to a fleet, for evaluating its models."""
     settings = _settings()
+    _check_fleet(fleet)
     from tasks.datasets import write_reference_set
 
     written = write_reference_set(
@@ -318,6 +383,7 @@ def import_files(
 ) -> None:
     """Import recorded vibration files into the lake, resampled to the fleet's sensor rate."""
     settings = _settings()
+    _check_fleet(fleet)
     from tasks.importers import import_file
 
     rows = []
@@ -352,6 +418,7 @@ def import_cwru_command(
 ) -> None:
     """Import the real CWRU bearing recordings (normal and faults, labelled) into the lake."""
     settings = _settings()
+    _check_fleet(fleet)
     from tasks.importers import import_cwru
 
     results = import_cwru(
@@ -419,6 +486,7 @@ def serve(
         raise typer.BadParameter(
             f"unknown deployments {', '.join(unknown)}; choose from {', '.join(NAMES)}", param_hint="--only"
         )
+    require_prefect_api(settings)
     serve_deployments(set(only) if only else None)
 
 
@@ -451,11 +519,26 @@ def bench_all(
     quick: Annotated[bool, typer.Option(help="Reduced run for CI.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print all figures as JSON on the last line.")] = False,
     output: Annotated[Path, typer.Option(help="Where to write the figures.")] = Path("bench/results.json"),
+    render_readme: Annotated[
+        bool, typer.Option(help="Only rewrite README.md's benchmark table from the existing figures file.")
+    ] = False,
 ) -> None:
     """Run the ingest, model, deploy and loop benchmarks and write one JSON file of all figures."""
     if ctx.invoked_subcommand is not None:
         return
+    if render_readme:
+        from tinymlops.bench import render_readme_table
+
+        render_readme_table(output, Path("README.md"))
+        console.print(f"README.md's benchmark table rendered from {output}")
+        return
     settings = _settings()
+    # fail before hours of benchmarks: where the figures go, and the broker the loop benchmark uses
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the figures to {output}: {exc.strerror or exc}") from None
+    require_broker(settings.mqtt.url, "TINYMLOPS_MQTT__URL")
     from tinymlops.bench import bench_ingest as run_ingest_bench
     from tinymlops.bench import machine_description
     from tinymlops.bench_deploy import bench_deploy
@@ -501,6 +584,7 @@ def bench_loop_command(
 ) -> None:
     """Time drift onset -> drift event -> retrained model active on every device of a simulated fleet."""
     settings = _settings()
+    require_broker(settings.mqtt.url, "TINYMLOPS_MQTT__URL")
     from tinymlops.bench_loop import bench_loop
 
     figures = bench_loop(settings, quick=quick)
@@ -551,6 +635,18 @@ def _print_table(title: str, rows: list[dict[str, Any]]) -> None:
     console.print(table)
 
 
+def _validation_line(exc: pydantic.ValidationError) -> str:
+    """One line for a pydantic error: the first invalid field (as its environment variable for settings)."""
+    first = exc.errors()[0]
+    loc = [str(part) for part in first["loc"]]
+    if exc.title == Settings.__name__:
+        fields = [str(part) for part in itertools.takewhile(lambda part: isinstance(part, str), first["loc"])]
+        where = "TINYMLOPS_" + "__".join(fields).upper()
+        value = "" if "password" in where.lower() else f"={first.get('input')!r}"  # never echo a secret
+        return f"invalid setting {where}{value}: {first['msg']}"
+    return f"invalid {exc.title} {'.'.join(loc) or 'value'}: {first['msg']}"
+
+
 def main() -> None:
     """Console-script entry point: run the app, turn domain errors into one line and exit 1."""
     try:
@@ -564,15 +660,22 @@ def main() -> None:
         exc.show()  # type: ignore[attr-defined]
         sys.exit(getattr(exc, "exit_code", 2))
     except TinyMLOpsError as exc:
-        err_console.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
+        err_console.print(f"error: {_one_line(str(exc))}", highlight=False, markup=False, soft_wrap=True)
         if _state["debug"]:
             traceback.print_exc()
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
+    except pydantic.ValidationError as exc:  # TINYMLOPS_* settings from the environment
+        err_console.print(f"error: {_validation_line(exc)}", highlight=False, markup=False, soft_wrap=True)
+        if _state["debug"]:
+            traceback.print_exc()
+        sys.exit(1)
     except Exception as exc:  # a bug or an unforeseen failure: still one line, the traceback on request
         err_console.print(
-            f"error: unexpected {type(exc).__name__}: {exc} (--debug shows the traceback)", markup=False, soft_wrap=True
+            f"error: unexpected {type(exc).__name__}: {_one_line(str(exc))} (--debug shows the traceback)",
+            markup=False,
+            soft_wrap=True,
         )
         if _state["debug"]:
             traceback.print_exc()
