@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import stat
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from tinymlops.errors import TinyMLOpsError
+from tinymlops.files import write_file_atomic
 
 KEY_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,32}$")
 SIGNATURE_BYTES = 64
@@ -102,24 +101,10 @@ def key_fingerprint(key: Ed25519PublicKey | Ed25519PrivateKey) -> str:
     return hashlib.sha256(public_key_bytes(key)).hexdigest()[:16]
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to a temporary sibling created with ``mode``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_private_key(path: Path, key: Ed25519PrivateKey) -> None:
     """Write the private key as unencrypted PKCS#8 PEM, readable by the owner only (0600)."""
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    _write_atomic(path, pem, 0o600)
+    write_file_atomic(path, pem, 0o600)
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
@@ -148,7 +133,7 @@ def save_public_key(path: Path, key: Ed25519PublicKey | Ed25519PrivateKey) -> No
     """Write the public key (of a private key: its public half) as SubjectPublicKeyInfo PEM."""
     public = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
     pem = public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    _write_atomic(path, pem, 0o644)
+    write_file_atomic(path, pem, 0o644)
 
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
@@ -283,7 +268,7 @@ class KeyRing:
 
     def save(self, path: Path) -> None:
         """Write the key ring JSON (public data: mode 0644)."""
-        _write_atomic(path, self.to_json().encode(), 0o644)
+        write_file_atomic(path, self.to_json().encode(), 0o644)
 
     @classmethod
     def load(cls, path: Path) -> KeyRing:

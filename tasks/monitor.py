@@ -654,19 +654,7 @@ def alert_event(report: MonitorReport, champion_version: str | None = None) -> d
     }
 
 
-@task(name="monitor-fleet", cache_policy=NO_CACHE)
-def monitor_fleet_task(
-    lake_root: Path,
-    fleet: str,
-    bundle: ModelBundle,
-    *,
-    since: dt.datetime,
-    until: dt.datetime,
-    settings: DriftSettings,
-    summaries: Sequence[DriftSummary] = (),
-) -> MonitorReport:
-    """Prefect task: :func:`monitor_fleet`."""
-    return monitor_fleet(lake_root, fleet, bundle, since=since, until=until, settings=settings, summaries=summaries)
+monitor_fleet_task = task(name="monitor-fleet", cache_policy=NO_CACHE)(monitor_fleet)
 
 
 def resolve_champion(model_ref: str) -> ResolvedModel:

@@ -192,51 +192,12 @@ def training_report_markdown(
     return "\n".join(lines) + "\n"
 
 
-@task(name="measure-tflm-arena", retries=1, cache_policy=NO_CACHE)
-def measure_arena_task(model: bytes) -> ArenaMeasurement:
-    """Prefect task: measure the smallest working TFLite Micro arena (in worker subprocesses)."""
-    return measure_arena(model)
-
-
-@task(name="build-drift-reference", cache_policy=NO_CACHE)
-def build_drift_reference_task(
-    features: FeatureSets, int8_model: bytes, arena_bytes: int, percentile: float
-) -> DriftReference:
-    """Prefect task: :func:`build_drift_reference`."""
-    return build_drift_reference(features, int8_model, arena_bytes, percentile)
-
-
-@task(name="package-for-target", task_run_name="package-{target.name}", cache_policy=NO_CACHE)
-def package_for_target_task(
-    out_dir: Path,
-    *,
-    target: McuTarget,
-    compression: CompressionResult,
-    spec: DspSpec,
-    arena: ArenaMeasurement,
-    comparison: ModelComparison,
-    threshold_percentile: float,
-    fleet: str,
-    dataset_fingerprint: str,
-    parity_inputs: npt.NDArray[np.float32],
-    drift_reference: DriftReference,
-    lineage: dict[str, str],
-) -> PackagedTarget:
-    """Prefect task: :func:`package_for_target`."""
-    return package_for_target(
-        out_dir,
-        target=target,
-        compression=compression,
-        spec=spec,
-        arena=arena,
-        comparison=comparison,
-        threshold_percentile=threshold_percentile,
-        fleet=fleet,
-        dataset_fingerprint=dataset_fingerprint,
-        parity_inputs=parity_inputs,
-        drift_reference=drift_reference,
-        lineage=lineage,
-    )
+# The Prefect layer: the same functions, run as tasks (tests call the functions).
+measure_arena_task = task(name="measure-tflm-arena", retries=1, cache_policy=NO_CACHE)(measure_arena)
+build_drift_reference_task = task(name="build-drift-reference", cache_policy=NO_CACHE)(build_drift_reference)
+package_for_target_task = task(name="package-for-target", task_run_name="package-{target.name}", cache_policy=NO_CACHE)(
+    package_for_target
+)
 
 
 def enforce_some_target_fits(packaged: list[PackagedTarget]) -> None:

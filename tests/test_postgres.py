@@ -36,6 +36,13 @@ def as_postgres(command: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
 
 
+def psql(address: str, database: str, query: str) -> str:
+    """Run one query and return its unaligned, tuples-only output."""
+    host, port = address.split(":")
+    command = ["psql", "-h", host, "-p", port, "-U", "postgres", "-d", database, "-tAc", query]
+    return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
+
+
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[str]:
     # pytest's temporary directories are private to root; the postgres user needs its own.
@@ -70,11 +77,7 @@ def postgres() -> Iterator[str]:
     )
     try:
         for database in ("prefect", "mlflow"):
-            subprocess.run(
-                ["psql", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-c", f"CREATE DATABASE {database}"],
-                check=True,
-                capture_output=True,
-            )
+            psql(f"127.0.0.1:{port}", "postgres", f"CREATE DATABASE {database}")
         yield f"127.0.0.1:{port}"
     finally:
         subprocess.run(as_postgres([pg_binary("pg_ctl"), "-D", str(data), "-m", "fast", "stop"]), capture_output=True)
@@ -127,43 +130,9 @@ def test_train_register_deploy_with_prefect_and_mlflow_on_postgresql(
         assert '"outcome": "deployed"' in deployed.stdout
 
         # both services kept their state in PostgreSQL
-        tables = subprocess.run(
-            [
-                "psql",
-                "-h",
-                postgres.split(":")[0],
-                "-p",
-                postgres.split(":")[1],
-                "-U",
-                "postgres",
-                "-d",
-                "mlflow",
-                "-tAc",
-                "SELECT name FROM registered_models",
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.split()
+        tables = psql(postgres, "mlflow", "SELECT name FROM registered_models").split()
         assert "vibration-ae-nrf52840" in tables
-        runs = subprocess.run(
-            [
-                "psql",
-                "-h",
-                postgres.split(":")[0],
-                "-p",
-                postgres.split(":")[1],
-                "-U",
-                "postgres",
-                "-d",
-                "prefect",
-                "-tAc",
-                "SELECT count(*) FROM flow_run WHERE state_type = 'COMPLETED'",
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        runs = psql(postgres, "prefect", "SELECT count(*) FROM flow_run WHERE state_type = 'COMPLETED'")
         assert int(runs) >= 2  # train and deploy (with their subflows)
     finally:
         server.stop()

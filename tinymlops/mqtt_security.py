@@ -27,7 +27,6 @@ import os
 import re
 import secrets
 import shutil
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,6 +39,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydantic import SecretStr
 
 from tinymlops.errors import TinyMLOpsError
+from tinymlops.files import write_file_atomic
 from tinymlops.settings import MqttSettings
 
 log = logging.getLogger(__name__)
@@ -256,8 +256,8 @@ class CertifiedKey:
 
     def save(self, cert_path: Path, key_path: Path) -> None:
         """Write the certificate (0644) and the key (0600)."""
-        write_file(cert_path, self.cert_pem, 0o644)
-        write_file(key_path, self.key_pem, 0o600)
+        write_file_atomic(cert_path, self.cert_pem, 0o644)
+        write_file_atomic(key_path, self.key_pem, 0o600)
 
     @classmethod
     def load(cls, cert_path: Path, key_path: Path) -> CertifiedKey:
@@ -380,22 +380,8 @@ def certificate_revocation_list(ca: CertifiedKey, serials: Iterable[int], *, day
 # --- files ----------------------------------------------------------------------------------
 
 
-def write_file(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to a temporary sibling created with ``mode``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_json(path: Path, content: Mapping[str, Any], mode: int) -> None:
-    write_file(path, (json.dumps(content, indent=2) + "\n").encode(), mode)
+    write_file_atomic(path, (json.dumps(content, indent=2) + "\n").encode(), mode)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -720,7 +706,7 @@ def _write_server_user(material: SecureBrokerMaterial, user: str, password: str,
         "TINYMLOPS_MQTT__TOPIC_ROOT": material.access.topic_root,
         "TINYMLOPS_FLEET": material.access.fleet,
     }
-    write_file(folder / "server.env", "".join(f"{k}={v}\n" for k, v in env.items()).encode(), 0o600)
+    write_file_atomic(folder / "server.env", "".join(f"{k}={v}\n" for k, v in env.items()).encode(), 0o600)
     credentials = {"username": user, "password": password, "client_id": client_id, "url": material.url()}
     _write_json(folder / "credentials.json", credentials, 0o600)
 
@@ -736,9 +722,9 @@ def new_ingest_client_id() -> str:
 
 
 def _write_broker_files(material: SecureBrokerMaterial, hashes: Mapping[str, str]) -> None:
-    write_file(material.password_file, password_file_text(hashes).encode(), 0o600)
-    write_file(material.acl_file, material.access.acl_text().encode(), 0o644)
-    write_file(material.mosquitto_conf, material.mosquitto_conf_text().encode(), 0o644)
+    write_file_atomic(material.password_file, password_file_text(hashes).encode(), 0o600)
+    write_file_atomic(material.acl_file, material.access.acl_text().encode(), 0o644)
+    write_file_atomic(material.mosquitto_conf, material.mosquitto_conf_text().encode(), 0o644)
     _write_json(material.directory / INVENTORY_FILE, material.inventory(), 0o644)
 
 
@@ -777,7 +763,9 @@ def init_material(
     directory.mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o700)  # the CA key and every password live below
     if keyring_json is not None:
-        write_file(material.keyring_file, (json.dumps(parse_keyring(keyring_json), indent=2) + "\n").encode(), 0o644)
+        write_file_atomic(
+            material.keyring_file, (json.dumps(parse_keyring(keyring_json), indent=2) + "\n").encode(), 0o644
+        )
     ca = generate_ca(f"tinymlops MQTT CA {access.fleet}")
     ca.save(material.ca_file, material.ca_key_file)
     issue_certificate(ca, hosts[0], hosts=hosts).save(material.server_cert_file, material.server_key_file)
@@ -825,7 +813,9 @@ def _revoke_client_cert(material: SecureBrokerMaterial, user: str) -> SecureBrok
         return material
     serial = x509.load_pem_x509_certificate(cert.read_bytes()).serial_number
     updated = replace(material, revoked_serials=(*material.revoked_serials, serial))
-    write_file(material.crl_file, certificate_revocation_list(_load_ca(material), updated.revoked_serials), 0o644)
+    write_file_atomic(
+        material.crl_file, certificate_revocation_list(_load_ca(material), updated.revoked_serials), 0o644
+    )
     return updated
 
 
@@ -887,6 +877,6 @@ def renew_server_certificate(material: SecureBrokerMaterial, hosts: Sequence[str
 
 def set_keyring(material: SecureBrokerMaterial, keyring_json: str) -> None:
     """Replace the model-signing key ring and rewrite every device's provisioning file with it."""
-    write_file(material.keyring_file, (json.dumps(parse_keyring(keyring_json), indent=2) + "\n").encode(), 0o644)
+    write_file_atomic(material.keyring_file, (json.dumps(parse_keyring(keyring_json), indent=2) + "\n").encode(), 0o644)
     for device in material.access.devices:
         _write_device(material, device.device_id, material.credentials(device.device_id).password)
