@@ -119,6 +119,11 @@ def decode(payload: bytes) -> VibrationWindow:
         raise DecodeError(f"bad CRC: message says {crc_sent:#010x}, content gives {crc_computed:#010x}")
     if id_len == 0 or n == 0:
         raise DecodeError(f"empty field: device id {id_len} bytes, {n} samples")
+    if id_len > MAX_DEVICE_ID_BYTES or n > MAX_SAMPLES:  # what encode() refuses to write
+        raise DecodeError(
+            f"field out of range: device id {id_len} bytes (at most {MAX_DEVICE_ID_BYTES}), "
+            f"{n} samples (at most {MAX_SAMPLES})"
+        )
     try:
         device = bytes(payload[HEADER_SIZE : HEADER_SIZE + id_len]).decode("utf-8")
     except UnicodeDecodeError as exc:

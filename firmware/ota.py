@@ -699,7 +699,21 @@ class _JsonMessage(BaseModel):
             raise OtaDecodeError(RxStatus.ERR_FIELD, f"invalid {cls.__name__} JSON: {where}: {first['msg']}") from None
         if message.v != JSON_VERSION:
             raise OtaDecodeError(RxStatus.ERR_VERSION, f"{cls.__name__} version {message.v}, this reads {JSON_VERSION}")
+        if not _all_finite(message.model_dump()):
+            # NaN/Infinity literals or an overflowing 1e999: not JSON numbers, and encode() would write null
+            raise OtaDecodeError(RxStatus.ERR_FIELD, f"invalid {cls.__name__} JSON: a number is not finite")
         return message
+
+
+def _all_finite(value: object) -> bool:
+    """Whether every float in a dumped message (nested dicts and lists) is finite."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(map(_all_finite, value.values()))
+    if isinstance(value, list | tuple):
+        return all(map(_all_finite, value))
+    return True
 
 
 _Name = Field(pattern=NAME_PATTERN.pattern)

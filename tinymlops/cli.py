@@ -13,11 +13,12 @@ import itertools
 import json
 import logging
 import os
+import subprocess
 import sys
 import threading
 import traceback
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import pydantic
 import typer
@@ -69,6 +70,20 @@ def _check_fleet(fleet: str | None) -> None:
         from firmware.ota import check_name
 
         check_name(fleet, "fleet")
+
+
+def _writable_dir(path: Path, what: str) -> None:
+    """Fail fast when a directory a command writes to cannot exist (a file, or a path under a file)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot use {path} as the {what}: {exc.strerror or exc}") from None
+
+
+def _readable_dir(path: Path, what: str) -> None:
+    """Refuse a directory to read that is a file; a missing one is empty (nothing written yet)."""
+    if path.exists() and not path.is_dir():
+        raise LakeError(f"the {what} {path} is not a directory: fix TINYMLOPS_DATA_DIR or the lake settings")
 
 
 class _NoTracebackFormatter(logging.Formatter):
@@ -123,6 +138,11 @@ def demo(
     """Run the whole Tiny-MLOps loop on embedded defaults: fleet, train, deploy, fault alert, drift, retraining."""
     settings = _settings()
     require_broker(settings.mqtt.url, "TINYMLOPS_MQTT__URL")
+    if real_data:  # before any service starts
+        from tasks.importers import CWRU_GLOB
+
+        if not any(settings.cwru_dir.glob(CWRU_GLOB)):
+            raise ConfigError(f"no CWRU recordings ({CWRU_GLOB}) in {settings.cwru_dir}: set TINYMLOPS_CWRU_DIR")
     from tinymlops.demo import DemoConfig, run_demo
 
     config = DemoConfig(
@@ -163,6 +183,8 @@ def ingest(
     settings = _settings()
     # fail before any flow machinery starts
     _check_fleet(fleet)
+    _writable_dir(settings.lake_root, "lake")
+    _writable_dir(settings.quarantine_root, "quarantine")
     require_broker(broker or settings.mqtt.url, "--broker" if broker else "TINYMLOPS_MQTT__URL")
     require_prefect_api(settings)
     from flows.ingest import ingest_flow
@@ -333,6 +355,8 @@ def _load_model(ref: str) -> Any:
 
     if Path(ref).is_dir():
         return load_bundle(Path(ref))
+    if ref.startswith(("/", ".", "~")):  # meant as a path: a registry name never starts so
+        raise ConfigError(f"no model bundle directory {ref}: give an existing directory or NAME@ALIAS")
     from registry.models import resolve
     from registry.store import configure_from_settings
 
@@ -349,6 +373,7 @@ def reference(
     """Add a labelled seeded-fault reference set (simulated) to a fleet, for evaluating its models."""
     settings = _settings()
     _check_fleet(fleet)
+    _writable_dir(settings.lake_root, "lake")
     from tasks.datasets import write_reference_set
 
     written = write_reference_set(
@@ -384,6 +409,7 @@ def import_files(
     """Import recorded vibration files into the lake, resampled to the fleet's sensor rate."""
     settings = _settings()
     _check_fleet(fleet)
+    _writable_dir(settings.lake_root, "lake")
     from tasks.importers import import_file
 
     rows = []
@@ -419,6 +445,7 @@ def import_cwru_command(
     """Import the real CWRU bearing recordings (normal and faults, labelled) into the lake."""
     settings = _settings()
     _check_fleet(fleet)
+    _writable_dir(settings.lake_root, "lake")
     from tasks.importers import import_cwru
 
     results = import_cwru(
@@ -446,6 +473,7 @@ def import_cwru_command(
 def lake_summary_command() -> None:
     """Count windows per fleet, device and label."""
     settings = _settings()
+    _readable_dir(settings.lake_root, "lake")
     from tasks.lake import lake_summary
 
     _print_table("Lake contents", lake_summary(settings.lake_root).to_pylist())
@@ -455,6 +483,7 @@ def lake_summary_command() -> None:
 def lake_quarantine_command(limit: Annotated[int, typer.Option(min=1)] = 20) -> None:
     """List the most recent rejected messages and why they were rejected."""
     settings = _settings()
+    _readable_dir(settings.quarantine_root, "quarantine")
     from tasks.lake import read_quarantine
 
     table = read_quarantine(settings.quarantine_root).sort_by([("received_at", "descending")])
@@ -539,21 +568,17 @@ def bench_all(
     except OSError as exc:
         raise ConfigError(f"cannot write the figures to {output}: {exc.strerror or exc}") from None
     require_broker(settings.mqtt.url, "TINYMLOPS_MQTT__URL")
-    from tinymlops.bench import bench_ingest as run_ingest_bench
     from tinymlops.bench import machine_description
-    from tinymlops.bench_deploy import bench_deploy
-    from tinymlops.bench_loop import bench_loop
-    from tinymlops.bench_model import bench_model
 
     figures: dict[str, Any] = {"quick": quick, **machine_description()}
-    for name, run in (
-        ("ingest", run_ingest_bench),
-        ("model", bench_model),
-        ("deploy", bench_deploy),
-        ("loop", bench_loop),
-    ):
+    for name in ("ingest", "model", "deploy", "loop"):
         console.rule(f"bench {name}")
-        figures.update(run(settings, quick=quick))
+        # Each benchmark in its own process: Prefect binds its settings and events worker once per process.
+        command = [sys.executable, "-m", "tinymlops", "bench", name, "--json", *(["--quick"] if quick else [])]
+        result = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+        if result.returncode != 0:
+            raise TinyMLOpsError(f"bench {name} failed (exit {result.returncode}); run it alone to see why")
+        figures.update(json.loads(result.stdout.strip().splitlines()[-1]))
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
     _print_table("Benchmarks", [{"figure": k, "value": v} for k, v in sorted(figures.items())])
@@ -660,23 +685,27 @@ def main() -> None:
         exc.show()  # type: ignore[attr-defined]
         sys.exit(getattr(exc, "exit_code", 2))
     except TinyMLOpsError as exc:
-        err_console.print(f"error: {_one_line(str(exc))}", highlight=False, markup=False, soft_wrap=True)
-        if _state["debug"]:
-            traceback.print_exc()
-        sys.exit(1)
+        _fail(_one_line(str(exc)))
     except KeyboardInterrupt:
         sys.exit(130)
+    except OSError as exc:
+        # a path that cannot be used, found deep inside: name the path; a socket failure is unexpected
+        if exc.filename is not None:
+            _fail(f"cannot use {exc.filename}: {exc.strerror or exc}")
+        _fail(_unexpected(exc))
     except pydantic.ValidationError as exc:  # TINYMLOPS_* settings from the environment
-        err_console.print(f"error: {_validation_line(exc)}", highlight=False, markup=False, soft_wrap=True)
-        if _state["debug"]:
-            traceback.print_exc()
-        sys.exit(1)
+        _fail(_validation_line(exc))
     except Exception as exc:  # a bug or an unforeseen failure: still one line, the traceback on request
-        err_console.print(
-            f"error: unexpected {type(exc).__name__}: {_one_line(str(exc))} (--debug shows the traceback)",
-            markup=False,
-            soft_wrap=True,
-        )
-        if _state["debug"]:
-            traceback.print_exc()
-        sys.exit(1)
+        _fail(_unexpected(exc))
+
+
+def _unexpected(exc: Exception) -> str:
+    return f"unexpected {type(exc).__name__}: {_one_line(str(exc))} (--debug shows the traceback)"
+
+
+def _fail(line: str) -> NoReturn:
+    """Print ``error: <line>`` on stderr (and the traceback of the exception being handled with --debug); exit 1."""
+    err_console.print(f"error: {line}", highlight=False, markup=False, soft_wrap=True)
+    if _state["debug"]:
+        traceback.print_exc()
+    sys.exit(1)

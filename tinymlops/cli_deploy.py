@@ -9,6 +9,10 @@ are imported inside the commands.
 from __future__ import annotations
 
 import json
+import os
+import socket
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -16,8 +20,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from tinymlops.errors import BrokerError, ConfigError
 from tinymlops.runtime import configure_prefect_env
-from tinymlops.settings import get_settings
+from tinymlops.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     from tasks.deploy import KeyStore
@@ -28,6 +33,54 @@ keys_app = typer.Typer(
     add_completion=False,
 )
 console = Console()
+PROBE_TIMEOUT_S = 5.0
+
+
+def require_broker(url: str | None, where: str = "--broker") -> None:
+    """Fail fast, before any flow or service starts, when the broker at ``url`` takes no connections.
+
+    Args:
+        url: Broker URL; None or empty checks nothing (an embedded broker will be started).
+        where: Where the URL came from, for the message (an option or an environment variable).
+
+    Raises:
+        BrokerError: The URL is invalid or nothing accepts TCP connections there.
+    """
+    if not url:
+        return
+    from tinymlops.mqtt import parse_broker_url
+
+    address = parse_broker_url(url)
+    try:
+        with socket.create_connection((address.host, address.port), timeout=PROBE_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        raise BrokerError(
+            f"cannot reach MQTT broker at {address.url}: {exc.strerror or exc}; start it or fix {where}"
+        ) from None
+
+
+def require_prefect_api(settings: Settings) -> None:
+    """Fail fast when a configured Prefect API (``PREFECT_API_URL`` or the settings) does not answer.
+
+    Raises:
+        ConfigError: ``GET <api>/health`` fails or is not HTTP 200.
+    """
+    url = os.environ.get("PREFECT_API_URL") or settings.prefect.api_url
+    if not url:
+        return  # flows run on a temporary local server
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S) as response:
+            problem = None if response.status == 200 else f"GET /health gave HTTP {response.status}"
+    except urllib.error.HTTPError as exc:
+        problem = f"GET /health gave HTTP {exc.code}"
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        problem = str(getattr(exc, "reason", exc))
+    if problem:
+        raise ConfigError(
+            f"Prefect API {url} does not answer ({problem}): start the server (prefect server start) "
+            "or unset TINYMLOPS_PREFECT__API_URL and PREFECT_API_URL"
+        )
 
 
 def _yes(flag: bool) -> str:
@@ -89,15 +142,23 @@ def deploy_command(
     Prints per device: delivered, verified, loaded, active, latencies, or the failure and the model
     still running. Exits 1 unless every selected device runs the new model.
     """
-    configure_prefect_env(get_settings())
+    settings = get_settings()
+    configure_prefect_env(settings)
     from flows.deploy import deploy_flow
-    from tasks.deploy import as_fraction
-    from tinymlops.mqtt import parse_broker_url
+    from registry.models import describe
+    from registry.store import configure_from_settings
+    from tasks.deploy import DeployError, as_fraction
 
     fraction = as_fraction(canary)
-    if broker:
-        parse_broker_url(broker)  # fail before any flow machinery starts
+    # Fail before any flow machinery starts: broker, Prefect API and the model must all be there.
+    url = broker or settings.mqtt.url
+    if not url:
+        raise DeployError("no broker to reach the fleet: pass --broker or set TINYMLOPS_MQTT__URL")
+    require_broker(url, "--broker" if broker else "TINYMLOPS_MQTT__URL")
+    require_prefect_api(settings)
     ref = model if "@" in model or "/" in model.removeprefix("models:/") else f"{model}@champion"
+    configure_from_settings(settings)
+    describe(ref)
     wanted = [d.strip() for d in devices.split(",") if d.strip()] if devices else None
     report = deploy_flow(
         model_ref=ref, fleet=fleet, devices=wanted, group=group, canary_fraction=fraction, watch_s=watch,
@@ -181,5 +242,9 @@ def export_public_command(
     """Write the public key ring (trusted and revoked key ids) for `tinymlops device run --keyring`."""
     from firmware.signing import default_keyring_path
 
-    path = _store().export_keyring(output or default_keyring_path(get_settings().data_dir))
+    target = output or default_keyring_path(get_settings().data_dir)
+    try:
+        path = _store().export_keyring(target)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the key ring to {target}: {exc.strerror or exc}") from None
     console.print(f"key ring written to {path}", highlight=False)

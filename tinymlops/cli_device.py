@@ -44,10 +44,12 @@ def run(
     settings = get_settings()
     from firmware.device import DeviceConfig
     from firmware.device_fleet import DeviceFleet
+    from firmware.ota import check_name
     from firmware.signing import KeyRing, default_keyring_path
     from tinymlops.mqtt import broker_for
     from tinymlops.targets import get_target
 
+    check_name(fleet or settings.fleet, "fleet")  # before a broker is started
     keyring_path = keyring or default_keyring_path(settings.data_dir)
     if not keyring_path.exists():
         raise ConfigError(f"no device key ring at {keyring_path}; create one with `tinymlops device keygen`")

@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from tinymlops.errors import ConfigError
 from tinymlops.settings import get_settings
 
 security_app = typer.Typer(
@@ -96,13 +97,18 @@ def init(
         server_users=(server_user,),
         topic_root=settings.mqtt.topic_root,
     )
+    keyring_json = _keyring_text(keyring) if keyring else _default_keyring()
+    try:  # a path under a file (/dev/null/x) or without permission: say so before any key is generated
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the material directory {out}: {exc.strerror or exc}") from None
     init_material(
         out,
         access,
         hosts=host or ["localhost", "127.0.0.1"],
         port=port,
         cert_port=cert_port if client_certs else None,
-        keyring_json=_keyring_text(keyring) if keyring else _default_keyring(),
+        keyring_json=keyring_json,
         force=force,
     )
     _summary(out)
