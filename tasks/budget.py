@@ -24,7 +24,10 @@ from tinymlops.targets import McuTarget
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PARITY_TOLERANCE_LSB = 2
+# TFLite's reference kernels and TFLite Micro round each int8 requantization independently; over the
+# autoencoder's four fully connected layers that accumulates to a few LSB on a minority of outputs
+# (3 LSB seen on a fully trained model). A wrong kernel or wrong quantization parameters shows as tens.
+DEFAULT_PARITY_TOLERANCE_LSB = 4
 
 
 class BudgetExceededError(TinyMLOpsError):
