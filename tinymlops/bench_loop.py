@@ -40,7 +40,6 @@ def bench_loop(settings: Settings, *, quick: bool) -> dict[str, Any]:
         ``drift_onset_to_event_s``, ``drift_event_to_active_s`` and the run's size.
     """
     from firmware.sensor import DriftSpec
-    from flows.loop import loop_flow
     from tinymlops.mqtt import broker_for
     from tinymlops.services import prefect_server
 
@@ -65,6 +64,9 @@ def bench_loop(settings: Settings, *, quick: bool) -> dict[str, Any]:
             )
         )
         run_settings = get_settings()
+        # Only now, with PREFECT_API_URL pointing at this server: Prefect binds its settings on first import.
+        from flows.loop import loop_flow
+
         (root / "logs").mkdir(exist_ok=True)
         # 100 devices scoring twice a second: enough windows per monitor round on 2 cores.
         fleets = start_devices(run_settings, config, address, stack, score_interval_s=0.5)
