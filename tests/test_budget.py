@@ -7,6 +7,7 @@ import pytest
 from firmware.dsp import DspSpec
 from firmware.tflm import ArenaMeasurement, measure_arena
 from tasks.budget import (
+    DEFAULT_PARITY_TOLERANCE_LSB,
     BudgetExceededError,
     BudgetReport,
     dsp_buffer_bytes,
@@ -134,7 +135,7 @@ def test_markdown_and_json_carry_the_figures(nrf_report: BudgetReport) -> None:
         "flash": 1_048_576,
         "ram": 262_144,
         "latency": 20.0,
-        "parity": 2,
+        "parity": DEFAULT_PARITY_TOLERANCE_LSB,
     }
 
 
