@@ -99,3 +99,10 @@ def using_data_dir(data_dir: Path) -> Iterator[Settings]:
         else:
             os.environ["TINYMLOPS_DATA_DIR"] = previous
         reset_settings()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print the fault-injection table (tests/fault_ledger.py) when fault tests ran."""
+    from tests.fault_ledger import write_summary
+
+    write_summary(terminalreporter)
