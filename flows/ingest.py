@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.ingest import ingest_vibration
+from tasks.ingest import compact_lake_partitions, ingest_vibration
 from tinymlops.mqtt import broker_for
 from tinymlops.settings import get_settings
 
@@ -17,7 +17,7 @@ def ingest_flow(
     idle_timeout_s: float | None = None,
     broker_url: str | None = None,
 ) -> dict[str, object]:
-    """Ingest a fleet's windows for a bounded time (scheduled runs) or until stopped.
+    """Ingest a fleet's windows for a bounded time (scheduled runs) or until stopped, then compact closed hours.
 
     Args:
         fleet: Fleet to ingest (default: settings).
@@ -28,6 +28,8 @@ def ingest_flow(
     """
     settings = get_settings()
     mqtt_settings = settings.mqtt.model_copy(update={"url": broker_url or settings.mqtt.url})
+    fleet = fleet or settings.fleet
     with broker_for(mqtt_settings) as address:
-        stats = ingest_vibration(fleet or settings.fleet, address.url, seconds, max_windows, idle_timeout_s)
-    return stats.to_dict()
+        stats = ingest_vibration(fleet, address.url, seconds, max_windows, idle_timeout_s)
+    compaction = compact_lake_partitions(fleet)
+    return {**stats.to_dict(), "compaction": compaction.to_dict()}

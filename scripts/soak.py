@@ -236,12 +236,13 @@ def timed(name: str, t0: float, phases: list[dict[str, Any]], action: Callable[[
 def lifecycle(args: argparse.Namespace, broker_url: str, t0: float, deadline: float) -> list[dict[str, Any]]:
     """Train on the live windows, deploy to every device, later retrain on the recent ones and redeploy if promoted.
 
-    The retraining runs the retrain flow's steps (train on the recent windows, deploy each promoted
-    champion) with the quick training configuration, which ``flows.retrain`` does not take; it is
-    skipped when less of the run is left than the first training and deployment took. Runs in
-    the main thread (Prefect's flow engine expects it).
+    The retraining is the retrain flow (cooldown claim, train on the recent windows, deploy each
+    promoted champion) with the quick training configuration; it is skipped when less of the run
+    is left than the first training and deployment took. Runs in the main thread (Prefect's flow
+    engine expects it).
     """
     from flows.deploy import deploy_flow
+    from flows.retrain import retrain_flow
     from flows.train import train_flow
     from tinymlops.schemas import registered_model_name
 
@@ -262,9 +263,13 @@ def lifecycle(args: argparse.Namespace, broker_url: str, t0: float, deadline: fl
 
     def retrain() -> dict[str, Any]:
         since = dt.datetime.now(tz=dt.UTC) - dt.timedelta(seconds=max(60.0, 0.2 * total))
-        trained = train(since)
-        promoted = any(r["promoted"] for r in trained["registered"])
-        return {**trained, "redeployed": deploy() if promoted else "not promoted: devices keep the champion"}
+        out = retrain_flow(settings.fleet, since=since, targets=[args.target], broker_url=broker_url,
+                           config_path=str(QUICK_TRAINING_CONFIG), reason="soak")  # fmt: skip
+        if not out["retrained"]:
+            return {"retrained": False, "reason": out["reason"]}
+        deployments = [{k: d[k] for k in ("outcome", "counts", "latency")} for d in out["deployments"]]
+        return {"registered": out["train"]["registered"], "counts": out["train"]["counts"],
+                "redeployed": deployments or "not promoted: devices keep the champion"}  # fmt: skip
 
     timed("train", t0, phases, lambda: train())
     timed("deploy", t0, phases, deploy)
@@ -295,15 +300,16 @@ def rss_summary(samples: list[tuple[float, float]], warm_from_s: float) -> dict[
 
 def lake_accounting(observed: dict[str, set[int]]) -> dict[str, Any]:
     """Published windows (from the devices' consecutive sequence numbers) against the lake."""
-    from tasks.lake import known_seqs, lake_summary
+    from tasks.lake import lake_summary, read_keys
 
     settings = get_settings()
     summary = lake_summary(settings.lake_root).to_pydict()
     rows = sum(n for d, n in zip(summary["device"], summary["windows"], strict=True) if d.startswith(DEVICE_PREFIX))
-    keys = [k for k in known_seqs(settings.lake_root, settings.fleet, 2) if k[0].startswith(DEVICE_PREFIX)]
+    keys = read_keys(settings.lake_root, settings.fleet)
     in_lake: dict[str, set[int]] = {}
-    for device, seq in keys:
-        in_lake.setdefault(device, set()).add(seq)
+    for device, seq in zip(keys["device"].to_pylist(), keys["seq"].to_pylist(), strict=True):
+        if device.startswith(DEVICE_PREFIX):
+            in_lake.setdefault(device, set()).add(seq)
     devices = set(in_lake) | set(observed)
     # a device numbers its windows 0, 1, 2, ...: the highest seen anywhere bounds what it published
     published = sum(max(in_lake.get(d, set()) | observed.get(d, set())) + 1 for d in devices)

@@ -165,8 +165,8 @@ def import_file(
     frames = resampled[: n_windows * window_samples].reshape(n_windows, window_samples)
     quantised, scale = _quantise(frames)
 
-    seqs = [seq for dev, seq in known_seqs(lake_root, fleet, horizon_days=_ALL_DAYS) if dev == device_id]
-    first_seq = max(seqs) + 1 if seqs else 0
+    last_seq = known_seqs(lake_root, fleet, horizon_days=_ALL_DAYS).last(device_id)
+    first_seq = 0 if last_seq is None else last_seq + 1
     start_us = _timestamp_us(start or dt.datetime.now(tz=dt.UTC))
     batch = WindowBatch()
     for i in range(n_windows):

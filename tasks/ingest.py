@@ -8,6 +8,7 @@ message to the same client id, and the (device, seq) index drops what was alread
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
 import time
@@ -22,7 +23,15 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
 from firmware.codec import VibrationWindow, decode
-from tasks.lake import QuarantineRecord, WindowBatch, known_seqs, write_quarantine, write_windows
+from tasks.lake import (
+    CompactionReport,
+    QuarantineRecord,
+    WindowBatch,
+    compact_lake,
+    known_seqs,
+    write_quarantine,
+    write_windows,
+)
 from tinymlops.errors import DecodeError, TinyMLOpsError, ValidationError
 from tinymlops.mqtt import BrokerAddress, connect, make_client, parse_broker_url
 from tinymlops.settings import MqttSettings, SensorSettings, Settings, get_settings
@@ -174,7 +183,8 @@ class Ingestor:
         files = write_windows(cfg.lake_root, batch) if len(batch) else []
         quarantined = write_quarantine(cfg.quarantine_root, rejected)
         # Only now, with both written, is the batch safe to acknowledge.
-        self._seen |= batch_keys
+        for device, seq in sorted(batch_keys):  # in order: each extends its device's last range
+            self._seen.add(device, seq)
         self.stats.received += len(messages)
         self.stats.accepted += len(batch)
         self.stats.rejected += len(rejected)
@@ -326,6 +336,14 @@ def ingest_vibration(
         description=f"Ingest of fleet {fleet}",
     )
     return stats
+
+
+@task(name="compact-lake", task_run_name="compact-{fleet}")
+def compact_lake_partitions(fleet: str) -> CompactionReport:
+    """Prefect task: merge the files of a fleet's closed hour partitions (``lake.compact_after_minutes``)."""
+    settings = get_settings()
+    closed_before = dt.datetime.now(tz=dt.UTC) - dt.timedelta(minutes=settings.lake.compact_after_minutes)
+    return compact_lake(settings.lake_root, fleet=fleet, closed_before=closed_before)
 
 
 def ensure_subscription(address: BrokerAddress, config: IngestConfig) -> None:

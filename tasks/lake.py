@@ -2,18 +2,27 @@
 
 Layout::
 
-    <lake>/vibration/fleet=<fleet>/device=<device>/date=<YYYY-MM-DD>/part-<utc>-<uuid>.parquet
+    <lake>/vibration/fleet=<fleet>/date=<YYYY-MM-DD>/hour=<HH>/part-<utc>-<uuid>.parquet
+    <lake>/vibration/fleet=<fleet>/date=<YYYY-MM-DD>/hour=<HH>/compact-<utc>-<uuid>.parquet
     <quarantine>/date=<YYYY-MM-DD>/part-<utc>-<uuid>.parquet
 
-Every file is written to a hidden temporary name in its final directory, fsynced, then renamed,
-so a reader or a crash never sees half a file. Readers ignore names starting with ``.``.
+One ingest flush writes one file per fleet and UTC hour (rows sorted by device, then seq), so the
+file count grows with flushes, not with devices; :func:`compact_lake` merges a closed hour's files
+into one. Every file is written to a hidden temporary name in its final directory, flushed to disk,
+then renamed, so a reader or a crash never sees half a file. Readers ignore names starting with
+``.`` and read only the hour directories a time range touches.
 """
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import datetime as dt
+import fcntl
+import json
+import logging
 import os
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -28,7 +37,10 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from firmware.codec import VibrationWindow
+from firmware.ota import NAME_PATTERN
 from tinymlops.errors import LakeError
+
+log = logging.getLogger(__name__)
 
 try:
     _SYNCFS: Callable[[int], int] | None = ctypes.CDLL(None, use_errno=True).syncfs
@@ -38,6 +50,7 @@ except (OSError, AttributeError):  # not Linux: fall back to an fsync per file a
 VIBRATION_TABLE = "vibration"
 WINDOW_SCHEMA = pa.schema(
     [
+        ("device", pa.string()),
         ("seq", pa.int64()),
         ("timestamp", pa.timestamp("us", tz="UTC")),
         ("sample_rate_hz", pa.int32()),
@@ -49,9 +62,12 @@ WINDOW_SCHEMA = pa.schema(
         ("ingested_at", pa.timestamp("us", tz="UTC")),
     ]
 )
-PARTITIONING = ds.partitioning(
-    pa.schema([("fleet", pa.string()), ("device", pa.string()), ("date", pa.string())]), flavor="hive"
-)
+PARTITION_SCHEMA = pa.schema([("fleet", pa.string()), ("date", pa.string()), ("hour", pa.string())])
+PARTITIONING = ds.partitioning(PARTITION_SCHEMA, flavor="hive")
+DATASET_SCHEMA = pa.unify_schemas([WINDOW_SCHEMA, PARTITION_SCHEMA])
+_HOUR_US = 3_600_000_000
+# Compaction buffers this much Arrow data per row group: bounded memory, few row groups.
+_COMPACT_ROW_GROUP_BYTES = 64 * 1024 * 1024
 QUARANTINE_SCHEMA = pa.schema(
     [
         ("received_at", pa.timestamp("us", tz="UTC")),
@@ -179,11 +195,10 @@ class WindowBatch:
         self.source.append(source)
 
     def partitions(self) -> dict[tuple[str, str, str], pa.Table]:
-        """Group the rows by (fleet, device, date) and return one Arrow table per partition."""
-        day_us = 86_400_000_000
-        days = np.asarray(self.timestamp_us, dtype=np.int64) // day_us
-        groups: dict[tuple[str, str, int], list[int]] = defaultdict(list)
-        for i, key in enumerate(zip(self.fleet, self.device, days.tolist(), strict=True)):
+        """Group the rows by (fleet, UTC date, UTC hour); one Arrow table per partition, sorted by device and seq."""
+        hours = np.asarray(self.timestamp_us, dtype=np.int64) // _HOUR_US
+        groups: dict[tuple[str, int], list[int]] = defaultdict(list)
+        for i, key in enumerate(zip(self.fleet, hours.tolist(), strict=True)):
             groups[key].append(i)
         ingested = pa.scalar(_now_us(), pa.int64()).cast(pa.timestamp("us", tz="UTC"))
         seq = np.asarray(self.seq, dtype=np.int64)
@@ -191,14 +206,17 @@ class WindowBatch:
         rate = np.asarray(self.sample_rate_hz, dtype=np.int32)
         scale = np.asarray(self.scale, dtype=np.float32)
         tables = {}
-        for (fleet, device, day), rows in groups.items():
+        for (fleet, hour), members in groups.items():
+            rows = sorted(members, key=lambda i: (self.device[i], self.seq[i]))
             index = np.asarray(rows)
             arrays = [self.samples[i] for i in rows]
             offsets = np.zeros(len(rows) + 1, dtype=np.int32)
             np.cumsum([2 * a.size for a in arrays], out=offsets[1:])
             data = pa.py_buffer(np.concatenate(arrays).astype("<i2", copy=False).tobytes())
-            tables[(fleet, device, utc_date(day * day_us))] = pa.table(
+            start = dt.datetime.fromtimestamp(hour * 3600, tz=dt.UTC)
+            tables[(fleet, start.strftime("%Y-%m-%d"), start.strftime("%H"))] = pa.table(
                 [
+                    pa.array([self.device[i] for i in rows], pa.string()),
                     pa.array(seq[index]),
                     pa.array(ts[index]).cast(pa.timestamp("us", tz="UTC")),
                     pa.array(rate[index]),
@@ -213,16 +231,25 @@ class WindowBatch:
         return tables
 
 
-def partition_dir(lake_root: Path, fleet: str, device: str, date: str) -> Path:
-    """Return the directory of one (fleet, device, date) partition."""
-    return lake_root / VIBRATION_TABLE / f"fleet={fleet}" / f"device={device}" / f"date={date}"
+def partition_dir(lake_root: Path, fleet: str, date: str, hour: str) -> Path:
+    """Return the directory of one (fleet, UTC date, UTC hour) partition.
+
+    Raises:
+        LakeError: The fleet name could not be one directory level (``a/b``, ``..``, empty).
+    """
+    if not NAME_PATTERN.match(fleet):  # one topic level is one directory level
+        raise LakeError(f"invalid fleet name {fleet!r} for the lake: expected 1-64 characters of A-Z a-z 0-9 _ -")
+    return lake_root / VIBRATION_TABLE / f"fleet={fleet}" / f"date={date}" / f"hour={hour}"
 
 
 def write_windows(lake_root: Path, batch: WindowBatch) -> list[Path]:
-    """Write a batch durably, one file per (fleet, device, date) partition.
+    """Write a batch durably, one file per (fleet, UTC date, UTC hour) partition.
 
     Returns:
         The written files.
+
+    Raises:
+        LakeError: A fleet name is invalid or a file could not be written (nothing of the batch is visible).
     """
     tables = [(table, partition_dir(lake_root, *key)) for key, table in batch.partitions().items()]
     return write_parquet_files(tables, lake_root)
@@ -261,25 +288,154 @@ def read_quarantine(quarantine_root: Path) -> pa.Table:
     return ds.dataset(quarantine_root, format="parquet", partitioning="hive").to_table()
 
 
-def _vibration_dataset(lake_root: Path) -> ds.Dataset | None:
+def _hour_range(start: dt.datetime | None, end: dt.datetime | None) -> tuple[str, str]:
+    """Return the inclusive ("YYYY-MM-DD/HH") bounds of the hour partitions a time range touches."""
+    low = start.astimezone(dt.UTC).strftime("%Y-%m-%d/%H") if start is not None else ""
+    high = end.astimezone(dt.UTC).strftime("%Y-%m-%d/%H") if end is not None else "~"
+    return low, high
+
+
+def _superseded(hour_dir: Path) -> set[str]:
+    """Return the names of files a finished compaction replaced but did not yet delete (see :func:`compact_lake`)."""
+    replaced: set[str] = set()
+    for manifest in hour_dir.glob(".compaction-*.json"):
+        try:
+            plan = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            continue  # torn: it was never synced, so its output was never renamed into place
+        if (hour_dir / plan["output"]).exists():
+            replaced.update(plan["replaced"])
+    return replaced
+
+
+def _hour_dirs(lake_root: Path, fleet: str | None, start: dt.datetime | None, end: dt.datetime | None) -> list[Path]:
     root = lake_root / VIBRATION_TABLE
-    if not root.exists() or not any(root.rglob("*.parquet")):
+    if not root.is_dir():
+        return []
+    low, high = _hour_range(start, end)
+    fleet_dirs = [root / f"fleet={fleet}"] if fleet is not None else sorted(root.glob("fleet=*"))
+    dirs = []
+    for fleet_dir in fleet_dirs:
+        for date_dir in sorted(fleet_dir.glob("date=*")):
+            date = date_dir.name.removeprefix("date=")
+            if not low[:10] <= date <= high[:10]:
+                continue
+            dirs += [d for d in sorted(date_dir.glob("hour=*")) if low <= f"{date}/{d.name[5:]}" <= high]
+    return dirs
+
+
+def lake_files(
+    lake_root: Path, *, fleet: str | None = None, start: dt.datetime | None = None, end: dt.datetime | None = None
+) -> list[Path]:
+    """Return the visible Parquet files of the hour partitions that a fleet and a time range touch.
+
+    Args:
+        lake_root: Lake root.
+        fleet: Only this fleet (all fleets if None).
+        start: Only hours that end after this time (timezone-aware).
+        end: Only hours that start at or before this time.
+    """
+    files = []
+    for hour_dir in _hour_dirs(lake_root, fleet, start, end):
+        skip = _superseded(hour_dir)
+        files += [f for f in sorted(hour_dir.glob("*.parquet")) if not f.name.startswith(".") and f.name not in skip]
+    return files
+
+
+def _vibration_dataset(
+    lake_root: Path, *, fleet: str | None = None, start: dt.datetime | None = None, end: dt.datetime | None = None
+) -> ds.Dataset | None:
+    files = lake_files(lake_root, fleet=fleet, start=start, end=end)
+    if not files:
         return None
+    root = lake_root / VIBRATION_TABLE
     try:
         return ds.dataset(
-            root,
+            [str(f) for f in files],
             format="parquet",
             partitioning=PARTITIONING,
-            schema=WINDOW_SCHEMA.append(pa.field("fleet", pa.string()))
-            .append(pa.field("device", pa.string()))
-            .append(pa.field("date", pa.string())),
+            partition_base_dir=str(root),
+            schema=DATASET_SCHEMA,
         )
     except (OSError, pa.ArrowInvalid) as exc:
         raise LakeError(f"cannot open lake at {root}: {exc}") from exc
 
 
-def known_seqs(lake_root: Path, fleet: str, horizon_days: int, today: dt.date | None = None) -> set[tuple[str, int]]:
-    """Return the (device, seq) pairs already in the lake for a fleet over the last days.
+class SeqIndex:
+    """The (device, seq) pairs stored in the lake, as sorted disjoint seq ranges per device.
+
+    A device numbers its windows one by one and keeps the count across reboots, so its stored
+    seqs form a few long runs: memory grows with the gaps in a device's stream (windows sampled
+    offline, lost on the way), not with the number of windows. A device with more than
+    ``max_ranges_per_device`` gaps forgets its oldest ranges, so memory stays bounded even for a
+    device whose seqs are never contiguous; a redelivery that old would be written again.
+    """
+
+    def __init__(self, max_ranges_per_device: int = 4096) -> None:
+        self.max_ranges_per_device = max_ranges_per_device
+        self._starts: dict[str, list[int]] = {}
+        self._ends: dict[str, list[int]] = {}  # inclusive
+
+    def __contains__(self, key: tuple[str, int]) -> bool:
+        device, seq = key
+        starts = self._starts.get(device)
+        if not starts:
+            return False
+        i = bisect.bisect_right(starts, seq) - 1
+        return i >= 0 and seq <= self._ends[device][i]
+
+    def add(self, device: str, seq: int) -> None:
+        """Record one stored window."""
+        self.add_range(device, seq, seq)
+
+    def add_range(self, device: str, low: int, high: int) -> None:
+        """Record the stored windows ``low..high`` (inclusive) of one device."""
+        starts = self._starts.setdefault(device, [])
+        ends = self._ends.setdefault(device, [])
+        if not starts or low > ends[-1] + 1:  # the stream goes on after a gap
+            starts.append(low)
+            ends.append(high)
+            self._bound(starts, ends)
+            return
+        if low >= starts[-1]:  # the commonest case: the stream goes on without a gap
+            ends[-1] = max(ends[-1], high)
+            return
+        first = bisect.bisect_left(ends, low - 1)  # first range ending at or after low - 1
+        stop = bisect.bisect_right(starts, high + 1)  # ranges before stop start at or before high + 1
+        if first < stop:
+            low, high = min(low, starts[first]), max(high, ends[stop - 1])
+        starts[first:stop] = [low]
+        ends[first:stop] = [high]
+        self._bound(starts, ends)
+
+    def _bound(self, starts: list[int], ends: list[int]) -> None:
+        excess = len(starts) - self.max_ranges_per_device
+        if excess > 0:
+            del starts[:excess], ends[:excess]
+
+    def update(self, devices: Sequence[str], seqs: npt.NDArray[np.int64]) -> None:
+        """Record many stored windows at once (any order, duplicates allowed)."""
+        if len(seqs) == 0:
+            return
+        names, codes = np.unique(np.asarray(devices, dtype=object).astype(str), return_inverse=True)
+        order = np.lexsort((seqs, codes))
+        codes, sorted_seqs = codes[order], np.asarray(seqs, dtype=np.int64)[order]
+        breaks = np.flatnonzero((np.diff(codes) != 0) | (np.diff(sorted_seqs) > 1)) + 1
+        for run_start, run_stop in zip(np.r_[0, breaks], np.r_[breaks, len(codes)], strict=True):
+            self.add_range(str(names[codes[run_start]]), int(sorted_seqs[run_start]), int(sorted_seqs[run_stop - 1]))
+
+    def last(self, device: str) -> int | None:
+        """Return the highest stored seq of a device, or None."""
+        ends = self._ends.get(device)
+        return ends[-1] if ends else None
+
+    def ranges(self) -> int:
+        """Return how many ranges the index holds (its memory is proportional)."""
+        return sum(len(starts) for starts in self._starts.values())
+
+
+def known_seqs(lake_root: Path, fleet: str, horizon_days: int, today: dt.date | None = None) -> SeqIndex:
+    """Return the index of (device, seq) pairs already in the lake for a fleet over the last days.
 
     Args:
         lake_root: Lake root.
@@ -287,23 +443,31 @@ def known_seqs(lake_root: Path, fleet: str, horizon_days: int, today: dt.date | 
         horizon_days: How many past days (besides today) to look at; redeliveries come within minutes.
         today: Reference date, default the current UTC date.
     """
-    dataset = _vibration_dataset(lake_root)
-    if dataset is None:
-        return set()
     today = today or dt.datetime.now(tz=dt.UTC).date()
-    since = (today - dt.timedelta(days=horizon_days)).isoformat()
-    expr = (pc.field("fleet") == fleet) & (pc.field("date") >= since)
-    table = dataset.to_table(columns=["device", "seq"], filter=expr)
-    return set(zip(table["device"].to_pylist(), table["seq"].to_pylist(), strict=True))
+    since = dt.datetime.combine(today - dt.timedelta(days=horizon_days), dt.time(), tzinfo=dt.UTC)
+    index = SeqIndex()
+    dataset = _vibration_dataset(lake_root, fleet=fleet, start=since)
+    if dataset is not None:
+        for batch in dataset.to_batches(columns=["device", "seq"]):
+            index.update(batch.column("device").to_pylist(), batch.column("seq").to_numpy())
+    return index
+
+
+def read_keys(lake_root: Path, fleet: str) -> pa.Table:
+    """Return the ``device`` and ``seq`` of every window of a fleet (one row per stored window, duplicates kept)."""
+    dataset = _vibration_dataset(lake_root, fleet=fleet)
+    if dataset is None:
+        return pa.table({"device": pa.array([], pa.string()), "seq": pa.array([], pa.int64())})
+    return dataset.to_table(columns=["device", "seq"])
 
 
 def known_sources(lake_root: Path, fleet: str, device: str) -> set[str]:
     """Return the distinct ``source`` values already stored for one device."""
-    dataset = _vibration_dataset(lake_root)
+    dataset = _vibration_dataset(lake_root, fleet=fleet)
     if dataset is None:
         return set()
-    expr = (pc.field("fleet") == fleet) & (pc.field("device") == device)
-    return set(pc.unique(dataset.to_table(columns=["source"], filter=expr)["source"]).to_pylist())
+    table = dataset.to_table(columns=["source"], filter=pc.field("device") == device)
+    return set(pc.unique(table["source"]).to_pylist())
 
 
 @dataclass(frozen=True)
@@ -363,7 +527,7 @@ def read_windows(
     Raises:
         LakeError: The lake cannot be read, or windows of different lengths or rates were selected.
     """
-    dataset = _vibration_dataset(lake_root)
+    dataset = _vibration_dataset(lake_root, fleet=fleet, start=start, end=end)
     expr = pc.scalar(True)
     if fleet is not None:
         expr &= pc.field("fleet") == fleet
@@ -441,3 +605,160 @@ def lake_summary(lake_root: Path) -> pa.Table:
     return grouped.rename_columns(["fleet", "device", "label", "windows"]).sort_by(
         [("fleet", "ascending"), ("device", "ascending")]
     )
+
+
+@dataclass(frozen=True)
+class CompactionReport:
+    """What one compaction pass did."""
+
+    partitions: int
+    files_before: int
+    files_after: int
+    rows: int
+    stale_temporaries_removed: int
+
+    def to_dict(self) -> dict[str, int]:
+        """Return the figures as a plain dict (flow results, CLI output)."""
+        return {
+            "partitions": self.partitions,
+            "files_before": self.files_before,
+            "files_after": self.files_after,
+            "rows": self.rows,
+            "stale_temporaries_removed": self.stale_temporaries_removed,
+        }
+
+
+def compact_lake(
+    lake_root: Path,
+    *,
+    fleet: str | None = None,
+    closed_before: dt.datetime | None = None,
+    stale_after: dt.timedelta = dt.timedelta(minutes=10),
+) -> CompactionReport:
+    """Merge the files of every closed hour partition into one file each, crash-safely.
+
+    The merged file is written and flushed under a hidden name next to a hidden manifest that
+    names it and the files it replaces; then it is renamed into place and the replaced files are
+    deleted. Readers skip files that a manifest with a visible output replaces, so at every
+    instant, crash included, each window is visible exactly once. The next pass finishes or
+    rolls back what a crashed pass left, and removes temporary files of writes killed more than
+    ``stale_after`` ago. One pass runs at a time (a lock file in the lake).
+
+    Args:
+        lake_root: Lake root.
+        fleet: Only this fleet (all fleets if None).
+        closed_before: Compact the hours that ended at or before this time (default: one hour ago,
+            so a late window rarely lands in an hour already compacted; if one does, it is merged
+            on the next pass).
+        stale_after: Age after which a temporary file cannot belong to a running write.
+
+    Returns:
+        Partitions compacted, files before and after, rows merged, stale temporaries removed.
+
+    Raises:
+        LakeError: A file could not be read or written; what was compacted before stays compacted
+            and nothing is lost or duplicated.
+    """
+    closed_before = closed_before or dt.datetime.now(tz=dt.UTC) - dt.timedelta(hours=1)
+    root = lake_root / VIBRATION_TABLE
+    if not root.is_dir():
+        return CompactionReport(0, 0, 0, 0, 0)
+    partitions = files_before = files_after = rows = stale = 0
+    with open(root / ".compaction.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for hour_dir in _hour_dirs(lake_root, fleet, None, closed_before - dt.timedelta(hours=1)):
+            hour_start = dt.datetime.strptime(f"{hour_dir.parent.name[5:]} {hour_dir.name[5:]}", "%Y-%m-%d %H").replace(
+                tzinfo=dt.UTC
+            )
+            if hour_start + dt.timedelta(hours=1) > closed_before:
+                continue
+            stale += _finish_compactions(hour_dir, time.time() - stale_after.total_seconds())
+            files = [f for f in sorted(hour_dir.glob("*.parquet")) if not f.name.startswith(".")]
+            if len(files) < 2:
+                continue
+            rows += _compact_hour(hour_dir, files)
+            partitions += 1
+            files_before += len(files)
+            files_after += 1
+    log.info(
+        "compacted %d hour partitions of %s: %d files -> %d, %d rows", partitions, fleet or "all fleets",
+        files_before, files_after, rows,
+    )  # fmt: skip
+    return CompactionReport(partitions, files_before, files_after, rows, stale)
+
+
+def _flush_to_disk(paths: Sequence[Path], directory: Path) -> None:
+    """Make written files and a directory's entries durable (one syncfs, else an fsync each)."""
+    if _sync_filesystem(directory):
+        return
+    for path in [*paths, directory]:
+        _fsync_path(path)
+
+
+def _finish_compactions(hour_dir: Path, stale_before_s: float) -> int:
+    """Finish (output visible) or roll back (output not visible) crashed compactions; drop stale temporaries."""
+    for manifest in hour_dir.glob(".compaction-*.json"):
+        try:
+            plan = json.loads(manifest.read_text())
+            output, replaced = plan["output"], plan["replaced"]
+        except (OSError, ValueError, KeyError, TypeError):
+            manifest.unlink()  # torn, so never flushed: its output was never renamed into place
+            continue
+        if (hour_dir / output).exists():
+            for name in replaced:
+                (hour_dir / name).unlink(missing_ok=True)
+            _flush_to_disk([], hour_dir)
+        manifest.unlink()
+    removed = 0
+    for temporary in hour_dir.glob(".tmp-*"):
+        if temporary.stat().st_mtime < stale_before_s:
+            temporary.unlink()
+            removed += 1
+    return removed
+
+
+def _compact_hour(hour_dir: Path, files: list[Path]) -> int:
+    """Merge ``files`` into one file in ``hour_dir`` (see :func:`compact_lake`); returns the rows merged."""
+    stamp = dt.datetime.now(tz=dt.UTC).strftime("%Y%m%dT%H%M%S%f")
+    token = uuid.uuid4().hex[:12]
+    output = hour_dir / f"compact-{stamp}-{token}.parquet"
+    temporary = hour_dir / f".tmp-{output.name}"
+    manifest = hour_dir / f".compaction-{token}.json"
+    current = temporary
+    try:
+        expected = 0
+        pending: list[pa.Table] = []
+        with pq.ParquetWriter(
+            temporary, WINDOW_SCHEMA, compression="zstd", use_dictionary=["device", "label", "source"]
+        ) as writer:
+            for path in files:
+                current = path
+                table = pq.ParquetFile(path).read().cast(WINDOW_SCHEMA)
+                expected += table.num_rows
+                pending.append(table)
+                if sum(t.nbytes for t in pending) >= _COMPACT_ROW_GROUP_BYTES:
+                    writer.write_table(pa.concat_tables(pending))
+                    pending = []
+            if pending:
+                writer.write_table(pa.concat_tables(pending))
+        current = temporary
+        written = pq.ParquetFile(temporary).metadata.num_rows
+        if written != expected:
+            raise LakeError(f"compacting {hour_dir}: wrote {written} rows, expected {expected}")
+        current = manifest
+        manifest.write_text(json.dumps({"output": output.name, "replaced": [f.name for f in files]}))
+        _flush_to_disk([temporary, manifest], hour_dir)
+        current = output
+        os.replace(temporary, output)
+        _flush_to_disk([], hour_dir)
+        for path in files:
+            current = path
+            path.unlink()
+        _flush_to_disk([], hour_dir)
+        manifest.unlink()
+    except (OSError, pa.ArrowInvalid) as exc:
+        temporary.unlink(missing_ok=True)
+        if not output.exists():
+            manifest.unlink(missing_ok=True)  # rolled back; with the output visible the next pass finishes
+        raise LakeError(f"cannot compact {current}: {getattr(exc, 'strerror', None) or exc}") from exc
+    return expected

@@ -479,6 +479,25 @@ def lake_summary_command() -> None:
     _print_table("Lake contents", lake_summary(settings.lake_root).to_pylist())
 
 
+@lake_app.command("compact")
+def lake_compact_command(
+    fleet: Annotated[str | None, typer.Option(help="Only this fleet (default: every fleet).")] = None,
+    after_minutes: Annotated[
+        int | None, typer.Option(min=0, help="Compact hours that ended this long ago (default: settings).")
+    ] = None,
+) -> None:
+    """Merge each closed hour partition's files into one (the ingest flow does this after every run)."""
+    settings = _settings()
+    _check_fleet(fleet)
+    _readable_dir(settings.lake_root, "lake")
+    from tasks.lake import compact_lake
+
+    minutes = settings.lake.compact_after_minutes if after_minutes is None else after_minutes
+    closed_before = dt.datetime.now(tz=dt.UTC) - dt.timedelta(minutes=minutes)
+    report = compact_lake(settings.lake_root, fleet=fleet, closed_before=closed_before)
+    console.print_json(json.dumps(report.to_dict()))
+
+
 @lake_app.command("quarantine")
 def lake_quarantine_command(limit: Annotated[int, typer.Option(min=1)] = 20) -> None:
     """List the most recent rejected messages and why they were rejected."""

@@ -64,6 +64,9 @@ class LakeSettings(BaseModel):
     root: Path | None = Field(default=None, description="Lake root; default <data_dir>/lake.")
     quarantine: Path | None = Field(default=None, description="Quarantine root; default <data_dir>/quarantine.")
     dedupe_horizon_days: int = Field(default=2, ge=1, description="Days of lake history checked for duplicate windows.")
+    compact_after_minutes: int = Field(
+        default=60, ge=0, description="Compact an hour partition's files into one this long after the hour ends."
+    )
 
 
 class IngestSettings(BaseModel):

@@ -1,0 +1,221 @@
+"""The lake's layout, its time-pruned reader, the dedupe index and crash-safe compaction."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from firmware.codec import VibrationWindow
+from tasks import lake as lake_module
+from tasks.lake import (
+    SeqIndex,
+    WindowBatch,
+    compact_lake,
+    known_seqs,
+    lake_files,
+    partition_dir,
+    read_keys,
+    read_windows,
+    write_windows,
+)
+from tests.conftest import cli_env
+from tinymlops.errors import LakeError
+
+T0 = int(dt.datetime(2026, 11, 1, 6, tzinfo=dt.UTC).timestamp() * 1e6)
+HOUR_US = 3_600_000_000
+
+
+def at(us: int) -> dt.datetime:
+    return dt.datetime.fromtimestamp(us / 1e6, tz=dt.UTC)
+
+
+def flush(lake: Path, devices: int, seqs: range, hour: int, fleet: str = "f") -> None:
+    """One ingest flush: every device's windows ``seqs``, all in hour ``hour`` after T0."""
+    batch = WindowBatch()
+    for device in reversed(range(devices)):  # arrival order is not lake order
+        for seq in seqs:
+            timestamp = T0 + hour * HOUR_US + seq * 1000
+            window = VibrationWindow(f"d{device:03d}", seq, timestamp, 25_600, 1.0, np.full(64, seq % 1000, np.int16))
+            batch.append(fleet, window)
+    write_windows(lake, batch)
+
+
+def test_one_flush_writes_one_file_per_fleet_and_hour_sorted_by_device_then_seq(tmp_path: Path) -> None:
+    batch = WindowBatch()
+    for device in ("b", "a"):
+        for seq, hour in ((3, 1), (1, 0), (2, 0)):
+            window = VibrationWindow(device, seq, T0 + hour * HOUR_US + seq, 25_600, 1.0, np.zeros(64, np.int16))
+            batch.append("f", window)
+    files = sorted(write_windows(tmp_path, batch))
+    assert [str(f.parent.relative_to(tmp_path)) for f in files] == [
+        "vibration/fleet=f/date=2026-11-01/hour=06",
+        "vibration/fleet=f/date=2026-11-01/hour=07",
+    ]
+    first = pq.ParquetFile(files[0]).read()
+    assert list(zip(first["device"].to_pylist(), first["seq"].to_pylist(), strict=True)) == [
+        ("a", 1), ("a", 2), ("b", 1), ("b", 2)
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("fleet", ["", "..", "a/b", "x" * 65, "a b"])
+def test_a_fleet_name_that_is_not_one_directory_level_is_refused(tmp_path: Path, fleet: str) -> None:
+    with pytest.raises(LakeError, match="invalid fleet name"):
+        partition_dir(tmp_path, fleet, "2026-11-01", "06")
+
+
+def test_a_time_range_reads_only_the_hours_it_touches(tmp_path: Path) -> None:
+    for hour in range(4):
+        flush(tmp_path, devices=3, seqs=range(hour * 10, hour * 10 + 10), hour=hour)
+    flush(tmp_path, devices=3, seqs=range(40, 50), hour=2, fleet="other")
+    start, end = at(T0 + 2 * HOUR_US), at(T0 + 2 * HOUR_US + 30 * 60 * 1_000_000)
+    files = lake_files(tmp_path, fleet="f", start=start, end=end)
+    assert [f.parent.name for f in files] == ["hour=08"]
+    windows = read_windows(tmp_path, fleet="f", start=start, end=end)
+    assert sorted(set(windows.seq.tolist())) == list(range(20, 30))
+    assert len(read_windows(tmp_path, fleet="f")) == 120
+    assert len(lake_files(tmp_path)) == 5
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("abc"), st.integers(0, 200)), max_size=300), st.integers(0, 200))
+def test_seq_index_answers_exactly_as_a_set(keys: list[tuple[str, int]], probe: int) -> None:
+    one_by_one, at_once = SeqIndex(), SeqIndex()
+    for device, seq in keys:
+        one_by_one.add(device, seq)
+    at_once.update([d for d, _ in keys], np.asarray([s for _, s in keys], np.int64))
+    expected = set(keys)
+    for device in "abc":
+        for seq in (probe, probe - 1, probe + 1):
+            assert ((device, seq) in one_by_one) == ((device, seq) in expected)
+            assert ((device, seq) in at_once) == ((device, seq) in expected)
+        seqs = [s for d, s in keys if d == device]
+        assert one_by_one.last(device) == (max(seqs) if seqs else None)
+    assert one_by_one.ranges() == at_once.ranges()
+
+
+def test_seq_index_memory_grows_with_gaps_not_windows() -> None:
+    index = SeqIndex(max_ranges_per_device=100)
+    for seq in range(200_000):
+        for device in ("a", "b", "c", "d", "e"):
+            index.add(device, seq)
+    assert index.ranges() == 5  # a million windows, one range per device
+    for seq in range(0, 10_000, 2):  # a pathological device: every other seq missing
+        index.add("sparse", 10_000_000 + seq)
+    assert index.ranges() == 5 + 100
+    assert ("sparse", 10_000_000 + 9_998) in index and ("sparse", 10_000_000) not in index
+
+
+def test_known_seqs_reads_the_horizon_into_the_index(tmp_path: Path) -> None:
+    flush(tmp_path, devices=2, seqs=range(0, 50), hour=0)
+    flush(tmp_path, devices=2, seqs=range(60, 70), hour=0)
+    index = known_seqs(tmp_path, "f", horizon_days=2, today=at(T0).date())
+    assert ("d001", 49) in index and ("d001", 55) not in index and ("d000", 69) in index
+    assert index.ranges() == 4
+    too_late = known_seqs(tmp_path, "f", horizon_days=2, today=at(T0).date() + dt.timedelta(days=3))
+    assert too_late.ranges() == 0
+
+
+def lake_with_closed_and_open_hours(lake: Path) -> list[tuple[str, int]]:
+    for i in range(5):
+        flush(lake, devices=4, seqs=range(i * 10, i * 10 + 10), hour=0)
+    for i in range(2):
+        flush(lake, devices=4, seqs=range(100 + i * 10, 110 + i * 10), hour=1)
+    return sorted(zip(read_keys(lake, "f")["device"].to_pylist(), read_keys(lake, "f")["seq"].to_pylist(), strict=True))
+
+
+def keys_of(lake: Path) -> list[tuple[str, int]]:
+    table = read_keys(lake, "f")
+    return sorted(zip(table["device"].to_pylist(), table["seq"].to_pylist(), strict=True))
+
+
+def test_compaction_merges_closed_hours_only_and_keeps_every_window(tmp_path: Path) -> None:
+    before = lake_with_closed_and_open_hours(tmp_path)
+    samples_before = read_windows(tmp_path, fleet="f").samples
+    report = compact_lake(tmp_path, fleet="f", closed_before=at(T0 + HOUR_US + 1))
+    assert report.to_dict() == {
+        "partitions": 1, "files_before": 5, "files_after": 1, "rows": 200, "stale_temporaries_removed": 0
+    }  # fmt: skip
+    hour0 = partition_dir(tmp_path, "f", "2026-11-01", "06")
+    assert [p.name.startswith("compact-") for p in hour0.iterdir() if not p.name.startswith(".")] == [True]
+    assert len(list(partition_dir(tmp_path, "f", "2026-11-01", "07").glob("*.parquet"))) == 2
+    assert keys_of(tmp_path) == before
+    np.testing.assert_array_equal(read_windows(tmp_path, fleet="f").samples, samples_before)
+    # a late window lands in the compacted hour: the next pass merges it
+    flush(tmp_path, devices=1, seqs=range(1000, 1001), hour=0)
+    again = compact_lake(tmp_path, fleet="f", closed_before=at(T0 + HOUR_US + 1))
+    assert (again.files_before, again.files_after, again.rows) == (2, 1, 201)
+
+
+@pytest.mark.parametrize("failing_step", ["rename", "delete"])
+def test_a_compaction_failing_at_any_step_shows_every_window_exactly_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing_step: str
+) -> None:
+    before = lake_with_closed_and_open_hours(tmp_path)
+    hour0 = partition_dir(tmp_path, "f", "2026-11-01", "06")
+    if failing_step == "rename":
+        monkeypatch.setattr(lake_module.os, "replace", _raise_enospc)
+    else:
+        real_unlink = Path.unlink
+
+        def unlink(path: Path, missing_ok: bool = False) -> None:
+            if path.name.startswith("part-"):
+                _raise_enospc()
+            real_unlink(path, missing_ok=missing_ok)
+
+        monkeypatch.setattr(Path, "unlink", unlink)
+    with pytest.raises(LakeError, match=r"cannot compact .*No space left on device"):
+        compact_lake(tmp_path, fleet="f", closed_before=at(T0 + HOUR_US + 1))
+    monkeypatch.undo()
+    assert keys_of(tmp_path) == before  # nothing lost, nothing twice
+    visible = [p.name.split("-")[0] for p in sorted(hour0.glob("*.parquet")) if not p.name.startswith(".")]
+    manifests = list(hour0.glob(".compaction-*.json"))
+    if failing_step == "rename":  # rolled back: the old files, no manifest, no temporary
+        assert visible == ["part"] * 5 and not manifests and not list(hour0.glob(".tmp-*"))
+    else:  # the output is visible; the manifest makes readers skip the files it replaced
+        assert sorted(visible) == ["compact"] + ["part"] * 5 and len(manifests) == 1
+    compact_lake(tmp_path, fleet="f", closed_before=at(T0 + HOUR_US + 1))
+    assert [p.name.split("-")[0] for p in hour0.iterdir() if not p.name.startswith(".")] == ["compact"]
+    assert not list(hour0.glob(".compaction-*")) and keys_of(tmp_path) == before
+
+
+def _raise_enospc(*_args: object) -> None:
+    raise OSError(28, os.strerror(28))
+
+
+def test_a_torn_manifest_and_stale_temporaries_are_cleaned_up(tmp_path: Path) -> None:
+    before = lake_with_closed_and_open_hours(tmp_path)
+    hour0 = partition_dir(tmp_path, "f", "2026-11-01", "06")
+    (hour0 / ".compaction-torn.json").write_text('{"output": "compact-x.parq')
+    stale = hour0 / ".tmp-part-killed.parquet"
+    stale.write_bytes(b"PAR1 half a file")
+    os.utime(stale, (0, 0))
+    fresh = hour0 / ".tmp-part-writing.parquet"
+    fresh.write_bytes(b"PAR1 being written")
+    assert keys_of(tmp_path) == before
+    report = compact_lake(tmp_path, fleet="f", closed_before=at(T0 + HOUR_US + 1))
+    assert report.stale_temporaries_removed == 1 and report.files_after == 1
+    assert not stale.exists() and fresh.exists() and not list(hour0.glob(".compaction-*"))
+    assert json.loads(json.dumps(report.to_dict()))["rows"] == 200
+
+
+def test_lake_compact_through_the_cli(tmp_path: Path) -> None:
+    lake = tmp_path / "lake"
+    lake_with_closed_and_open_hours(lake)
+    result = subprocess.run(
+        [sys.executable, "-m", "tinymlops", "lake", "compact", "--fleet", "f", "--after-minutes", "0"],
+        env=cli_env(tmp_path), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    assert (figures["partitions"], figures["files_before"], figures["files_after"]) == (2, 7, 2)
+    assert len(lake_files(lake)) == 2
