@@ -15,6 +15,7 @@ from prefect import flow
 from flows.deploy import deploy_flow
 from flows.train import train_flow
 from tasks.guards import claim_retraining_task
+from tasks.train import load_training_config
 from tinymlops.settings import get_settings
 
 
@@ -28,6 +29,7 @@ def retrain_flow(
     targets: list[str] | None = None,
     canary_fraction: float = 0.0,
     broker_url: str | None = None,
+    config_path: str | None = None,
 ) -> dict[str, Any]:
     """Retrain a fleet's models on its recent normal data, then deploy every new champion.
 
@@ -40,13 +42,16 @@ def retrain_flow(
         targets: MCU targets (default: settings).
         canary_fraction: Canary share of each deployment.
         broker_url: Broker of the fleet (default: settings).
+        config_path: Training configuration (default ``data/training.yaml``); checked before the
+            fleet's retraining slot is claimed, so a bad path does not start a cooldown.
     """
     settings = get_settings()
+    load_training_config(config_path)
     claim = claim_retraining_task(settings.data_dir / "state", fleet, settings.drift.cooldown_minutes)
     if not claim.granted:
         return {"fleet": fleet, "retrained": False, "reason": claim.reason}
     since = since or dt.datetime.now(tz=dt.UTC) - dt.timedelta(minutes=settings.drift.window_minutes)
-    outcome = train_flow(fleet=fleet, targets=targets, devices=devices, start=since)
+    outcome = train_flow(fleet=fleet, targets=targets, devices=devices, start=since, config_path=config_path)
     deployments = [
         deploy_flow(f"{entry['model']}@champion", fleet=fleet, canary_fraction=canary_fraction, broker_url=broker_url)
         for entry in outcome["registered"]

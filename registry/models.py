@@ -332,6 +332,7 @@ def register_bundle(bundle: ModelBundle, run_id: str, *, gates_passed: bool) -> 
     created_model = False
     version: str | None = None
     try:
+        _remove_orphaned_logged_models(client, run.info.experiment_id, run_id, meta.target, name)
         logged = client.create_logged_model(
             run.info.experiment_id,
             name=f"bundle-{meta.target}",
@@ -379,6 +380,29 @@ def register_bundle(bundle: ModelBundle, run_id: str, *, gates_passed: bool) -> 
         "registered %s/%s (%s)%s", name, version, meta.target, f", alias {CANDIDATE}" if candidate else ", no alias"
     )
     return registered
+
+
+def _remove_orphaned_logged_models(
+    client: MlflowClient, experiment_id: str, run_id: str, target: str, name: str
+) -> None:
+    """Delete this run's logged bundles of ``target`` that no version uses.
+
+    They are what an attempt left when the tracking server died before its clean-up could
+    reach it; the retry removes them, so a run never keeps a logged bundle that is not registered.
+    """
+    leftovers = client.search_logged_models(
+        [experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = 'bundle-{target}'"
+    )
+    if not leftovers:
+        return
+    # The version's own model_id is not returned by every store; the lineage tag always is.
+    used = {
+        mv.tags.get(LINEAGE_TAG_PREFIX + "logged_model_id") for mv in client.search_model_versions(f"name='{name}'")
+    }
+    for logged in leftovers:
+        if logged.model_id not in used:
+            client.delete_logged_model(logged.model_id)
+            log.info("removed logged model %s, left unregistered by a failed registration", logged.model_id)
 
 
 def _undo_registration(
