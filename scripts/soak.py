@@ -313,9 +313,10 @@ def lake_accounting(observed: dict[str, set[int]]) -> dict[str, Any]:
     devices = set(in_lake) | set(observed)
     # a device numbers its windows 0, 1, 2, ...: the highest seen anywhere bounds what it published
     published = sum(max(in_lake.get(d, set()) | observed.get(d, set())) + 1 for d in devices)
+    unique = sum(map(len, in_lake.values()))  # the soak devices' distinct windows (not the reference set's)
     return {"devices_seen": len(devices), "published": published, "observer_saw": sum(map(len, observed.values())),
-            "in_lake": len(keys), "lake_rows": rows, "duplicates": rows - len(keys),
-            "dropped": published - len(keys)}  # fmt: skip
+            "in_lake": unique, "lake_rows": rows, "duplicates": rows - unique,
+            "dropped": published - unique}  # fmt: skip
 
 
 def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
