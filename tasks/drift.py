@@ -13,9 +13,11 @@ Why the rule looks the way it does (measured on the simulator, see ``tests/test_
   Feature drift is therefore judged on the pooled windows of the fleet, never on one device alone.
 * The autoencoder has learned every device's normal, so a healthy device keeps the reference's
   error distribution and false-alarm rate. A device is **abnormal** when its anomaly rate is
-  above ``anomaly_rate_factor`` x the expected rate (the one-sided 99% Wilson lower bound of the
-  rate must pass, so a few chance alarms in a short window do not count), or its errors shifted
-  upwards (two-sample KS statistic above ``error_shift_threshold`` at p < 0.001).
+  above ``anomaly_rate_factor`` x the expected rate (the one-sided Wilson lower bound of the rate
+  must pass, so a few chance alarms in a short window do not count), or its errors shifted upwards
+  (two-sample KS statistic above ``error_shift_threshold`` and significant). Both tests hold for the
+  whole fleet: a healthy fleet of N devices has a device flagged by the rate test in at most 1% of
+  runs and by the shift test in at most 0.1% (each device tested at 0.01/N and 0.001/N).
 * Physics separates the causes by the waveform's *shape*. A sensor gain change multiplies the
   signal: all log bands and log RMS move by the same amount, kurtosis and crest (scale-free) stay.
   Wear adds broadband noise and resonance roughness: levels rise, the signal stays near-Gaussian.
@@ -72,9 +74,11 @@ CdfBelow = Callable[[int, FloatArray], FloatArray]
 STAT_FEATURES = ("log_rms", "log_kurtosis", "crest")
 # Floor of a PSI bin fraction: an empty bin contributes a large but finite term.
 PSI_EPSILON = 1e-4
-# One-sided 99% normal quantile for the Wilson lower bound of a device's anomaly rate.
-ANOMALY_RATE_Z = 2.326
-# Significance an error-distribution shift must reach besides its size (short windows are noisy).
+# Chance that a healthy fleet has any device's anomaly rate judged high in one monitor run: split
+# over the fleet's devices (Bonferroni), so 500 healthy devices do not raise 500x the false alarms.
+ANOMALY_RATE_ALPHA = 0.01
+# Significance an error-distribution shift must reach besides its size (short windows are noisy),
+# likewise for the whole fleet.
 ERROR_SHIFT_ALPHA = 1e-3
 # A window's shape changed when kurtosis or crest lies beyond these reference quantiles ...
 SHAPE_QUANTILES = (0.01, 0.99)
@@ -257,10 +261,11 @@ def anomaly_rate(errors: npt.ArrayLike, threshold: float) -> float:
     return float(np.mean(_values(errors, "errors") > threshold))
 
 
-def rate_lower_bound(k: int, n: int, z: float = ANOMALY_RATE_Z) -> float:
-    """Wilson score lower bound of a rate of ``k`` events in ``n`` trials (0 when n is 0)."""
+def rate_lower_bound(k: int, n: int, alpha: float = ANOMALY_RATE_ALPHA) -> float:
+    """One-sided Wilson lower bound, at level ``1 - alpha``, of a rate of ``k`` events in ``n`` trials (0 if n is 0)."""
     if n <= 0:
         return 0.0
+    z = float(stats.norm.isf(alpha))
     p = k / n
     centre = p + z * z / (2 * n)
     margin = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
@@ -337,7 +342,7 @@ class DeviceAssessment:
         n_windows: Windows scored.
         anomalies: Windows above the model's threshold.
         anomaly_rate: ``anomalies / n_windows``.
-        anomaly_rate_lower: One-sided 99% Wilson lower bound of the anomaly rate.
+        anomaly_rate_lower: One-sided Wilson lower bound of the anomaly rate (level 1 - 0.01/fleet size).
         anomaly_rate_limit: ``anomaly_rate_factor`` x the expected false-alarm rate.
         error_shift: Error distribution against the reference (None without windows).
         features: Feature drift against the pooled reference (None without windows).
@@ -393,6 +398,7 @@ def assess_device(
     reference: DriftReference,
     threshold: float,
     settings: DriftSettings,
+    fleet_size: int = 1,
 ) -> DeviceAssessment:
     """Judge one device's windows against the champion's reference (rule in the module docstring).
 
@@ -403,6 +409,7 @@ def assess_device(
         reference: The champion's drift reference.
         threshold: The champion's anomaly threshold.
         settings: Drift thresholds.
+        fleet_size: Devices judged in the same run; the tests' significance is split over them.
 
     Raises:
         DriftError: Features and errors disagree in length or width, or are not finite.
@@ -416,7 +423,7 @@ def assess_device(
         return _no_windows(device, reference, settings)
     anomalies = int(np.sum(_values(e, f"errors of {device}") > threshold))
     evidence = (error_shift(reference.errors, e), feature_drift(ref, x, settings), shape_change(ref, x))
-    return _judge(device, len(x), anomalies, evidence, reference, settings, "windows")
+    return _judge(device, len(x), anomalies, evidence, reference, settings, "windows", fleet_size)
 
 
 def _no_windows(device: str, reference: DriftReference, settings: DriftSettings) -> DeviceAssessment:
@@ -433,23 +440,25 @@ def _judge(
     reference: DriftReference,
     settings: DriftSettings,
     source: EvidenceSource,
+    fleet_size: int,
 ) -> DeviceAssessment:
     """The device rule of the module docstring, with one reason line per check."""
+    if fleet_size < 1:
+        raise DriftError(f"{device}: fleet size {fleet_size} < 1")
     shift, drift, shape = evidence
     limit = settings.anomaly_rate_factor * reference.expected_anomaly_rate
-    rate, lower = anomalies / n, rate_lower_bound(anomalies, n)
+    rate_alpha, shift_alpha = ANOMALY_RATE_ALPHA / fleet_size, ERROR_SHIFT_ALPHA / fleet_size
+    rate, lower = anomalies / n, rate_lower_bound(anomalies, n, rate_alpha)
     rate_high = lower > limit
-    errors_up = (
-        shift.ks > settings.error_shift_threshold and shift.p_value < ERROR_SHIFT_ALPHA and shift.median_ratio > 1
-    )
+    errors_up = shift.ks > settings.error_shift_threshold and shift.p_value < shift_alpha and shift.median_ratio > 1
     approx = " (normal approximation from the device summary)" if source == "summary" else ""
     reasons = [
-        f"anomaly rate {rate:.1%} ({anomalies}/{n}, 99% lower bound {lower:.1%}) "
+        f"anomaly rate {rate:.1%} ({anomalies}/{n}, lower bound {lower:.1%} at alpha {rate_alpha:.2g}) "
         f"{'>' if rate_high else '<='} limit {limit:.1%} ({settings.anomaly_rate_factor:g} x expected "
         f"{reference.expected_anomaly_rate:.1%})",
         f"errors {'shifted up' if errors_up else 'not shifted up'}: KS {shift.ks:.2f} (p {shift.p_value:.2g}, "
         f"median x{shift.median_ratio:.2f}); limit KS > {settings.error_shift_threshold:.2f} "
-        f"at p < {ERROR_SHIFT_ALPHA:g} with the median up",
+        f"at p < {shift_alpha:.2g} with the median up",
         f"waveform shape {shape.kind}: kurtosis/crest above the training p99 in {shape.impulsive_fraction:.0%}, "
         f"below p1 in {shape.periodic_fraction:.0%} of windows (fault signature at >= {SHAPE_FRACTION:.0%}){approx}",
         f"{drift.n_drifted}/{len(drift.names)} features differ from the fleet reference "
@@ -597,7 +606,12 @@ def _normal_shape(reference_features: FloatArray, summary: SummaryStats) -> Shap
 
 
 def assess_device_summary(
-    device: str, summary: SummaryStats, reference: DriftReference, threshold: float, settings: DriftSettings
+    device: str,
+    summary: SummaryStats,
+    reference: DriftReference,
+    threshold: float,
+    settings: DriftSettings,
+    fleet_size: int = 1,
 ) -> DeviceAssessment:
     """Judge one device from its own summaries (no raw windows), with the rule of :func:`assess_device`.
 
@@ -617,7 +631,7 @@ def assess_device_summary(
         _cdf_feature_drift(ref, [(1.0, summary.cdf_below)], summary.windows, settings),
         _normal_shape(ref, summary),
     )
-    return _judge(device, summary.windows, summary.anomalies, evidence, reference, settings, "summary")
+    return _judge(device, summary.windows, summary.anomalies, evidence, reference, settings, "summary", fleet_size)
 
 
 def _quorum(count: int, n_devices: int, fraction: float) -> int:

@@ -160,15 +160,16 @@ def assess_windows(
     empty = np.zeros((0, champion.spec.n_features), dtype=np.float32)
     summaries = summaries_by_device or {}
     ref, threshold = champion.reference, champion.threshold
-    for device in sorted(set(samples_by_device) | set(summaries)):
+    devices = sorted(set(samples_by_device) | set(summaries))
+    for device in devices:
         if device not in samples_by_device:  # known from its summaries only
             features[device] = summaries[device]
-            assessments.append(assess_device_summary(device, summaries[device], ref, threshold, settings))
+            assessments.append(assess_device_summary(device, summaries[device], ref, threshold, settings, len(devices)))
             continue
         samples = np.asarray(samples_by_device[device], dtype=np.float32)
         x, errors = champion.score(samples) if len(samples) else (empty, np.zeros(0, dtype=np.float32))
         features[device] = x
-        assessments.append(assess_device(device, x, errors, ref, threshold, settings))
+        assessments.append(assess_device(device, x, errors, ref, threshold, settings, len(devices)))
     pooled = pooled_feature_drift(ref.features, features, assessments, settings)
     return assess_fleet(assessments, settings, pooled=pooled)
 
@@ -350,7 +351,7 @@ class MonitorReport:
             "",
             "## Devices",
             "",
-            "| device | verdict | source | windows | anomaly rate (99% lower bound) | limit | error KS "
+            "| device | verdict | source | windows | anomaly rate (lower bound) | limit | error KS "
             "| error median ratio | waveform shape | features off the fleet reference |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
@@ -365,7 +366,8 @@ class MonitorReport:
             )
         lines += [
             "",
-            "A device is judged on its anomaly rate (its 99% lower bound against the limit), its error shift "
+            f"A device is judged on its anomaly rate (its lower bound at 1 - 0.01/{len(self.devices)} against the "
+            "limit: at most 1% of runs of a healthy fleet flag any device), its error shift "
             "and its waveform shape; features off the fleet reference are shown, not judged: one healthy "
             "machine is a sub-population of the pooled reference. Fleet-wide feature drift is judged on the "
             "pooled ok devices.",
