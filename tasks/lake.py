@@ -295,16 +295,25 @@ def _hour_range(start: dt.datetime | None, end: dt.datetime | None) -> tuple[str
     return low, high
 
 
+def _read_manifest(manifest: Path) -> tuple[str, list[str]] | None:
+    """Return a compaction manifest's (output, replaced files), or None when it is torn.
+
+    A torn manifest was never flushed, so its output was never renamed into place.
+    """
+    try:
+        plan = json.loads(manifest.read_text())
+        return str(plan["output"]), [str(name) for name in plan["replaced"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _superseded(hour_dir: Path) -> set[str]:
     """Return the names of files a finished compaction replaced but did not yet delete (see :func:`compact_lake`)."""
     replaced: set[str] = set()
     for manifest in hour_dir.glob(".compaction-*.json"):
-        try:
-            plan = json.loads(manifest.read_text())
-        except (OSError, ValueError):
-            continue  # torn: it was never synced, so its output was never renamed into place
-        if (hour_dir / plan["output"]).exists():
-            replaced.update(plan["replaced"])
+        plan = _read_manifest(manifest)
+        if plan is not None and (hour_dir / plan[0]).exists():
+            replaced.update(plan[1])
     return replaced
 
 
@@ -698,14 +707,9 @@ def _flush_to_disk(paths: Sequence[Path], directory: Path) -> None:
 def _finish_compactions(hour_dir: Path, stale_before_s: float) -> int:
     """Finish (output visible) or roll back (output not visible) crashed compactions; drop stale temporaries."""
     for manifest in hour_dir.glob(".compaction-*.json"):
-        try:
-            plan = json.loads(manifest.read_text())
-            output, replaced = plan["output"], plan["replaced"]
-        except (OSError, ValueError, KeyError, TypeError):
-            manifest.unlink()  # torn, so never flushed: its output was never renamed into place
-            continue
-        if (hour_dir / output).exists():
-            for name in replaced:
+        plan = _read_manifest(manifest)
+        if plan is not None and (hour_dir / plan[0]).exists():
+            for name in plan[1]:
                 (hour_dir / name).unlink(missing_ok=True)
             _flush_to_disk([], hour_dir)
         manifest.unlink()
@@ -726,7 +730,7 @@ def _compact_hour(hour_dir: Path, files: list[Path]) -> int:
     manifest = hour_dir / f".compaction-{token}.json"
     current = temporary
     try:
-        expected = 0
+        expected = pending_bytes = 0
         pending: list[pa.Table] = []
         with pq.ParquetWriter(
             temporary, WINDOW_SCHEMA, compression="zstd", use_dictionary=["device", "label", "source"]
@@ -736,9 +740,10 @@ def _compact_hour(hour_dir: Path, files: list[Path]) -> int:
                 table = pq.ParquetFile(path).read().cast(WINDOW_SCHEMA)
                 expected += table.num_rows
                 pending.append(table)
-                if sum(t.nbytes for t in pending) >= _COMPACT_ROW_GROUP_BYTES:
+                pending_bytes += table.nbytes
+                if pending_bytes >= _COMPACT_ROW_GROUP_BYTES:
                     writer.write_table(pa.concat_tables(pending))
-                    pending = []
+                    pending, pending_bytes = [], 0
             if pending:
                 writer.write_table(pa.concat_tables(pending))
         current = temporary

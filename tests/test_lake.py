@@ -130,7 +130,7 @@ def lake_with_closed_and_open_hours(lake: Path) -> list[tuple[str, int]]:
         flush(lake, devices=4, seqs=range(i * 10, i * 10 + 10), hour=0)
     for i in range(2):
         flush(lake, devices=4, seqs=range(100 + i * 10, 110 + i * 10), hour=1)
-    return sorted(zip(read_keys(lake, "f")["device"].to_pylist(), read_keys(lake, "f")["seq"].to_pylist(), strict=True))
+    return keys_of(lake)
 
 
 def keys_of(lake: Path) -> list[tuple[str, int]]:
