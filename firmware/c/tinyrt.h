@@ -1,0 +1,94 @@
+/*
+ * tinyrt: the device's int8 inference runtime. Reads a TFLite flatbuffer (.tflite) in place
+ * (flash or RAM, 4-byte aligned), bounds-checks every offset, allocates nothing: tensors that
+ * are not constant live in the caller's arena. Runs the ops the project's models use, bit-exact
+ * with the TFLite Micro reference kernels (TFLite's quantization spec; gemmlowp rounding):
+ * FULLY_CONNECTED (int8 input/weights, int32 bias, per-tensor or per-channel weight scales,
+ * fused NONE/RELU/RELU6/RELU_N1_TO_1), plus RESHAPE. Any other op: TRT_ERR_UNSUPPORTED_OP.
+ * C99, no malloc, no stdio; only <stdint.h>, <stddef.h>, <string.h> and <math.h> (frexp/round at
+ * load time only).
+ */
+#ifndef TINYRT_H
+#define TINYRT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define TRT_MAX_TENSORS 64
+#define TRT_MAX_OPS 32
+#define TRT_MAX_DIMS 4
+#define TRT_MAX_CHANNELS 1024 /* per-channel multipliers kept per op: bounded by the arena instead */
+
+typedef enum {
+    TRT_OK = 0,
+    TRT_ERR_NULL = -1,           /* a required pointer is NULL */
+    TRT_ERR_FORMAT = -2,         /* not a TFLite flatbuffer, or an offset/length out of bounds */
+    TRT_ERR_VERSION = -3,        /* schema version other than 3 */
+    TRT_ERR_UNSUPPORTED_OP = -4, /* an operator (builtin code or custom) the runtime does not have */
+    TRT_ERR_TYPE = -5,           /* a tensor type other than int8 activations/weights and int32 bias */
+    TRT_ERR_SHAPE = -6,          /* shapes of an op's tensors do not agree */
+    TRT_ERR_QUANT = -7,          /* missing or invalid quantization parameters */
+    TRT_ERR_ARENA = -8,          /* the arena is smaller than trt_arena_required() */
+    TRT_ERR_LIMIT = -9,          /* more tensors, ops, dims or channels than the TRT_MAX_* limits */
+    TRT_ERR_IO = -10,            /* not exactly one input and one output tensor */
+    TRT_ERR_STATE = -11          /* trt_invoke before a successful trt_init */
+} trt_status_t;
+
+typedef struct {
+    int8_t *data;          /* in the arena */
+    uint32_t size;         /* elements */
+    float scale;
+    int32_t zero_point;
+} trt_io_t;
+
+/* Opaque enough to be statically allocated; its fields are internal. */
+typedef struct {
+    const uint8_t *model;
+    size_t model_len;
+    uint8_t *arena;
+    size_t arena_len;
+    size_t arena_required;
+    uint16_t n_ops;
+    uint16_t n_tensors;
+    int initialised;
+    trt_io_t input;
+    trt_io_t output;
+    uint32_t op_code[TRT_MAX_OPS];
+    struct trt_op {
+        uint16_t kind;         /* internal op kind */
+        int16_t in, weights, bias, out; /* tensor indices, -1 when absent */
+        uint8_t activation;
+        int32_t act_min, act_max;
+        int32_t input_offset, output_offset;
+        uint32_t out_channels, depth, batches;
+        int32_t multiplier;    /* per-tensor */
+        int32_t shift;
+        int32_t *per_channel_multiplier; /* in the arena, NULL when per-tensor */
+        int32_t *per_channel_shift;
+    } ops[TRT_MAX_OPS];
+    struct trt_tensor {
+        const uint8_t *const_data; /* in the model, NULL when in the arena */
+        int8_t *data;              /* in the arena */
+        uint32_t bytes;
+        uint8_t type;
+    } tensors[TRT_MAX_TENSORS];
+} trt_model_t;
+
+/* Parse and check the model, plan the arena (every non-constant tensor, and per-channel
+ * parameters) and bind it. On TRT_ERR_ARENA, trt_arena_required(m) tells the size needed. */
+int trt_init(trt_model_t *m, const uint8_t *model, size_t model_len, uint8_t *arena, size_t arena_len);
+
+/* Bytes of arena the model needs (valid after trt_init returned TRT_OK or TRT_ERR_ARENA). */
+size_t trt_arena_required(const trt_model_t *m);
+
+/* The input and output tensors (valid after a successful trt_init). */
+const trt_io_t *trt_input(const trt_model_t *m);
+const trt_io_t *trt_output(const trt_model_t *m);
+
+/* Run the graph on the input tensor's data; the result is in the output tensor. */
+int trt_invoke(trt_model_t *m);
+
+/* "OK", "ERR_FORMAT", ... */
+const char *trt_status_name(int code);
+
+#endif /* TINYRT_H */
