@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pydantic
 import yaml
@@ -37,6 +37,15 @@ class McuTarget(BaseModel):
     uses_optimized_kernels: bool = Field(description="Whether the firmware links the optimised kernels.")
     dsp_cycles_per_sample: float = Field(ge=0, description="DSP front-end cycles per input sample, FFT included.")
     latency_budget_ms: float = Field(gt=0, description="Budget for DSP plus one inference per window.")
+    emulated_board: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9][a-z0-9-]*$",
+        description="QEMU board that runs this core (firmware/emulator.py); None: latency is estimated.",
+    )
+    cycles_per_instruction: float = Field(default=1.0, gt=0, description="Cycles per measured instruction.")
+    dsp_arithmetic: Literal["f32", "q15"] = Field(
+        default="f32", description="DSP front end: float (FPU cores) or fixed point (cores without an FPU)."
+    )
 
     @pydantic.model_validator(mode="after")
     def _reserves_fit(self) -> McuTarget:
