@@ -1,17 +1,23 @@
 """The budget gate: a compressed model must fit an MCU target's flash, RAM and latency budgets.
 
-Flash is the model flatbuffer plus the TFLite Micro runtime, the rest of the firmware and the DSP
-tables. RAM is the tensor arena measured in the real TFLite Micro interpreter (smallest working
-size, host build), the DSP buffers and the RTOS/network reserve. Latency is MACs counted from the
-graph times the target's cycles per MAC, plus the DSP front end, at the target's clock. When
-inputs are given, the TFLite and TFLite Micro outputs must also agree within a few LSB.
+Where QEMU emulates the target's core (the catalog's ``emulated_board``) the figures are
+measured on the device firmware itself (:class:`DeviceMeasurement`, from
+:func:`firmware.emulator.measure`): latency is the instructions the firmware's DSP front end and
+int8 runtime execute on one window, times the core's cycles per instruction, at its clock; flash
+is the linked device image plus two model slots (active and staging) and the rest of the
+firmware; RAM is the image's static RAM plus the runtime's arena for this model and the
+RTOS/network reserve. Elsewhere (a core QEMU cannot run) the figures are estimated: flash is the
+model plus the catalog's runtime size and DSP tables, RAM the tensor arena measured in the real
+TFLite Micro interpreter plus the DSP buffers, latency MACs x cycles per MAC plus DSP cycles per
+sample; the report says which. When inputs are given, the TFLite and TFLite Micro outputs must
+also agree within a few LSB.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -67,19 +73,48 @@ class BudgetCheck:
 
 
 @dataclass(frozen=True)
+class DeviceMeasurement:
+    """What the device firmware measured for one model on an emulated core.
+
+    Attributes:
+        board: QEMU board it ran on.
+        dsp_arithmetic: The DSP front end measured (``f32`` or ``q15``).
+        dsp_instructions: Instructions of the DSP front end per window.
+        inference_instructions: Instructions of one inference in the firmware's int8 runtime.
+        image_flash_bytes: Flash of the linked device image (code, constants, initialised data).
+        image_ram_bytes: Static RAM of the linked device image without its tensor arena buffer.
+        arena_bytes: Tensor arena the firmware's runtime needs for this model.
+    """
+
+    board: str
+    dsp_arithmetic: str
+    dsp_instructions: int
+    inference_instructions: int
+    image_flash_bytes: int
+    image_ram_bytes: int
+    arena_bytes: int
+
+
+@dataclass(frozen=True)
 class FlashUsage:
-    """Flash use in bytes."""
+    """Flash use in bytes; ``model_slots`` copies of the model (the firmware keeps an active and a staging slot)."""
 
     model_bytes: int
     runtime_bytes: int
     firmware_reserve_bytes: int
     dsp_table_bytes: int
     limit_bytes: int
+    model_slots: int = 1
 
     @property
     def total_bytes(self) -> int:
         """Everything that has to fit in flash."""
-        return self.model_bytes + self.runtime_bytes + self.firmware_reserve_bytes + self.dsp_table_bytes
+        return (
+            self.model_bytes * self.model_slots
+            + self.runtime_bytes
+            + self.firmware_reserve_bytes
+            + self.dsp_table_bytes
+        )
 
 
 @dataclass(frozen=True)
@@ -100,7 +135,11 @@ class RamUsage:
 
 @dataclass(frozen=True)
 class LatencyEstimate:
-    """Per-window latency estimate: DSP front end plus one inference."""
+    """Per-window latency: DSP front end plus one inference, measured on the emulated core or estimated.
+
+    The cycles-per-MAC figures are always given for comparison; with ``method == "measured"``
+    the DSP and inference times come from the instruction counts instead.
+    """
 
     macs: int
     optimized_kernels: bool
@@ -108,10 +147,19 @@ class LatencyEstimate:
     inference_ms_optimized: float
     dsp_ms: float
     budget_ms: float
+    method: str = "estimated"
+    board: str | None = None
+    cycles_per_instruction: float | None = None
+    dsp_instructions: int | None = None
+    inference_instructions: int | None = None
+    inference_ms_measured: float | None = None
+    note: str = ""
 
     @property
     def inference_ms(self) -> float:
-        """Inference time with the kernels the target uses."""
+        """Inference time: measured, else with the kernels the target uses."""
+        if self.inference_ms_measured is not None:
+            return self.inference_ms_measured
         return self.inference_ms_optimized if self.optimized_kernels else self.inference_ms_reference
 
     @property
@@ -177,16 +225,32 @@ class BudgetReport:
             lines.append(f"| {check.name} | {measured} | {limit} | {margin} | {verdict} |")
         f, r, t = self.flash, self.ram, self.latency
         kernels = "optimised" if t.optimized_kernels else "reference"
-        lines += [
-            "",
-            f"- flash: model {f.model_bytes:,} B + TFLM runtime {f.runtime_bytes:,} B + firmware "
-            f"{f.firmware_reserve_bytes:,} B + DSP tables {f.dsp_table_bytes:,} B",
-            f"- RAM: tensor arena {r.arena_bytes:,} B (smallest working, host TFLM; allocator report "
-            f"{r.arena_reported_bytes:,} B) + DSP buffers {r.dsp_buffer_bytes:,} B "
-            f"+ RTOS/network {r.reserve_bytes:,} B",
-            f"- latency: DSP {t.dsp_ms:.3f} ms + {t.macs:,} MACs with {kernels} kernels {t.inference_ms:.3f} ms "
-            f"(reference {t.inference_ms_reference:.3f} ms, optimised {t.inference_ms_optimized:.3f} ms)",
-        ]
+        if t.method == "measured":
+            lines += [
+                "",
+                f"- flash: {f.model_slots} model slots x {f.model_bytes:,} B + device image {f.runtime_bytes:,} B "
+                f"(linked, {t.board}) + rest of the firmware {f.firmware_reserve_bytes:,} B",
+                f"- RAM: tensor arena {r.arena_bytes:,} B (firmware runtime; host TFLM smallest working "
+                f"{r.arena_reported_bytes:,} B) + device image static RAM {r.dsp_buffer_bytes:,} B "
+                f"+ RTOS/network {r.reserve_bytes:,} B",
+                f"- latency (measured on QEMU {t.board}, {t.cycles_per_instruction} cycles per instruction): "
+                f"DSP {t.dsp_instructions:,} instructions {t.dsp_ms:.3f} ms + inference "
+                f"{t.inference_instructions:,} instructions {t.inference_ms:.3f} ms; cycles-per-MAC model for "
+                f"{t.macs:,} MACs: reference {t.inference_ms_reference:.3f} ms, optimised "
+                f"{t.inference_ms_optimized:.3f} ms",
+            ]
+        else:
+            lines += [
+                "",
+                f"- flash: model {f.model_bytes:,} B + TFLM runtime {f.runtime_bytes:,} B + firmware "
+                f"{f.firmware_reserve_bytes:,} B + DSP tables {f.dsp_table_bytes:,} B",
+                f"- RAM: tensor arena {r.arena_bytes:,} B (smallest working, host TFLM; allocator report "
+                f"{r.arena_reported_bytes:,} B) + DSP buffers {r.dsp_buffer_bytes:,} B "
+                f"+ RTOS/network {r.reserve_bytes:,} B",
+                f"- latency (estimated{': ' + t.note if t.note else ''}): DSP {t.dsp_ms:.3f} ms + {t.macs:,} MACs "
+                f"with {kernels} kernels {t.inference_ms:.3f} ms (reference {t.inference_ms_reference:.3f} ms, "
+                f"optimised {t.inference_ms_optimized:.3f} ms)",
+            ]
         if self.parity is not None:
             p = self.parity
             lines.append(
@@ -213,6 +277,8 @@ def validate_budget(
     arena: ArenaMeasurement | None = None,
     parity_inputs: npt.NDArray[np.float32] | None = None,
     parity_tolerance_lsb: int = DEFAULT_PARITY_TOLERANCE_LSB,
+    measurement: DeviceMeasurement | None = None,
+    estimate_note: str = "",
 ) -> BudgetReport:
     """Check a model against one MCU target's flash, RAM and latency budgets.
 
@@ -224,36 +290,71 @@ def validate_budget(
         parity_inputs: float32 feature rows; when given, TFLite and TFLite Micro outputs on them must
             agree within ``parity_tolerance_lsb``, with TFLM running in the measured arena.
         parity_tolerance_lsb: Largest allowed output difference in quantization steps.
+        measurement: The firmware's figures on the emulated core (:func:`measure_on_device`);
+            None estimates latency, flash and RAM from the catalog.
+        estimate_note: Why the figures are estimated (shown in the report).
 
     Returns:
         The report; see :func:`enforce_budget` to turn a failed report into an error.
 
     """
     arena = arena or measure_arena(model)
-    flash = FlashUsage(
-        model_bytes=len(model),
-        runtime_bytes=target.runtime_flash_bytes,
-        firmware_reserve_bytes=target.firmware_flash_reserve_bytes,
-        dsp_table_bytes=dsp_table_bytes(dsp),
-        limit_bytes=target.flash_bytes,
-    )
-    ram = RamUsage(
-        arena_bytes=arena.smallest_working_bytes,
-        arena_reported_bytes=arena.reported_bytes,
-        dsp_buffer_bytes=dsp_buffer_bytes(dsp),
-        reserve_bytes=target.ram_reserve_bytes,
-        limit_bytes=target.sram_bytes,
-    )
     macs = count_macs(model)
     ms_per_cycle = 1000.0 / target.clock_hz
-    latency = LatencyEstimate(
+    estimate = LatencyEstimate(
         macs=macs,
         optimized_kernels=target.uses_optimized_kernels,
         inference_ms_reference=macs * target.cycles_per_mac_int8 * ms_per_cycle,
         inference_ms_optimized=macs * target.cycles_per_mac_int8_cmsis_nn * ms_per_cycle,
         dsp_ms=target.dsp_cycles_per_sample * dsp.window_samples * ms_per_cycle,
         budget_ms=target.latency_budget_ms,
+        note=estimate_note,
     )
+    if measurement is None:
+        flash = FlashUsage(
+            model_bytes=len(model),
+            runtime_bytes=target.runtime_flash_bytes,
+            firmware_reserve_bytes=target.firmware_flash_reserve_bytes,
+            dsp_table_bytes=dsp_table_bytes(dsp),
+            limit_bytes=target.flash_bytes,
+        )
+        ram = RamUsage(
+            arena_bytes=arena.smallest_working_bytes,
+            arena_reported_bytes=arena.reported_bytes,
+            dsp_buffer_bytes=dsp_buffer_bytes(dsp),
+            reserve_bytes=target.ram_reserve_bytes,
+            limit_bytes=target.sram_bytes,
+        )
+        latency = estimate
+    else:
+        m = measurement
+        ms_per_instruction = target.cycles_per_instruction * ms_per_cycle
+        flash = FlashUsage(
+            model_bytes=len(model),
+            runtime_bytes=m.image_flash_bytes,
+            firmware_reserve_bytes=target.firmware_flash_reserve_bytes,
+            dsp_table_bytes=0,  # in the linked image
+            limit_bytes=target.flash_bytes,
+            model_slots=2,
+        )
+        ram = RamUsage(
+            arena_bytes=m.arena_bytes,
+            arena_reported_bytes=arena.smallest_working_bytes,
+            dsp_buffer_bytes=m.image_ram_bytes,
+            reserve_bytes=target.ram_reserve_bytes,
+            limit_bytes=target.sram_bytes,
+        )
+        latency = replace(
+            estimate,
+            method="measured",
+            board=m.board,
+            cycles_per_instruction=target.cycles_per_instruction,
+            dsp_instructions=m.dsp_instructions,
+            inference_instructions=m.inference_instructions,
+            dsp_ms=m.dsp_instructions * ms_per_instruction,
+            inference_ms_measured=m.inference_instructions * ms_per_instruction,
+            note="",
+        )
     checks = [
         BudgetCheck("flash", flash.total_bytes, flash.limit_bytes, "B"),
         BudgetCheck("ram", ram.total_bytes, ram.limit_bytes, "B"),
