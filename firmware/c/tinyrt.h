@@ -1,10 +1,11 @@
 /*
  * tinyrt: the device's int8 inference runtime. Reads a TFLite flatbuffer (.tflite) in place
- * (flash or RAM, 4-byte aligned), bounds-checks every offset, allocates nothing: tensors that
- * are not constant live in the caller's arena. Runs the ops the project's models use, bit-exact
- * with the TFLite Micro reference kernels (TFLite's quantization spec; gemmlowp rounding):
- * FULLY_CONNECTED (int8 input/weights, int32 bias, per-tensor or per-channel weight scales,
- * fused NONE/RELU/RELU6/RELU_N1_TO_1), plus RESHAPE. Any other op: TRT_ERR_UNSUPPORTED_OP.
+ * (flash or RAM, any alignment: every field is read byte by byte), bounds-checks every offset,
+ * allocates nothing: tensors that are not constant live in the caller's arena. Runs the ops the
+ * project's models use, bit-exact with the TFLite Micro reference kernels (TFLite's quantization
+ * spec; gemmlowp rounding): FULLY_CONNECTED (int8 input/weights, int32 bias or none, per-tensor or
+ * per-channel weight scales, fused NONE/RELU/RELU6/RELU_N1_TO_1), plus RESHAPE. Any other op:
+ * TRT_ERR_UNSUPPORTED_OP.
  * C99, no malloc, no stdio; only <stdint.h>, <stddef.h>, <string.h> and <math.h> (frexp/round at
  * load time only).
  */
@@ -17,7 +18,8 @@
 #define TRT_MAX_TENSORS 64
 #define TRT_MAX_OPS 32
 #define TRT_MAX_DIMS 4
-#define TRT_MAX_CHANNELS 1024 /* per-channel multipliers kept per op: bounded by the arena instead */
+#define TRT_MAX_CHANNELS 1024 /* output channels of one FULLY_CONNECTED (per-op parameters live in the arena) */
+#define TRT_MAX_DEPTH 65536   /* inputs summed per output: keeps the int32 dot product free of overflow */
 
 typedef enum {
     TRT_OK = 0,
@@ -51,31 +53,38 @@ typedef struct {
     uint16_t n_ops;
     uint16_t n_tensors;
     int initialised;
+    int32_t failed_op;      /* operator index that made trt_init fail, -1 when none */
+    int32_t failed_builtin; /* its builtin code (32: CUSTOM), -1 when none */
+    int16_t in_index, out_index; /* the graph's input and output tensors */
     trt_io_t input;
     trt_io_t output;
-    uint32_t op_code[TRT_MAX_OPS];
     struct trt_op {
-        uint16_t kind;         /* internal op kind */
+        uint16_t kind;                  /* KIND_* in tinyrt.c */
+        uint8_t per_channel;            /* weights carry one scale per output channel */
         int16_t in, weights, bias, out; /* tensor indices, -1 when absent */
-        uint8_t activation;
         int32_t act_min, act_max;
         int32_t input_offset, output_offset;
         uint32_t out_channels, depth, batches;
-        int32_t multiplier;    /* per-tensor */
-        int32_t shift;
+        int32_t multiplier;             /* per-tensor */
+        int32_t shift;                  /* > 0: left shift, < 0: right shift (TFLite's convention) */
+        int32_t *bias_offset;           /* in the arena: bias + input_offset * sum(weights row), per channel */
         int32_t *per_channel_multiplier; /* in the arena, NULL when per-tensor */
         int32_t *per_channel_shift;
     } ops[TRT_MAX_OPS];
     struct trt_tensor {
         const uint8_t *const_data; /* in the model, NULL when in the arena */
-        int8_t *data;              /* in the arena */
+        int8_t *data;              /* in the arena (or aliasing const_data) */
         uint32_t bytes;
+        uint32_t arena_offset;     /* planned offset of an arena tensor */
+        int16_t alias_of;          /* RESHAPE output: the tensor whose buffer it shares, -1 when none */
         uint8_t type;
+        uint8_t is_const;
     } tensors[TRT_MAX_TENSORS];
 } trt_model_t;
 
-/* Parse and check the model, plan the arena (every non-constant tensor, and per-channel
- * parameters) and bind it. On TRT_ERR_ARENA, trt_arena_required(m) tells the size needed. */
+/* Parse and check the model, plan the arena (every non-constant tensor, and per-op
+ * parameters) and bind it. On TRT_ERR_ARENA, trt_arena_required(m) tells the size needed;
+ * arena may be NULL with arena_len 0 to ask for that size. */
 int trt_init(trt_model_t *m, const uint8_t *model, size_t model_len, uint8_t *arena, size_t arena_len);
 
 /* Bytes of arena the model needs (valid after trt_init returned TRT_OK or TRT_ERR_ARENA). */
@@ -90,5 +99,11 @@ int trt_invoke(trt_model_t *m);
 
 /* "OK", "ERR_FORMAT", ... */
 const char *trt_status_name(int code);
+
+/* Operator index and builtin code that made the last trt_init fail (-1, -1 when no operator did). */
+int32_t trt_failed_op(const trt_model_t *m, int32_t *builtin_code);
+
+/* sizeof(trt_model_t), for bindings that allocate it (ctypes). */
+size_t trt_model_size(void);
 
 #endif /* TINYRT_H */
