@@ -1,0 +1,174 @@
+"""The Cortex-M images built with arm-none-eabi-gcc and run in QEMU: sizes, OTA tests, counts, parity.
+
+Measured here (QEMU 7.2, -icount shift=0, GCC 12.2 -O2): the float DSP front end takes about
+114,000 instructions per 1024-sample window on the M4F and 4.07 M on the M0 (software float); the
+35-16-8-16-35 int8 autoencoder about 12,100 on the M4F and 20,900 on the M0. SysTick agrees with
+QEMU's per-instruction execution log within one tick (40 instructions on mps2-an386, 62.5 on
+microbit), and two runs count exactly the same.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from firmware import emulator
+from firmware.dsp import DspSpec, extract_features, raw_features
+from firmware.emulator import BOARDS, C_DIR, EmulatorError, ToolchainMissingError
+
+SCALE = 0.002  # physical units per LSB
+FEATURE_ATOL = 2e-5
+LOOP_ITERATIONS = 20_000
+
+
+def _windows(n_windows: int, n: int = 1024, seed: int = 0) -> np.ndarray:
+    """Shaft lines, a harmonic and noise, quantized to int16 as on the wire."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n) / 25_600
+    rows = []
+    for i in range(n_windows):
+        f0 = 40.0 + 35.0 * i
+        x = 4000 * np.sin(2 * np.pi * f0 * t) + 900 * np.sin(2 * np.pi * 7.3 * f0 * t) + rng.normal(0, 250, n)
+        rows.append(np.clip(np.round(x), -32768, 32767).astype(np.int16))
+    return np.stack(rows)
+
+
+@pytest.fixture(scope="module")
+def toolchain() -> emulator.Toolchain:
+    try:
+        return emulator.find_toolchain()
+    except ToolchainMissingError as exc:
+        pytest.fail(f"{exc} (the README's set-up installs it)")
+
+
+@pytest.fixture(scope="module")
+def images(toolchain: emulator.Toolchain) -> dict[str, emulator.ImageSet]:
+    return {name: emulator.build_images(name) for name in BOARDS}
+
+
+def test_missing_tool_is_one_line_naming_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda tool: None if tool == "qemu-system-arm" else real_which(tool))
+    with pytest.raises(ToolchainMissingError, match="install the Debian package qemu-system-arm") as raised:
+        emulator.find_toolchain()
+    assert "\n" not in str(raised.value)
+
+
+def test_bench_input_layout_is_aligned_and_versioned() -> None:
+    spec = DspSpec()
+    block = emulator.bench_input(spec, _windows(2), SCALE, model=b"\x01" * 100)
+    header = emulator._HEADER.unpack_from(block)
+    magic, version, header_bytes, total, n, n_bands, n_windows = header[:7]
+    assert (magic, version, header_bytes, total) == (0x49424D54, 1, emulator._HEADER.size, len(block))
+    assert (n, n_bands, n_windows) == (1024, 32, 2)
+    offsets = header[9:16]
+    assert all(offset % 4 == 0 for offset in offsets) and header[15] % 16 == 0
+    assert block[header[15] : header[15] + header[16]] == b"\x01" * 100
+
+
+@pytest.mark.slow
+def test_both_boards_build_with_sane_sizes(images: dict[str, emulator.ImageSet]) -> None:
+    for name, image_set in images.items():
+        board = BOARDS[name]
+        for image, elf in image_set.images().items():
+            size = emulator.image_size(elf)
+            assert size.flash_bytes == size.text + size.data and size.ram_bytes == size.data + size.bss
+            assert 1_000 < size.text < 1024 * 1024, (name, image, size)
+            if image != "test_ota":  # the unit-test image links 4 MiB of RAM for its file buffers
+                assert size.ram_bytes + board.stack_bytes <= board.ram_linked, (name, image, size)
+    bench = emulator.image_size(images["microbit"].bench)
+    assert bench.ram_bytes < 16 * 1024 - BOARDS["microbit"].stack_bytes
+
+
+@pytest.mark.slow
+def test_ota_receiver_unit_tests_pass_on_the_emulated_m4f(images: dict[str, emulator.ImageSet]) -> None:
+    elf = images["mps2-an386"].test_ota
+    assert elf is not None
+    result = emulator.run_qemu(BOARDS["mps2-an386"], elf, semihosting_args=["test_ota", "vectors"], cwd=C_DIR,
+                               timeout_s=60, icount=False)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    summary = re.search(r"(\d+) passed, (\d+) failed", result.stdout)
+    assert summary is not None, result.stdout[-2000:]
+    assert int(summary.group(1)) > 50 and int(summary.group(2)) == 0
+
+
+@pytest.mark.slow
+def test_a_hung_image_is_killed_at_the_timeout(images: dict[str, emulator.ImageSet]) -> None:
+    started = time.monotonic()
+    with pytest.raises(EmulatorError, match="did not exit within"):
+        # -S: the CPU never starts, so the image never exits
+        emulator.run_qemu(BOARDS["microbit"], images["microbit"].bench, timeout_s=1, extra_args=["-S"])
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("board", list(BOARDS))
+def test_instruction_counts_are_deterministic_and_agree_with_the_execution_log(
+    board: str, images: dict[str, emulator.ImageSet]
+) -> None:
+    first = emulator.calibrate(board, LOOP_ITERATIONS)
+    second = emulator.calibrate(board, LOOP_ITERATIONS, singlestep=True)
+    assert first.systick_instructions == second.systick_instructions
+    assert first.instructions_per_tick == int(np.ceil(BOARDS[board].instructions_per_tick))
+    # the log counts the loop (2 instructions per iteration) and the marker calls around it
+    assert second.singlestep_instructions is not None
+    assert 0 <= second.singlestep_instructions - 2 * LOOP_ITERATIONS <= 8
+    # SysTick counts the same span plus one empty measurement's overhead, to one tick
+    difference = second.systick_instructions - second.overhead_instructions - second.singlestep_instructions
+    assert abs(difference) <= second.instructions_per_tick, second
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("board", list(BOARDS))
+def test_dsp_features_on_the_board_match_the_numpy_reference(board: str, images: dict[str, emulator.ImageSet]) -> None:
+    spec = DspSpec()
+    windows = _windows(3)
+    measured = emulator.measure(board, None, spec, windows, SCALE)
+    reference = raw_features(windows * np.float32(SCALE), spec)
+    np.testing.assert_allclose(measured.features, reference, atol=FEATURE_ATOL, rtol=0)
+    assert measured.inference_instructions == (0, 0, 0) and measured.output_int8 is None
+    again = emulator.measure(board, None, spec, windows, SCALE)
+    assert again.dsp_instructions == measured.dsp_instructions  # deterministic under -icount
+    low, high = {"mps2-an386": (60_000, 250_000), "microbit": (1_000_000, 10_000_000)}[board]
+    assert all(low < count < high for count in measured.dsp_instructions), measured.dsp_instructions
+
+
+@pytest.fixture(scope="module")
+def int8_model() -> bytes:
+    from tests.int8_model import int8_autoencoder
+
+    return int8_autoencoder()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("board", list(BOARDS))
+def test_inference_on_the_board_equals_tflite_micro(
+    board: str, images: dict[str, emulator.ImageSet], int8_model: bytes
+) -> None:
+    from firmware.tflm import TflmRunner
+    from firmware.tinyrt import NativeRuntime
+
+    windows = _windows(4, seed=3)
+    spec = DspSpec().fitted(raw_features(_windows(40, seed=4) * np.float32(SCALE), DspSpec()))
+    measured = emulator.measure(board, int8_model, spec, windows, SCALE)
+    reference = extract_features(windows * np.float32(SCALE), spec)
+    # normalised features: the raw tolerance scaled by 1 / std
+    tolerance = np.broadcast_to(FEATURE_ATOL / np.asarray(spec.std, dtype=np.float32) + 1e-6, reference.shape)
+    np.testing.assert_array_less(np.abs(measured.features - reference), tolerance)
+    assert measured.input_int8 is not None and measured.output_int8 is not None
+    np.testing.assert_array_equal(measured.output_int8, TflmRunner(int8_model).predict_int8(measured.input_int8))
+    np.testing.assert_array_equal(measured.output_int8, NativeRuntime(int8_model).predict_int8(measured.input_int8))
+    assert all(count > 1_000 for count in measured.inference_instructions)
+
+
+def test_flash_region_and_bench_input_do_not_overlap_the_image() -> None:
+    board = BOARDS["mps2-an386"]
+    linker_script = Path(C_DIR / "boards" / "mps2-an386.ld").read_text()
+    assert "LENGTH = 1M" in linker_script  # image below the bench input at 1 MiB
+    assert board.flash_base is not None
+    assert board.bench_input_addr + board.bench_input_max <= board.flash_base
