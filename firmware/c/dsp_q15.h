@@ -1,0 +1,101 @@
+/*
+ * The DSP front end in fixed point, for cores without an FPU (Cortex-M0/M0+: the RP2040).
+ *
+ * The same features as dsp_features.c and the numpy reference firmware/dsp.py (raw_features):
+ * mean removal, periodic Hann, real FFT of n points as an n/2-point complex FFT + split, |X|^2
+ * summed per band [edges[b], edges[b+1]), log10(band energy + 1e-12), log10(rms + 1e-12),
+ * log10(kurtosis + 1e-12), crest factor max|x - mean| / max(rms, 1e-12); physical = samples * scale.
+ *
+ * Arithmetic, per window (integers only, no float operation):
+ *   - sum, min, max of the int16 samples; the centred samples are kept exact as c = n x - sum;
+ *   - one normalisation shift p puts max|c| << p in [2^28, 2^29) (block floating point);
+ *   - Hann: q15 table (uint16, 32768 = 1.0), rounded 32x16-bit products;
+ *   - time-domain moments from c >> (15 - p) (|.| <= 2^14): sum c^2 and sum (c^2 >> 13)^2 in 64 bits;
+ *   - radix-2 complex FFT on int32 with q15 twiddles; before each stage the block is shifted right
+ *     just enough (0-2 bits) to keep |value| <= 2^29, so no butterfly overflows; the shifts add to a
+ *     block exponent; the split and |X|^2 run after one more shift that keeps the band sums in 64 bits;
+ *   - log2 of 64-bit energies and moments: CLZ + 16 bit-serial squarings (Q16, truncation error
+ *     < 2^-16); the block exponents, log2 n and log2 scale are added in the log domain; the + 1e-12
+ *     of the reference is a log-add (exp2 by a 16-entry table); log10 = log2 x log10(2);
+ *   - the crest factor is exp2 of log2 peak - log2 max(rms, 1e-12).
+ *   scale (units per LSB) enters only as log2(scale) in Q16, computed from the float's bits once per
+ *   scale by dspq_set_scale (integer only as well).
+ *
+ * Outputs: raw features in Q16 (log10 units for the logs, the crest factor linear), as float
+ * (dspq_raw_features_f32, converted at the end, for parity tests), or the model's int8 input
+ * (dspq_features_int8): (f - mean) / std / input_scale + zero_point folded into one fixed-point
+ * multiply-add per feature by dspq_prepare (float is used there once, at model load).
+ *
+ * Memory for a window of n samples (n = 1024):
+ *   work    DSPQ_WORK_BYTES(n)    = 4 n bytes RAM (int32), caller-provided, overwritten (4096 B)
+ *   hann    DSPQ_HANN_BYTES(n)    = 2 n bytes (uint16), flash when generated as const (2048 B)
+ *   twiddle DSPQ_TWIDDLE_BYTES(n) = 2 n bytes (int16 cos, -sin interleaved, k < n/2) (2048 B)
+ *   affine  12 bytes per feature (dspq_prepare), band edges 2 (n_bands + 1) bytes
+ *   stack   < 200 bytes, no recursion, no heap. C99; <math.h> only for dspq_init_tables.
+ */
+#ifndef DSP_Q15_H
+#define DSP_Q15_H
+
+#include <stdint.h>
+
+#define DSPQ_OK 0
+#define DSPQ_ERR_NULL (-1)  /* a required pointer is NULL */
+#define DSPQ_ERR_SIZE (-2)  /* window_samples not a power of two in [DSPQ_MIN_N, DSPQ_MAX_N] */
+#define DSPQ_ERR_BANDS (-3) /* n_bands is 0 or edges are not increasing within 0..n/2+1 */
+#define DSPQ_ERR_ARG (-4)   /* scale not a finite normal float > 0, std not > 0, input_scale not > 0,
+                               an affine constant not representable, or dspq_set_scale never called */
+
+#define DSPQ_MIN_N 16u
+#define DSPQ_MAX_N 16384u
+#define DSPQ_N_FEATURES(n_bands) ((n_bands) + 3u)
+#define DSPQ_WORK_WORDS(n) (n)
+#define DSPQ_WORK_BYTES(n) (4u * (n))
+#define DSPQ_HANN_BYTES(n) (2u * (n))
+#define DSPQ_TWIDDLE_BYTES(n) (2u * (n))
+#define DSPQ_Q16_ONE 65536
+
+/* y = (f_q16 * mul + add) >> shift, then clamped to int8: one feature's normalise + quantize. */
+typedef struct {
+    int32_t mul;
+    int32_t shift;
+    int64_t add;
+} dspq_affine_t;
+
+typedef struct {
+    uint32_t window_samples;      /* n: power of two, DSPQ_MIN_N..DSPQ_MAX_N */
+    uint32_t n_bands;             /* spectral bands; features = n_bands + 3 */
+    const uint16_t *band_edges;   /* n_bands + 1 FFT bin indices, strictly increasing, last <= n/2 + 1 */
+    const uint16_t *hann;         /* n: round(32768 (0.5 - 0.5 cos(2 pi i / n))) */
+    const int16_t *twiddle;       /* n: q15 cos(2 pi k / n), -sin(2 pi k / n) interleaved, k < n/2 */
+    int32_t log2_scale_q16;       /* log2(scale) in Q16: set by dspq_set_scale */
+    uint32_t scale_set;           /* 1 once dspq_set_scale succeeded */
+    const dspq_affine_t *affine;  /* DSPQ_N_FEATURES entries from dspq_prepare; only for the int8 path */
+} dspq_config_t;
+
+/* Fill the q15 Hann and twiddle tables for n samples (double cos once, at boot; or generate them as
+ * const arrays with firmware/dsp_q15.py's tables()). */
+int dspq_init_tables(uint32_t n, uint16_t *hann, int16_t *twiddle);
+
+/* Check sizes, edges and table pointers once, before the first window. */
+int dspq_check_config(const dspq_config_t *cfg);
+
+/* Set the physical units per LSB (a normal, finite float > 0): log2(scale) from its bits, integers only. */
+int dspq_set_scale(dspq_config_t *cfg, float scale);
+
+/* Raw features of one window in Q16: log10 values for the bands, rms and kurtosis, the crest factor
+ * linear. work: DSPQ_WORK_WORDS(n) int32, overwritten. out: DSPQ_N_FEATURES(n_bands) int32. */
+int dspq_raw_features_q16(const dspq_config_t *cfg, const int16_t *samples, int32_t *work, int32_t *out);
+
+/* The same as float (out / 65536, converted at the end): for parity tests and FPU cores. */
+int dspq_raw_features_f32(const dspq_config_t *cfg, const int16_t *samples, int32_t *work, float *out);
+
+/* Fold normalisation and the model's input quantization into affine[DSPQ_N_FEATURES(n_bands)]:
+ * q = round((f - mean) / std / input_scale) + input_zero_point. Uses float: call at model load. */
+int dspq_prepare(uint32_t n_bands, const float *mean, const float *std, float input_scale, int32_t input_zero_point,
+                 dspq_affine_t *affine);
+
+/* The model's int8 input for one window, with cfg->affine from dspq_prepare. work as above, out:
+ * DSPQ_N_FEATURES(n_bands) int8 values. Integers only. */
+int dspq_features_int8(const dspq_config_t *cfg, const int16_t *samples, int32_t *work, int8_t *out);
+
+#endif /* DSP_Q15_H */
