@@ -380,9 +380,17 @@ void ota_receiver_init(ota_receiver_t *rx, const ota_config_t *config, uint8_t *
     memset(rx, 0, sizeof *rx);
     rx->config = *config;
     rx->staging = staging;
+    rx->image = staging;
     rx->staging_capacity = capacity;
     rx->active_version = active_version;
     rx->highest_version = active_version;
+}
+
+void ota_receiver_init_flash(ota_receiver_t *rx, const ota_config_t *config, const uint8_t *slot, size_t capacity,
+                             uint32_t active_version, ota_write_fn write) {
+    ota_receiver_init(rx, config, NULL, capacity, active_version);
+    rx->image = slot;
+    rx->write = write;
 }
 
 static int audience_is_mine(const ota_config_t *config, const char *audience) {
@@ -430,7 +438,7 @@ int ota_receiver_on_manifest(ota_receiver_t *rx, const uint8_t *msg, size_t len)
     if (m->dsp_version > 31 || !(rx->config.dsp_versions & (1u << m->dsp_version))) {
         return OTA_ERR_DSP_VERSION;
     }
-    if (m->model_size > rx->staging_capacity || rx->staging == NULL) {
+    if (m->model_size > rx->staging_capacity || rx->image == NULL || (rx->staging == NULL && rx->write == NULL)) {
         return OTA_ERR_TOO_LARGE;
     }
     if (m->arena_bytes > rx->config.ram_bytes) {
@@ -475,7 +483,13 @@ int ota_receiver_on_chunk(ota_receiver_t *rx, const uint8_t *msg, size_t len) {
     if (have(rx, chunk.index)) {
         return OTA_DUPLICATE;
     }
-    memcpy(rx->staging + start, chunk.payload, chunk.length);
+    if (rx->write != NULL) {
+        if (rx->write(start, chunk.payload, chunk.length) != 0) {
+            return OTA_ERR_BUFFER;
+        }
+    } else {
+        memcpy(rx->staging + start, chunk.payload, chunk.length);
+    }
     rx->received[chunk.index >> 3] |= (uint8_t)(1u << (chunk.index & 7));
     rx->n_received++;
     return rx->n_received == m->chunk_count ? OTA_DONE : OTA_OK;
@@ -534,7 +548,7 @@ int ota_receiver_finish(ota_receiver_t *rx) {
         return OTA_ERR_INCOMPLETE;
     }
     uint8_t digest[OTA_SHA256_BYTES];
-    ota_sha256(rx->staging, rx->manifest.model_size, digest);
+    ota_sha256(rx->image, rx->manifest.model_size, digest);
     if (memcmp(digest, rx->manifest.sha256, sizeof digest) != 0) {
         rx->downloading = 0;
         return OTA_ERR_SHA256;

@@ -70,7 +70,7 @@ typedef enum {
     OTA_ERR_INDEX = -20,
     OTA_ERR_INCOMPLETE = -21,
     OTA_ERR_SHA256 = -22,
-    OTA_ERR_BUFFER = -23
+    OTA_ERR_BUFFER = -23 /* output buffer too small; or the staging write callback failed */
 } ota_status_t;
 
 /*
@@ -79,6 +79,12 @@ typedef enum {
  * `key_id`, else OTA_ERR_BAD_SIGNATURE, OTA_ERR_UNKNOWN_KEY or OTA_ERR_REVOKED_KEY.
  */
 typedef int (*ota_verify_fn)(const uint8_t *msg, size_t len, const uint8_t *sig, const char *key_id);
+
+/*
+ * Staging in flash: writes `len` model bytes at `offset` of the staging slot (through the board's
+ * flash driver); returns 0, or nonzero when the write failed.
+ */
+typedef int (*ota_write_fn)(uint32_t offset, const uint8_t *data, size_t len);
 
 typedef struct {
     const char *device_id;  /* audience "device:<id>" */
@@ -130,7 +136,9 @@ typedef struct {
 
 typedef struct {
     ota_config_t config;
-    uint8_t *staging;        /* the staging slot (flash or RAM), provided by the caller */
+    uint8_t *staging;        /* the staging slot in RAM, provided by the caller; NULL with `write` */
+    const uint8_t *image;    /* where the sha256 reads the model: staging, or the flash slot */
+    ota_write_fn write;      /* NULL: chunks are copied into staging; else written through it */
     size_t staging_capacity; /* largest model accepted */
     uint32_t active_version;
     uint32_t highest_version;
@@ -165,6 +173,11 @@ float ota_f32le(const uint8_t *p);
 
 void ota_receiver_init(ota_receiver_t *rx, const ota_config_t *config, uint8_t *staging, size_t capacity,
                        uint32_t active_version);
+/* The same with the staging slot in flash: chunks go through `write`, the sha256 reads `slot`
+ * (memory-mapped). A failed write makes ota_receiver_on_chunk return OTA_ERR_BUFFER, the chunk
+ * not stored. To move staging to another slot later, set rx->image and redirect `write`. */
+void ota_receiver_init_flash(ota_receiver_t *rx, const ota_config_t *config, const uint8_t *slot, size_t capacity,
+                             uint32_t active_version, ota_write_fn write);
 int ota_receiver_on_manifest(ota_receiver_t *rx, const uint8_t *msg, size_t len);
 int ota_receiver_on_chunk(ota_receiver_t *rx, const uint8_t *msg, size_t len);
 /* Writes up to `max` missing chunk numbers in increasing order; returns how many. */
