@@ -69,8 +69,6 @@ class Board:
         bench_input_max: Bytes free for the bench input there.
         flash_base: The persistent flash region, None when the board has none.
         flash_size: Bytes of that region.
-        ram_linked: RAM the images are linked for.
-        stack_bytes: Main stack reserved at the top of RAM (linker script STACK_SIZE).
         images: The images Makefile.arm builds for the board (device.elf once its sources exist).
     """
 
@@ -84,8 +82,6 @@ class Board:
     bench_input_max: int
     flash_base: int | None
     flash_size: int
-    ram_linked: int
-    stack_bytes: int
     images: tuple[str, ...]
 
     @property
@@ -106,8 +102,6 @@ BOARDS: dict[str, Board] = {
         bench_input_max=0x0020_0000,
         flash_base=0x0030_0000,
         flash_size=0x0010_0000,
-        ram_linked=256 * 1024,
-        stack_bytes=16 * 1024,
         images=("bench", "test_ota", "device"),
     ),
     "microbit": Board(
@@ -121,8 +115,6 @@ BOARDS: dict[str, Board] = {
         bench_input_max=0x0001_0000,
         flash_base=None,
         flash_size=0,
-        ram_linked=16 * 1024,
-        stack_bytes=2 * 1024,
         images=("bench",),
     ),
 }
@@ -246,10 +238,12 @@ class ImageSize:
 
     Attributes:
         flash_bytes: Code memory: vector table, code, constants and the .data initial values.
-        ram_bytes: Static RAM, .data + .bss (the stack comes on top: :attr:`Board.stack_bytes`).
+        ram_bytes: Static RAM, .data + .bss (the stack comes on top).
         text: Vector table, code and constants.
         data: Initialised data (in flash and in RAM).
         bss: Zero-initialised data.
+        stack_bytes: Main stack reserved at the top of RAM (the linker script's STACK_SIZE).
+        ram_linked: RAM the image is linked for (its initial stack pointer minus the RAM origin).
     """
 
     flash_bytes: int
@@ -257,13 +251,16 @@ class ImageSize:
     text: int
     data: int
     bss: int
+    stack_bytes: int
+    ram_linked: int
 
 
 _TEXT_SECTIONS = frozenset({".isr_vector", ".text", ".ARM.exidx"})
+_RAM_ORIGIN = 0x2000_0000  # both boards
 
 
 def image_size(elf: Path) -> ImageSize:
-    """Read an image's section sizes with ``arm-none-eabi-size -A``.
+    """Read an image's section sizes (``arm-none-eabi-size -A``) and its stack and RAM (linker symbols).
 
     Raises:
         EmulatorError: The file is not an ELF the tool can read.
@@ -278,7 +275,10 @@ def image_size(elf: Path) -> ImageSize:
             sections[fields[0]] = int(fields[1])
     text = sum(size for name, size in sections.items() if name in _TEXT_SECTIONS)
     data, bss = sections.get(".data", 0), sections.get(".bss", 0)
-    return ImageSize(flash_bytes=text + data, ram_bytes=data + bss, text=text, data=data, bss=bss)
+    symbols = symbol_addresses(elf)
+    stack_top, stack_bottom = symbols["_estack"], symbols["__heap_limit"]
+    return ImageSize(flash_bytes=text + data, ram_bytes=data + bss, text=text, data=data, bss=bss,
+                     stack_bytes=stack_top - stack_bottom, ram_linked=stack_top - _RAM_ORIGIN)  # fmt: skip
 
 
 def symbol_addresses(elf: Path) -> dict[str, int]:

@@ -27,6 +27,7 @@ from rich.table import Table
 
 from tinymlops.cli_deploy import deploy_command, keys_app, require_broker, require_prefect_api
 from tinymlops.cli_device import device_app
+from tinymlops.cli_firmware import firmware_app
 from tinymlops.cli_models import models_app
 from tinymlops.cli_security import security_app
 from tinymlops.errors import ConfigError, LakeError, TinyMLOpsError
@@ -50,6 +51,7 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(models_app, name="models")
 app.add_typer(security_app, name="security")
 app.add_typer(device_app, name="device")
+app.add_typer(firmware_app, name="firmware")
 app.add_typer(keys_app, name="keys")
 app.command("deploy")(deploy_command)
 
