@@ -200,15 +200,22 @@ class FrameParser:
         self._buffer.clear()
         self.last_seq = None
 
-    def expire(self) -> FrameFault | None:
-        """Drop a partial frame after a silence; return its fault (None when nothing was pending)."""
+    def expire(self) -> list[Frame | FrameFault]:
+        """The line stayed silent with a partial frame held: drop it as truncated.
+
+        As ``frame.c``: only its first sync byte is dropped and the bytes held are searched again,
+        so a real frame that arrived inside a bogus one is still found.
+
+        Returns:
+            The truncation fault, then whatever the bytes held still give; [] when nothing was held.
+        """
         start = self._buffer.find(SYNC)
         if start < 0:
             self._buffer.clear()
-            return None
-        seq = struct.unpack_from("<H", self._buffer, start + 4)[0] if len(self._buffer) >= start + 6 else 0
-        self._buffer.clear()
-        return self._fault(FrameErrorCode.TRUNCATED, seq)
+            return []
+        seq = struct.unpack_from("<H", self._buffer, start + 4)[0] if len(self._buffer) >= start + HEADER_BYTES else 0
+        del self._buffer[: start + 1]
+        return [self._fault(FrameErrorCode.TRUNCATED, seq), *self.feed(b"")]
 
     def _fault(self, code: FrameErrorCode, seq: int) -> FrameFault:
         self.errors[code] += 1
@@ -231,7 +238,7 @@ class FrameParser:
             _, frame_type, flags, seq, length = HEADER.unpack_from(buf)
             if length > FRAME_MAX_PAYLOAD:
                 out.append(self._fault(FrameErrorCode.LENGTH, seq))
-                del buf[:2]
+                del buf[:1]
                 continue
             end = HEADER_BYTES + length + CRC_BYTES
             if len(buf) < end:
@@ -239,7 +246,7 @@ class FrameParser:
             (crc,) = struct.unpack_from("<I", buf, HEADER_BYTES + length)
             if crc != crc32(buf[2 : HEADER_BYTES + length]):
                 out.append(self._fault(FrameErrorCode.CRC, seq))
-                del buf[:2]
+                del buf[:1]
                 continue
             payload = bytes(buf[HEADER_BYTES : HEADER_BYTES + length])
             del buf[:end]

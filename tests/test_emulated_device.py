@@ -1,0 +1,419 @@
+"""An emulated device end to end: UART frames, the gateway, a real Mosquitto, signed OTA, scores, faults.
+
+Every scenario runs twice: against ``fake`` (``tests/fake_uart_device.py``, the firmware's
+behaviour in Python behind the same TCP socket QEMU offers) and against ``qemu`` (the real
+``device.elf`` on QEMU mps2-an386 through :class:`~firmware.emulated.EmulatedDevice`); the
+``qemu`` runs are skipped, with the reason, where the image cannot be built. Each fault ends with
+the device running its previous model or the new verified one and a status saying why.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pytest
+
+from firmware.device import DeviceConfig, DeviceRuntime
+from firmware.dsp import DspSpec, raw_features
+from firmware.emulated import EmulatedDevice, provisioning_block
+from firmware.emulator import EmulatorError, build_images
+from firmware.frames import FrameErrorCode, FrameType, encode_frame
+from firmware.gateway import GatewayConfig, UartGateway
+from firmware.ota import (
+    Announcement,
+    DeviceStatus,
+    DriftSummary,
+    ScoreBatch,
+    build_manifest,
+    device_audience,
+)
+from firmware.sensor import MachineSimulator
+from firmware.signing import KeyRing, ManifestSigner, generate_keypair
+from firmware.tflm import measure_arena
+from tests.fake_uart_device import FakeFlash, FakeUartDevice, sha256
+from tests.int8_model import LAYER_UNITS, N_FEATURES, int8_autoencoder, sample_features
+from tests.test_device import TOPICS, ShapingPublisher, Watcher, wait_until
+from tinymlops.mqtt import MosquittoBroker
+from tinymlops.settings import REPO_ROOT
+from tinymlops.targets import McuTarget, load_catalog
+from tinymlops.tfcompat import import_tf
+
+pytestmark = [pytest.mark.mqtt, pytest.mark.slow]
+
+FLEET = TOPICS.fleet
+DEVICE = "emu-0001"
+GATEWAY = GatewayConfig(window_interval_s=None, connect_timeout_s=20, hello_timeout_s=60)
+
+
+# --- fixtures -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model() -> bytes:
+    return int8_autoencoder()
+
+
+@pytest.fixture(scope="module")
+def arena(model: bytes) -> int:
+    return measure_arena(model).smallest_working_bytes
+
+
+@pytest.fixture(scope="module")
+def spec() -> DspSpec:
+    sim = MachineSimulator(seed=99)
+    windows = np.stack([sim.next_window() for _ in range(32)])
+    return DspSpec().fitted(raw_features(windows, DspSpec()))
+
+
+@pytest.fixture(scope="module")
+def signer() -> ManifestSigner:
+    return ManifestSigner(generate_keypair()[0], "ops-2026")
+
+
+@pytest.fixture(scope="module")
+def keyring(signer: ManifestSigner) -> KeyRing:
+    old = ManifestSigner(generate_keypair()[0], "ops-2025")
+    return KeyRing({signer.key_id: signer.public_key, old.key_id: old.public_key}, revoked=["ops-2025"])
+
+
+@pytest.fixture(scope="module")
+def nrf() -> McuTarget:
+    return load_catalog(REPO_ROOT / "data" / "mcu_targets.yaml")["nrf52840"]
+
+
+@functools.cache
+def tanh_model() -> bytes:
+    """An int8 autoencoder with a TANH layer: an operator tinyrt does not have (TFLite Micro does)."""
+    tf, keras = import_tf()
+    keras.utils.set_random_seed(1)
+    layers = [keras.layers.Dense(LAYER_UNITS[0], activation="tanh"), keras.layers.Dense(N_FEATURES)]
+    net = keras.Sequential([keras.layers.Input((N_FEATURES,)), *layers])
+    x = sample_features(64)
+    converter = tf.lite.TFLiteConverter.from_keras_model(net)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: ([row[None, :]] for row in x)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = tf.int8
+    converter.inference_output_type = tf.int8
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return bytes(converter.convert())
+
+
+@functools.cache
+def device_image() -> Path | str:
+    """The device image, or why it cannot be built here."""
+    try:
+        images = build_images("mps2-an386")
+    except EmulatorError as exc:
+        return str(exc)
+    return images.device if images.device is not None else "firmware/c/device_main.c does not exist yet"
+
+
+class Rig(Protocol):
+    """One device under test: its gateway, and power."""
+
+    gateway: UartGateway
+
+    def start(self) -> None: ...
+
+    def kill(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class FakeRig:
+    """The Python stand-in for the firmware behind a real gateway."""
+
+    board = "fake-uart"
+
+    def __init__(self, broker: MosquittoBroker, profile: McuTarget, keyring: KeyRing) -> None:
+        self.broker, self.profile, self.keyring = broker, profile, keyring
+        self.flash = FakeFlash()
+        self.device: FakeUartDevice | None = None
+        self.seq = 0
+
+    def start(self) -> None:
+        self.device = FakeUartDevice(DEVICE, FLEET, self.profile.name, self.keyring, flash=self.flash)
+        self.gateway = UartGateway(DEVICE, FLEET, self.profile, ("127.0.0.1", self.device.port),
+                                   self.broker.address, config=GATEWAY, first_status_seq=self.seq).start()  # fmt: skip
+
+    def kill(self) -> None:
+        assert self.device is not None
+        self.device.kill()
+        self.flash = self.device.flash
+        self.seq = self.gateway.status.seq if self.gateway.status else 0
+        self.gateway.stop()
+
+    stop = kill
+
+
+class QemuRig:
+    """The real device.elf in QEMU mps2-an386, through EmulatedDevice."""
+
+    board = "mps2-an386"
+
+    def __init__(self, broker: MosquittoBroker, profile: McuTarget, keyring: KeyRing, state: Path, elf: Path) -> None:
+        self.device = EmulatedDevice(DEVICE, FLEET, profile, keyring, broker.address, state_dir=state,
+                                     config=GATEWAY, elf=elf)  # fmt: skip
+
+    def start(self) -> None:
+        self.device.start()
+        assert self.device.gateway is not None
+        self.gateway = self.device.gateway
+
+    def kill(self) -> None:
+        self.device.kill()
+
+    def stop(self) -> None:
+        self.device.stop()
+
+
+@pytest.fixture(params=["fake", "qemu"])
+def rig(
+    request: pytest.FixtureRequest, mosquitto: MosquittoBroker, nrf: McuTarget, keyring: KeyRing, tmp_path: Path
+) -> Iterator[FakeRig | QemuRig]:
+    if request.param == "qemu":
+        image = device_image()
+        if isinstance(image, str):
+            pytest.skip(f"real firmware not available: {image}")
+        made: FakeRig | QemuRig = QemuRig(mosquitto, nrf, keyring, tmp_path / DEVICE, image)
+    else:
+        made = FakeRig(mosquitto, nrf, keyring)
+    made.start()
+    made.gateway.send_windows(1)  # a window for the smoke inference
+    yield made
+    made.stop()
+
+
+@pytest.fixture
+def publisher(mosquitto: MosquittoBroker, signer: ManifestSigner) -> Iterator[ShapingPublisher]:
+    pub = ShapingPublisher(mosquitto.address, TOPICS, signer).start()
+    yield pub
+    pub.stop()
+
+
+@pytest.fixture
+def watcher(mosquitto: MosquittoBroker) -> Iterator[Watcher]:
+    w = Watcher(mosquitto.address)
+    yield w
+    w.stop()
+
+
+def deploy(publisher: ShapingPublisher, model: bytes, spec: DspSpec, arena: int, version: int, **kw: Any) -> int:
+    args: dict[str, Any] = {"name": "vibration-ae", "target": "nrf52840", "dsp_spec": spec, "threshold": 1.5,
+                            "arena_bytes": arena, "device": DEVICE}  # fmt: skip
+    return publisher.deploy(model, version=version, **{**args, **kw}).model_version
+
+
+def mark(gateway: UartGateway) -> int:
+    """The seq of the latest status: wait for statuses after it."""
+    return gateway.status.seq if gateway.status else 0
+
+
+def settle(gateway: UartGateway, version: int, after_seq: int = 0, timeout_s: float = 60.0) -> DeviceStatus:
+    """The final status of the deployment of ``version``."""
+    return gateway.wait_for(
+        lambda s: s.version == version and s.state in ("active", "failed", "ignored", "cancelled"), timeout_s, after_seq
+    )
+
+
+def rollout(rig: FakeRig | QemuRig, publisher: ShapingPublisher, model: bytes, spec: DspSpec, arena: int,
+            version: int, **kw: Any) -> DeviceStatus:  # fmt: skip
+    """Deploy and wait for the device's final status of this deployment."""
+    seq = mark(rig.gateway)
+    return settle(rig.gateway, deploy(publisher, model, spec, arena, version, **kw), seq)
+
+
+@pytest.fixture
+def running_v1(
+    rig: FakeRig | QemuRig, publisher: ShapingPublisher, model: bytes, spec: DspSpec, arena: int
+) -> FakeRig | QemuRig:
+    final = rollout(rig, publisher, model, spec, arena, 1)
+    assert final.state == "active", final.detail
+    return rig
+
+
+def assert_still_runs(rig: FakeRig | QemuRig, status: DeviceStatus, version: int = 1) -> None:
+    assert status.active is not None and status.active.version == version
+    rig.gateway.ping()  # the firmware still answers
+
+
+def keys(payloads: list[bytes]) -> set[str]:
+    return set().union(*(json.loads(p) for p in payloads if p))
+
+
+# --- the happy path -------------------------------------------------------------------------
+
+
+def test_signed_ota_scores_summary_and_the_same_json_as_a_simulated_device(
+    rig: FakeRig | QemuRig,
+    publisher: ShapingPublisher,
+    watcher: Watcher,
+    mosquitto: MosquittoBroker,
+    nrf: McuTarget,
+    keyring: KeyRing,
+    model: bytes,
+    spec: DspSpec,
+    arena: int,
+) -> None:
+    gateway = rig.gateway
+    announce = watcher.wait(TOPICS.announce(DEVICE), Announcement, lambda a: True)
+    assert announce.firmware.startswith("tinymlops-fw/") and announce.firmware.endswith(f"({rig.board})")
+    assert announce.profile == "nrf52840" and announce.key_ids == ["ops-2026"] and announce.model is None
+
+    final = rollout(rig, publisher, model, spec, arena, 1)
+    assert final.state == "active", final.detail
+    assert final.active is not None and final.active.sha256 == sha256(model)
+    lat = final.latency_ms
+    for key in ("verify", "load", "inference"):
+        assert lat[f"{key}_instructions"] > 0 and lat[f"{key}_ms"] > 0
+    assert lat["inference_ms"] == pytest.approx(lat["inference_instructions"] * nrf.cycles_per_instruction / 64e3)
+    assert 0 < lat["download_ms"] <= lat["deploy_ms"]
+    seen = watcher.wait(TOPICS.status(DEVICE), DeviceStatus, lambda s: s.state == "active")
+    assert seen.active == final.active
+    assert watcher.wait(TOPICS.announce(DEVICE), Announcement, lambda a: a.model is not None).model.version == 1
+
+    gateway.send_windows(8)
+    wait_until(lambda: sum(len(b.scores) for b in watcher.decoded(TOPICS.scores(DEVICE), ScoreBatch)) >= 8, 60)
+    batches = watcher.decoded(TOPICS.scores(DEVICE), ScoreBatch)
+    assert all(b.version == 1 and b.model == "vibration-ae" and b.threshold == 1.5 for b in batches)
+    assert all(np.isfinite(b.scores).all() for b in batches)
+    gateway.request_summary()
+    summary = watcher.wait(TOPICS.summary(DEVICE), DriftSummary, lambda s: s.windows > 0, 30)
+    assert summary.version == 1 and len(summary.feature_mean) == spec.n_features
+    assert summary.start_ts <= summary.end_ts and summary.latency_ms["inference_mean"] > 0
+
+    # a simulated device on the same broker publishes the same JSON keys
+    config = DeviceConfig(score_batch=4)
+    with DeviceRuntime("node-0001", FLEET, nrf, keyring, mosquitto.address, config=config) as simulated:
+        deploy(publisher, model, spec, arena, 1, device="node-0001")
+        simulated.wait_for(lambda s: s.state == "active", 30)
+        simulated.score_windows(4)
+        simulated.publish_summary()
+        wait_until(lambda: bool(watcher.messages[TOPICS.summary("node-0001")]))
+    for kind in ("announce", "status", "scores", "summary"):
+        topic = getattr(TOPICS, kind)
+        assert keys(watcher.messages[topic(DEVICE)]) == keys(watcher.messages[topic("node-0001")]), kind
+
+
+# --- faults -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["unknown key", "bad signature"])
+def test_unsigned_or_wrongly_signed_manifest_is_refused(
+    case: str, running_v1: FakeRig | QemuRig, publisher: ShapingPublisher, watcher: Watcher, model: bytes,
+    spec: DspSpec, arena: int,
+) -> None:  # fmt: skip
+    common: dict[str, Any] = {"name": "m", "version": 2, "target": "nrf52840", "dsp_spec": spec, "threshold": 1.0,
+                              "arena_bytes": arena, "audience": device_audience(DEVICE)}  # fmt: skip
+    if case == "unknown key":
+        manifest = build_manifest(model, signer=ManifestSigner(generate_keypair()[0], "intruder"), **common)
+    else:
+        manifest = replace(build_manifest(model, signer=publisher.signer, **common), threshold=100.0)
+    publisher.add_model(manifest, model)
+    before, seq = publisher.served[DEVICE], mark(running_v1.gateway)
+    watcher.client.publish(TOPICS.manifest(DEVICE), manifest.encode(), qos=1, retain=True).wait_for_publish(5)
+    final = settle(running_v1.gateway, 2, seq)
+    assert (final.state, final.reason, final.status) == ("failed", case, f"failed: {case}")
+    assert publisher.served[DEVICE] == before
+    assert_still_runs(running_v1, final)
+
+
+def test_corrupted_chunk_is_fetched_again(
+    running_v1: FakeRig | QemuRig, publisher: ShapingPublisher, model: bytes, spec: DspSpec, arena: int
+) -> None:
+    publisher.shape = lambda i, enc, nth: [enc[:30] + bytes([enc[30] ^ 1]) + enc[31:]] if i == 3 and nth == 1 else [enc]
+    final = rollout(running_v1, publisher, model, spec, arena, 2)
+    assert final.state == "active" and final.counters["corrupt"] == 1, final
+    assert_still_runs(running_v1, final, 2)
+
+
+def test_oversized_model_is_refused_before_download(
+    running_v1: FakeRig | QemuRig, publisher: ShapingPublisher, spec: DspSpec, arena: int
+) -> None:
+    assert running_v1.gateway.hello is not None
+    huge = np.random.default_rng(0).bytes(running_v1.gateway.hello.slot_bytes + 1)
+    before = publisher.served[DEVICE]
+    final = rollout(running_v1, publisher, huge, spec, arena, 2)
+    assert (final.state, final.reason) == ("failed", "too large")
+    assert publisher.served[DEVICE] == before
+    assert_still_runs(running_v1, final)
+
+
+def test_model_with_an_operator_the_runtime_lacks_fails_to_load(
+    running_v1: FakeRig | QemuRig, publisher: ShapingPublisher, spec: DspSpec, arena: int
+) -> None:
+    final = rollout(running_v1, publisher, tanh_model(), spec, arena, 2)
+    assert (final.state, final.reason, final.status) == ("failed", "load failed", "failed: load failed"), final
+    assert "verified" in [s.state for s in running_v1.gateway.statuses if s.version == 2]
+    assert_still_runs(running_v1, final)
+
+
+@pytest.mark.faults
+def test_device_killed_mid_transfer_restarts_and_ends_active(
+    running_v1: FakeRig | QemuRig, publisher: ShapingPublisher, watcher: Watcher, model: bytes, spec: DspSpec,
+    arena: int,
+) -> None:  # fmt: skip
+    publisher.hold_from = 3
+    deploy(publisher, model, spec, arena, 2)
+    wait_until(lambda: publisher.served[DEVICE] >= 1 + 3, 60)  # v1's chunks were served once already
+    running_v1.kill()  # power loss in the middle of the download
+    publisher.hold_from = None
+    running_v1.start()
+    final = settle(running_v1.gateway, 2)
+    assert final.state == "active", final.detail
+    statuses = watcher.decoded(TOPICS.status(DEVICE), DeviceStatus)
+    assert all(s.active is not None for s in statuses if s.state != "idle" and s.seq > 1)  # never without a model
+    assert_still_runs(running_v1, final, 2)
+
+
+def test_malformed_and_replayed_frames_are_reported_and_the_device_keeps_running(
+    running_v1: FakeRig | QemuRig,
+) -> None:
+    gateway = running_v1.gateway
+    gateway.ping()
+    gateway.inject(gateway.last_frame_sent)  # the PING again, same seq: a replay
+    bad_crc = bytearray(encode_frame(FrameType.PING, 40000, b"\1\2\3\4"))
+    bad_crc[-1] ^= 0xFF
+    gateway.inject(b"\x00garbage\xa5" + bytes(bad_crc))
+    gateway.inject(encode_frame(0x42, 40001, b"?"))  # unknown type
+    gateway.inject(encode_frame(FrameType.WINDOW, 40002, b"\1\2\3"))  # malformed payload
+    wanted = {FrameErrorCode.REPLAY, FrameErrorCode.CRC, FrameErrorCode.UNKNOWN_TYPE, FrameErrorCode.MALFORMED}
+    wait_until(lambda: wanted <= set(gateway.device_frame_errors), 30)
+    gateway.ping()
+    assert gateway.status is not None and gateway.status.active is not None
+
+
+def test_provisioning_block_matches_slots_h(keyring: KeyRing) -> None:
+    block = provisioning_block("emu-0001", FLEET, None, "nrf52840", keyring)
+    assert block[:4] == b"TMPV" and int.from_bytes(block[6:8], "little") == len(block)
+    header = (REPO_ROOT / "firmware" / "c" / "slots.h").read_text()
+    assert '"TMPV"' in header and "SLOTS_SECTOR_BYTES 0x1000u" in header
+    assert b"ops-2025\x03" in block and b"ops-2026\x02" in block
+
+
+def test_killing_qemu_by_pid_leaves_the_flash_image(
+    mosquitto: MosquittoBroker, nrf: McuTarget, keyring: KeyRing, tmp_path: Path
+) -> None:
+    image = device_image()
+    if isinstance(image, str):
+        pytest.skip(f"real firmware not available: {image}")
+    device = EmulatedDevice(DEVICE, FLEET, nrf, keyring, mosquitto.address, state_dir=tmp_path, config=GATEWAY,
+                            elf=image).start()  # fmt: skip
+    pid = device.pid
+    assert pid is not None and device.flash_image.stat().st_size == 0x100000
+    device.kill()
+    assert device.pid is None and device.flash_image.exists()
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{pid}").exists()
