@@ -71,8 +71,8 @@ class Q15Config(ctypes.Structure):
         ("window_samples", ctypes.c_uint32),
         ("n_bands", ctypes.c_uint32),
         ("band_edges", ctypes.POINTER(ctypes.c_uint16)),
-        ("hann", ctypes.POINTER(ctypes.c_uint16)),
-        ("twiddle", ctypes.POINTER(ctypes.c_int16)),
+        ("hann", ctypes.POINTER(ctypes.c_uint32)),
+        ("twiddle", ctypes.POINTER(ctypes.c_int32)),
         ("log2_scale_q16", ctypes.c_int32),
         ("scale_set", ctypes.c_uint32),
         ("affine", ctypes.POINTER(Affine)),
@@ -195,16 +195,16 @@ class Q15FrontEnd:
         self.spec = spec
         self.lib = load_library(split)
         n = spec.window_samples
-        self.hann = np.zeros(n, dtype=np.uint16)
-        self.twiddle = np.zeros(n, dtype=np.int16)
+        self.hann = np.zeros(n, dtype=np.uint32)
+        self.twiddle = np.zeros(n, dtype=np.int32)
         check_status("dspq_init_tables", self.lib.dspq_init_tables(n, self.hann.ctypes.data, self.twiddle.ctypes.data))
         self.band_edges = np.ascontiguousarray(spec.band_edges, dtype=np.uint16)
         self.config = Q15Config(
             window_samples=n,
             n_bands=spec.n_bands,
             band_edges=self.band_edges.ctypes.data_as(ctypes.POINTER(ctypes.c_uint16)),
-            hann=self.hann.ctypes.data_as(ctypes.POINTER(ctypes.c_uint16)),
-            twiddle=self.twiddle.ctypes.data_as(ctypes.POINTER(ctypes.c_int16)),
+            hann=self.hann.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32)),
+            twiddle=self.twiddle.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
             log2_scale_q16=0,
             scale_set=0,
             affine=None,

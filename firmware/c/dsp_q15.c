@@ -54,15 +54,13 @@ static uint64_t umul32(uint32_t a, uint32_t b) {
 #endif
 }
 
-/* round(a * w / 2^15) for |a| <= 2^29 and a q15 (or Hann, <= 32768) coefficient w. */
-static inline int32_t mul_q15(int32_t a, int32_t w) {
-#if DSPQ_SPLIT
-    /* a = ah 2^16 + al with al in [0, 65535]: al w + 2^14 and 2 ah w both fit in int32 */
+/* a w / 2^31 for a Q31 twiddle w and |a| <= 2^29 (or a Q30 Hann value w and |a| < 2^31), from
+ * 16-bit halves: the a_lo w_lo term (< 2 units) is dropped, the cross terms are rounded. Error < 3
+ * units, and the same expression on every core (one MULS each on ARMv6-M, no 64-bit product). */
+static inline int32_t mul_q31(int32_t a, int32_t w) {
     int32_t ah = a >> 16, al = (int32_t)((uint32_t)a & 0xFFFFu);
-    return 2 * ah * w + ((al * w + 16384) >> 15);
-#else
-    return (int32_t)(((int64_t)a * w + 16384) >> 15);
-#endif
+    int32_t wh = w >> 16, wl = (int32_t)((uint32_t)w & 0xFFFFu);
+    return 2 * ah * wh + ((ah * wl + 16384) >> 15) + ((al * wh + 16384) >> 15);
 }
 
 static inline uint64_t square(int32_t v) {
@@ -143,20 +141,20 @@ static int32_t log2_to_log10_q16(int32_t l) {
     return (int32_t)((p + ((int64_t)1 << 30)) >> 31);
 }
 
-int dspq_init_tables(uint32_t n, uint16_t *hann, int16_t *twiddle) {
+int dspq_init_tables(uint32_t n, uint32_t *hann, int32_t *twiddle) {
     uint32_t i;
     const double two_pi = 6.283185307179586476925;
     if (hann == NULL || twiddle == NULL) return DSPQ_ERR_NULL;
     if (!valid_size(n)) return DSPQ_ERR_SIZE;
     for (i = 0; i < n; i++) {
         double h = 0.5 - 0.5 * cos(two_pi * (double)i / (double)n);
-        hann[i] = (uint16_t)floor(h * 32768.0 + 0.5);
+        hann[i] = (uint32_t)floor(h * 1073741824.0 + 0.5);
     }
     for (i = 0; i < n / 2u; i++) {
-        double c = floor(cos(two_pi * (double)i / (double)n) * 32768.0 + 0.5);
-        double s = floor(-sin(two_pi * (double)i / (double)n) * 32768.0 + 0.5);
-        twiddle[2u * i] = (int16_t)(c > 32767.0 ? 32767.0 : c);
-        twiddle[2u * i + 1u] = (int16_t)(s > 32767.0 ? 32767.0 : s);
+        double c = floor(cos(two_pi * (double)i / (double)n) * 2147483648.0 + 0.5);
+        double s = floor(-sin(two_pi * (double)i / (double)n) * 2147483648.0 + 0.5);
+        twiddle[2u * i] = (int32_t)(c > 2147483647.0 ? 2147483647.0 : c);
+        twiddle[2u * i + 1u] = (int32_t)(s > 2147483647.0 ? 2147483647.0 : s);
     }
     return DSPQ_OK;
 }
@@ -190,7 +188,7 @@ int dspq_set_scale(dspq_config_t *cfg, float scale) {
 /* In-place radix-2 DIT FFT of m complex int32 points (interleaved, input in bit-reversed order),
  * block floating point: before each stage the block is shifted right so that |value| <= 2^29.
  * bound: OR of |values| on entry, updated on return. Returns the total right shift. */
-static int32_t fft_bfp(int32_t *z, uint32_t m, const int16_t *tw, uint32_t *bound) {
+static int32_t fft_bfp(int32_t *z, uint32_t m, const int32_t *tw, uint32_t *bound) {
     uint32_t len, k, i, bits = bit_length(*bound), orv = 0;
     int32_t total = 0;
     for (len = 2; len <= m; len <<= 1) {
@@ -214,7 +212,7 @@ static int32_t fft_bfp(int32_t *z, uint32_t m, const int16_t *tw, uint32_t *boun
             for (i = k; i < m; i += len) {
                 int32_t *a = z + 2u * i, *b = a + 2u * half;
                 int32_t ar = a[0] >> s, ai = a[1] >> s, br = b[0] >> s, bi = b[1] >> s;
-                int32_t tr = mul_q15(br, wr) - mul_q15(bi, wi), ti = mul_q15(br, wi) + mul_q15(bi, wr);
+                int32_t tr = mul_q31(br, wr) - mul_q31(bi, wi), ti = mul_q31(br, wi) + mul_q31(bi, wr);
                 int32_t v0 = ar + tr, v1 = ai + ti, v2 = ar - tr, v3 = ai - ti;
                 a[0] = v0;
                 a[1] = v1;
@@ -276,7 +274,7 @@ int dspq_raw_features_q16(const dspq_config_t *cfg, const int16_t *samples, int3
             uint32_t c2 = (uint32_t)(cc * cc), q = (c2 + 4096u) >> 13; /* c2 <= 2^28, q <= 2^15 */
             s2 += c2;
             s4 += q * q;
-            v = mul_q15(t, cfg->hann[idx]);
+            v = mul_q31(2 * t, (int32_t)cfg->hann[idx]); /* 2t Q30 / 2^31 = t hann */
             work[2u * rj + half_i] = v;
             orv |= (uint32_t)(v ^ (v >> 31));
         }
@@ -294,7 +292,7 @@ int dspq_raw_features_q16(const dspq_config_t *cfg, const int16_t *samples, int3
         /* X_true (LSB) = X' 2^(s_fft + s_split - p - 1) / n; energy offset in log2 */
         int32_t e = s_fft + s_split - p - 1;
         int32_t offset = (2 * e) * DSPQ_Q16_ONE - 2 * l2n + 2 * ls;
-        const int16_t *tw = cfg->twiddle;
+        const int32_t *tw = cfg->twiddle;
         for (b = 0; b < cfg->n_bands; b++) {
             uint64_t energy = 0;
             int32_t l;
@@ -307,8 +305,8 @@ int dspq_raw_features_q16(const dspq_config_t *cfg, const int16_t *samples, int3
                     int32_t cr = work[2u * (m - k)] >> s_split, ci = -(work[2u * (m - k) + 1u] >> s_split);
                     int32_t er = zr + cr, ei = zi + ci, or_ = zi - ci, oi = cr - zr;
                     int32_t wr = tw[2u * k], wi = tw[2u * k + 1u];
-                    int32_t xr = er + mul_q15(or_, wr) - mul_q15(oi, wi);
-                    int32_t xi = ei + mul_q15(oi, wr) + mul_q15(or_, wi);
+                    int32_t xr = er + mul_q31(or_, wr) - mul_q31(oi, wi);
+                    int32_t xi = ei + mul_q31(oi, wr) + mul_q31(or_, wi);
                     energy += square(xr) + square(xi);
                 }
             }
