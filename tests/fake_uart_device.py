@@ -323,12 +323,12 @@ class FakeUartDevice:
         self._runtime = runtime
         self._summary = []
         self.receiver.commit()
-        self._download = None
         self._send_status(DeviceStateCode.ACTIVE, manifest=m, received=n, verify_instructions=verify,
                           load_instructions=load, smoke_instructions=dsp + inference, dsp_instructions=dsp,
                           inference_instructions=inference,
                           download_ms=int((time.perf_counter() - dl.started) * 1e3),
                           deploy_ms=int((time.perf_counter() - dl.started) * 1e3))  # fmt: skip
+        self._download = None
         self._send(self._hello())
 
     @staticmethod

@@ -283,13 +283,13 @@ def test_signed_ota_scores_summary_and_the_same_json_as_a_simulated_device(
     assert watcher.wait(TOPICS.announce(DEVICE), Announcement, lambda a: a.model is not None).model.version == 1
 
     gateway.send_windows(8)
-    wait_until(lambda: sum(len(b.scores) for b in watcher.decoded(TOPICS.scores(DEVICE), ScoreBatch)) >= 8, 60)
+    gateway.request_summary()  # flushes the pending scores too
+    summary = watcher.wait(TOPICS.summary(DEVICE), DriftSummary, lambda s: s.windows > 0, 60)
+    wait_until(lambda: sum(len(b.scores) for b in watcher.decoded(TOPICS.scores(DEVICE), ScoreBatch)) >= 8, 10)
     batches = watcher.decoded(TOPICS.scores(DEVICE), ScoreBatch)
     assert all(b.version == 1 and b.model == "vibration-ae" and b.threshold == 1.5 for b in batches)
-    assert all(np.isfinite(b.scores).all() for b in batches)
-    gateway.request_summary()
-    summary = watcher.wait(TOPICS.summary(DEVICE), DriftSummary, lambda s: s.windows > 0, 30)
-    assert summary.version == 1 and len(summary.feature_mean) == spec.n_features
+    assert all(np.isfinite(b.scores).all() for b in batches) and batches[0].first_seq == 1
+    assert summary.version == 1 and summary.windows == 8 and len(summary.feature_mean) == spec.n_features
     assert summary.start_ts <= summary.end_ts and summary.latency_ms["inference_mean"] > 0
 
     # a simulated device on the same broker publishes the same JSON keys
