@@ -40,7 +40,7 @@ _BUILD_TIMEOUT_S = 300.0
 
 BENCH_INPUT_MAGIC = 0x49424D54
 BENCH_INPUT_VERSION = 1
-_HEADER = struct.Struct("<IHHIIIIfIIIIIIIIII")
+_HEADER = struct.Struct("<IHHIIIIfIIIIIIIIIIIII")
 _FLAG_NORMALISE = 1
 _FLAG_INFERENCE = 2
 _MODEL_ALIGNMENT = 16
@@ -385,6 +385,9 @@ def bench_input(
     windows: npt.NDArray[np.int16],
     scale: float,
     model: bytes | None = None,
+    *,
+    model_inputs: npt.NDArray[np.int8] | None = None,
+    fixed_point_tables: tuple[bytes, bytes] | None = None,
     calibration_iterations: int = 0,
 ) -> bytes:
     """Lay out the bench input block (``firmware/c/bench_input.h``, version 1).
@@ -394,6 +397,10 @@ def bench_input(
         windows: int16 samples, shape (n_windows, spec.window_samples).
         scale: Physical units per LSB.
         model: The int8 .tflite to run on each window's features, or None for the DSP alone.
+        model_inputs: int8 rows (n_windows, model inputs) to run the model on instead of the
+            quantized features (a model the DSP front end does not feed).
+        fixed_point_tables: The Hann and twiddle tables of ``dsp_q15`` (bytes as its C code holds
+            them), to run the fixed-point front end on each window too.
         calibration_iterations: Iterations of the image's known 2-instruction loop (0: none).
 
     Returns:
@@ -412,6 +419,10 @@ def bench_input(
                   ("std", np.asarray(spec.std, dtype="<f4").tobytes(), 4)]  # fmt: skip
     if model is not None:
         parts.append(("model", model, _MODEL_ALIGNMENT))
+    if model_inputs is not None:
+        parts.append(("model_inputs", np.ascontiguousarray(model_inputs, dtype=np.int8).tobytes(), 4))
+    if fixed_point_tables is not None:
+        parts += [("q15_hann", fixed_point_tables[0], 4), ("q15_twiddle", fixed_point_tables[1], 4)]
     offsets: dict[str, int] = {}
     body = bytearray(_HEADER.size)
     for name, blob, alignment in parts:
@@ -423,7 +434,8 @@ def bench_input(
         body, 0, BENCH_INPUT_MAGIC, BENCH_INPUT_VERSION, _HEADER.size, len(body), n, spec.n_bands,
         windows.shape[0], scale, flags, offsets["edges"], offsets["hann"], offsets["twiddle"],
         offsets.get("mean", 0), offsets.get("std", 0), offsets["samples"], offsets.get("model", 0),
-        len(model or b""), calibration_iterations,
+        len(model or b""), calibration_iterations, offsets.get("model_inputs", 0), offsets.get("q15_hann", 0),
+        offsets.get("q15_twiddle", 0),
     )  # fmt: skip
     return bytes(body)
 
@@ -444,6 +456,9 @@ class Measurement:
         overhead_instructions: What an empty measurement counts (not subtracted).
         calibration_instructions: The known loop's count, when one was asked for.
         seconds: Wall-clock time of the QEMU run.
+        fixed_point_instructions: Instructions of the fixed-point front end (``dspq_raw_features_q16``)
+            per window, when it ran.
+        fixed_point_features: Its raw features (n_windows, n_features), Q16 converted to float32, or None.
     """
 
     board: str
@@ -456,6 +471,8 @@ class Measurement:
     overhead_instructions: int
     calibration_instructions: int | None
     seconds: float
+    fixed_point_instructions: tuple[int, ...] = ()
+    fixed_point_features: npt.NDArray[np.float32] | None = None
 
     @property
     def dsp_instructions_mean(self) -> float:
@@ -472,6 +489,8 @@ _HEADER_LINE = re.compile(r"bench 1 board=(\S+) instructions_per_tick=(\d+) wind
 _CALIBRATION_LINE = re.compile(r"calibration iterations=(\d+) instructions=(\d+)")
 _WINDOW_LINE = re.compile(r"window (\d+) dsp=(\d+) inference=(\d+)")
 _ARRAY_LINE = re.compile(r"(features|input|output) (\d+) ([0-9a-f]*)")
+_FIXED_POINT_LINE = re.compile(r"q15 (\d+) dsp=(\d+) ([0-9a-f]*)")
+_Q16_ONE = 65536.0
 
 
 def parse_bench_output(console: str, seconds: float = 0.0) -> Measurement:
@@ -497,6 +516,8 @@ def parse_bench_output(console: str, seconds: float = 0.0) -> Measurement:
         return np.stack([np.frombuffer(b, dtype=dtype) for b in blobs]) if blobs else None
 
     features = stacked(arrays["features"], "<f4")
+    fixed_point = [m for m in map(_FIXED_POINT_LINE.fullmatch, lines) if m]
+    q16 = [np.frombuffer(bytes.fromhex(m.group(3)), dtype="<i4") for m in fixed_point]
     return Measurement(
         board=header.group(1),
         dsp_instructions=tuple(int(m.group(2)) for m in windows),
@@ -508,6 +529,8 @@ def parse_bench_output(console: str, seconds: float = 0.0) -> Measurement:
         overhead_instructions=int(header.group(4)),
         calibration_instructions=int(calibration.group(2)) if calibration else None,
         seconds=seconds,
+        fixed_point_instructions=tuple(int(m.group(2)) for m in fixed_point),
+        fixed_point_features=(np.stack(q16) / _Q16_ONE).astype(np.float32) if q16 else None,
     )
 
 
@@ -546,6 +569,8 @@ def measure(
     window: npt.ArrayLike,
     scale: float,
     *,
+    model_inputs: npt.NDArray[np.int8] | None = None,
+    fixed_point: bool = False,
     timeout_s: float = 60.0,
 ) -> Measurement:
     """Measure the DSP front end and the inference on an emulated board.
@@ -556,6 +581,8 @@ def measure(
         spec: The DSP spec (fitted: the board normalises the features, as the device does).
         window: int16 samples, one window (n,) or several (k, n); counts are per window.
         scale: Physical units per LSB.
+        model_inputs: int8 model input rows, one per window, instead of the quantized features.
+        fixed_point: Also run the fixed-point front end (``dsp_q15``) on each window.
         timeout_s: Wall-clock limit of the QEMU run.
 
     Returns:
@@ -571,7 +598,14 @@ def measure(
     samples = samples.reshape(1, -1) if samples.ndim == 1 else samples
     if samples.ndim != 2 or samples.shape[1] != spec.window_samples:
         raise EmulatorError(f"samples must have shape (k, {spec.window_samples}), got {samples.shape}")
-    return run_bench(board, bench_input(spec, samples, scale, model), timeout_s=timeout_s)
+    tables = None
+    if fixed_point:
+        from firmware.dsp_q15 import Q15FrontEnd
+
+        front_end = Q15FrontEnd(spec)  # the tables as its C code builds them, "generated as const"
+        tables = (front_end.hann.tobytes(), front_end.twiddle.tobytes())
+    block = bench_input(spec, samples, scale, model, model_inputs=model_inputs, fixed_point_tables=tables)
+    return run_bench(board, block, timeout_s=timeout_s)
 
 
 @dataclass(frozen=True)
@@ -602,8 +636,7 @@ def calibrate(board: Board | str, iterations: int, *, singlestep: bool = False, 
     """
     board = get_board(board) if isinstance(board, str) else board
     spec = DspSpec(window_samples=64, n_bands=4, sample_rate_hz=1024, f_min_hz=16.0)
-    block = bench_input(spec, np.zeros((0, spec.window_samples), np.int16), 1.0,
-                        calibration_iterations=iterations)  # fmt: skip
+    block = bench_input(spec, np.zeros((0, spec.window_samples), np.int16), 1.0, calibration_iterations=iterations)
     if not singlestep:
         measured = run_bench(board, block, timeout_s=timeout_s)
         return _calibration(iterations, measured, None)

@@ -1,8 +1,9 @@
 """The Cortex-M images built with arm-none-eabi-gcc and run in QEMU: sizes, OTA tests, counts, parity.
 
 Measured here (QEMU 7.2, -icount shift=0, GCC 12.2 -O2): the float DSP front end takes about
-114,000 instructions per 1024-sample window on the M4F and 4.07 M on the M0 (software float); the
-35-16-8-16-35 int8 autoencoder about 12,100 on the M4F and 20,900 on the M0. SysTick agrees with
+114,000 instructions per 1024-sample window on the M4F and 4.06 M on the M0 (software float), the
+fixed-point one (dsp_q15.c) 282,000 and 529,000; the 35-16-8-16-35 int8 autoencoder about 12,100
+on the M4F and 20,900 on the M0. SysTick agrees with
 QEMU's per-instruction execution log within one tick (40 instructions on mps2-an386, 62.5 on
 microbit), and two runs count exactly the same.
 """
@@ -136,16 +137,24 @@ def test_instruction_counts_are_deterministic_and_agree_with_the_execution_log(
 @pytest.mark.slow
 @pytest.mark.parametrize("board", list(BOARDS))
 def test_dsp_features_on_the_board_match_the_numpy_reference(board: str, images: dict[str, emulator.ImageSet]) -> None:
+    from firmware.dsp_q15 import raw_features_q15
+
     spec = DspSpec()
     windows = _windows(3)
-    measured = emulator.measure(board, None, spec, windows, SCALE)
+    measured = emulator.measure(board, None, spec, windows, SCALE, fixed_point=True)
     reference = raw_features(windows * np.float32(SCALE), spec)
     np.testing.assert_allclose(measured.features, reference, atol=FEATURE_ATOL, rtol=0)
     assert measured.inference_instructions == (0, 0, 0) and measured.output_int8 is None
-    again = emulator.measure(board, None, spec, windows, SCALE)
+    again = emulator.measure(board, None, spec, windows, SCALE, fixed_point=True)
     assert again.dsp_instructions == measured.dsp_instructions  # deterministic under -icount
+    assert again.fixed_point_instructions == measured.fixed_point_instructions
     low, high = {"mps2-an386": (60_000, 250_000), "microbit": (1_000_000, 10_000_000)}[board]
     assert all(low < count < high for count in measured.dsp_instructions), measured.dsp_instructions
+    # the fixed-point front end: bit for bit the host build of the same C, far cheaper without an FPU
+    assert measured.fixed_point_features is not None
+    np.testing.assert_array_equal(measured.fixed_point_features, raw_features_q15(windows, spec, scale=SCALE))
+    if board == "microbit":
+        assert max(measured.fixed_point_instructions) * 4 < min(measured.dsp_instructions)
 
 
 @pytest.fixture(scope="module")

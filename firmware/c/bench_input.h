@@ -8,7 +8,7 @@
  * |---|---|---|
  * | 0  | u32 | magic 0x49424D54 ("TMBI") |
  * | 4  | u16 | version (1) |
- * | 6  | u16 | header bytes (68) |
+ * | 6  | u16 | header bytes (80) |
  * | 8  | u32 | total bytes of the block |
  * | 12 | u32 | window_samples n |
  * | 16 | u32 | n_bands |
@@ -24,6 +24,10 @@
  * | 56 | u32 | model offset (.tflite, 16-byte aligned; 0 without inference) |
  * | 60 | u32 | model bytes |
  * | 64 | u32 | calibration loop iterations (0: none; see bench_main.c) |
+ * | 68 | u32 | model input offset: int8[n_windows * model inputs], the model's input per window
+ *              instead of the quantized features (0: the features; for models not fed by the DSP) |
+ * | 72 | u32 | fixed-point Hann table offset (dsp_q15.h's element type, n entries; 0: no fixed-point run) |
+ * | 76 | u32 | fixed-point twiddle table offset (n entries) |
  */
 #ifndef BENCH_INPUT_H
 #define BENCH_INPUT_H
@@ -54,6 +58,9 @@ typedef struct {
     uint32_t model_offset;
     uint32_t model_bytes;
     uint32_t calibration_iterations;
+    uint32_t model_input_offset;
+    uint32_t q15_hann_offset;
+    uint32_t q15_twiddle_offset;
 } bench_input_t;
 
 #endif /* BENCH_INPUT_H */

@@ -7,6 +7,7 @@
  *   calibration iterations=<n> instructions=<instructions>      (when asked for)
  *   window <i> dsp=<instructions> inference=<instructions>
  *   features <i> <hex of the f32 features, little-endian>
+ *   q15 <i> dsp=<instructions> <hex of the Q16 int32 features>  (with the fixed-point tables)
  *   input <i> <hex of the int8 model input>                      (with inference)
  *   output <i> <hex of the int8 model output>                    (with inference)
  *   done
@@ -15,8 +16,8 @@
  * subtracted. A failure prints "error <stage> <status>" and exits 1. Floats travel as hex so the
  * host compares exact bits.
  *
- * Built with BENCH_WITH_TINYRT when tinyrt.c is part of the image. Hook for the fixed-point front
- * end (dsp_q15.c): when it is built in, it is measured next to the float one, per window.
+ * Built with BENCH_WITH_TINYRT when tinyrt.c is part of the image, and BENCH_WITH_DSP_Q15 when the
+ * fixed-point front end (dsp_q15.c) is: given its tables, it runs on each window after the float one.
  */
 #include <math.h>
 #include <stddef.h>
@@ -29,6 +30,9 @@
 #ifdef BENCH_WITH_TINYRT
 #include "tinyrt.h"
 #endif
+#ifdef BENCH_WITH_DSP_Q15
+#include "dsp_q15.h"
+#endif
 
 #ifndef BENCH_INPUT_ADDR
 #error "BENCH_INPUT_ADDR: where the board's runner places the bench input (Makefile.arm sets it)"
@@ -40,7 +44,13 @@
 #define MAX_FEATURES 64u
 #define EXIT_BENCH_ERROR 1
 
-static float work[DSP_WORK_FLOATS(MAX_WINDOW_SAMPLES)];
+/* One work buffer for both front ends: they run one after the other. */
+static union {
+    float f32[DSP_WORK_FLOATS(MAX_WINDOW_SAMPLES)];
+#ifdef BENCH_WITH_DSP_Q15
+    int32_t i32[DSPQ_WORK_WORDS(MAX_WINDOW_SAMPLES)];
+#endif
+} work;
 static float features[MAX_FEATURES];
 #ifdef BENCH_WITH_TINYRT
 static trt_model_t model;
@@ -151,6 +161,13 @@ int main(void) {
     uint32_t n, n_features, w;
     int normalise, status;
     uint64_t start, overhead;
+#ifdef BENCH_WITH_TINYRT
+    const int8_t *given_inputs = NULL; /* the model's input rows from the block, when given */
+#endif
+#ifdef BENCH_WITH_DSP_Q15
+    dspq_config_t q15;
+    static int32_t q15_features[MAX_FEATURES];
+#endif
 
     board_init();
     if (in->magic != BENCH_INPUT_MAGIC || in->version != BENCH_INPUT_VERSION ||
@@ -179,10 +196,32 @@ int main(void) {
         if (tflite == NULL) fail("layout", -2);
         status = trt_init(&model, tflite, in->model_bytes, arena, sizeof arena);
         if (status != TRT_OK) fail("trt_init", status);
-        if (trt_input(&model)->size != n_features) fail("model_input", (int)trt_input(&model)->size);
+        if (in->model_input_offset != 0u) {
+            given_inputs = (const int8_t *)field(in, in->model_input_offset,
+                                                 trt_input(&model)->size * in->n_windows, 1u);
+            if (given_inputs == NULL) fail("layout", -3);
+        } else if (trt_input(&model)->size != n_features) {
+            fail("model_input", (int)trt_input(&model)->size);
+        }
     }
 #else
     if (in->flags & BENCH_INPUT_FLAG_INFERENCE) fail("no_tinyrt", -1);
+#endif
+#ifdef BENCH_WITH_DSP_Q15
+    if (in->q15_hann_offset != 0u) {
+        q15.window_samples = n;
+        q15.n_bands = in->n_bands;
+        q15.band_edges = cfg.band_edges;
+        q15.hann = field(in, in->q15_hann_offset, n * (uint32_t)sizeof *q15.hann, 4u);
+        q15.twiddle = field(in, in->q15_twiddle_offset, n * (uint32_t)sizeof *q15.twiddle, 4u);
+        q15.affine = NULL;
+        status = dspq_set_scale(&q15, in->scale); /* before the check, which requires a scale */
+        if (status != DSPQ_OK) fail("dspq_set_scale", status);
+        status = dspq_check_config(&q15);
+        if (status != DSPQ_OK) fail("dspq_check_config", status);
+    }
+#else
+    if (in->q15_hann_offset != 0u) fail("no_dsp_q15", -1);
 #endif
 
     start = board_instructions();
@@ -209,14 +248,19 @@ int main(void) {
     for (w = 0; w < in->n_windows; w++) {
         uint64_t dsp_instructions, inference_instructions = 0u;
         start = board_instructions();
-        status = normalise ? dsp_features(&cfg, samples + (size_t)w * n, in->scale, work, features)
-                           : dsp_raw_features(&cfg, samples + (size_t)w * n, in->scale, work, features);
+        status = normalise ? dsp_features(&cfg, samples + (size_t)w * n, in->scale, work.f32, features)
+                           : dsp_raw_features(&cfg, samples + (size_t)w * n, in->scale, work.f32, features);
         dsp_instructions = board_instructions() - start;
         if (status != DSP_OK) fail("dsp", status);
 #ifdef BENCH_WITH_TINYRT
         if (in->flags & BENCH_INPUT_FLAG_INFERENCE) {
-            quantize_input(trt_input(&model), features, model_input);
-            memcpy(trt_input(&model)->data, model_input, trt_input(&model)->size);
+            if (given_inputs != NULL) {
+                memcpy(trt_input(&model)->data, given_inputs + (size_t)w * trt_input(&model)->size,
+                       trt_input(&model)->size);
+            } else {
+                quantize_input(trt_input(&model), features, model_input);
+                memcpy(trt_input(&model)->data, model_input, trt_input(&model)->size);
+            }
             start = board_instructions();
             status = trt_invoke(&model);
             inference_instructions = board_instructions() - start;
@@ -235,12 +279,28 @@ int main(void) {
         put_char(' ');
         put_hex(features, 4u * n_features);
         end_line();
+#ifdef BENCH_WITH_DSP_Q15
+        if (in->q15_hann_offset != 0u) {
+            start = board_instructions();
+            status = dspq_raw_features_q16(&q15, samples + (size_t)w * n, work.i32, q15_features);
+            dsp_instructions = board_instructions() - start;
+            if (status != DSPQ_OK) fail("dspq", status);
+            put_text("q15 ");
+            put_u64(w);
+            put_text(" dsp=");
+            put_u64(dsp_instructions);
+            put_char(' ');
+            put_hex(q15_features, 4u * n_features);
+            end_line();
+        }
+#endif
 #ifdef BENCH_WITH_TINYRT
         if (in->flags & BENCH_INPUT_FLAG_INFERENCE) {
             put_text("input ");
             put_u64(w);
             put_char(' ');
-            put_hex(model_input, trt_input(&model)->size);
+            put_hex(given_inputs != NULL ? given_inputs + (size_t)w * trt_input(&model)->size : model_input,
+                    trt_input(&model)->size);
             end_line();
             put_text("output ");
             put_u64(w);
