@@ -101,10 +101,15 @@ int frame_parser_next(frame_parser_t *p, frame_t *out) {
 
 int frame_parser_tick(frame_parser_t *p, uint32_t now_ms, frame_t *out) {
     drop_consumed(p);
+    resync(p);
     if (p->used == 0 || (uint32_t)(now_ms - p->last_byte_ms) < FRAME_TIMEOUT_MS) {
         return FRAME_NONE;
     }
-    return fail(p, FRAME_ERR_TRUNCATED, p->used >= 6 ? get16(p->buf + 4) : 0, out);
+    if (p->used < 2) {
+        p->used = 0; /* a lone first sync byte is no frame: nothing to report (as frames.py) */
+        return FRAME_NONE;
+    }
+    return fail(p, FRAME_ERR_TRUNCATED, p->used >= FRAME_HEADER_BYTES ? get16(p->buf + 4) : 0, out);
 }
 
 static void put16(uint8_t *b, uint16_t v) {
