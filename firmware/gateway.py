@@ -243,6 +243,8 @@ class UartGateway:
         device_frame_errors: FRAME_ERROR reports of the device, by code.
         line_faults: Frames from the device this side dropped, by kind.
         logs: The latest LOG lines of the firmware.
+        windows_scored: Windows the device reported scores for.
+        anomalies: Of which above the threshold.
 
     Args:
         device_id: Device id (as provisioned).
@@ -285,6 +287,8 @@ class UartGateway:
         self.device_frame_errors: Counter[int] = Counter()
         self.line_faults: Counter[int] = Counter()
         self.logs: deque[str] = deque(maxlen=200)
+        self.windows_scored = 0
+        self.anomalies = 0
         self._publish_fn: PublishFn | None = None
         self._uplink: MqttUplink | None = None
         self._sock: socket.socket | None = None
@@ -726,6 +730,8 @@ class UartGateway:
         return facts
 
     def _on_scores(self, frame: ScoresFrame) -> None:
+        self.windows_scored += len(frame.items)
+        self.anomalies += sum(i.anomaly for i in frame.items)
         facts = self._facts(frame.model_version)
         if facts is None or not frame.items:
             log.warning("%s: scores of model v%d, whose manifest this gateway has not seen", self.device_id,

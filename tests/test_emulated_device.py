@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import json
+import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -38,6 +40,7 @@ from firmware.ota import (
 from firmware.sensor import MachineSimulator
 from firmware.signing import KeyRing, ManifestSigner, generate_keypair
 from firmware.tflm import measure_arena
+from tests.conftest import cli_env
 from tests.fake_uart_device import FakeFlash, FakeUartDevice, sha256
 from tests.int8_model import LAYER_UNITS, N_FEATURES, int8_autoencoder, sample_features
 from tests.test_device import TOPICS, ShapingPublisher, Watcher, wait_until
@@ -417,3 +420,48 @@ def test_killing_qemu_by_pid_leaves_the_flash_image(
     while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not Path(f"/proc/{pid}").exists()
+
+
+# --- the CLI ----------------------------------------------------------------------------------
+
+
+def _cli(data_dir: Path, *args: str, path: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = cli_env(data_dir, TINYMLOPS_FLEET=FLEET, **({"PATH": path} if path is not None else {}))
+    return subprocess.run([sys.executable, "-m", "tinymlops", *args], capture_output=True, text=True, env=env,
+                          timeout=90, check=False)  # fmt: skip
+
+
+def test_cli_unknown_board_fails_with_one_line(tmp_path: Path) -> None:
+    assert _cli(tmp_path, "device", "keygen", "--key-id", "cli-key").returncode == 0
+    result = _cli(tmp_path, "device", "run", "--emulated", "1", "--board", "nope", "--seconds", "1")
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and "unknown board 'nope'" in errors[0], result.stderr
+    result = _cli(tmp_path, "device", "run", "--emulated", "1", "--board", "microbit", "--seconds", "1")
+    assert result.returncode == 1 and "cannot run the device image" in result.stderr
+    no_tools = tmp_path / "empty-bin"
+    no_tools.mkdir()
+    result = _cli(tmp_path, "device", "run", "--emulated", "1", "--seconds", "1", path=str(no_tools))
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and len(errors) == 1 and "not found on PATH: install" in errors[0], result.stderr
+
+
+def test_cli_runs_emulated_devices_that_join_the_fleet(tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+    image = device_image()
+    if isinstance(image, str):
+        pytest.skip(f"real firmware not available: {image}")
+    watcher = Watcher(mosquitto.address)
+    try:
+        assert _cli(tmp_path, "device", "keygen", "--key-id", "cli-key").returncode == 0
+        result = _cli(tmp_path, "device", "run", "--emulated", "2", "--seconds", "2", "--interval", "0.5",
+                      "--broker", mosquitto.address.url)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert "2 emulated nrf52840 devices on mps2-an386" in result.stdout
+        for device in ("emu-0000", "emu-0001"):
+            announce = watcher.wait(TOPICS.announce(device), Announcement, lambda a: True)
+            assert announce.firmware.endswith("(mps2-an386)") and announce.key_ids == ["cli-key"]
+            assert watcher.wait(TOPICS.status(device), DeviceStatus, lambda s: True).state == "idle"
+            assert (tmp_path / "emulated" / FLEET / device / "flash.img").exists()
+        assert "node-0000" not in result.stdout  # --emulated alone runs no simulated devices
+    finally:
+        watcher.stop()

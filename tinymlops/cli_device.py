@@ -28,7 +28,9 @@ console = Console()
 
 @device_app.command("run")
 def run(
-    devices: Annotated[int, typer.Option(min=1, max=5000, help="Number of simulated devices.")] = 10,
+    devices: Annotated[
+        int | None, typer.Option(min=0, max=5000, help="Number of simulated devices (default 10, 0 with --emulated).")
+    ] = None,
     fleet: Annotated[str | None, typer.Option(help="Fleet name (default from settings).")] = None,
     profile: Annotated[str, typer.Option(help="MCU profile of the devices (catalog key).")] = "nrf52840",
     group: Annotated[str | None, typer.Option(help="Group whose manifests the devices also follow.")] = None,
@@ -39,8 +41,12 @@ def run(
     seed: Annotated[int, typer.Option(help="Base seed of the machines.")] = 0,
     per_connection: Annotated[int, typer.Option(min=1, help="Devices sharing one MQTT connection.")] = 50,
     publish_windows: Annotated[bool, typer.Option(help="Also stream raw windows for the ingest.")] = False,
+    emulated: Annotated[
+        int, typer.Option(min=0, max=64, help="Also run this many emulated devices: the real firmware in QEMU.")
+    ] = 0,
+    board: Annotated[str, typer.Option(help="QEMU board of the emulated devices.")] = "mps2-an386",
 ) -> None:
-    """Run simulated devices: announce, take signed models over MQTT, score windows, report drift summaries."""
+    """Run simulated (and emulated) devices: announce, take signed models over MQTT, score windows, report drift."""
     settings = get_settings()
     from firmware.device import DeviceConfig
     from firmware.device_fleet import DeviceFleet
@@ -49,6 +55,9 @@ def run(
     from tinymlops.mqtt import broker_for
     from tinymlops.targets import get_target
 
+    n_simulated = devices if devices is not None else (0 if emulated else 10)
+    if n_simulated == 0 and emulated == 0:
+        raise ConfigError("nothing to run: give --devices >= 1 or --emulated >= 1")
     check_name(fleet or settings.fleet, "fleet")  # before a broker is started
     keyring_path = keyring or default_keyring_path(settings.data_dir)
     if not keyring_path.exists():
@@ -56,35 +65,81 @@ def run(
     ring = KeyRing.load(keyring_path)
     target = get_target(profile)
     name = fleet or settings.fleet
+    if emulated:
+        _check_emulation(board)  # before a broker is started: qemu, the toolchain, the image
     config = DeviceConfig(
         topic_root=settings.mqtt.topic_root, score_interval_s=interval, publish_windows=publish_windows
     )
     mqtt_settings = settings.mqtt.model_copy(update={"url": broker or settings.mqtt.url})
-    with broker_for(mqtt_settings) as address:
-        sim = DeviceFleet(name, devices, target, ring, address, group=group, seed=seed,
-                          devices_per_connection=per_connection, config=config, mqtt_settings=mqtt_settings,
-                          sample_rate_hz=settings.sensor.sample_rate_hz,
-                          window_samples=settings.sensor.window_samples)  # fmt: skip
+    rows: list[tuple[str, str, str, str, int, int]] = []
+    with broker_for(mqtt_settings) as address, contextlib.ExitStack() as running:
         started = time.monotonic()
-        with sim:
+        if n_simulated:
+            sim = DeviceFleet(name, n_simulated, target, ring, address, group=group, seed=seed,
+                              devices_per_connection=per_connection, config=config, mqtt_settings=mqtt_settings,
+                              sample_rate_hz=settings.sensor.sample_rate_hz,
+                              window_samples=settings.sensor.window_samples)  # fmt: skip
+            running.enter_context(sim)
             console.print(
-                f"fleet {name!r}: {devices} {profile} devices on {sim.connections} connections at {address.url}; "
+                f"fleet {name!r}: {n_simulated} {profile} devices on {sim.connections} connections at {address.url}; "
                 f"key ids {', '.join(ring.key_ids) or '(none)'}"
             )
-            with contextlib.suppress(KeyboardInterrupt):
-                sim.run(seconds)
+        emu = None
+        if emulated:
+            from firmware.emulated import EmulatedFleet
+            from firmware.gateway import GatewayConfig
+
+            gateway_config = GatewayConfig(topic_root=settings.mqtt.topic_root, window_interval_s=interval,
+                                           publish_windows=publish_windows)  # fmt: skip
+            emu = EmulatedFleet(name, emulated, target, ring, address, state_root=settings.data_dir / "emulated",
+                                board=board, group=group, config=gateway_config,
+                                mqtt_settings=mqtt_settings)  # fmt: skip
+            running.enter_context(emu)
+            console.print(f"fleet {name!r}: {emulated} emulated {profile} devices on {board} at {address.url}")
+        with contextlib.suppress(KeyboardInterrupt):
+            threading.Event().wait(seconds)
+        if n_simulated:
             sim.publish_summaries()
-        elapsed = time.monotonic() - started
+            for device in sim.devices:
+                active = device.active
+                model = f"{active.manifest.model_name} v{active.manifest.model_version}" if active else "-"
+                rows.append((device.device_id, device.group or "-", device.status.status if device.status else "-",
+                             model, device.windows_scored, device.anomalies))  # fmt: skip
+        for emulated_device in emu.devices if emu else []:
+            gateway = emulated_device.gateway
+            if gateway is None:
+                continue
+            gateway.request_summary()
+            ref = gateway.active
+            rows.append((emulated_device.device_id, emulated_device.group or "-",
+                         gateway.status.status if gateway.status else "-",
+                         f"{ref.name} v{ref.version}" if ref else "-", gateway.windows_scored,
+                         gateway.anomalies))  # fmt: skip
+        if emu is not None:
+            time.sleep(0.5)  # the summaries reach the broker before the gateways leave
+    elapsed = time.monotonic() - started
     table = Table(title=f"Devices after {elapsed:.1f} s")
     for column in ("device", "group", "status", "model", "windows", "anomalies"):
         table.add_column(column)
-    for device in sim.devices:
-        active = device.active
-        status = device.status.status if device.status else "-"
-        model = f"{active.manifest.model_name} v{active.manifest.model_version}" if active else "-"
-        table.add_row(device.device_id, device.group or "-", status, model, str(device.windows_scored),
-                      str(device.anomalies))  # fmt: skip
+    for row in rows:
+        table.add_row(*(str(v) for v in row))
     console.print(table)
+
+
+def _check_emulation(board: str) -> None:
+    """Fail with one line when the board is unknown or QEMU, the toolchain or the device image is missing.
+
+    Raises:
+        EmulatorError: The board is unknown or cannot run the device image, or the image does not build.
+        ToolchainMissingError: QEMU or the cross toolchain is not installed.
+    """
+    from firmware.emulator import EmulatorError, build_images, get_board
+
+    spec = get_board(board)
+    if "device" not in spec.images or spec.flash_base is None:
+        raise EmulatorError(f"board {board!r} cannot run the device image; use --board mps2-an386")
+    if build_images(spec).device is None:
+        raise EmulatorError(f"no device image for {board}: firmware/c/device_main.c is missing")
 
 
 @device_app.command("keygen")
