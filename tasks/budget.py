@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -258,6 +260,80 @@ class BudgetReport:
                 f"over {p.n} inputs"
             )
         return "\n".join(lines) + "\n"
+
+
+# Windows measured per model: counts are averaged over them (each has one SysTick tick of resolution).
+_MEASURED_WINDOWS = 3
+# Symbols of the statically reserved tensor arenas in the images (device_main.c keeps two engines:
+# the active model and a candidate loaded beside it until the swap; bench_main.c one).
+_ARENA_SYMBOLS = {"device": ("arenas", 2), "bench": ("arena", 1)}
+
+
+def measurement_window(spec: DspSpec, n_windows: int = _MEASURED_WINDOWS) -> npt.NDArray[np.int16]:
+    """Deterministic int16 windows (broadband vibration at about a tenth of full scale) to measure on."""
+    rng = np.random.default_rng(20261203)
+    return np.clip(rng.normal(0.0, 3000.0, (n_windows, spec.window_samples)), -32768, 32767).astype(np.int16)
+
+
+def measure_on_device(model: bytes, target: McuTarget, dsp: DspSpec) -> tuple[DeviceMeasurement | None, str]:
+    """Run the model and the target's DSP front end in the device firmware on the target's emulated core.
+
+    Args:
+        model: The int8 .tflite flatbuffer.
+        target: The MCU target (its ``emulated_board``, ``dsp_arithmetic``).
+        dsp: The DSP front end the model is fed by.
+
+    Returns:
+        The measurement, or None and why the figures have to be estimated (no QEMU board for the core,
+        toolchain or QEMU not installed).
+
+    Raises:
+        TinyMLOpsError: The firmware could not be built or run, or rejected the model.
+    """
+    if target.emulated_board is None:
+        return None, f"QEMU emulates no {target.core}"
+    from firmware import emulator, tinyrt
+
+    try:
+        images = emulator.build_images(target.emulated_board)
+    except emulator.ToolchainMissingError as exc:
+        log.warning("budget %s: latency estimated, not measured: %s", target.name, exc)
+        return None, str(exc)
+    fixed_point = target.dsp_arithmetic == "q15"
+    measured = emulator.measure(
+        images.board, model, dsp, measurement_window(dsp), 16.0 / 32768.0, fixed_point=fixed_point
+    )
+    dsp_counts = measured.fixed_point_instructions if fixed_point else measured.dsp_instructions
+    image_name = "device" if images.device is not None else "bench"
+    elf = images.device if images.device is not None else images.bench
+    size = emulator.image_size(elf)
+    symbol, copies = _ARENA_SYMBOLS[image_name]
+    arena_bytes = tinyrt.arena_required(model)
+    static_ram = size.ram_bytes + size.stack_bytes - _symbol_size(elf, symbol) + (copies - 1) * arena_bytes
+    return (
+        DeviceMeasurement(
+            board=images.board.name,
+            dsp_arithmetic=target.dsp_arithmetic,
+            dsp_instructions=round(float(np.mean(dsp_counts))),
+            inference_instructions=round(measured.inference_instructions_mean),
+            image_flash_bytes=size.flash_bytes,
+            image_ram_bytes=static_ram,
+            arena_bytes=arena_bytes,
+        ),
+        "",
+    )
+
+
+def _symbol_size(elf: Path, name: str) -> int:
+    """Size of one symbol of an image (``arm-none-eabi-nm -S``)."""
+    from firmware.emulator import EmulatorError, find_toolchain
+
+    listing = subprocess.run([find_toolchain().nm, "-S", str(elf)], capture_output=True, text=True, check=True)
+    for line in listing.stdout.splitlines():
+        fields = line.split()
+        if len(fields) == 4 and fields[3] == name:
+            return int(fields[1], 16)
+    raise EmulatorError(f"{elf.name} has no symbol {name!r}: its static arena cannot be accounted for")
 
 
 def dsp_buffer_bytes(dsp: DspSpec) -> int:

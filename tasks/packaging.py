@@ -15,7 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from firmware.carray import model_to_c
 from firmware.dsp import DspSpec
 from firmware.tflm import ArenaMeasurement, TflmRunner, count_macs, measure_arena
-from tasks.budget import BudgetExceededError, BudgetReport, validate_budget
+from tasks.budget import BudgetExceededError, BudgetReport, measure_on_device, validate_budget
 from tasks.compress import CompressionResult
 from tasks.evaluate import ModelComparison
 from tasks.train import FeatureSets, reconstruction_error
@@ -122,12 +122,27 @@ def package_for_target(
         lineage: Run ids and other provenance.
     """
     model = compression.deployable
-    report = validate_budget(model, target, spec, arena=arena, parity_inputs=parity_inputs)
+    measurement, estimate_note = measure_on_device(model, target, spec)
+    report = validate_budget(
+        model,
+        target,
+        spec,
+        arena=arena,
+        parity_inputs=parity_inputs,
+        measurement=measurement,
+        estimate_note=estimate_note,
+    )
     c_name = f"vibration_ae_{target.name}"
     c_source, c_header = model_to_c(model, c_name)
     deployed = comparison[DEPLOYED_EVALUATION]
     metrics = model_metrics(comparison, compression)
     metrics.update({f"budget_{check.name}": float(check.measured) for check in report.checks})
+    if measurement is not None:
+        metrics.update(
+            device_dsp_instructions=float(measurement.dsp_instructions),
+            device_inference_instructions=float(measurement.inference_instructions),
+            device_arena_bytes=float(measurement.arena_bytes),
+        )
     metadata = BundleMetadata(
         model_name=registered_model_name(target.name),
         target=target.name,
