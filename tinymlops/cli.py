@@ -573,7 +573,7 @@ def bench_all(
         bool, typer.Option(help="Only rewrite README.md's benchmark table from the existing figures file.")
     ] = False,
 ) -> None:
-    """Run the ingest, model, deploy and loop benchmarks and write one JSON file of all figures."""
+    """Run the ingest, model, deploy, loop and firmware benchmarks and write one JSON file of all figures."""
     if ctx.invoked_subcommand is not None:
         return
     if render_readme:
@@ -592,7 +592,7 @@ def bench_all(
     from tinymlops.bench import machine_description
 
     figures: dict[str, Any] = {"quick": quick, **machine_description()}
-    for name in ("ingest", "model", "deploy", "loop"):
+    for name in ("ingest", "model", "deploy", "loop", "firmware"):
         console.rule(f"bench {name}")
         # Each benchmark in its own process: Prefect binds its settings and events worker once per process.
         command = [sys.executable, "-m", "tinymlops", "bench", name, "--json", *(["--quick"] if quick else [])]
@@ -619,6 +619,21 @@ def bench_deploy_command(
 
     figures = bench_deploy(settings, quick=quick)
     _print_table("Deploy benchmark", [{"figure": k, "value": v} for k, v in figures.items()])
+    if as_json:
+        print(json.dumps(figures))
+
+
+@bench_app.command("firmware")
+def bench_firmware_command(
+    quick: Annotated[bool, typer.Option(help="Reduced run for CI.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON on the last line.")] = False,
+) -> None:
+    """Instructions per window on the emulated M4F and M0, image sizes, OTA through the gateway, vs the estimates."""
+    settings = _settings()
+    from tinymlops.bench_firmware import bench_firmware
+
+    figures = bench_firmware(settings, quick=quick)
+    _print_table("Firmware benchmark", [{"figure": k, "value": v} for k, v in figures.items()])
     if as_json:
         print(json.dumps(figures))
 
