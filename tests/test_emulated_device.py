@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 import pytest
 
+from firmware import codec
 from firmware.device import DeviceConfig, DeviceRuntime
 from firmware.dsp import DspSpec, raw_features
 from firmware.emulated import EmulatedDevice, provisioning_block
@@ -143,11 +144,13 @@ class FakeRig:
         self.flash = FakeFlash()
         self.device: FakeUartDevice | None = None
         self.seq = 0
+        self.config = GATEWAY
 
     def start(self) -> None:
         self.device = FakeUartDevice(DEVICE, FLEET, self.profile.name, self.keyring, flash=self.flash)
-        self.gateway = UartGateway(DEVICE, FLEET, self.profile, ("127.0.0.1", self.device.port),
-                                   self.broker.address, config=GATEWAY, first_status_seq=self.seq).start()  # fmt: skip
+        uart = ("127.0.0.1", self.device.port)
+        self.gateway = UartGateway(DEVICE, FLEET, self.profile, uart, self.broker.address, config=self.config,
+                                   first_status_seq=self.seq).start()  # fmt: skip
 
     def kill(self) -> None:
         assert self.device is not None
@@ -366,17 +369,79 @@ def test_device_killed_mid_transfer_restarts_and_ends_active(
     running_v1: FakeRig | QemuRig, publisher: ShapingPublisher, watcher: Watcher, model: bytes, spec: DspSpec,
     arena: int,
 ) -> None:  # fmt: skip
+    served = publisher.served[DEVICE]
     publisher.hold_from = 3
     deploy(publisher, model, spec, arena, 2)
-    wait_until(lambda: publisher.served[DEVICE] >= 1 + 3, 60)  # v1's chunks were served once already
+    wait_until(lambda: publisher.served[DEVICE] >= served + 3, 60)
+    time.sleep(0.2)  # chunks 0-2 reach the device's staging slot; 3.. are held
     running_v1.kill()  # power loss in the middle of the download
     publisher.hold_from = None
     running_v1.start()
+    hello = running_v1.gateway.hello
+    assert hello is not None and hello.model is not None and hello.model.version == 1  # v1 survived in flash
     final = settle(running_v1.gateway, 2)
     assert final.state == "active", final.detail
     statuses = watcher.decoded(TOPICS.status(DEVICE), DeviceStatus)
-    assert all(s.active is not None for s in statuses if s.state != "idle" and s.seq > 1)  # never without a model
+    first_active = next(k for k, s in enumerate(statuses) if s.state == "active")
+    assert all(s.active is not None for s in statuses[first_active:])  # never without a model
     assert_still_runs(running_v1, final, 2)
+
+
+@pytest.mark.faults
+def test_broker_restart_re_announces_and_republishes_the_status(
+    running_v1: FakeRig | QemuRig, mosquitto: MosquittoBroker, watcher: Watcher
+) -> None:
+    gateway = running_v1.gateway
+    port = mosquitto.port
+    watcher.stop()
+    mosquitto.kill()  # no persistence: the retained announcement and status are gone
+    wait_until(lambda: not gateway.connected, 10)
+    restarted = MosquittoBroker(port=port).start()
+    try:
+        fresh = Watcher(restarted.address)
+        try:
+            announce = fresh.wait(TOPICS.announce(DEVICE), Announcement, lambda a: True, 15)
+            status = fresh.wait(TOPICS.status(DEVICE), DeviceStatus, lambda s: True, 15)
+            assert announce.model is not None and announce.model.version == 1
+            assert status.state == "active" and status == gateway.status
+        finally:
+            fresh.stop()
+        running_v1.stop()  # before the broker: a client left behind would wait in its reconnect delay
+    finally:
+        restarted.stop()
+
+
+def test_same_manifest_is_answered_and_older_versions_ignored(
+    running_v1: FakeRig | QemuRig, publisher: ShapingPublisher, watcher: Watcher, model: bytes, spec: DspSpec,
+    arena: int,
+) -> None:  # fmt: skip
+    gateway = running_v1.gateway
+    final = rollout(running_v1, publisher, model, spec, arena, 1, threshold=9.0)
+    assert (final.state, final.status, final.reason) == ("ignored", "ignored: not newer", "not newer")
+    topic = TOPICS.status(DEVICE)
+    wait_until(lambda: watcher.decoded(topic, DeviceStatus)[-1] == gateway.status)
+    heard, current = len(watcher.decoded(topic, DeviceStatus)), gateway.status
+    deploy(publisher, model, spec, arena, 1)  # byte-identical to the active manifest: SAME
+    wait_until(lambda: len(watcher.decoded(topic, DeviceStatus)) > heard, 20)
+    assert watcher.decoded(topic, DeviceStatus)[-1] in (current, gateway.status)
+    assert gateway.status is not None and gateway.status.active is not None and gateway.status.active.version == 1
+
+
+def test_windows_are_fed_in_real_time_and_published_for_the_ingest(
+    running_v1: FakeRig | QemuRig, watcher: Watcher, mosquitto: MosquittoBroker
+) -> None:
+    running_v1.stop()
+    config = GatewayConfig(window_interval_s=0.1, publish_windows=True, connect_timeout_s=20, hello_timeout_s=60)
+    if isinstance(running_v1, QemuRig):
+        running_v1.device.config = config
+    else:
+        running_v1.config = config
+    running_v1.start()
+    wait_until(lambda: len(watcher.messages[TOPICS.vibration(DEVICE)]) >= 12, 30)
+    windows = [codec.decode(p) for p in watcher.messages[TOPICS.vibration(DEVICE)]]
+    assert {w.device_id for w in windows} == {DEVICE} and [w.seq for w in windows[:5]] == list(range(5))
+    assert windows[0].samples.size == 1024 and windows[0].sample_rate_hz == 25_600
+    wait_until(lambda: running_v1.gateway.windows_scored >= 10, 30)  # the firmware scored them (batches of 10)
 
 
 def test_malformed_and_replayed_frames_are_reported_and_the_device_keeps_running(
