@@ -48,6 +48,9 @@ def test_demo_closes_the_loop_and_reports_what_happened(tmp_path: Path) -> None:
             champion = resolve(f"vibration-ae-{row['target']}@champion")
             assert f"v{champion.version.version}" == row["champion"] == "v2"
             assert champion.bundle.metadata.tflite_bytes == row["bytes"]
-    assert len(summary["devices"]) == 6
+    # 3 simulated devices per profile and, beside them, the device firmware on QEMU (setup installs it)
+    assert len(summary["devices"]) == 7
     assert {d["state"] for d in summary["devices"]} == {"active"}
+    (firmware,) = [d for d in summary["devices"] if "(mps2-an386)" in d["firmware"]]
+    assert firmware["profile"] == "nrf52840" and firmware["inference instr"] > 0
     assert len({d["manifest"] for d in summary["devices"] if d["profile"] == "nrf52840"}) == 1

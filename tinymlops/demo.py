@@ -144,6 +144,12 @@ def run_demo(config: DemoConfig, console: Console) -> DemoSummary:
             console, f"2. Virtual fleet: {config.devices_per_profile} devices on each of {', '.join(config.profiles)}"
         )
         fleets = start_devices(settings, config, address, stack)
+        emulated = start_emulated_device(settings, config, address, stack)
+        if emulated is not None:
+            device = emulated.devices[0]
+            console.print(
+                f"  + {device.device_id}: the device firmware on QEMU {device.board.name} ({device.profile.name})"
+            )
         add_evaluation_set(settings, config)
         server = serve_retraining(demo_dir)
         stack.callback(stop_process, server)
@@ -181,6 +187,9 @@ def run_demo(config: DemoConfig, console: Console) -> DemoSummary:
         _phase(console, f"5. Sensor gain +{DRIFT_GAIN:.0%} on every machine")
         for fleet in fleets.values():
             fleet.sensors.add_drift(DriftSpec(kind="gain", amount=DRIFT_GAIN))
+        for device in emulated.devices if emulated is not None else []:
+            if device.simulator is not None:
+                device.simulator.add_drift(DriftSpec(kind="gain", amount=DRIFT_GAIN))
         drift_report = ingest_and_monitor(settings, config)
         summary.drift.append(
             {"phase": "drift", "verdict": drift_report["verdict"], "events": ", ".join(drift_report["events"])}
@@ -196,7 +205,7 @@ def run_demo(config: DemoConfig, console: Console) -> DemoSummary:
             {"phase": "after retraining", "verdict": after["verdict"], "events": ", ".join(after["events"])}
         )
         summary.models = _model_table(config.profiles)
-        summary.devices = _device_table(fleets)
+        summary.devices = _device_table(fleets, emulated)
         summary.seconds = round(time.monotonic() - started, 1)
         if config.keep_running:
             console.print("services left running (--keep-running); Ctrl-C stops them")
@@ -263,6 +272,44 @@ def start_devices(
         threading.Thread(target=fleet.run, daemon=True, name=f"devices-{profile}").start()
         fleets[profile] = fleet
     return fleets
+
+
+def start_emulated_device(settings: Settings, config: DemoConfig, address: Any, stack: ExitStack) -> Any:
+    """Start one emulated firmware device (the C firmware on QEMU) on the first profile, when it can run here.
+
+    Its windows are not ingested (the simulated fleet's are), so the monitor's verdicts do not depend on
+    QEMU's pace; it takes the same models over the air, scores and reports like the simulated devices.
+
+    Returns:
+        The :class:`~firmware.emulated.EmulatedFleet` (stopped with ``stack``), or None when the cross
+        toolchain or QEMU is missing or the profile's core has no QEMU board (the reason is logged).
+    """
+    from firmware.emulated import EmulatedFleet
+    from firmware.emulator import EmulatorError, build_images
+    from firmware.gateway import GatewayConfig
+    from firmware.sensor import MachineSimulator
+    from tasks.deploy import KeyStore, keys_dir
+    from tinymlops.targets import load_catalog
+
+    profile = load_catalog(settings.targets.catalog)[config.profiles[0]]
+    if profile.emulated_board is None:
+        log.warning("no emulated device: QEMU has no board for the %s of %s", profile.core, profile.name)
+        return None
+    try:
+        build_images(profile.emulated_board)
+    except EmulatorError as exc:
+        log.warning("no emulated device: %s", exc)
+        return None
+    gateway = GatewayConfig(topic_root=settings.mqtt.topic_root, window_interval_s=0.5, publish_windows=False)
+    fleet = EmulatedFleet(settings.fleet, 1, profile, KeyStore(keys_dir()).keyring(), address,
+                          state_root=settings.data_dir / "emulated", board=profile.emulated_board, config=gateway,
+                          device_prefix=f"{profile.name[:3]}-fw", mqtt_settings=settings.mqtt)  # fmt: skip
+    for device in fleet.devices:
+        device.simulator = MachineSimulator(seed=900, sample_rate_hz=settings.sensor.sample_rate_hz,
+                                            window_samples=settings.sensor.window_samples)  # fmt: skip
+    fleet.start()
+    stack.callback(fleet.stop)
+    return fleet
 
 
 def add_evaluation_set(settings: Settings, config: DemoConfig) -> None:
@@ -392,22 +439,35 @@ def _model_table(profiles: tuple[str, ...]) -> list[dict[str, Any]]:
     return rows
 
 
-def _device_table(fleets: dict[str, Any]) -> list[dict[str, Any]]:
+def _device_table(fleets: dict[str, Any], emulated: Any = None) -> list[dict[str, Any]]:
+    from firmware.device import FIRMWARE_VERSION
+
+    statuses = [
+        (profile, device_id, status, FIRMWARE_VERSION)
+        for profile, fleet in fleets.items()
+        for device_id, status in sorted(fleet.statuses().items())
+    ]
+    for device in emulated.devices if emulated is not None else []:
+        gateway = device.gateway
+        announcement = gateway.announcement() if gateway is not None else None
+        firmware = announcement.firmware if announcement is not None else device.board.name
+        statuses.append((device.profile.name, device.device_id, gateway.status if gateway else None, firmware))
     rows = []
-    for profile, fleet in fleets.items():
-        for device_id, status in sorted(fleet.statuses().items()):
-            latency = status.latency_ms if status else {}
-            rows.append(
-                {
-                    "device": device_id,
-                    "profile": profile,
-                    "state": status.status if status else "none",
-                    "manifest": f"v{status.active.version}" if status and status.active else "-",
-                    "deploy ms": round(latency.get("deploy_ms", float("nan")), 1),
-                    "load ms": round(latency.get("load_ms", float("nan")), 1),
-                    "inference ms": round(latency.get("inference_ms", float("nan")), 3),
-                }
-            )
+    for profile, device_id, status, firmware in statuses:
+        latency = status.latency_ms if status else {}
+        rows.append(
+            {
+                "device": device_id,
+                "profile": profile,
+                "firmware": firmware,
+                "state": status.status if status else "none",
+                "manifest": f"v{status.active.version}" if status and status.active else "-",
+                "deploy ms": round(latency.get("deploy_ms", float("nan")), 1),
+                "load ms": round(latency.get("load_ms", float("nan")), 1),
+                "inference ms": round(latency.get("inference_ms", float("nan")), 3),
+                "inference instr": int(latency.get("inference_instructions", 0)) or "-",
+            }
+        )
     return rows
 
 
