@@ -69,7 +69,7 @@ class Board:
         bench_input_max: Bytes free for the bench input there.
         flash_base: The persistent flash region, None when the board has none.
         flash_size: Bytes of that region.
-        images: The images Makefile.arm builds for the board (device.elf once its sources exist).
+        images: The images Makefile.arm builds for the board (device once device_main.c exists).
     """
 
     name: str
@@ -102,7 +102,7 @@ BOARDS: dict[str, Board] = {
         bench_input_max=0x0020_0000,
         flash_base=0x0030_0000,
         flash_size=0x0010_0000,
-        images=("bench", "test_ota", "device"),
+        images=("bench", "selftest", "test_ota", "device"),
     ),
     "microbit": Board(
         name="microbit",
@@ -115,7 +115,7 @@ BOARDS: dict[str, Board] = {
         bench_input_max=0x0001_0000,
         flash_base=None,
         flash_size=0,
-        images=("bench",),
+        images=("bench", "selftest"),
     ),
 }
 
@@ -174,16 +174,17 @@ def find_toolchain() -> Toolchain:
 
 @dataclass(frozen=True)
 class ImageSet:
-    """The linked images of one board; None where the image's sources do not exist yet."""
+    """The linked images of one board; None where the board has no such image or its sources do not exist yet."""
 
     board: Board
     bench: Path
+    selftest: Path
     test_ota: Path | None
     device: Path | None
 
     def images(self) -> dict[str, Path]:
         """Image name -> ELF path, for the images that exist."""
-        found = {"bench": self.bench, "test_ota": self.test_ota, "device": self.device}
+        found = {"bench": self.bench, "selftest": self.selftest, "test_ota": self.test_ota, "device": self.device}
         return {name: path for name, path in found.items() if path is not None}
 
 
@@ -229,7 +230,7 @@ def build_images(board: Board | str) -> ImageSet:
             errors = [line for line in lines if "error" in line.lower()] or lines or ["no output"]
             raise EmulatorError(f"make -f Makefile.arm BOARD={board.name} failed: {errors[0].strip()}")
     built = {path.stem: path for path in expected}
-    return ImageSet(board, built["bench"], built.get("test_ota"), built.get("device"))
+    return ImageSet(board, built["bench"], built["selftest"], built.get("test_ota"), built.get("device"))
 
 
 @dataclass(frozen=True)
@@ -316,6 +317,7 @@ def run_qemu(
     loaders: Sequence[tuple[Path, int]] = (),
     timeout_s: float = 30.0,
     serial: str | None = None,
+    uart_input: str | None = None,
     icount: bool = True,
     semihosting_args: Sequence[str] = (),
     extra_args: Sequence[str] = (),
@@ -329,7 +331,8 @@ def run_qemu(
         loaders: (file, address) pairs placed in memory before the reset (``-device loader``).
         timeout_s: Wall-clock limit; QEMU is killed (its process group) when it runs over.
         serial: QEMU ``-serial`` backend for UART0 (e.g. ``tcp:127.0.0.1:PORT,server=on,wait=on``);
-            None discards the UART.
+            None discards the UART; ``stdio`` connects it to ``uart_input`` and the result's stdout.
+        uart_input: Bytes (as text) the UART receives when ``serial`` is ``stdio``.
         icount: Run with ``-icount shift=0`` (1 ns of virtual time per instruction), which makes
             the SysTick instruction counts exact and deterministic.
         semihosting_args: The semihosting command line (argv of rdimon images, ``flash=PATH``).
@@ -354,10 +357,10 @@ def run_qemu(
     logger.debug("running %s", " ".join(command))
     started = time.monotonic()
     # its own process group: a timeout kills QEMU and anything it started, by that group's id
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
-                               start_new_session=True)  # fmt: skip
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, cwd=cwd, start_new_session=True)  # fmt: skip
     try:
-        stdout, stderr = process.communicate(timeout=timeout_s)
+        stdout, stderr = process.communicate(uart_input, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.communicate()
