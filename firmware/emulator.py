@@ -174,36 +174,54 @@ def find_toolchain() -> Toolchain:
 
 @dataclass(frozen=True)
 class ImageSet:
-    """The linked images of one board; None where the board has no such image or its sources do not exist yet."""
+    """The linked images of one board; None where not built (not asked for, or its sources do not exist yet)."""
 
     board: Board
-    bench: Path
-    selftest: Path
+    bench: Path | None
+    selftest: Path | None
     test_ota: Path | None
     device: Path | None
 
     def images(self) -> dict[str, Path]:
-        """Image name -> ELF path, for the images that exist."""
+        """Image name -> ELF path, for the images built."""
         found = {"bench": self.bench, "selftest": self.selftest, "test_ota": self.test_ota, "device": self.device}
         return {name: path for name, path in found.items() if path is not None}
+
+    def require(self, name: str) -> Path:
+        """The ELF of image ``name``.
+
+        Raises:
+            EmulatorError: That image was not built.
+        """
+        path = self.images().get(name)
+        if path is None:
+            raise EmulatorError(f"no {name} image for {self.board.name}; build it with build_images")
+        return path
 
 
 def _newest_source_mtime() -> float:
     return max(path.stat().st_mtime for pattern in _BUILD_INPUTS for path in C_DIR.glob(pattern))
 
 
-def _expected_images(board: Board) -> list[Path]:
+def _expected_images(board: Board, only: Sequence[str] | None) -> list[Path]:
     names = [name for name in board.images if name != "device" or (C_DIR / "device_main.c").exists()]
+    if only is not None:
+        unknown = sorted(set(only) - set(board.images))
+        if unknown:
+            raise EmulatorError(f"{board.name} has no image {unknown[0]!r}; images: {', '.join(board.images)}")
+        names = [name for name in names if name in only]
     return [BUILD_DIR / board.name / f"{name}.elf" for name in names]
 
 
-def build_images(board: Board | str) -> ImageSet:
+def build_images(board: Board | str, only: Sequence[str] | None = None) -> ImageSet:
     """Build (or bring up to date) the board's images with ``make -f Makefile.arm``.
 
     Skips make when every image is newer than every source, header, linker script and makefile.
 
     Args:
         board: A :class:`Board` or its name.
+        only: Build just these images (e.g. ``("bench",)``), so a measurement does not wait for,
+            or fail on, an image it does not run. Default: all of the board's images.
 
     Returns:
         The images.
@@ -214,12 +232,13 @@ def build_images(board: Board | str) -> ImageSet:
     """
     board = get_board(board) if isinstance(board, str) else board
     toolchain = find_toolchain()
-    expected = _expected_images(board)
+    expected = _expected_images(board, only)
     newest = _newest_source_mtime()
     if any(not path.exists() or path.stat().st_mtime < newest for path in expected):
-        logger.info("building the %s images", board.name)
+        logger.info("building the %s images %s", board.name, ", ".join(path.stem for path in expected))
+        targets = [str(path.relative_to(C_DIR)) for path in expected]
         result = subprocess.run(
-            [toolchain.make, "-C", str(C_DIR), "-f", "Makefile.arm", f"BOARD={board.name}", "-j2"],
+            [toolchain.make, "-C", str(C_DIR), "-f", "Makefile.arm", f"BOARD={board.name}", "-j2", *targets],
             capture_output=True,
             text=True,
             check=False,
@@ -230,7 +249,7 @@ def build_images(board: Board | str) -> ImageSet:
             errors = [line for line in lines if "error" in line.lower()] or lines or ["no output"]
             raise EmulatorError(f"make -f Makefile.arm BOARD={board.name} failed: {errors[0].strip()}")
     built = {path.stem: path for path in expected}
-    return ImageSet(board, built["bench"], built["selftest"], built.get("test_ota"), built.get("device"))
+    return ImageSet(board, built.get("bench"), built.get("selftest"), built.get("test_ota"), built.get("device"))
 
 
 @dataclass(frozen=True)
@@ -553,11 +572,11 @@ def run_bench(
     if len(block) > board.bench_input_max:
         raise EmulatorError(f"bench input of {len(block)} bytes exceeds the {board.bench_input_max} bytes "
                             f"{board.name} has for it")  # fmt: skip
-    images = build_images(board)
+    bench = build_images(board, ("bench",)).require("bench")
     with tempfile.TemporaryDirectory(prefix="tinymlops-bench-") as tmp:
         path = Path(tmp) / "bench_input.bin"
         path.write_bytes(block)
-        result = run_qemu(board, images.bench, loaders=[(path, board.bench_input_addr)], timeout_s=timeout_s,
+        result = run_qemu(board, bench, loaders=[(path, board.bench_input_addr)], timeout_s=timeout_s,
                           extra_args=extra_args)  # fmt: skip
     measurement = parse_bench_output(result.stderr, result.seconds)
     if result.returncode != 0:
@@ -647,7 +666,7 @@ def calibrate(board: Board | str, iterations: int, *, singlestep: bool = False, 
         log = Path(tmp) / "exec.log"
         measured = run_bench(board, block, timeout_s=timeout_s,
                              extra_args=["-singlestep", "-d", "exec,nochain", "-D", str(log)])  # fmt: skip
-        markers = symbol_addresses(build_images(board).bench)
+        markers = symbol_addresses(build_images(board, ("bench",)).require("bench"))
         counted = _count_between(log, markers["bench_marker_begin"], markers["bench_marker_end"])
     return _calibration(iterations, measured, counted)
 
