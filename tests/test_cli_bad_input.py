@@ -392,6 +392,7 @@ CASES = [
     Case("device status", f"device status --broker mqtt://{CLOSED}", MQTT_UNREACHABLE),
     Case("device status", "device status --broker http://x", "invalid MQTT broker URL 'http://x'"),
     Case("device status", "device status --broker {broker} --fleet bad/name", "invalid fleet 'bad/name'"),
+    Case("firmware build", "firmware build --board nosuch", "unknown board 'nosuch'; boards: mps2-an386, microbit"),
     Case("keys init", "keys init --key-id 'bad id!'", "invalid key id 'bad id!'", NO_KEYS),
     Case("keys init", "keys init", "cannot use {csv}", {"TINYMLOPS_KEYS_DIR": "{csv}"}),
     Case("keys show", "keys show", "no key ring in {root}/no-keys: run `tinymlops keys init`", NO_KEYS),
