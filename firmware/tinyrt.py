@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from tflite_micro.tensorflow.lite.micro.python import schema_py_generated as schema_fb
 
 from tinymlops.errors import TinyMLOpsError
 
@@ -31,26 +32,8 @@ _SOURCES = ("tinyrt.c", "tinyrt.h", "Makefile")
 TRT_OK = 0
 TRT_ERR_UNSUPPORTED_OP = -4
 TRT_ERR_ARENA = -8
-# The builtin operator codes of the TFLite schema that messages name (schema.fbs, BuiltinOperator).
-_OP_NAMES = {
-    0: "ADD",
-    1: "AVERAGE_POOL_2D",
-    2: "CONCATENATION",
-    3: "CONV_2D",
-    4: "DEPTHWISE_CONV_2D",
-    6: "DEQUANTIZE",
-    9: "FULLY_CONNECTED",
-    14: "LOGISTIC",
-    17: "MAX_POOL_2D",
-    18: "MUL",
-    19: "RELU",
-    21: "RELU6",
-    22: "RESHAPE",
-    25: "SOFTMAX",
-    28: "TANH",
-    32: "CUSTOM",
-    114: "QUANTIZE",
-}
+# Names of the TFLite schema's builtin operator codes, for messages (the schema bindings only; no TFLM import).
+_OP_NAMES = {code: name for name, code in vars(schema_fb.BuiltinOperator).items() if not name.startswith("_")}
 
 
 class TinyrtError(TinyMLOpsError):

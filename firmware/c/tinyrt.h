@@ -7,7 +7,7 @@
  * per-channel weight scales, fused NONE/RELU/RELU6/RELU_N1_TO_1), plus RESHAPE. Any other op:
  * TRT_ERR_UNSUPPORTED_OP.
  * C99, no malloc, no stdio; only <stdint.h>, <stddef.h>, <string.h> and <math.h> (frexp/round at
- * load time only).
+ * load time only), plus <arm_acle.h> (SXTB16/SMLAD) on cores with the DSP extension.
  */
 #ifndef TINYRT_H
 #define TINYRT_H
