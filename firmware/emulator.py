@@ -174,10 +174,13 @@ def find_toolchain() -> Toolchain:
 
 @dataclass(frozen=True)
 class ImageSet:
-    """The linked images of one board; None where not built (not asked for, or its sources do not exist yet)."""
+    """The linked images of one board: bench always, the others None where not built.
+
+    An image is not built when it was not asked for, or its sources do not exist yet.
+    """
 
     board: Board
-    bench: Path | None
+    bench: Path
     selftest: Path | None
     test_ota: Path | None
     device: Path | None
@@ -209,7 +212,7 @@ def _expected_images(board: Board, only: Sequence[str] | None) -> list[Path]:
         unknown = sorted(set(only) - set(board.images))
         if unknown:
             raise EmulatorError(f"{board.name} has no image {unknown[0]!r}; images: {', '.join(board.images)}")
-        names = [name for name in names if name in only]
+        names = [name for name in names if name in only or name == "bench"]
     return [BUILD_DIR / board.name / f"{name}.elf" for name in names]
 
 
@@ -220,8 +223,8 @@ def build_images(board: Board | str, only: Sequence[str] | None = None) -> Image
 
     Args:
         board: A :class:`Board` or its name.
-        only: Build just these images (e.g. ``("bench",)``), so a measurement does not wait for,
-            or fail on, an image it does not run. Default: all of the board's images.
+        only: Build just these images and bench (e.g. ``()``: bench alone), so a measurement does
+            not wait for, or fail on, an image it does not run. Default: all of the board's images.
 
     Returns:
         The images.
@@ -249,7 +252,7 @@ def build_images(board: Board | str, only: Sequence[str] | None = None) -> Image
             errors = [line for line in lines if "error" in line.lower()] or lines or ["no output"]
             raise EmulatorError(f"make -f Makefile.arm BOARD={board.name} failed: {errors[0].strip()}")
     built = {path.stem: path for path in expected}
-    return ImageSet(board, built.get("bench"), built.get("selftest"), built.get("test_ota"), built.get("device"))
+    return ImageSet(board, built["bench"], built.get("selftest"), built.get("test_ota"), built.get("device"))
 
 
 @dataclass(frozen=True)
@@ -572,7 +575,7 @@ def run_bench(
     if len(block) > board.bench_input_max:
         raise EmulatorError(f"bench input of {len(block)} bytes exceeds the {board.bench_input_max} bytes "
                             f"{board.name} has for it")  # fmt: skip
-    bench = build_images(board, ("bench",)).require("bench")
+    bench = build_images(board, only=()).bench
     with tempfile.TemporaryDirectory(prefix="tinymlops-bench-") as tmp:
         path = Path(tmp) / "bench_input.bin"
         path.write_bytes(block)
@@ -666,7 +669,7 @@ def calibrate(board: Board | str, iterations: int, *, singlestep: bool = False, 
         log = Path(tmp) / "exec.log"
         measured = run_bench(board, block, timeout_s=timeout_s,
                              extra_args=["-singlestep", "-d", "exec,nochain", "-D", str(log)])  # fmt: skip
-        markers = symbol_addresses(build_images(board, ("bench",)).require("bench"))
+        markers = symbol_addresses(build_images(board, only=()).bench)
         counted = _count_between(log, markers["bench_marker_begin"], markers["bench_marker_end"])
     return _calibration(iterations, measured, counted)
 
