@@ -10,6 +10,7 @@ signatures made by ``firmware.signing``.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import random
@@ -22,11 +23,16 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from firmware.device import ActiveModel, score_window
+from firmware.dsp import DspSpec, raw_features
 from firmware.frames import (
     Frame,
     FrameErrorCode,
@@ -34,14 +40,21 @@ from firmware.frames import (
     FrameParser,
     FrameType,
     HelloFrame,
+    ScoresFrame,
     StatusFrame,
+    SummaryFrame,
     encode_frame,
 )
+from firmware.ota import decode_dsp_block, encode_dsp_block
+from firmware.sensor import MachineSimulator, quantize
 from firmware.signing import private_key_from_seed, public_key_bytes
+from firmware.tflm import TflmRunner
+from tests.int8_model import int8_autoencoder
 
 C_DIR = Path(__file__).resolve().parents[1] / "firmware" / "c"
 BUILD = C_DIR / "build"
 REGION_BYTES = 0x50000
+FLASH_BYTES = 1 << 20
 SLOT_BYTES = 128 * 1024
 TABLE_BYTES = 2300
 NONE = 0xFF
@@ -596,18 +609,20 @@ class Uart:
         raise AssertionError(f"no {frame_type.name} within {timeout_s} s; got {self.frames}")
 
 
-@pytest.mark.skipif(shutil.which("qemu-system-arm") is None or shutil.which("arm-none-eabi-gcc") is None,
-                    reason="needs qemu-system-arm and arm-none-eabi-gcc")  # fmt: skip
-def test_device_image_boots_says_hello_and_answers_ping(tmp_path: Path) -> None:
+needs_qemu = pytest.mark.skipif(
+    shutil.which("qemu-system-arm") is None or shutil.which("arm-none-eabi-gcc") is None,
+    reason="needs qemu-system-arm and arm-none-eabi-gcc",
+)
+
+
+@contextlib.contextmanager
+def running_device(tmp_path: Path, flash: bytes) -> Iterator[Uart]:
+    """device.elf under QEMU (mps2-an386, -icount shift=0) with this flash region, its UART connected."""
     command = ["make", "-s", "-C", str(C_DIR), "-f", "Makefile.arm", "BOARD=mps2-an386", "build/mps2-an386/device.elf"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
-    flash = bytearray(1 << 20)
-    provisioning = encode_provisioning("emu-1", "plant", "line-2", "nrf52840",
-                                       [("k1", bytes(range(32)), False), ("k0", bytes(32), True)])  # fmt: skip
-    flash[: len(provisioning)] = provisioning
     image = tmp_path / "flash.img"
-    image.write_bytes(flash)
+    image.write_bytes(flash + bytes(FLASH_BYTES - len(flash)))
     port = _free_port()
     qemu = subprocess.Popen(
         ["qemu-system-arm", "-M", "mps2-an386", "-nographic", "-monitor", "none", "-icount", "shift=0",
@@ -618,15 +633,23 @@ def test_device_image_boots_says_hello_and_answers_ping(tmp_path: Path) -> None:
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path,
     )  # fmt: skip
     try:
-        uart = Uart(port)
+        yield Uart(port)
+    finally:
+        qemu.kill()
+        qemu.wait(10)
+
+
+def _provisioning() -> bytes:
+    return encode_provisioning("emu-1", "plant", "line-2", "nrf52840",
+                               [("k1", bytes(range(32)), False), ("k0", bytes(32), True)])  # fmt: skip
+
+
+@needs_qemu
+def test_device_image_boots_says_hello_and_answers_ping(tmp_path: Path) -> None:
+    with running_device(tmp_path, _provisioning()) as uart:
         hello = HelloFrame.decode(uart.expect(FrameType.HELLO).payload)
         assert (hello.device, hello.fleet, hello.group, hello.profile, hello.board) == (
-            "emu-1",
-            "plant",
-            "line-2",
-            "nrf52840",
-            "mps2-an386",
-        )
+            "emu-1", "plant", "line-2", "nrf52840", "mps2-an386")  # fmt: skip
         assert hello.key_ids == ("k1",) and hello.model is None and hello.slot_bytes == SLOT_BYTES
         status = StatusFrame.decode(uart.expect(FrameType.STATUS).payload)
         assert status.state == 0 and status.active is None
@@ -634,6 +657,44 @@ def test_device_image_boots_says_hello_and_answers_ping(tmp_path: Path) -> None:
         assert uart.expect(FrameType.PONG).payload == b"\xde\xad\xbe\xef"
         uart.sock.sendall(encode_frame(FrameType.PING, 1, b"abcd"))  # replayed seq
         assert uart.expect(FrameType.FRAME_ERROR).payload == b"\x04\x01\x00"
-    finally:
-        qemu.kill()
-        qemu.wait(10)
+
+
+@needs_qemu
+def test_device_scores_windows_as_device_py(tmp_path: Path) -> None:
+    """A model in the slot table at boot scores windows as firmware.device.score_window does."""
+    model = int8_autoencoder()
+    sim = MachineSimulator(seed=99)
+    fitted = DspSpec().fitted(raw_features(np.stack([sim.next_window() for _ in range(32)]), DspSpec()))
+    block = encode_dsp_block(fitted)
+    spec = decode_dsp_block(block)  # float32 statistics, as the device holds them
+    threshold = 1.0
+    entry = Entry(model, 7, 16384, threshold, "vibration-ae", block)
+    table = encode_table(1, 0, NONE, (entry, Entry()))
+    flash = bytearray(0x10000 + len(model))
+    flash[: len(_provisioning())] = _provisioning()
+    flash[0x1000 : 0x1000 + TABLE_BYTES] = table
+    flash[0x2000 : 0x2000 + TABLE_BYTES] = table
+    flash[0x10000:] = model
+    reference = cast(ActiveModel, SimpleNamespace(spec=spec, runner=TflmRunner(model, 16384)))
+    windows = [quantize(sim.next_window()) for _ in range(10)]
+    with running_device(tmp_path, bytes(flash)) as uart:
+        hello = HelloFrame.decode(uart.expect(FrameType.HELLO).payload)
+        assert hello.model is not None and hello.model.version == 7
+        for seq, (samples, scale) in enumerate(windows, start=1):
+            payload = struct.pack("<IfIH", 100 + seq, scale, spec.sample_rate_hz, samples.size) + samples.tobytes()
+            uart.sock.sendall(encode_frame(FrameType.WINDOW, seq, payload))
+        scores = ScoresFrame.decode(uart.expect(FrameType.SCORES).payload)
+        uart.sock.sendall(encode_frame(FrameType.SUMMARY_NOW, 11, b""))
+        summary = SummaryFrame.decode(uart.expect(FrameType.SUMMARY).payload)
+    assert scores.model_version == 7 and scores.first_seq == 101 and len(scores.items) == 10
+    expected = [score_window(reference, samples.astype(np.float32) * np.float32(scale)) for samples, scale in windows]
+    device_scores = np.array([item.score for item in scores.items])
+    reference_scores = np.array([score for score, *_ in expected])
+    # the same int8 inputs reach the model: only the float32 front end differs from numpy's (5e-6 here)
+    np.testing.assert_allclose(device_scores, reference_scores, rtol=1e-4)
+    assert [item.anomaly for item in scores.items] == [s > threshold for s in reference_scores]
+    assert all(item.dsp_instructions > 0 and item.inference_instructions > 0 for item in scores.items)
+    features = np.stack([f for _, f, *_ in expected])
+    assert summary.windows == 10 and summary.model_version == 7
+    np.testing.assert_allclose(summary.feature_mean, features.mean(axis=0), atol=1e-3)
+    np.testing.assert_allclose(summary.score_mean, reference_scores.mean(), rtol=1e-4)
