@@ -4,7 +4,8 @@
  * UART0: the nRF51 UART at 0x40002000, polled (TXD write, wait for EVENTS_TXDRDY). Instructions:
  * SysTick on the processor clock (CLKSOURCE = 1): QEMU's nRF51 SoC connects only the 16 MHz
  * "cpuclk" input (the real nRF51 has no SysTick; QEMU's ARMv7-M container always provides one),
- * so one tick is 62.5 ns = 62.5 instructions under -icount shift=0. No persistent flash: this
+ * so one tick is 62.5 ns = 62.5 instructions under -icount shift=0. Measured: a loop of 10 M
+ * instructions counts 160,000 ticks, with CLKSOURCE = 1 and (no reference clock here) with 0 too. No persistent flash: this
  * board is for measurement only, board_flash_write returns -1.
  */
 #include "board.h"
