@@ -91,7 +91,8 @@ int dspq_set_scale(dspq_config_t *cfg, float scale);
  * linear. work: DSPQ_WORK_WORDS(n) int32, overwritten. out: DSPQ_N_FEATURES(n_bands) int32. */
 int dspq_raw_features_q16(const dspq_config_t *cfg, const int16_t *samples, int32_t *work, int32_t *out);
 
-/* The same as float (out / 65536, converted at the end): for parity tests and FPU cores. */
+/* The same as float (out / 65536, converted at the end): for parity tests and FPU cores.
+ * This and dspq_features_int8 hold the Q16 features on the stack: n_bands <= 64 (else DSPQ_ERR_BANDS). */
 int dspq_raw_features_f32(const dspq_config_t *cfg, const int16_t *samples, int32_t *work, float *out);
 
 /* Fold normalisation and the model's input quantization into affine[DSPQ_N_FEATURES(n_bands)]:
