@@ -132,6 +132,15 @@ def test_board_uart_and_persistent_flash(board: str, images: dict[str, emulator.
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("board", list(BOARDS))
+def test_a_fault_is_reported_and_exits_non_zero(board: str, images: dict[str, emulator.ImageSet]) -> None:
+    result = emulator.run_qemu(BOARDS[board], images[board].require("selftest"), serial="stdio", uart_input="fault\n",
+                               timeout_s=30)  # fmt: skip
+    assert result.returncode == 3
+    assert re.search(r"fault: ipsr=00000003 pc=[0-9a-f]{8} lr=[0-9a-f]{8}", result.stderr), result.stderr
+
+
+@pytest.mark.slow
 def test_a_hung_image_is_killed_at_the_timeout(images: dict[str, emulator.ImageSet]) -> None:
     started = time.monotonic()
     with pytest.raises(EmulatorError, match="did not exit within"):

@@ -2,7 +2,8 @@
  * The board self-test image: board.h on the emulated board against what the host observes.
  *
  * UART: echoes every byte it receives until a newline (or 200 ms of virtual time without one),
- * upper-casing letters, then writes "<board> uart ok\n". Flash (boards that have it): reads a
+ * upper-casing letters, then writes "<board> uart ok\n". The line "fault" instead executes an
+ * undefined instruction: startup.c's fault handler must report it and exit with status 3. Flash (boards that have it): reads a
  * counter record at FLASH_TEST_OFFSET, prints "flash count=<n>" (0 when absent), writes n + 1,
  * and checks that a write past the end is refused. Exits 0, or 1 on a failed check.
  */
@@ -30,8 +31,10 @@ static void put_line(const char *prefix, uint32_t value) {
     board_puts(text);
 }
 
-static int echo_line(void) {
+/* Echo one line; returns its length (the newline excluded, at most sizeof line - 1 kept), -1 on timeout. */
+static int echo_line(char *line, size_t size) {
     uint32_t started = board_millis();
+    size_t len = 0;
     for (;;) {
         int c = board_uart_getc();
         uint8_t byte;
@@ -41,7 +44,11 @@ static int echo_line(void) {
         }
         byte = (uint8_t)(c >= 'a' && c <= 'z' ? c - 'a' + 'A' : c);
         board_uart_write(&byte, 1u);
-        if (c == '\n') return 0;
+        if (c == '\n') {
+            line[len] = '\0';
+            return (int)len;
+        }
+        if (len + 1u < size) line[len++] = (char)c;
     }
 }
 
@@ -62,11 +69,13 @@ static int flash_counter(void) {
 
 int main(void) {
     static const char ok[] = " uart ok\n";
+    char line[16];
     board_init();
-    if (echo_line() != 0) {
+    if (echo_line(line, sizeof line) < 0) {
         board_puts("uart: no line within the timeout\n");
         board_exit(1);
     }
+    if (strcmp(line, "fault") == 0) __asm__ volatile("udf #0");
     board_uart_write((const uint8_t *)board_name(), strlen(board_name()));
     board_uart_write((const uint8_t *)ok, sizeof ok - 1u);
     if (flash_counter() != 0) {

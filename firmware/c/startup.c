@@ -113,6 +113,9 @@ __attribute__((used)) static void fault_report(const uint32_t *frame) {
 #if __ARM_ARCH >= 7 /* the configurable fault status registers exist from ARMv7-M on */
     put_hex(text + 50, SCB_CFSR);
     put_hex(text + 64, SCB_HFSR);
+#else
+    text[44] = '\n';
+    text[45] = '\0';
 #endif
     sh_write0(text);
     sh_exit(EXIT_FAULT);
