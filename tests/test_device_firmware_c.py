@@ -698,3 +698,34 @@ def test_device_scores_windows_as_device_py(tmp_path: Path) -> None:
     assert summary.windows == 10 and summary.model_version == 7
     np.testing.assert_allclose(summary.feature_mean, features.mean(axis=0), atol=1e-3)
     np.testing.assert_allclose(summary.score_mean, reference_scores.mean(), rtol=1e-4)
+
+
+@needs_qemu
+def test_device_boots_the_previous_model_when_the_active_one_is_damaged(tmp_path: Path) -> None:
+    model = int8_autoencoder()
+    block = encode_dsp_block(DspSpec(mean=(0.0,) * 35, std=(1.0,) * 35))
+    previous = Entry(model, 3, 16384, 1.0, "ae-old", block)
+    damaged = Entry(model, 4, 16384, 1.0, "ae-new", block)
+    table = encode_table(8, 1, 0, (previous, damaged))
+    flash = bytearray(0x10000 + 2 * SLOT_BYTES)
+    flash[: len(_provisioning())] = _provisioning()
+    flash[0x1000 : 0x1000 + TABLE_BYTES] = table
+    flash[0x2000 : 0x2000 + TABLE_BYTES] = table
+    flash[0x10000 : 0x10000 + len(model)] = model
+    flash[0x30000 : 0x30000 + len(model)] = model
+    flash[0x30000 + len(model) // 2] ^= 0x01  # one bit flipped in the active slot
+    with running_device(tmp_path, bytes(flash)) as uart:
+        assert b"sha256" in uart.expect(FrameType.LOG).payload
+        hello = HelloFrame.decode(uart.expect(FrameType.HELLO).payload)
+        assert hello.model is not None and (hello.model.version, hello.model.name) == (3, "ae-old")
+
+
+@needs_qemu
+def test_unprovisioned_device_says_why(tmp_path: Path) -> None:
+    with running_device(tmp_path, b"\xff" * FLASH_BYTES) as uart:
+        hello = HelloFrame.decode(uart.expect(FrameType.HELLO).payload)
+        assert hello.device == "" and hello.model is None
+        status = StatusFrame.decode(uart.expect(FrameType.STATUS).payload)
+        assert (status.state, status.domain, status.code) == (5, 4, -3)  # failed, flash/slots, bad magic
+        uart.sock.sendall(encode_frame(FrameType.PING, 1, b"ok!!"))
+        assert uart.expect(FrameType.PONG).payload == b"ok!!"
