@@ -1,11 +1,11 @@
 """The Cortex-M images built with arm-none-eabi-gcc and run in QEMU: sizes, OTA tests, counts, parity.
 
-Measured here (QEMU 7.2, -icount shift=0, GCC 12.2 -O2): the float DSP front end takes about
-114,000 instructions per 1024-sample window on the M4F and 4.06 M on the M0 (software float), the
-fixed-point one (dsp_q15.c) 282,000 and 529,000; the 35-16-8-16-35 int8 autoencoder about 12,100
-on the M4F and 20,900 on the M0. SysTick agrees with
-QEMU's per-instruction execution log within one tick (40 instructions on mps2-an386, 62.5 on
-microbit), and two runs count exactly the same.
+Measured here (December 2026; QEMU 7.2, -icount shift=0, GCC 12.2 -O2): the float DSP front end
+takes about 114,600 instructions per 1024-sample window on the M4F and 4.07 M on the M0 (software
+float), the fixed-point one (dsp_q15.c) 281,700 and 529,500; the 35-16-8-16-35 int8 autoencoder
+9,400-12,100 on the M4F and about 21,000 on the M0 (depending on the tinyrt revision). SysTick
+agrees with QEMU's per-instruction execution log within one tick (40 instructions on mps2-an386,
+62.5 on microbit), and two runs count exactly the same.
 """
 
 from __future__ import annotations
