@@ -227,10 +227,10 @@ static int32_t rounding_divide_by_pot(int32_t x, int exponent)
     return (x >> exponent) + (remainder > threshold ? 1 : 0);
 }
 
-static int32_t multiply_by_quantized_multiplier(int32_t x, int32_t multiplier, int32_t shift)
+static int32_t multiply_by_quantized_multiplier(int32_t x, int32_t multiplier, int shift)
 {
-    int left = shift > 0 ? (int)shift : 0;
-    int right = shift > 0 ? 0 : (int)-shift;
+    int left = shift > 0 ? shift : 0;
+    int right = shift > 0 ? 0 : -shift;
     /* TFLite computes x * (1 << left) in int32; it wraps in practice, so wrap explicitly */
     int32_t shifted = (int32_t)((uint32_t)x << left);
     return rounding_divide_by_pot(saturating_rounding_doubling_high_mul(shifted, multiplier), right);
@@ -238,7 +238,7 @@ static int32_t multiply_by_quantized_multiplier(int32_t x, int32_t multiplier, i
 
 /* TFLite's QuantizeMultiplier; TRT_ERR_QUANT where the multiplier is not finite, negative or
  * needs a left shift the int32 arithmetic cannot hold. */
-static int quantize_multiplier(double real, int32_t *multiplier, int32_t *shift)
+static int quantize_multiplier(double real, int32_t *multiplier, int8_t *shift)
 {
     int exponent;
     double q;
@@ -261,7 +261,7 @@ static int quantize_multiplier(double real, int32_t *multiplier, int32_t *shift)
     }
     if (exponent > 30) return TRT_ERR_QUANT;
     *multiplier = (int32_t)q_fixed;
-    *shift = (int32_t)exponent;
+    *shift = (int8_t)exponent; /* in -31..30 here */
     return TRT_OK;
 }
 
@@ -377,7 +377,8 @@ static int parse_tensor(trt_model_t *m, const parse_t *p, int32_t index)
     }
     TRY(fb_vector(f, &bt, BUFFER_DATA, 1, &data));
     if (data.count == 0) return TRT_OK;
-    if (!esize || data.count < tt->bytes) return TRT_ERR_TYPE;
+    if (!esize) return TRT_ERR_TYPE; /* constant data of a type no op here reads */
+    if (data.count < tt->bytes) return TRT_ERR_FORMAT;
     tt->is_const = 1;
     tt->const_data = f->b + data.data;
     return TRT_OK;
@@ -419,11 +420,12 @@ static uint32_t elements_of(const trt_model_t *m, int16_t index)
 
 /* Per-channel multipliers and shifts (PopulateConvolutionQuantizationParams: all in double); with
  * NULL arrays only checks that every channel has a usable multiplier. */
-static int channel_multipliers(const parse_t *p, const struct trt_op *op, int32_t *multiplier, int32_t *shift)
+static int channel_multipliers(const parse_t *p, const struct trt_op *op, int32_t *multiplier, int8_t *shift)
 {
     quant_t q;
     float in_scale, out_scale;
-    int32_t zero_point, mult, sh;
+    int32_t zero_point, mult;
+    int8_t sh;
     uint32_t c;
     TRY(activation_quant(p, op->in, &in_scale, &zero_point));
     TRY(activation_quant(p, op->out, &out_scale, &zero_point));
@@ -666,7 +668,8 @@ static size_t params_bytes(const trt_model_t *m)
     for (i = 0; i < m->n_ops; ++i) {
         const struct trt_op *op = &m->ops[i];
         if (op->kind != KIND_FULLY_CONNECTED) continue;
-        total += (size_t)op->out_channels * 4U * (op->per_channel ? 3U : 1U);
+        total += (size_t)op->out_channels * 4U; /* the folded bias */
+        if (op->per_channel) total += (size_t)op->out_channels * 4U + ALIGN4((size_t)op->out_channels);
     }
     return total;
 }
@@ -752,8 +755,8 @@ static int bind(trt_model_t *m, const parse_t *p, uint8_t *base, size_t params)
         if (op->per_channel) {
             op->per_channel_multiplier = param;
             param += op->out_channels;
-            op->per_channel_shift = param;
-            param += op->out_channels;
+            op->per_channel_shift = (int8_t *)(void *)param;
+            param += ALIGN4((size_t)op->out_channels) / 4U;
             TRY(channel_multipliers(p, op, op->per_channel_multiplier, op->per_channel_shift));
         }
     }
@@ -847,21 +850,27 @@ static int32_t dot_s8(const int8_t *x, const int8_t *w, uint32_t n)
 
 static void fully_connected(const trt_model_t *m, const struct trt_op *op)
 {
+    /* everything the loop reads, in locals: the int8 output stores may alias any memory, so fields
+     * read through op would be reloaded after every store */
     const int8_t *x = m->tensors[op->in].data;
     const int8_t *weights = (const int8_t *)(const void *)m->tensors[op->weights].const_data;
     int8_t *y = m->tensors[op->out].data;
+    const int32_t *bias = op->bias_offset;
+    const int32_t *multiplier = op->per_channel ? op->per_channel_multiplier : &op->multiplier;
+    const int8_t *shift = op->per_channel ? op->per_channel_shift : &op->shift;
+    const uint32_t step = op->per_channel ? 1U : 0U; /* per-tensor: the one multiplier for every channel */
+    const uint32_t depth = op->depth, out_channels = op->out_channels, batches = op->batches;
+    const int32_t act_min = op->act_min, act_max = op->act_max, output_offset = op->output_offset;
     uint32_t b, c;
-    for (b = 0; b < op->batches; ++b, x += op->depth, y += op->out_channels) {
+    for (b = 0; b < batches; ++b, x += depth, y += out_channels) {
         const int8_t *w = weights;
-        for (c = 0; c < op->out_channels; ++c, w += op->depth) {
+        for (c = 0; c < out_channels; ++c, w += depth) {
             /* |dot| <= depth * 2^14 < 2^31 (TRT_MAX_DEPTH); the folded bias adds modulo 2^32 as int32 does */
-            int32_t acc = (int32_t)((uint32_t)dot_s8(x, w, op->depth) + (uint32_t)op->bias_offset[c]);
-            int32_t mult = op->per_channel ? op->per_channel_multiplier[c] : op->multiplier;
-            int32_t shift = op->per_channel ? op->per_channel_shift[c] : op->shift;
-            acc = multiply_by_quantized_multiplier(acc, mult, shift);
-            acc = (int32_t)((uint32_t)acc + (uint32_t)op->output_offset);
-            if (acc < op->act_min) acc = op->act_min;
-            if (acc > op->act_max) acc = op->act_max;
+            int32_t acc = (int32_t)((uint32_t)dot_s8(x, w, depth) + (uint32_t)bias[c]);
+            acc = multiply_by_quantized_multiplier(acc, multiplier[c * step], shift[c * step]);
+            acc = (int32_t)((uint32_t)acc + (uint32_t)output_offset);
+            if (acc < act_min) acc = act_min;
+            if (acc > act_max) acc = act_max;
             y[c] = (int8_t)acc;
         }
     }

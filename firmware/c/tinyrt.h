@@ -66,10 +66,10 @@ typedef struct {
         int32_t input_offset, output_offset;
         uint32_t out_channels, depth, batches;
         int32_t multiplier;             /* per-tensor */
-        int32_t shift;                  /* > 0: left shift, < 0: right shift (TFLite's convention) */
+        int8_t shift;                   /* > 0: left shift, < 0: right shift (TFLite's convention) */
         int32_t *bias_offset;           /* in the arena: bias + input_offset * sum(weights row), per channel */
         int32_t *per_channel_multiplier; /* in the arena, NULL when per-tensor */
-        int32_t *per_channel_shift;
+        int8_t *per_channel_shift;      /* in the arena (one byte each: shifts lie in -31..30) */
     } ops[TRT_MAX_OPS];
     struct trt_tensor {
         const uint8_t *const_data; /* in the model, NULL when in the arena */
