@@ -144,10 +144,15 @@ def bench_firmware(settings: Settings, *, quick: bool) -> dict[str, Any]:
     Returns:
         Flat figures (``m4_*``, ``m0_*``, ``reference_*``, ``estimated_*``, ``simulated_*``,
         ``emulated_*``), the targets and whether they were met, and the machine.
+
+    Raises:
+        ToolchainMissingError: The cross toolchain or QEMU is not installed.
+        ConfigError: The MCU target catalog is missing or invalid.
     """
     from firmware import emulator, tinyrt
 
     catalog = load_catalog(settings.targets.catalog)
+    emulator.find_toolchain()  # before minutes of model building: one line naming a missing tool
     nrf, stm, rp2040 = catalog["nrf52840"], catalog["stm32l4r5"], catalog["rp2040"]
     spec = _fitted_spec(settings)
     config = load_training_config()
@@ -194,7 +199,7 @@ def bench_firmware(settings: Settings, *, quick: bool) -> dict[str, Any]:
         "m4_image_ram_bytes": m4_device.ram_bytes,
         "m0_image_flash_bytes": m0_bench.flash_bytes,
         "m0_image_ram_bytes": m0_bench.ram_bytes,
-        "reference_macs": count_macs(reference),
+        "reference_model_macs": count_macs(reference),
         "reference_m4_inference_instructions": round(reference_instructions),
         "reference_m4_instructions_per_mac": round(reference_instructions / count_macs(reference), 2),
         "reference_m4_ms_at_120mhz": round(_ms(reference_instructions, stm), 3),
