@@ -291,6 +291,42 @@ def test_per_tensor_multiplier_is_computed_in_double_like_per_channel() -> None:
     np.testing.assert_array_equal(NativeRuntime(rigged).predict_int8(rows), expected)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("board", "name"),
+    [
+        ("mps2-an386", "per-tensor"),
+        ("mps2-an386", "per-channel"),
+        ("mps2-an386", "mlperf"),
+        ("microbit", "per-tensor"),
+        ("microbit", "per-channel"),
+    ],
+)
+def test_bit_exact_on_the_emulated_cores(board: str, name: str) -> None:
+    """The Cortex-M builds (SXTB16/SMLAD dot product on the M4F, plain C on the M0) give TFLM's outputs too.
+
+    Row widths 6, 40, 32, 16, 12 (mixed) and 640/128/8 (MLPerf shape) exercise the 4-byte loop and its tail.
+    """
+    from firmware import emulator
+    from firmware.dsp import DspSpec
+    from firmware.tflm import count_macs
+
+    model = mlperf_shaped_model() if name == "mlperf" else mixed_model(name == "per-channel")
+    runner = TflmRunner(model)
+    rows = int8_rows(6, runner.n_features, seed=13)
+    spec = DspSpec(window_samples=256)
+    measured = emulator.measure(board, model, spec, np.zeros((len(rows), 256), np.int16), 1.0, model_inputs=rows)
+    np.testing.assert_array_equal(measured.output_int8, runner.predict_int8(rows))
+    per_mac = measured.inference_instructions_mean / count_macs(model)
+    log.info(
+        "%s %s: %.0f instructions per inference, %.2f per MAC",
+        board,
+        name,
+        measured.inference_instructions_mean,
+        per_mac,
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # refusals and the arena
 
