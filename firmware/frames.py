@@ -306,8 +306,8 @@ class _Reader:
 
 
 def _str8(text: str, name: str) -> bytes:
-    raw = text.encode("ascii", errors="replace")
-    if len(raw) > MAX_STR8 or not all(0x20 <= b < 0x7F for b in raw):
+    raw = text.encode("ascii", errors="replace")  # a non-ASCII character becomes "?", refused below
+    if len(raw) > MAX_STR8 or raw != text.encode("utf-8") or not all(0x20 <= b < 0x7F for b in raw):
         raise FrameDecodeError(f"{name} {text!r} is not 0-255 printable ASCII characters")
     return bytes([len(raw)]) + raw
 

@@ -40,6 +40,7 @@ from firmware.codec import VibrationWindow, encode
 from firmware.frames import (
     COUNTER_NAMES,
     FRAME_ERROR_NAMES,
+    FRAME_MAX_PAYLOAD,
     ChunkFrame,
     DeviceStateCode,
     Frame,
@@ -499,6 +500,10 @@ class UartGateway:
     # --- to the device --------------------------------------------------------------------
 
     def _send(self, frame_type: int, payload: bytes) -> None:
+        if len(payload) > FRAME_MAX_PAYLOAD:  # no valid manifest or chunk is this large
+            log.warning("%s: dropped a %d-byte %s for the device: frames carry at most %d", self.device_id,
+                        len(payload), FrameType(frame_type).name, FRAME_MAX_PAYLOAD)  # fmt: skip
+            return
         self._outbox.put((frame_type, payload))
 
     def inject(self, raw: bytes) -> None:

@@ -445,9 +445,10 @@ def test_windows_are_fed_in_real_time_and_published_for_the_ingest(
 
 
 def test_malformed_and_replayed_frames_are_reported_and_the_device_keeps_running(
-    running_v1: FakeRig | QemuRig,
+    running_v1: FakeRig | QemuRig, watcher: Watcher
 ) -> None:
     gateway = running_v1.gateway
+    watcher.client.publish(TOPICS.chunk(DEVICE), bytes(5000), qos=1).wait_for_publish(5)  # too large for a frame
     gateway.ping()
     gateway.inject(gateway.last_frame_sent)  # the PING again, same seq: a replay
     bad_crc = bytearray(encode_frame(FrameType.PING, 40000, b"\1\2\3\4"))
