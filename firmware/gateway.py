@@ -16,7 +16,10 @@ ADC would, as WINDOW frames at a set interval (and on the vibration topic when c
 Threads: a reader (UART bytes -> frames -> MQTT) and a writer (queued frames and due windows ->
 UART); paho's network thread only queues frames. Instruction counts from the device become
 milliseconds with the profile's clock and ``cycles_per_instruction``; the raw counts are kept
-under ``*_instructions`` keys.
+under ``*_instructions`` keys. ``download_ms`` and ``deploy_ms`` are wall-clock times measured
+here from forwarding the manifest (the device's own virtual clock does not track real time).
+The firmware reports the largest inference count of a summary period, not a percentile, so a
+drift summary carries ``inference_max`` where a simulated device has ``inference_p95``.
 """
 
 from __future__ import annotations
@@ -484,7 +487,8 @@ class UartGateway:
         self._connected = False
 
     def _publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> None:
-        if self._publish_fn is not None:
+        # as a simulated device: nothing is queued while offline; announce and status go out again on reconnect
+        if self._publish_fn is not None and self._connected:
             self._publish_fn(topic, payload, qos, retain)
 
     def _learn_manifest(self, payload: bytes) -> None:
