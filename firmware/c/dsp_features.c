@@ -10,14 +10,24 @@ static int valid_size(uint32_t n) { return n >= DSP_MIN_N && n <= DSP_MAX_N && (
 
 int dsp_init_tables(uint32_t n, float *hann, float *twiddle) {
     uint32_t i;
-    /* double here only: the tables are built once (or offline), and match numpy's float64 -> float32 */
+    const uint32_t half = n / 2u, quarter = n / 4u;
+    /* double here only: the tables are built once per model load (or offline), and match numpy's
+     * float64 -> float32. One cos per quarter-wave point, the rest by symmetry: on a core whose
+     * double is software (every Cortex-M4F) that is an eighth of the calls a direct fill makes. */
     const double two_pi = 6.283185307179586476925;
     if (hann == NULL || twiddle == NULL) return DSP_ERR_NULL;
     if (!valid_size(n)) return DSP_ERR_SIZE;
-    for (i = 0; i < n; i++) hann[i] = (float)(0.5 - 0.5 * cos(two_pi * (double)i / (double)n));
-    for (i = 0; i < n / 2u; i++) {
-        twiddle[2u * i] = (float)cos(two_pi * (double)i / (double)n);
-        twiddle[2u * i + 1u] = (float)-sin(two_pi * (double)i / (double)n);
+    for (i = 0; i <= quarter; i++) {
+        const double c = cos(two_pi * (double)i / (double)n); /* cos(2 pi i / n), i in [0, n/4] */
+        hann[i] = (float)(0.5 - 0.5 * c);
+        hann[(n - i) % n] = hann[i];
+        hann[half - i] = (float)(0.5 + 0.5 * c); /* cos(2 pi (n/2 - i) / n) = -c */
+        hann[half + i] = hann[half - i];
+        twiddle[2u * i] = (float)c;
+        if (i > 0u) twiddle[2u * (half - i)] = -(float)c;
+        /* -sin(2 pi k / n) with k = n/4 -+ i: sin(2 pi (n/4 - i) / n) = sin(2 pi (n/4 + i) / n) = c */
+        twiddle[2u * (quarter - i) + 1u] = -(float)c;
+        if (quarter + i < half) twiddle[2u * (quarter + i) + 1u] = -(float)c;
     }
     return DSP_OK;
 }
