@@ -13,7 +13,7 @@ from prefect.runtime import flow_run
 from firmware.dsp import DspSpec
 from tasks.compress import compress_task
 from tasks.datasets import LakeSelection, load_dataset_task
-from tasks.evaluate import enforce_quality, evaluate_models_task
+from tasks.evaluate import enforce_quality, evaluate_fixed_point_task, evaluate_models_task, with_fixed_point
 from tasks.packaging import (
     build_drift_reference_task,
     enforce_some_target_fits,
@@ -84,6 +84,16 @@ def train_flow(
             "int8_unpruned_tflite": compression.int8_model,
         },
     )
+    if any(target.dsp_arithmetic == "q15" for target in mcu_targets):
+        fixed_point = evaluate_fixed_point_task(
+            compression.deployable,
+            dataset,
+            features,
+            percentile=config.threshold_percentile,
+            window_seconds=window_seconds,
+            arena_bytes=arena.smallest_working_bytes,
+        )
+        comparison = with_fixed_point(comparison, fixed_point)
     enforce_quality(comparison, config.gates)
     drift_reference = build_drift_reference_task(
         features, compression.deployable, arena.smallest_working_bytes, config.threshold_percentile
@@ -153,7 +163,7 @@ def train_flow(
         "bundles": {item.target: str(item.bundle.directory) for item in packaged},
         "budget_passed": {item.target: item.passed for item in packaged},
         "evaluation": {
-            name: {"auc": e.auc, "f1": e.f1, "false_alarms_per_hour": e.false_alarms_per_hour}
+            name: {"auc": e.auc, "f1": e.f1, "false_alarms_per_hour": e.false_alarms_per_hour, "threshold": e.threshold}
             for name, e in comparison.evaluations.items()
         },
         "sizes": compression.size_table(),

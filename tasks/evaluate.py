@@ -2,7 +2,10 @@
 
 The same labelled feature windows are scored by the float tf-keras model, by the int8 model in the
 TFLite interpreter and by the same int8 model in TensorFlow Lite Micro (what the device runs), so
-the cost of each compression step and any interpreter disagreement show side by side.
+the cost of each compression step and any interpreter disagreement show side by side. Targets
+without an FPU run the fixed-point front end (``firmware/c/dsp_q15.c``): the deployed model is
+then also scored on its features, at the threshold the float features calibrated (the one the
+device gets), and held to the same gate.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from sklearn.metrics import roc_auc_score
 
 from firmware.dsp import DspSpec, extract_features
 from firmware.tflm import TflmRunner, tflite_predict
+from tasks.datasets import DatasetSplit
 from tasks.train import (
     FeatureSets,
     Predictor,
@@ -283,7 +287,8 @@ def quality_failures(comparison: ModelComparison, gates: QualityGateConfig) -> l
     """Return one line per quality limit the comparison misses (empty when it passes).
 
     Args:
-        comparison: Evaluations named ``float``, ``int8_tflite`` and ``int8_tflm`` on the same windows.
+        comparison: Evaluations named ``float``, ``int8_tflite`` and ``int8_tflm`` on the same windows,
+            and :data:`FIXED_POINT_EVALUATION` when a target runs the fixed-point front end.
         gates: The limits.
     """
     auc_float = comparison["float"].auc
@@ -296,7 +301,63 @@ def quality_failures(comparison: ModelComparison, gates: QualityGateConfig) -> l
         failures.append(f"AUC loss float->int8 {auc_float - auc_int8:.4f} > {gates.max_auc_loss_int8:.4f}")
     if abs(auc_int8 - auc_tflm) > gates.max_auc_gap_tflm:
         failures.append(f"AUC gap TFLite vs TFLM {abs(auc_int8 - auc_tflm):.4f} > {gates.max_auc_gap_tflm:.4f}")
+    if FIXED_POINT_EVALUATION in comparison.evaluations:
+        auc_q15 = comparison[FIXED_POINT_EVALUATION].auc
+        if auc_q15 < gates.min_auc_int8:
+            failures.append(f"int8 ROC-AUC on fixed-point features {auc_q15:.4f} < {gates.min_auc_int8:.4f}")
+        if abs(auc_tflm - auc_q15) > gates.max_auc_gap_tflm:
+            failures.append(
+                f"AUC gap float vs fixed-point features {abs(auc_tflm - auc_q15):.4f} > {gates.max_auc_gap_tflm:.4f}"
+            )
     return failures
+
+
+FIXED_POINT_EVALUATION = "int8_tflm_q15"
+
+
+def evaluate_fixed_point(
+    int8_model: bytes,
+    normal_windows: npt.ArrayLike,
+    fault_windows: Mapping[str, npt.ArrayLike],
+    calibration: npt.ArrayLike,
+    spec: DspSpec,
+    *,
+    percentile: float,
+    window_seconds: float,
+    arena_bytes: int | None = None,
+) -> Evaluation:
+    """Score the deployed model in TFLite Micro on the fixed-point front end's features.
+
+    Args:
+        int8_model: The int8 TFLite flatbuffer to deploy.
+        normal_windows: Held-out normal windows (physical units).
+        fault_windows: Fault windows by fault class.
+        calibration: Held-out normal *float* features: the threshold the device is sent comes from them.
+        spec: The fitted DSP spec.
+        percentile: Threshold percentile of the calibration errors.
+        window_seconds: Duration of one window.
+        arena_bytes: TFLite Micro tensor arena.
+
+    Returns:
+        The evaluation named :data:`FIXED_POINT_EVALUATION`.
+    """
+    from firmware.dsp_q15 import features_q15
+
+    runner = TflmRunner(int8_model, arena_bytes)
+    comparison = evaluate_predictors(
+        {FIXED_POINT_EVALUATION: runner.predict},
+        features_q15(normal_windows, spec),
+        {name: features_q15(windows, spec) for name, windows in fault_windows.items()},
+        calibration,
+        percentile=percentile,
+        window_seconds=window_seconds,
+    )
+    return comparison[FIXED_POINT_EVALUATION]
+
+
+def with_fixed_point(comparison: ModelComparison, fixed_point: Evaluation) -> ModelComparison:
+    """The comparison with the fixed-point evaluation added (the quality gate then checks it too)."""
+    return ModelComparison({**comparison.evaluations, FIXED_POINT_EVALUATION: fixed_point})
 
 
 def enforce_quality(comparison: ModelComparison, gates: QualityGateConfig) -> None:
@@ -304,6 +365,29 @@ def enforce_quality(comparison: ModelComparison, gates: QualityGateConfig) -> No
     failures = quality_failures(comparison, gates)
     if failures:
         raise QualityGateError("model fails the quality gate: " + "; ".join(failures))
+
+
+@task(name="evaluate-fixed-point", cache_policy=NO_CACHE)
+def evaluate_fixed_point_task(
+    int8_model: bytes,
+    dataset: DatasetSplit,
+    features: FeatureSets,
+    *,
+    percentile: float,
+    window_seconds: float,
+    arena_bytes: int,
+) -> Evaluation:
+    """Prefect task: the deployed model on the fixed-point features of the held-out windows."""
+    return evaluate_fixed_point(
+        int8_model,
+        dataset.test_normal,
+        dataset.faults,
+        features.parts.calibration,
+        features.spec,
+        percentile=percentile,
+        window_seconds=window_seconds,
+        arena_bytes=arena_bytes,
+    )
 
 
 @task(name="evaluate-models", cache_policy=NO_CACHE)

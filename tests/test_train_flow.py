@@ -22,6 +22,10 @@ def test_train_flow_meets_the_quality_targets_on_cwru(cwru_trained: dict[str, ob
     assert evaluation["int8_tflite"]["auc"] >= 0.99
     assert evaluation["float"]["auc"] - evaluation["int8_tflite"]["auc"] <= 0.01
     assert abs(evaluation["int8_tflm"]["auc"] - evaluation["int8_tflite"]["auc"]) <= 0.01
+    # rp2040 runs the fixed-point front end: the deployed model is gated on its features too
+    fixed_point = evaluation["int8_tflm_q15"]
+    assert fixed_point["auc"] >= 0.99 and abs(fixed_point["auc"] - evaluation["int8_tflm"]["auc"]) <= 0.01
+    assert fixed_point["threshold"] == evaluation["int8_tflm"]["threshold"]  # the one the device is sent
 
 
 def test_train_flow_writes_a_verified_bundle_per_target(cwru_trained: dict[str, object], tmp_path: Path) -> None:
