@@ -41,6 +41,11 @@
 #define RETRY_MS 1000u
 #define MAX_RETRY_MS 8000u
 #define MAX_CORRUPT_CHUNKS 16u
+/* The transfer record (slots.h) is saved after every RESUME_EVERY-th chunk and the last one: a
+ * restart fetches at most RESUME_EVERY - 1 chunks again; each save is one 572 B flash write. */
+#ifndef RESUME_EVERY
+#define RESUME_EVERY 1u
+#endif
 #define SCORE_BATCH 10u
 #define SUMMARY_WINDOWS 100u
 #define N_BINS 9u
@@ -91,6 +96,7 @@ typedef struct {
     uint32_t last_request_ms;
     uint32_t stalled;
     int expedite; /* a chunk was lost for sure: ask again at the next tick, not after the timeout */
+    int resumed;  /* it went on from a transfer record: a failed sha256 starts it over once */
     uint16_t outstanding[REQUEST_WINDOW];
     size_t n_outstanding;
     uint16_t counters[N_COUNTERS];
@@ -108,6 +114,7 @@ static const slots_flash_t flash_ops = {NULL, 0, board_flash_write};
 static slots_flash_t flash;
 static slots_provisioning_t prov;
 static slots_table_t table;
+static slots_transfer_t resume_rec; /* the transfer record, as last saved (or loaded at boot) */
 static uint8_t staging_slot;
 static ota_receiver_t rx;
 static frame_parser_t parser;
@@ -594,6 +601,31 @@ static int write_staging(uint32_t offset, const uint8_t *data, size_t len) {
     return board_flash_write(SLOTS_SLOT_OFFSET(staging_slot) + offset, data, len);
 }
 
+/* The record of the download in rx.manifest into the staging slot, with rx's bitmap. */
+static int save_record(void) {
+    const ota_manifest_t *m = &rx.manifest;
+    resume_rec.version = m->model_version;
+    memcpy(resume_rec.sha256, m->sha256, OTA_SHA256_BYTES);
+    resume_rec.model_size = m->model_size;
+    resume_rec.chunk_count = m->chunk_count;
+    resume_rec.slot = staging_slot;
+    memcpy(resume_rec.received, rx.received, sizeof resume_rec.received);
+    return slots_save_transfer(&flash, &resume_rec);
+}
+
+/* Whether the record kept at boot is of this manifest's download into the staging slot. */
+static int record_matches(const ota_manifest_t *m) {
+    return resume_rec.version != 0 && resume_rec.version == m->model_version &&
+           memcmp(resume_rec.sha256, m->sha256, OTA_SHA256_BYTES) == 0 && resume_rec.model_size == m->model_size &&
+           resume_rec.chunk_count == m->chunk_count && resume_rec.slot == staging_slot;
+}
+
+static void clear_record(void) {
+    if (resume_rec.version != 0 && slots_clear_transfer(&flash, &resume_rec) != SLOTS_OK) {
+        send_log("transfer record: clearing it failed");
+    }
+}
+
 static void request(uint32_t now) {
     size_t len;
     if (!tr.active || ota_receiver_request(&rx, REQUEST_WINDOW, tx + FRAME_HEADER_BYTES, FRAME_MAX_PAYLOAD, &len) !=
@@ -611,6 +643,7 @@ static void fail(uint8_t domain, int code) {
     uint16_t received = rx.n_received;
     ota_receiver_abort(&rx);
     tr.active = 0;
+    clear_record();
     send_status(ST_FAILED, domain, code, &rx.manifest, received, rx.manifest.chunk_count, &tr.latency, tr.counters);
 }
 
@@ -656,6 +689,8 @@ static void reason_detail(int code, const ota_manifest_t *m) {
     }
 }
 
+static void complete(void);
+
 /* MANIFEST: u8 source, then the MQTT payload (empty: withdrawn). -1: malformed. */
 static int on_manifest(const uint8_t *payload, size_t len) {
     if (len < 1 || payload[0] > 1) {
@@ -669,6 +704,7 @@ static int on_manifest(const uint8_t *payload, size_t len) {
         if (tr.active && tr.source == source) {
             ota_receiver_abort(&rx);
             tr.active = 0;
+            clear_record();
             detail_str("manifest withdrawn");
             send_status(ST_CANCELLED, DOM_NONE, 0, &rx.manifest, 0, 0, NULL, NULL);
         }
@@ -698,8 +734,26 @@ static int on_manifest(const uint8_t *payload, size_t len) {
     tr.source = source;
     tr.started_ms = started;
     tr.latency.verify = check;
-    send_status(ST_DOWNLOADING, DOM_NONE, 0, &rx.manifest, 0, rx.manifest.chunk_count, NULL, NULL);
-    request(board_millis());
+    if (record_matches(&rx.manifest)) {
+        /* the same download before a restart: its chunks are in the staging slot (the sha256 at the end checks) */
+        code = ota_receiver_resume(&rx, resume_rec.received, sizeof resume_rec.received);
+        tr.resumed = 1;
+        detail_str("resumed at ");
+        detail_u32(rx.n_received);
+        detail_str(" of ");
+        detail_u32(rx.manifest.chunk_count);
+        detail_str(" chunks");
+    } else if (save_record() != SLOTS_OK) { /* before the first chunk: a stale record never names them */
+        detail_str("transfer record write failed");
+        fail(DOM_SLOTS, SLOTS_ERR_WRITE);
+        return 0;
+    }
+    send_status(ST_DOWNLOADING, DOM_NONE, 0, &rx.manifest, rx.n_received, rx.manifest.chunk_count, NULL, NULL);
+    if (code == OTA_DONE) {
+        complete();
+    } else {
+        request(board_millis());
+    }
     return 0;
 }
 
@@ -713,6 +767,20 @@ static void complete(void) {
     uint64_t t0 = board_instructions();
     int code = ota_receiver_finish(&rx);
     lat->verify += board_instructions() - t0;
+    if (code == OTA_ERR_SHA256 && tr.resumed) {
+        /* a chunk the record named is not what the slot holds: fetch the whole model once more */
+        send_log("resumed model failed its sha256: downloading it again");
+        tr.resumed = 0;
+        ota_receiver_resume(&rx, NULL, 0);
+        if (save_record() != SLOTS_OK) {
+            detail_str("transfer record write failed");
+            fail(DOM_SLOTS, SLOTS_ERR_WRITE);
+            return;
+        }
+        send_status(ST_DOWNLOADING, DOM_NONE, 0, m, 0, n, NULL, tr.counters);
+        request(board_millis());
+        return;
+    }
     if (code != OTA_OK) {
         detail_str(code == OTA_ERR_SHA256 ? "model sha256 does not match the manifest" : ota_status_name(code));
         fail(DOM_OTA, code);
@@ -766,6 +834,7 @@ static void complete(void) {
         fail(DOM_SLOTS, code);
         return;
     }
+    clear_record(); /* after the commit: a power loss between the two leaves a record boot ignores */
     flush_scores(); /* pending scores belong to the previous model */
     active = candidate; /* the swap */
     summary_reset();
@@ -812,6 +881,12 @@ static void on_chunk(const uint8_t *payload, size_t len) {
         return;
     }
     tr.stalled = 0;
+    if ((code == OTA_DONE || rx.n_received % RESUME_EVERY == 0) && save_record() != SLOTS_OK) {
+        detail_reset();
+        detail_str("transfer record write failed");
+        fail(DOM_SLOTS, SLOTS_ERR_WRITE);
+        return;
+    }
     if (code == OTA_DONE) {
         complete();
         return;
@@ -940,6 +1015,7 @@ static void boot(void) {
     }
     load_stored_model();
     staging_slot = slots_staging(&table);
+    (void)slots_load_transfer(&flash, &resume_rec); /* kept until a manifest says whether it resumes */
     ota_config_t config = {prov.device, prov.group[0] != '\0' ? prov.group : NULL, prov.profile, DEVICE_ARENA_BYTES,
                            DSP_VERSIONS, ed25519_verify};
     ota_receiver_init_flash(&rx, &config, slots_model(&flash, staging_slot), SLOTS_SLOT_BYTES,

@@ -495,6 +495,26 @@ int ota_receiver_on_chunk(ota_receiver_t *rx, const uint8_t *msg, size_t len) {
     return rx->n_received == m->chunk_count ? OTA_DONE : OTA_OK;
 }
 
+int ota_receiver_resume(ota_receiver_t *rx, const uint8_t *received, size_t len) {
+    if (rx == NULL) {
+        return OTA_ERR_NULL;
+    }
+    if (!rx->has_last_digest) {
+        return OTA_ERR_NO_MANIFEST;
+    }
+    const ota_manifest_t *m = &rx->manifest;
+    memset(rx->received, 0, sizeof rx->received);
+    rx->n_received = 0;
+    for (uint16_t i = 0; received != NULL && i < m->chunk_count && (size_t)(i >> 3) < len; i++) {
+        if ((received[i >> 3] >> (i & 7)) & 1) {
+            rx->received[i >> 3] |= (uint8_t)(1u << (i & 7));
+            rx->n_received++;
+        }
+    }
+    rx->downloading = 1;
+    return rx->n_received == m->chunk_count ? OTA_DONE : OTA_OK;
+}
+
 size_t ota_receiver_missing(const ota_receiver_t *rx, uint16_t *indices, size_t max) {
     size_t n = 0;
     if (rx == NULL || !rx->downloading) {

@@ -180,6 +180,12 @@ void ota_receiver_init_flash(ota_receiver_t *rx, const ota_config_t *config, con
                              uint32_t active_version, ota_write_fn write);
 int ota_receiver_on_manifest(ota_receiver_t *rx, const uint8_t *msg, size_t len);
 int ota_receiver_on_chunk(ota_receiver_t *rx, const uint8_t *msg, size_t len);
+/* Go on with the download of the manifest last accepted, with the chunks `received` marks as already
+ * in staging (bit (i & 7) of byte i / 8: chunk i; e.g. a bitmap kept in flash across a restart;
+ * bits from the chunk count on are ignored); NULL: none, the download starts over. OTA_OK, or
+ * OTA_DONE when no chunk is missing; OTA_ERR_NO_MANIFEST when no manifest was accepted. The final
+ * sha256 (ota_receiver_finish) still checks the whole model. */
+int ota_receiver_resume(ota_receiver_t *rx, const uint8_t *received, size_t len);
 /* Writes up to `max` missing chunk numbers in increasing order; returns how many. */
 size_t ota_receiver_missing(const ota_receiver_t *rx, uint16_t *indices, size_t max);
 /* Encodes a request for the first min(limit, 64) missing chunks; *out_len 0 when none is missing. */

@@ -300,3 +300,111 @@ int slots_commit(const slots_flash_t *flash, slots_table_t *table, uint8_t slot,
     *table = next;
     return SLOTS_OK;
 }
+
+/* ---- transfer record ---- */
+
+void slots_encode_transfer(const slots_transfer_t *record, uint8_t out[SLOTS_TRANSFER_BYTES]) {
+    memset(out, 0, SLOTS_TRANSFER_BYTES);
+    memcpy(out, "TMTR", 4);
+    put16(out + 4, SLOTS_LAYOUT_VERSION);
+    put16(out + 6, SLOTS_TRANSFER_BYTES);
+    put32(out + 8, record->seq);
+    put32(out + 12, record->version);
+    memcpy(out + 16, record->sha256, OTA_SHA256_BYTES);
+    put32(out + 48, record->model_size);
+    put16(out + 52, record->chunk_count);
+    out[54] = record->slot;
+    memcpy(out + 56, record->received, SLOTS_BITMAP_BYTES);
+    put32(out + SLOTS_TRANSFER_BYTES - 4u, ota_crc32(out, SLOTS_TRANSFER_BYTES - 4u));
+}
+
+/* One copy, fully checked; a cleared record (version 0) is valid. */
+static int decode_transfer(const uint8_t *b, slots_transfer_t *out) {
+    uint16_t length;
+    int status = check_block(b, "TMTR", SLOTS_TRANSFER_BYTES, SLOTS_TRANSFER_BYTES, &length);
+    if (status != SLOTS_OK) {
+        return status;
+    }
+    memset(out, 0, sizeof *out);
+    out->seq = get32(b + 8);
+    out->version = get32(b + 12);
+    memcpy(out->sha256, b + 16, OTA_SHA256_BYTES);
+    out->model_size = get32(b + 48);
+    out->chunk_count = get16(b + 52);
+    out->slot = b[54];
+    memcpy(out->received, b + 56, SLOTS_BITMAP_BYTES);
+    if (out->version != 0 && (out->slot > 1 || out->model_size == 0 || out->model_size > SLOTS_SLOT_BYTES ||
+                              out->chunk_count == 0 || out->chunk_count > OTA_MAX_CHUNKS)) {
+        return SLOTS_ERR_FIELD;
+    }
+    return SLOTS_OK;
+}
+
+/* Which copy holds the newest valid record (-1: none); *record gets it. */
+static int newest_transfer(const slots_flash_t *flash, slots_transfer_t *record) {
+    static slots_transfer_t candidate; /* static: off the stack */
+    int newest = -1;
+    for (int copy = 0; copy < 2; copy++) {
+        if (decode_transfer(flash->base + SLOTS_TRANSFER_OFFSET(copy), &candidate) == SLOTS_OK &&
+            (newest < 0 || candidate.seq > record->seq)) {
+            *record = candidate;
+            newest = copy;
+        }
+    }
+    return newest;
+}
+
+int slots_load_transfer(const slots_flash_t *flash, slots_transfer_t *out) {
+    if (out == NULL) {
+        return SLOTS_ERR_NULL;
+    }
+    if (!region_ok(flash)) {
+        return SLOTS_ERR_REGION;
+    }
+    memset(out, 0, sizeof *out);
+    if (newest_transfer(flash, out) < 0 || out->version == 0) {
+        uint32_t seq = out->seq;
+        memset(out, 0, sizeof *out);
+        out->seq = seq;
+        return SLOTS_EMPTY;
+    }
+    return SLOTS_OK;
+}
+
+int slots_save_transfer(const slots_flash_t *flash, slots_transfer_t *record) {
+    static slots_transfer_t stored;
+    static uint8_t encoded[SLOTS_TRANSFER_BYTES];
+    if (record == NULL) {
+        return SLOTS_ERR_NULL;
+    }
+    if (!region_ok(flash) || flash->write == NULL) {
+        return SLOTS_ERR_REGION;
+    }
+    if (record->version != 0 && (record->slot > 1 || record->model_size == 0 ||
+                                 record->model_size > SLOTS_SLOT_BYTES || record->chunk_count == 0 ||
+                                 record->chunk_count > OTA_MAX_CHUNKS)) {
+        return SLOTS_ERR_FIELD;
+    }
+    memset(&stored, 0, sizeof stored);
+    int newest = newest_transfer(flash, &stored);
+    uint32_t seq = (newest >= 0 && stored.seq > record->seq ? stored.seq : record->seq) + 1u;
+    uint32_t previous = record->seq;
+    record->seq = seq;
+    slots_encode_transfer(record, encoded);
+    record->seq = previous;
+    if (flash->write(SLOTS_TRANSFER_OFFSET(newest == 0 ? 1 : 0), encoded, sizeof encoded) != 0) {
+        return SLOTS_ERR_WRITE;
+    }
+    record->seq = seq;
+    return SLOTS_OK;
+}
+
+int slots_clear_transfer(const slots_flash_t *flash, slots_transfer_t *record) {
+    if (record == NULL) {
+        return SLOTS_ERR_NULL;
+    }
+    uint32_t seq = record->seq;
+    memset(record, 0, sizeof *record);
+    record->seq = seq;
+    return slots_save_transfer(flash, record);
+}

@@ -5,6 +5,8 @@
  *   0x00000  provisioning block (4 KiB): written once by the runner, read at boot
  *   0x01000  slot table copy 0 (4 KiB)
  *   0x02000  slot table copy 1 (4 KiB)
+ *   0x03000  transfer record copy 0 (4 KiB)
+ *   0x04000  transfer record copy 1 (4 KiB)
  *   0x10000  model slot 0 (128 KiB)
  *   0x30000  model slot 1 (128 KiB)
  *
@@ -36,6 +38,26 @@
  * second the new one, and a torn copy fails its CRC. The staging slot is never the active one,
  * so the model a valid table names as active is never written under it; boot re-checks its
  * sha256 anyway and falls back to the previous slot.
+ *
+ * Transfer record, layout version 1, one copy (SLOTS_TRANSFER_BYTES), little-endian: the download
+ * in progress, so that a restart resumes it (OTA_PROTOCOL.md, "Resume").
+ *   0  4  magic "TMTR"
+ *   4  2  layout version (1)
+ *   6  2  length (SLOTS_TRANSFER_BYTES)
+ *   8  4  seq: higher is newer; the valid copy with the highest counts
+ *   12 4  model version (0: no transfer, the record was cleared)
+ *   16 32 sha256 of the model (the manifest's)
+ *   48 4  model size
+ *   52 2  chunk count
+ *   54 1  staging slot (0, 1)
+ *   55 1  zero
+ *   56 512 received bitmap: bit (i & 7) of byte i / 8 set: chunk i is written in the staging slot
+ *   568 4 CRC-32 of bytes 0 .. 568
+ * Every save writes one copy, the one that is not the newest valid: a power loss inside it leaves
+ * the other, one save older (it names fewer chunks: they are fetched again). A chunk's bit is
+ * saved only after the chunk is written, and a new download's record (no bit set) before its first
+ * chunk, so a valid record never names a chunk its slot does not hold; the final sha256 of the
+ * whole model stays the guard all the same.
  */
 #ifndef SLOTS_H
 #define SLOTS_H
@@ -49,6 +71,7 @@
 #define SLOTS_PROVISIONING_OFFSET 0x00000u
 #define SLOTS_SECTOR_BYTES 0x1000u
 #define SLOTS_TABLE_OFFSET(copy) (0x01000u + SLOTS_SECTOR_BYTES * (uint32_t)(copy))
+#define SLOTS_TRANSFER_OFFSET(copy) (0x03000u + SLOTS_SECTOR_BYTES * (uint32_t)(copy))
 #define SLOTS_SLOT_BYTES (128u * 1024u)
 #define SLOTS_SLOT_OFFSET(slot) (0x10000u + SLOTS_SLOT_BYTES * (uint32_t)(slot))
 #define SLOTS_REGION_BYTES SLOTS_SLOT_OFFSET(2)
@@ -59,6 +82,8 @@
 #define SLOTS_MAX_PROFILE 32u /* a manifest target */
 #define SLOTS_ENTRY_BYTES 1140u
 #define SLOTS_TABLE_BYTES (16u + 2u * SLOTS_ENTRY_BYTES + 4u)
+#define SLOTS_BITMAP_BYTES (OTA_MAX_CHUNKS / 8u)
+#define SLOTS_TRANSFER_BYTES (56u + SLOTS_BITMAP_BYTES + 4u)
 
 typedef enum {
     SLOTS_OK = 0,
@@ -108,6 +133,17 @@ typedef struct {
     slots_entry_t slot[2];
 } slots_table_t;
 
+/* The download in progress, as the transfer record keeps it. */
+typedef struct {
+    uint32_t seq;     /* of the newest valid copy in flash (0: none); the next save writes seq + 1 */
+    uint32_t version; /* 0: no transfer */
+    uint8_t sha256[OTA_SHA256_BYTES];
+    uint32_t model_size;
+    uint16_t chunk_count;
+    uint8_t slot;
+    uint8_t received[SLOTS_BITMAP_BYTES];
+} slots_transfer_t;
+
 int slots_load_provisioning(const slots_flash_t *flash, slots_provisioning_t *out);
 
 /* The valid copy with the highest seq (SLOTS_OK), or an empty table (SLOTS_EMPTY). */
@@ -133,5 +169,19 @@ int slots_commit(const slots_flash_t *flash, slots_table_t *table, uint8_t slot,
 
 /* Encode one table copy (SLOTS_TABLE_BYTES); for the commit and the host tests. */
 void slots_encode_table(const slots_table_t *table, uint8_t out[SLOTS_TABLE_BYTES]);
+
+/* The newest valid transfer record: SLOTS_OK with a transfer (version > 0), else SLOTS_EMPTY with
+ * *out cleared (no valid copy, or the record was cleared); out->seq is the newest seq either way. */
+int slots_load_transfer(const slots_flash_t *flash, slots_transfer_t *out);
+
+/* Write `record` (seq + 1 over the newest in flash) over the copy that is not the newest valid
+ * one; record->seq is updated on SLOTS_OK. One write of SLOTS_TRANSFER_BYTES. */
+int slots_save_transfer(const slots_flash_t *flash, slots_transfer_t *record);
+
+/* Save a record of no transfer (version 0) over `record`: after a commit, a failure, a cancel. */
+int slots_clear_transfer(const slots_flash_t *flash, slots_transfer_t *record);
+
+/* Encode one transfer record copy (SLOTS_TRANSFER_BYTES); for the save and the host tests. */
+void slots_encode_transfer(const slots_transfer_t *record, uint8_t out[SLOTS_TRANSFER_BYTES]);
 
 #endif /* SLOTS_H */
