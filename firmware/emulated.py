@@ -24,6 +24,7 @@ import subprocess
 import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
@@ -48,6 +49,11 @@ KEY_FLAG_HAS_KEY = 2
 PUBLIC_KEY_BYTES = 32
 ERASED = 0xFF
 FLASH_IMAGE = "flash.img"
+# firmware/c/slots.h: the transfer record (the download in progress), two copies, layout version 1
+TRANSFER_MAGIC = b"TMTR"
+TRANSFER_OFFSETS = (0x03000, 0x04000)
+TRANSFER_BYTES = 572
+_TRANSFER_HEADER = struct.Struct("<4sHHII32sIHBx")
 _STOP_TIMEOUT_S = 5.0
 
 
@@ -98,6 +104,37 @@ def write_provisioning(path: Path, block: bytes, region_bytes: int) -> None:
         path.write_bytes(bytes([ERASED]) * region_bytes)
     with path.open("r+b") as image:
         image.write(block + bytes([ERASED]) * (PROVISIONING_MAX_BYTES - len(block)))
+
+
+@dataclass(frozen=True)
+class TransferRecord:
+    """The firmware's transfer record (``slots.h``): the download a restart resumes."""
+
+    seq: int
+    version: int
+    sha256: bytes
+    model_size: int
+    chunk_count: int
+    slot: int
+    received: frozenset[int]  # chunks written in the staging slot
+
+
+def read_transfer_record(image: bytes) -> TransferRecord | None:
+    """The newest valid transfer record of a flash image; None: none, or cleared (no transfer)."""
+    best: TransferRecord | None = None
+    for offset in TRANSFER_OFFSETS:
+        raw = image[offset : offset + TRANSFER_BYTES]
+        if len(raw) < TRANSFER_BYTES:
+            continue
+        magic, layout, length, seq, version, sha, size, count, slot = _TRANSFER_HEADER.unpack_from(raw)
+        crc = struct.unpack_from("<I", raw, TRANSFER_BYTES - 4)[0]
+        if (magic, layout, length) != (TRANSFER_MAGIC, 1, TRANSFER_BYTES) or zlib.crc32(raw[:-4]) != crc:
+            continue
+        bitmap = raw[_TRANSFER_HEADER.size : TRANSFER_BYTES - 4]
+        received = frozenset(i for i in range(count) if bitmap[i >> 3] >> (i & 7) & 1)
+        if best is None or seq > best.seq:
+            best = TransferRecord(seq, version, sha, size, count, slot, received)
+    return best if best is not None and best.version != 0 else None
 
 
 class EmulatedDevice:

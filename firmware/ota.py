@@ -28,6 +28,7 @@ import struct
 import threading
 import zlib
 from collections import Counter, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -968,6 +969,23 @@ class OtaReceiver:
         d.received[chunk.index] = 1
         d.n_received += 1
         return RxStatus.DONE if d.n_received == m.chunk_count else RxStatus.OK
+
+    def resume(self, staging: bytes, received: Sequence[int]) -> RxStatus:
+        """Go on with the download of the manifest just accepted, from chunks kept across a restart.
+
+        ``received[i]`` nonzero says chunk ``i`` is already in ``staging`` (the firmware keeps the bitmap
+        in its transfer record, ``firmware/c/slots.h``); the final sha256 still checks them.
+        ``OK``, ``DONE`` when none is missing, ``ERR_NO_MANIFEST`` without a download.
+        """
+        d = self._download
+        if d is None:
+            return self._reject(RxStatus.ERR_NO_MANIFEST, "no download to resume")
+        n = d.manifest.chunk_count
+        d.received = bytearray(1 if i < len(received) and received[i] else 0 for i in range(n))
+        d.n_received = sum(d.received)
+        size = min(len(staging), d.manifest.model_size)
+        d.staging[:size] = staging[:size]
+        return RxStatus.DONE if d.n_received == n else RxStatus.OK
 
     def has_chunk(self, index: int) -> bool:
         """Whether chunk ``index`` of the current download is in."""

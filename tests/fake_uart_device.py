@@ -55,6 +55,7 @@ from firmware.ota import (
     OtaReceiver,
     ReceiverConfig,
     RxStatus,
+    decode_chunk,
     decode_manifest,
 )
 from firmware.signing import KeyRing
@@ -66,11 +67,22 @@ RAM_FREE = 192 * 1024
 
 
 @dataclass
+class KeptTransfer:
+    """The transfer record of slots.h with its staging slot: the download a restart resumes."""
+
+    version: int
+    sha256: bytes
+    staging: bytearray
+    received: bytearray  # one flag per chunk
+
+
+@dataclass
 class FakeFlash:
-    """What survives a restart: the active model."""
+    """What survives a restart: the active model, and the download in progress."""
 
     manifest: Manifest | None = None
     model: bytes = b""
+    transfer: KeptTransfer | None = None
 
 
 @dataclass
@@ -241,6 +253,7 @@ class FakeUartDevice:
             if dl is not None and dl.source == frame.source:
                 self.receiver.abort()
                 self._download = None
+                self.flash.transfer = None
                 self._send_status(DeviceStateCode.CANCELLED, manifest=dl.manifest, detail="manifest withdrawn")
             return
         code = self.receiver.on_manifest(frame.manifest)
@@ -259,14 +272,26 @@ class FakeUartDevice:
             return
         manifest = self.receiver.manifest
         assert manifest is not None
-        self._download = _Download(manifest, frame.source, time.perf_counter())
-        self._send_status(DeviceStateCode.DOWNLOADING, manifest=manifest)
-        self._request()
+        self._download = dl = _Download(manifest, frame.source, time.perf_counter())
+        kept = self.flash.transfer
+        if kept is not None and (kept.version, kept.sha256) == (manifest.model_version, manifest.sha256):
+            code = self.receiver.resume(bytes(kept.staging), kept.received)  # as the firmware's record
+        else:
+            size, count = manifest.model_size, manifest.chunk_count
+            self.flash.transfer = KeptTransfer(manifest.model_version, manifest.sha256, bytearray(size),
+                                               bytearray(count))  # fmt: skip
+        received = self.receiver.received_count
+        self._send_status(DeviceStateCode.DOWNLOADING, manifest=manifest, received=received)
+        if code == RxStatus.DONE:
+            self._complete(dl)
+        else:
+            self._request()
 
     def _fail(self, domain: StatusDomain, code: int, detail: str, received: int, **instructions: int) -> None:
         dl = self._download
         assert dl is not None
         self.receiver.abort()
+        self.flash.transfer = None
         self._send_status(DeviceStateCode.FAILED, domain, code, dl.manifest, received, detail, **instructions)
         self._download = None
 
@@ -286,13 +311,23 @@ class FakeUartDevice:
             else:
                 self._request()
         elif code == RxStatus.DONE:
+            self._keep(payload)
             self._complete(dl)
         else:
+            self._keep(payload)
             dl.outstanding = {i for i in dl.outstanding if not self.receiver.has_chunk(i)}
             if not dl.outstanding:
                 m = dl.manifest
                 self._send_status(DeviceStateCode.DOWNLOADING, manifest=m, received=self.receiver.received_count)
                 self._request()
+
+    def _keep(self, payload: bytes) -> None:
+        """A stored chunk into the kept transfer (the firmware saves its record after each chunk)."""
+        kept, dl, chunk = self.flash.transfer, self._download, decode_chunk(payload)
+        if kept is not None and dl is not None:
+            start = chunk.index * dl.manifest.chunk_size
+            kept.staging[start : start + len(chunk.payload)] = chunk.payload
+            kept.received[chunk.index] = 1
 
     def _complete(self, dl: _Download) -> None:
         m, n = dl.manifest, dl.manifest.chunk_count

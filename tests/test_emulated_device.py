@@ -26,7 +26,7 @@ import pytest
 from firmware import codec
 from firmware.device import DeviceConfig, DeviceRuntime
 from firmware.dsp import DspSpec, raw_features
-from firmware.emulated import EmulatedDevice, provisioning_block
+from firmware.emulated import EmulatedDevice, provisioning_block, read_transfer_record
 from firmware.emulator import EmulatorError, build_images
 from firmware.frames import FrameErrorCode, FrameType, encode_frame
 from firmware.gateway import GatewayConfig, UartGateway
@@ -36,6 +36,7 @@ from firmware.ota import (
     DriftSummary,
     ScoreBatch,
     build_manifest,
+    decode_request,
     device_audience,
 )
 from firmware.sensor import MachineSimulator
@@ -133,6 +134,10 @@ class Rig(Protocol):
 
     def stop(self) -> None: ...
 
+    def kept_chunks(self) -> frozenset[int]:
+        """The chunks the device's flash keeps for the download in progress (its transfer record)."""
+        ...
+
 
 class FakeRig:
     """The Python stand-in for the firmware behind a real gateway."""
@@ -161,6 +166,11 @@ class FakeRig:
 
     stop = kill
 
+    def kept_chunks(self) -> frozenset[int]:
+        flash = self.device.flash if self.device is not None else self.flash
+        kept = flash.transfer
+        return frozenset(i for i, have in enumerate(kept.received) if have) if kept is not None else frozenset()
+
 
 class QemuRig:
     """The real device.elf in QEMU mps2-an386, through EmulatedDevice."""
@@ -181,6 +191,10 @@ class QemuRig:
 
     def stop(self) -> None:
         self.device.stop()
+
+    def kept_chunks(self) -> frozenset[int]:
+        record = read_transfer_record(self.device.flash_image.read_bytes())
+        return record.received if record is not None else frozenset()
 
 
 @pytest.fixture(params=["fake", "qemu"])
@@ -365,26 +379,39 @@ def test_model_with_an_operator_the_runtime_lacks_fails_to_load(
 
 
 @pytest.mark.faults
-def test_device_killed_mid_transfer_restarts_and_ends_active(
+def test_device_killed_mid_transfer_resumes_and_ends_active(
     running_v1: FakeRig | QemuRig, publisher: ShapingPublisher, watcher: Watcher, model: bytes, spec: DspSpec,
     arena: int,
 ) -> None:  # fmt: skip
-    served = publisher.served[DEVICE]
+    publisher.shape = lambda i, enc, nth: [enc]  # counts the chunks delivered, per index (publisher.times)
     publisher.hold_from = 3
-    deploy(publisher, model, spec, arena, 2)
-    wait_until(lambda: publisher.served[DEVICE] >= served + 3, 60)
-    time.sleep(0.2)  # chunks 0-2 reach the device's staging slot; 3.. are held
+    version = deploy(publisher, model, spec, arena, 2)
+    # chunks 0-2 reach the staging slot and the transfer record in flash; 3.. are held
+    wait_until(lambda: running_v1.kept_chunks() == {0, 1, 2}, 60)
     running_v1.kill()  # power loss in the middle of the download
+    time.sleep(0.3)  # the requests of the killed device all reach the watcher
+    topic = TOPICS.request(DEVICE)
+    before = len(watcher.messages[topic])
     publisher.hold_from = None
     running_v1.start()
     hello = running_v1.gateway.hello
     assert hello is not None and hello.model is not None and hello.model.version == 1  # v1 survived in flash
-    final = settle(running_v1.gateway, 2)
+    final = settle(running_v1.gateway, version)
     assert final.state == "active", final.detail
     statuses = watcher.decoded(TOPICS.status(DEVICE), DeviceStatus)
     first_active = next(k for k, s in enumerate(statuses) if s.state == "active")
     assert all(s.active is not None for s in statuses[first_active:])  # never without a model
     assert_still_runs(running_v1, final, 2)
+
+    # the restarted device asked for its first missing chunk, never for one its flash kept
+    after = [r for r in map(decode_request, watcher.messages[topic][before:]) if r.model_version == version]
+    assert after and after[0].indices[0] == 3, [r.indices for r in after]
+    assert not {0, 1, 2} & {i for r in after for i in r.indices}
+    count = final.total
+    delivered = sum(n for (device, _), n in publisher.times.items() if device == DEVICE)
+    assert all(publisher.times[(DEVICE, i)] == 1 for i in range(3))
+    assert delivered < 2 * count, (delivered, count)
+    assert running_v1.kept_chunks() == frozenset()  # the record is cleared on commit
 
 
 @pytest.mark.faults
