@@ -33,6 +33,7 @@ from hypothesis import strategies as st
 
 from firmware.device import ActiveModel, score_window
 from firmware.dsp import DspSpec, raw_features
+from firmware.emulated import read_transfer_record
 from firmware.frames import (
     Frame,
     FrameErrorCode,
@@ -57,6 +58,8 @@ REGION_BYTES = 0x50000
 FLASH_BYTES = 1 << 20
 SLOT_BYTES = 128 * 1024
 TABLE_BYTES = 2300
+TRANSFER_BYTES = 572
+TRANSFER_OFFSETS = (0x3000, 0x4000)
 NONE = 0xFF
 FRAME_TIMEOUT_MS = 200
 HEADER_BYTES = 8
@@ -110,6 +113,17 @@ def encode_table(seq: int, active: int, previous: int, entries: tuple[Entry, Ent
     return data + struct.pack("<I", zlib.crc32(data))
 
 
+def encode_transfer(seq: int, version: int, model: bytes, chunk_count: int, slot: int, received: set[int]) -> bytes:
+    """One copy of the transfer record of slots.h (version 0: cleared)."""
+    sha = hashlib.sha256(model).digest() if version else bytes(32)
+    bitmap = bytearray(512)
+    for i in received:
+        bitmap[i >> 3] |= 1 << (i & 7)
+    data = b"TMTR" + struct.pack("<HHII32sIHBx", 1, TRANSFER_BYTES, seq, version, sha, len(model) if version else 0,
+                                 chunk_count if version else 0, slot if version else 0) + bytes(bitmap)  # fmt: skip
+    return data + struct.pack("<I", zlib.crc32(data))
+
+
 # --- ctypes mirrors -----------------------------------------------------------------------------
 
 WriteFn = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint8), ctypes.c_size_t)
@@ -155,6 +169,26 @@ class TableT(ctypes.Structure):
 
     _fields_ = (("seq", ctypes.c_uint32), ("active", ctypes.c_uint8), ("previous", ctypes.c_uint8),
                 ("slot", EntryT * 2))  # fmt: skip
+
+
+class TransferT(ctypes.Structure):
+    """slots_transfer_t."""
+
+    _fields_ = (("seq", ctypes.c_uint32), ("version", ctypes.c_uint32), ("sha256", ctypes.c_uint8 * 32),
+                ("model_size", ctypes.c_uint32), ("chunk_count", ctypes.c_uint16), ("slot", ctypes.c_uint8),
+                ("received", ctypes.c_uint8 * 512))  # fmt: skip
+
+    def chunks(self) -> set[int]:
+        """The chunks its bitmap names."""
+        return {i for i in range(self.chunk_count) if self.received[i >> 3] >> (i & 7) & 1}
+
+
+def _transfer_t(version: int, model: bytes, chunk_count: int, slot: int, received: set[int], seq: int = 0) -> TransferT:
+    out = TransferT(seq=seq, version=version, model_size=len(model), chunk_count=chunk_count, slot=slot)
+    out.sha256[:] = list(hashlib.sha256(model).digest())
+    for i in received:
+        out.received[i >> 3] |= 1 << (i & 7)
+    return out
 
 
 def _make(target: str) -> None:
@@ -565,6 +599,65 @@ def test_commit_survives_power_loss_at_any_point(lib: ctypes.CDLL) -> None:
             running = {0: MODEL_A, 1: MODEL_B}[table2.active]
             new = _check_boots_into(again, {table2.active: running, staging: MODEL_C})
             assert new == (staging if budget2 is None or budget2 >= TABLE_BYTES else table2.active)
+
+
+def _load_transfer(flash: Flash) -> tuple[int, TransferT]:
+    record = TransferT()
+    return flash.lib.slots_load_transfer(ctypes.byref(flash.copy().ops), ctypes.byref(record)), record
+
+
+def test_transfer_record_encoding_and_boot_choice(lib: ctypes.CDLL) -> None:
+    record = _transfer_t(7, MODEL_B.model, 128, 1, {0, 1, 2, 127}, seq=41)
+    out = ctypes.create_string_buffer(TRANSFER_BYTES)
+    lib.slots_encode_transfer(ctypes.byref(record), out)
+    assert out.raw == encode_transfer(41, 7, MODEL_B.model, 128, 1, {0, 1, 2, 127})
+    flash = _flash_with_a(lib)
+    status, loaded = _load_transfer(flash)
+    assert (status, loaded.seq, loaded.version) == (2, 0, 0)  # blank: no transfer
+    flash.put(TRANSFER_OFFSETS[1], out.raw)
+    image = ctypes.string_at(flash.data, REGION_BYTES)
+    kept = read_transfer_record(image)
+    assert kept is not None and kept.received == {0, 1, 2, 127} and (kept.version, kept.slot) == (7, 1)
+    status, loaded = _load_transfer(flash)
+    assert (status, loaded.seq, loaded.version, loaded.chunks()) == (0, 41, 7, {0, 1, 2, 127})
+    flash.put(TRANSFER_OFFSETS[0], encode_transfer(42, 0, b"", 0, 0, set()))  # cleared, newer
+    status, loaded = _load_transfer(flash)
+    assert (status, loaded.seq, loaded.version) == (2, 42, 0) and read_transfer_record(flash.data.raw) is None
+    torn = bytearray(encode_transfer(43, 8, MODEL_C.model, 1, 0, {0}))
+    torn[300] ^= 0x10
+    flash.put(TRANSFER_OFFSETS[1], bytes(torn))  # newer but torn: the cleared one counts
+    assert _load_transfer(flash)[0] == 2
+    flash.put(TRANSFER_OFFSETS[1], encode_transfer(43, 8, MODEL_C.model, 4097, 0, {0}))  # a count out of range
+    assert _load_transfer(flash)[0] == 2
+
+
+def test_transfer_record_survives_power_loss_at_any_point(lib: ctypes.CDLL) -> None:
+    """Saves as the device makes them (a new download, then one chunk each, then the clear): a power loss
+    anywhere leaves the record of the save before or the one being made, never a torn or older one."""
+    flash = _flash_with_a(lib)
+    saves = [_transfer_t(4, MODEL_B.model, 128, 1, set(range(k))) for k in range(6)]
+    saves.append(TransferT())  # slots_clear_transfer's record: version 0
+    expected: list[tuple[int, set[int]]] = [(0, set())]  # (version, chunks) after each save; none at first
+    seq = 0
+    for n, record in enumerate(saves):
+        record.seq = seq
+        for budget in [*range(0, TRANSFER_BYTES + 1, 23), 1, TRANSFER_BYTES - 1]:
+            cut = flash.copy()
+            cut.budget = budget
+            attempt = TransferT.from_buffer_copy(record)
+            status = lib.slots_save_transfer(ctypes.byref(cut.ops), ctypes.byref(attempt))
+            assert (status == 0) == (budget >= TRANSFER_BYTES)
+            loaded_status, loaded = _load_transfer(cut)
+            got = (loaded.version, loaded.chunks()) if loaded_status == 0 else (0, set())
+            done = (record.version, set(range(n)) if record.version else set())
+            assert got == (done if budget >= TRANSFER_BYTES else expected[-1]), (n, budget)
+        assert lib.slots_save_transfer(ctypes.byref(flash.ops), ctypes.byref(record)) == 0
+        assert flash.writes == [(TRANSFER_OFFSETS[k % 2], TRANSFER_BYTES) for k in range(n + 1)]  # one copy each
+        seq = record.seq
+        expected.append((record.version, set(range(n)) if record.version else set()))
+    assert seq == len(saves)
+    status, table = flash.copy().boot()
+    assert (status, table.active) == (0, 0)  # the slot table is never written by a save
 
 
 # --- the device image under QEMU ----------------------------------------------------------------
