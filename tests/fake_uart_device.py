@@ -4,8 +4,10 @@ It listens on a loopback port (as QEMU's ``-serial tcp:...,server=on``), accepts
 then behaves as FIRMWARE.md says the firmware does: HELLO and a status at boot, the OTA receiver
 of ``firmware.ota`` for manifests and chunks, the C runtime (``firmware.tinyrt``, the same
 tinyrt the firmware links) to load and score, SCORES/SUMMARY frames, FRAME_ERROR for bad frames.
-Its "flash" (the active model) survives :meth:`FakeUartDevice.kill` and a new start, as flash.img
-does. Instruction counts are wall-clock nanoseconds: plausible numbers, not measurements.
+Its "flash" (the active model, and the download in progress with the chunks it holds, as the
+firmware's transfer record) survives :meth:`FakeUartDevice.kill` and a new start, as flash.img
+does: the same manifest after a restart resumes at the first missing chunk. Instruction counts are
+wall-clock nanoseconds: plausible numbers, not measurements.
 """
 
 from __future__ import annotations

@@ -378,25 +378,35 @@ def test_model_with_an_operator_the_runtime_lacks_fails_to_load(
     assert_still_runs(running_v1, final)
 
 
+def _kill_with_chunks_0_to_2_kept(rig: FakeRig | QemuRig, publisher: ShapingPublisher, watcher: Watcher,
+                                  model: bytes, spec: DspSpec, arena: int) -> int:  # fmt: skip
+    """Deploy v2, let chunks 0-2 in, kill the device; the number of requests heard before the restart."""
+    publisher.shape = lambda i, enc, nth: [enc]  # counts the chunks delivered
+    publisher.hold_from = 3
+    deploy(publisher, model, spec, arena, 2)
+    wait_until(lambda: rig.kept_chunks() == {0, 1, 2}, 60)
+    rig.kill()
+    time.sleep(0.3)
+    publisher.hold_from = None
+    return len(watcher.messages[TOPICS.request(DEVICE)])
+
+
+def _requests_after(watcher: Watcher, before: int, version: int) -> list[tuple[int, ...]]:
+    payloads = watcher.messages[TOPICS.request(DEVICE)][before:]
+    return [r.indices for r in map(decode_request, payloads) if r.model_version == version]
+
+
 @pytest.mark.faults
 def test_device_killed_mid_transfer_resumes_and_ends_active(
     running_v1: FakeRig | QemuRig, publisher: ShapingPublisher, watcher: Watcher, model: bytes, spec: DspSpec,
     arena: int,
 ) -> None:  # fmt: skip
-    publisher.shape = lambda i, enc, nth: [enc]  # counts the chunks delivered, per index (publisher.times)
-    publisher.hold_from = 3
-    version = deploy(publisher, model, spec, arena, 2)
-    # chunks 0-2 reach the staging slot and the transfer record in flash; 3.. are held
-    wait_until(lambda: running_v1.kept_chunks() == {0, 1, 2}, 60)
-    running_v1.kill()  # power loss in the middle of the download
-    time.sleep(0.3)  # the requests of the killed device all reach the watcher
-    topic = TOPICS.request(DEVICE)
-    before = len(watcher.messages[topic])
-    publisher.hold_from = None
+    # chunks 0-2 reach the staging slot and the transfer record in flash, 3.. are held; power loss
+    before = _kill_with_chunks_0_to_2_kept(running_v1, publisher, watcher, model, spec, arena)
     running_v1.start()
     hello = running_v1.gateway.hello
     assert hello is not None and hello.model is not None and hello.model.version == 1  # v1 survived in flash
-    final = settle(running_v1.gateway, version)
+    final = settle(running_v1.gateway, 2)
     assert final.state == "active", final.detail
     statuses = watcher.decoded(TOPICS.status(DEVICE), DeviceStatus)
     first_active = next(k for k, s in enumerate(statuses) if s.state == "active")
@@ -404,14 +414,55 @@ def test_device_killed_mid_transfer_resumes_and_ends_active(
     assert_still_runs(running_v1, final, 2)
 
     # the restarted device asked for its first missing chunk, never for one its flash kept
-    after = [r for r in map(decode_request, watcher.messages[topic][before:]) if r.model_version == version]
-    assert after and after[0].indices[0] == 3, [r.indices for r in after]
-    assert not {0, 1, 2} & {i for r in after for i in r.indices}
+    after = _requests_after(watcher, before, 2)
+    assert after and after[0][0] == 3, after
+    resumed = [s for s in running_v1.gateway.statuses if s.version == 2 and s.state == "downloading"]
+    assert resumed[0].received == 3, resumed[0]
+    assert not {0, 1, 2} & {i for indices in after for i in indices}
     count = final.total
     delivered = sum(n for (device, _), n in publisher.times.items() if device == DEVICE)
     assert all(publisher.times[(DEVICE, i)] == 1 for i in range(3))
     assert delivered < 2 * count, (delivered, count)
     assert running_v1.kept_chunks() == frozenset()  # the record is cleared on commit
+
+
+@pytest.mark.faults
+def test_restart_with_another_manifest_downloads_it_from_chunk_0(
+    running_v1: FakeRig | QemuRig, publisher: ShapingPublisher, watcher: Watcher, model: bytes, spec: DspSpec,
+    arena: int,
+) -> None:  # fmt: skip
+    before = _kill_with_chunks_0_to_2_kept(running_v1, publisher, watcher, model, spec, arena)
+    deploy(publisher, model, spec, arena, 3)  # replaces the retained v2 while the device is off
+    running_v1.start()
+    final = settle(running_v1.gateway, 3)
+    assert final.state == "active", final.detail
+    after = _requests_after(watcher, before, 3)
+    assert after and after[0][0] == 0, after  # the record was of v2: no resume
+    assert not _requests_after(watcher, before, 2)
+    assert_still_runs(running_v1, final, 3)
+
+
+@pytest.mark.faults
+def test_resumed_download_with_a_damaged_kept_chunk_starts_over_and_ends_active(
+    running_v1: FakeRig | QemuRig, publisher: ShapingPublisher, watcher: Watcher, model: bytes, spec: DspSpec,
+    arena: int,
+) -> None:  # fmt: skip
+    if not isinstance(running_v1, QemuRig):
+        pytest.skip("the fake keeps its chunks in Python memory and has no start-over path: a firmware case")
+    before = _kill_with_chunks_0_to_2_kept(running_v1, publisher, watcher, model, spec, arena)
+    path = running_v1.device.flash_image
+    record = read_transfer_record(path.read_bytes())
+    assert record is not None and record.version == 2
+    image = bytearray(path.read_bytes())
+    image[0x10000 + 0x20000 * record.slot + 1024 + 5] ^= 0x01  # a bit of kept chunk 1 flips
+    path.write_bytes(bytes(image))
+    running_v1.start()
+    final = settle(running_v1.gateway, 2)
+    assert final.state == "active", final.detail
+    after = _requests_after(watcher, before, 2)
+    assert after[0][0] == 3 and any(indices[0] == 0 for indices in after[1:]), after  # resumed, then over
+    assert publisher.times[(DEVICE, 1)] == 2
+    assert_still_runs(running_v1, final, 2)
 
 
 @pytest.mark.faults
