@@ -31,7 +31,7 @@ from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 import paho.mqtt.client as mqtt
 import pydantic
@@ -72,6 +72,11 @@ TAG_BYTES = 8
 SIGNATURE_BYTES = 64
 CRC_BYTES = 4
 JSON_VERSION = 1
+U32_MAX = 0xFFFF_FFFF  # manifest versions, sizes and the arena are u32 on the wire
+U16_MAX = 0xFFFF
+MAX_FIRMWARE_CHARS = 128
+MAX_ANNOUNCED_KEYS = 64
+MAX_ANNOUNCED_DSP_VERSIONS = 16
 
 _MANIFEST_HEADER = struct.Struct("<2sBBIIHHIf32sBBBBH")
 _CHUNK_HEADER = struct.Struct("<2sBBI8sHHH")
@@ -718,6 +723,7 @@ def _all_finite(value: object) -> bool:
 
 
 _Name = Field(pattern=NAME_PATTERN.pattern)
+_U32 = Field(ge=0, le=U32_MAX)
 
 
 class ModelRef(BaseModel):
@@ -725,25 +731,48 @@ class ModelRef(BaseModel):
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    name: str
-    version: int = Field(ge=1)
+    name: str = _Name
+    version: int = Field(ge=1, le=U32_MAX)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
-class Announcement(_JsonMessage):
-    """What a device can run, published retained at start and on every reconnect (TinyML-as-a-Service)."""
+class _DeviceMessage(_JsonMessage):
+    """A JSON message a device publishes on its own topics; the topic, not the ``device`` field, says who sent it."""
+
+    noun: ClassVar[str] = "message"
 
     device: str = _Name
+
+    @classmethod
+    def decode_from(cls, device: str, payload: bytes) -> Self:
+        """Parse a message received on the topic of ``device``.
+
+        Raises:
+            OtaDecodeError: Not a valid message, or it names another device than its topic.
+        """
+        message = cls.decode(payload)
+        if message.device != device:
+            raise OtaDecodeError(
+                RxStatus.ERR_FIELD, f"{cls.noun} names device {message.device} on the topic of {device}"
+            )
+        return message
+
+
+class Announcement(_DeviceMessage):
+    """What a device can run, published retained at start and on every reconnect (TinyML-as-a-Service)."""
+
+    noun: ClassVar[str] = "announcement"
+
     fleet: str = _Name
     group: str | None = Field(default=None, pattern=NAME_PATTERN.pattern)
-    firmware: str
-    profile: str
-    flash_free: int = Field(ge=0, description="Flash for models: catalog flash minus firmware and runtime.")
-    slot_bytes: int = Field(ge=0, description="Largest model accepted: the staging slot.")
-    ram_free: int = Field(ge=0, description="RAM for the tensor arena: SRAM minus the RAM reserve.")
+    firmware: str = Field(pattern=rf"^[\x20-\x7e]{{1,{MAX_FIRMWARE_CHARS}}}$")
+    profile: str = Field(pattern=_TARGET_PATTERN.pattern)
+    flash_free: int = Field(ge=0, le=U32_MAX, description="Flash for models: catalog flash minus firmware and runtime.")
+    slot_bytes: int = Field(ge=0, le=U32_MAX, description="Largest model accepted: the staging slot.")
+    ram_free: int = Field(ge=0, le=U32_MAX, description="RAM for the tensor arena: SRAM minus the RAM reserve.")
     max_chunk: int = Field(ge=MIN_CHUNK_SIZE, le=MAX_CHUNK_SIZE)
-    dsp_versions: list[int]
-    key_ids: list[str]
+    dsp_versions: list[Annotated[int, Field(ge=0, le=U16_MAX)]] = Field(max_length=MAX_ANNOUNCED_DSP_VERSIONS)
+    key_ids: list[Annotated[str, Field(pattern=_KEY_ID_PATTERN.pattern)]] = Field(max_length=MAX_ANNOUNCED_KEYS)
     model: ModelRef | None = None
     ts: float
 
@@ -751,7 +780,7 @@ class Announcement(_JsonMessage):
 DeviceState = Literal["idle", "downloading", "verified", "loaded", "active", "failed", "ignored", "cancelled"]
 
 
-class DeviceStatus(_JsonMessage):
+class DeviceStatus(_DeviceMessage):
     """Deployment progress and outcome, published retained (the latest state wins).
 
     ``status`` is the human line (``downloading 3/7``, ``failed: too large``); ``state`` and
@@ -759,7 +788,8 @@ class DeviceStatus(_JsonMessage):
     about; ``active`` is what the device runs now.
     """
 
-    device: str = _Name
+    noun: ClassVar[str] = "status"
+
     seq: int = Field(ge=0, description="Per-device counter: orders statuses.")
     ts: float
     state: DeviceState
@@ -767,20 +797,21 @@ class DeviceStatus(_JsonMessage):
     reason: str = ""
     detail: str = ""
     model: str | None = None
-    version: int | None = None
-    received: int = 0
-    total: int = 0
+    version: int | None = Field(default=None, ge=0, le=U32_MAX)
+    received: int = Field(default=0, ge=0, le=MAX_CHUNKS)
+    total: int = Field(default=0, ge=0, le=MAX_CHUNKS)
     active: ModelRef | None = None
     latency_ms: dict[str, float] = Field(default_factory=dict)
     counters: dict[str, int] = Field(default_factory=dict)
 
 
-class ScoreBatch(_JsonMessage):
+class ScoreBatch(_DeviceMessage):
     """Anomaly scores of consecutive windows of one device."""
 
-    device: str = _Name
+    noun: ClassVar[str] = "score batch"
+
     model: str
-    version: int
+    version: int = _U32
     threshold: float
     first_seq: int = Field(ge=0)
     ts: float
@@ -794,7 +825,7 @@ class ScoreBatch(_JsonMessage):
         return self
 
 
-class DriftSummary(_JsonMessage):
+class DriftSummary(_DeviceMessage):
     """What a drift monitor needs from one device over one period, without the raw windows.
 
     ``score_counts[i]`` counts scores in ``[score_edges[i], score_edges[i+1])``, the last bin is
@@ -802,9 +833,10 @@ class DriftSummary(_JsonMessage):
     the normalised features the model saw.
     """
 
-    device: str = _Name
+    noun: ClassVar[str] = "summary"
+
     model: str
-    version: int
+    version: int = _U32
     threshold: float
     start_ts: float
     end_ts: float

@@ -316,6 +316,20 @@ def test_json_messages_round_trip_and_reject_corruption(message: Any) -> None:
     assert kind.decode(payload[:-1] + b',"future_field":1}') == message  # newer senders stay readable
 
 
+@pytest.mark.parametrize("message", json_messages(), ids=lambda m: type(m).__name__)
+def test_device_messages_take_their_identity_from_the_topic_and_fit_u32(message: Any) -> None:
+    kind = type(message)
+    payload = message.encode()
+    assert kind.decode_from("node-0001", payload) == message
+    with pytest.raises(OtaDecodeError, match=f"^{kind.noun} names device node-0001 on the topic of node-0009$"):
+        kind.decode_from("node-0009", payload)
+    too_big = payload.replace(b'"version":2', b'"version":4294967296').replace(b'"version":3', b'"version":4294967296')
+    with pytest.raises(OtaDecodeError, match="less than or equal to 4294967295"):
+        kind.decode_from("node-0001", too_big)
+    at_limit = kind.decode_from("node-0001", too_big.replace(b"4294967296", b"4294967295"))
+    assert at_limit != message
+
+
 def test_inconsistent_scores_and_summaries_are_rejected() -> None:
     batch, summary = json_messages()[2], json_messages()[3]
     with pytest.raises(OtaDecodeError, match="anomaly flags"):
