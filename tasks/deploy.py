@@ -8,16 +8,21 @@ The device side is ``firmware/OTA_PROTOCOL.md``; this module is the server's par
   with. Rotation makes a new key the signing key; the old one stays trusted until revoked.
 * **Targeting**: the devices' retained announcements say what they run and can run;
   :func:`select_targets` keeps only devices whose MCU profile equals the bundle's target and
-  that trust the signing key, and reports every other one as skipped with the reason.
+  that trust the signing key, and reports every other one as skipped with the reason. A device
+  is who its topic says: an announcement naming another device or fleet than its topic, or with
+  a field out of the protocol's bounds, is rejected for the device of that topic only and
+  reported as skipped with the reason.
 * **Delivery** (:class:`DeploymentSession`): signed manifests per device (or per group) through
   :class:`~firmware.ota.ModelPublisher`, which serves the chunks the devices pull; the session
   waits for each device's final status (``active``, ``failed: ...``, ``ignored: ...``) and keeps
   the latencies the devices report. A device that never answers within the timeout is
   reported as not delivered and its manifest is withdrawn, so it does not start a download
   that nobody serves any more (the next deployment reaches it).
-* **Manifest versions** are monotonic per device and never reused:
-  ``max(UNIX time in seconds, highest version any selected device announced or reported + 1)``,
-  so a version a device once failed (never retried) or a rollback always gets a higher one.
+* **Manifest versions** are monotonic per device and never reused: ``max(UNIX time in seconds,
+  highest version the device announced, reported or was sent + 1)`` (a group manifest: the
+  highest over its members), so a version a device once failed (never retried) or a rollback
+  always gets a higher one. A device whose next version would not fit the manifest's u32 is
+  skipped with the reason; it cannot push the others' versions.
 * **Canary** (:func:`judge_canary`): a fraction of the devices first; their anomaly rate over
   ``watch_s`` is compared with ``factor`` times the larger of the bundle's expected false-alarm
   rate and the rate the old model gives meanwhile on the other devices; any failed canary is
@@ -42,7 +47,7 @@ import time
 import uuid
 import zlib
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -56,12 +61,14 @@ from prefect.cache_policies import NO_CACHE
 from firmware.dsp import DspSpec
 from firmware.ota import (
     DEFAULT_CHUNK_SIZE,
+    U32_MAX,
     Announcement,
     DeviceStatus,
     ModelPublisher,
     ModelRef,
     OtaDecodeError,
     OtaTopics,
+    RxStatus,
     ScoreBatch,
     TopicKind,
     device_audience,
@@ -405,6 +412,15 @@ class _Scores:
 class FleetWatcher:
     """A server-side subscriber to a fleet's announcements, statuses and scores (retained ones included).
 
+    Every message is attributed to the device of the topic it arrived on; one that names another
+    device (or an announcement naming another fleet), or is not a valid message, is dropped.
+
+    Attributes:
+        announcements: The latest valid announcement of each device.
+        rejected: Devices whose latest announcement was rejected, with the reason.
+        statuses: The latest status of each device.
+        scores: Score batches of each device, oldest first.
+
     Args:
         address: Broker.
         topics: The fleet's topics.
@@ -424,6 +440,7 @@ class FleetWatcher:
         self.address = address
         self.kinds = tuple(kinds)
         self.announcements: dict[str, Announcement] = {}
+        self.rejected: dict[str, str] = {}
         self.statuses: dict[str, DeviceStatus] = {}
         self.scores: dict[str, deque[_Scores]] = defaultdict(lambda: deque(maxlen=_SCORE_HISTORY))
         self.changed = threading.Condition()
@@ -469,20 +486,36 @@ class FleetWatcher:
         device, kind = parsed
         try:
             if kind == "announce":
-                self.announcements[device] = Announcement.decode(payload)
+                self._announced(device, payload)
             elif kind == "status":
-                status = DeviceStatus.decode(payload)
+                status = DeviceStatus.decode_from(device, payload)
                 self.statuses[device] = status
                 for listener in self.on_status:
                     listener(device, status)
             elif kind == "scores":
-                batch = ScoreBatch.decode(payload)
+                batch = ScoreBatch.decode_from(device, payload)
                 self.scores[device].append(_Scores(batch.version, len(batch.scores), sum(batch.anomalies)))
         except OtaDecodeError as exc:
-            log.warning("ignoring an invalid %s message of %s: %s", kind, device, exc)
+            log.warning("ignoring an invalid %s message on the topic of %s: %s", kind, device, exc)
             return
         with self.changed:
             self.changed.notify_all()
+
+    def _announced(self, device: str, payload: bytes) -> None:
+        """Keep a device's announcement, or drop its previous one and record why this one is rejected."""
+        try:
+            announcement = Announcement.decode_from(device, payload)
+            if announcement.fleet != self.topics.fleet:
+                raise OtaDecodeError(
+                    RxStatus.ERR_FIELD,
+                    f"announcement names fleet {announcement.fleet} on a topic of fleet {self.topics.fleet}",
+                )
+        except OtaDecodeError as exc:
+            self.announcements.pop(device, None)
+            self.rejected[device] = str(exc)
+            raise
+        self.rejected.pop(device, None)
+        self.announcements[device] = announcement
 
     def anomaly_counts(
         self, devices: Iterable[str], *, version: int | None = None, exclude_version: int | None = None
@@ -530,21 +563,31 @@ class TargetSelection:
     skipped: list[SkippedDevice]
 
 
+def version_limit_reason(highest: int) -> str | None:
+    """Why a device that has seen manifest version ``highest`` cannot get a newer one (None: it can)."""
+    if highest < U32_MAX:
+        return None
+    return f"runs manifest version {highest}: no higher version fits in u32"
+
+
 def select_targets(
     announcements: Sequence[Announcement],
     bundle_target: str,
     devices: Sequence[str] | None = None,
     group: str | None = None,
     key_id: str | None = None,
+    rejected: Mapping[str, str] | None = None,
 ) -> TargetSelection:
     """Pick the devices whose MCU profile equals the bundle's target; report every other one with the reason.
 
     Args:
-        announcements: What the devices announced (retained).
+        announcements: What the devices announced (retained), each from its own topic.
         bundle_target: The model's MCU profile.
         devices: Only these device ids (an id not announced is skipped).
         group: Only members of this group.
         key_id: The signing key: a device that does not trust it would refuse the manifest.
+        rejected: Devices whose announcement was rejected, with the reason: skipped with it (all of
+            them, or those of ``devices``; their group is unknown).
 
     Returns:
         Targets sorted by device id, and the skipped devices.
@@ -555,16 +598,22 @@ def select_targets(
     if devices is not None and group is not None:
         raise DeployError("give devices or a group, not both")
     known = {a.device: a for a in announcements}
+    refused = {d: reason for d, reason in (rejected or {}).items() if d not in known}
     skipped: list[SkippedDevice] = []
     if devices is not None:
         wanted = list(dict.fromkeys(devices))
-        skipped += [SkippedDevice(d, None, "no announcement in this fleet") for d in wanted if d not in known]
+        skipped += [SkippedDevice(d, None, refused.get(d, "no announcement in this fleet"))
+                    for d in wanted if d not in known]  # fmt: skip
         candidates = [known[d] for d in wanted if d in known]
     else:
+        skipped += [SkippedDevice(d, None, reason) for d, reason in refused.items()]
         candidates = [a for a in announcements if group is None or a.group == group]
     targets = []
     for a in sorted(candidates, key=lambda a: a.device):
-        if a.profile != bundle_target:
+        too_new = version_limit_reason(a.model.version) if a.model is not None else None
+        if too_new is not None:
+            skipped.append(SkippedDevice(a.device, a.profile, too_new))
+        elif a.profile != bundle_target:
             skipped.append(SkippedDevice(a.device, a.profile, f"profile {a.profile}, model is for {bundle_target}"))
         elif key_id is not None and key_id not in a.key_ids:
             trusted = ", ".join(a.key_ids) or "none"
@@ -626,7 +675,7 @@ class DeviceOutcome:
         loaded: TFLite Micro loaded and allocated it.
         active: It runs the model now.
         state: ``active``, ``failed``, ``ignored``, ``cancelled``, ``timeout`` (delivered, not finished
-            in time), ``not delivered`` or ``held``.
+            in time), ``not delivered``, ``held`` or ``skipped`` (no manifest version left for it).
         status: The device's status line (or what the server saw).
         detail: The measured value and the limit of a failure.
         running: The model the device runs now.
@@ -711,6 +760,15 @@ class _Tracker:
         )  # fmt: skip
 
 
+def skipped_outcome(model: DeployableModel, device: Announcement, role: Role, reason: str) -> DeviceOutcome:
+    """The outcome of a device of a wave that got no manifest (``reason``): it keeps its model."""
+    return DeviceOutcome(
+        device=device.device, profile=device.profile, role=role, model=model.label, manifest_version=None,
+        audience="-", delivered=False, verified=False, loaded=False, active=False, state="skipped",
+        status=f"not deployed: {reason}", detail="", running=_model_text(device.model), chunks="-",
+    )  # fmt: skip
+
+
 class DeploymentSession:
     """One server connection pair for a deployment: the publisher (manifests, chunks) and the watcher.
 
@@ -740,7 +798,7 @@ class DeploymentSession:
         self.watcher = FleetWatcher(address, topics, settings=mqtt_settings)
         self.watcher.on_status.append(self._on_status)
         self._trackers: dict[str, _Tracker] = {}
-        self._last_version = 0
+        self._sent: dict[str, int] = {}
 
     def __enter__(self) -> Self:
         return self.start()
@@ -773,17 +831,20 @@ class DeploymentSession:
             with self.watcher.changed:
                 tracker.update(status, time.monotonic())
 
-    def next_version(self, devices: Iterable[str]) -> int:
-        """A manifest version higher than anything the devices announced, reported or were sent in this session."""
-        seen = [self._last_version]
-        for device in devices:
-            announced = self.watcher.announcements.get(device)
-            if announced is not None and announced.model is not None:
-                seen.append(announced.model.version)
-            status = self.watcher.statuses.get(device)
-            if status is not None:
-                seen += [status.version or 0, status.active.version if status.active else 0]
-        return max(int(time.time()), max(seen) + 1)
+    def highest_version(self, device: str) -> int:
+        """The highest manifest version the device announced, reported or was sent in this session (0: none)."""
+        seen = [self._sent.get(device, 0)]
+        announced = self.watcher.announcements.get(device)
+        if announced is not None and announced.model is not None:
+            seen.append(announced.model.version)
+        status = self.watcher.statuses.get(device)
+        if status is not None:
+            seen += [status.version or 0, status.active.version if status.active else 0]
+        return max(seen)
+
+    def rejected(self) -> dict[str, str]:
+        """Devices whose announcement was rejected, with the reason."""
+        return dict(self.watcher.rejected)
 
     def deploy(
         self,
@@ -795,6 +856,10 @@ class DeploymentSession:
         timeout_s: float = 60.0,
     ) -> list[DeviceOutcome]:
         """Publish signed manifests, wait for every device's final status, return one outcome per device.
+
+        Each device gets ``max(UNIX time, its highest version + 1)`` (a group: one version over the
+        members); a device for which that does not fit u32 gets a ``skipped`` outcome, the others
+        are deployed.
 
         Args:
             model: What to deploy.
@@ -814,31 +879,43 @@ class DeploymentSession:
         if not members <= set(ids):
             outside = ", ".join(sorted(members - set(ids)))
             raise DeployError(f"group {group!r} has members outside the targets: {outside}")
-        version = self.next_version(members if group is not None else ids)
-        self._last_version = version
+        highest = {d: self.highest_version(d) for d in ids}
+        blocked = {d: reason for d in ids if (reason := version_limit_reason(highest[d])) is not None}
+        for device, reason in blocked.items():
+            log.warning("not deploying to %s: %s", device, reason)
+        now = int(time.time())
+        shared = max([now, *(highest[d] + 1 for d in ids if d not in blocked)]) if group is not None else now
+        versions = {d: max(shared, highest[d] + 1) for d in ids if d not in blocked}
+        self._sent.update(versions)
         chunk_size = min([self.chunk_size, *(a.max_chunk for a in devices)])
         audiences = {a.device: group_audience(group) if group else device_audience(a.device) for a in devices}
         with self.watcher.changed:
-            self._trackers = {a.device: _Tracker(a, role, version, audiences[a.device]) for a in devices}
+            self._trackers = {
+                a.device: _Tracker(a, role, versions[a.device], audiences[a.device])
+                for a in devices
+                if a.device in versions
+            }
 
-        def publish(device: str | None) -> None:
+        def publish(device: str | None, version: int) -> None:
             self.publisher.deploy(
                 model.tflite, name=model.name, version=version, target=model.target, dsp_spec=model.dsp_spec,
                 threshold=model.threshold, arena_bytes=model.arena_bytes, device=device,
                 group=group if device is None else None, chunk_size=chunk_size,
             )  # fmt: skip
 
-        log.info("deploying %s as manifest v%d to %d device(s)%s", model.label, version, len(ids),
+        log.info("deploying %s as manifest v%s to %d device(s)%s", model.label,
+                 "/".join(map(str, sorted(set(versions.values())))) or "-", len(versions),
                  f" (group {group})" if group else "")  # fmt: skip
         if group is not None:
             published = time.monotonic()
             for tracker in self._trackers.values():
                 tracker.published = published
-            publish(None)
+            if versions:
+                publish(None, shared)
         else:
-            for device in ids:
+            for device in versions:
                 self._trackers[device].published = time.monotonic()
-                publish(device)
+                publish(device, versions[device])
         deadline = time.monotonic() + timeout_s
         with self.watcher.changed:
             self.watcher.changed.wait_for(
@@ -848,9 +925,13 @@ class DeploymentSession:
         unfinished = sorted({t.audience for t in trackers.values() if t.final is None})
         for audience in unfinished:  # nobody will serve its chunks after this session: do not leave it pending
             self.publisher.withdraw(audience)
-        outcomes = [trackers[d].outcome(model) for d in ids]
+        by_id = {a.device: a for a in devices}
+        outcomes = [
+            trackers[d].outcome(model) if d in trackers else skipped_outcome(model, by_id[d], role, blocked[d])
+            for d in ids
+        ]
         active = sum(o.active for o in outcomes)
-        log.info("manifest v%d: %d of %d device(s) active", version, active, len(outcomes))
+        log.info("%s: %d of %d device(s) active", model.label, active, len(outcomes))
         return outcomes
 
 
@@ -936,11 +1017,14 @@ def judge_canary(
         return CanaryVerdict(
             False, f"unhealthy: {len(failed)} of {len(canary)} canaries not active: {listed}", devices, 0.0
         )
-    version = canary[0].manifest_version
     time.sleep(watch_s)
-    windows, anomalies = session.watcher.anomaly_counts(devices, version=version)
-    base_devices = [*devices, *(a.device for a in others)]
-    base_windows, base_anomalies = session.watcher.anomaly_counts(base_devices, exclude_version=version)
+    watcher = session.watcher
+    # each canary's new model has its own manifest version
+    fresh = [watcher.anomaly_counts([o.device], version=o.manifest_version) for o in canary]
+    before = [watcher.anomaly_counts([o.device], exclude_version=o.manifest_version) for o in canary]
+    before.append(watcher.anomaly_counts(a.device for a in others))
+    windows, anomalies = sum(w for w, _ in fresh), sum(a for _, a in fresh)
+    base_windows, base_anomalies = sum(w for w, _ in before), sum(a for _, a in before)
     expected = model.expected_anomaly_rate
     verdict = CanaryVerdict(False, "", devices, watch_s, windows, anomalies, base_windows, base_anomalies, expected)
     rates = [r for r in (expected, verdict.baseline_rate) if r is not None]
@@ -1241,8 +1325,9 @@ def resolve_deployable_task(ref: str) -> DeployableModel:
 def select_targets_task(
     session: DeploymentSession, model: DeployableModel, devices: list[str] | None, group: str | None
 ) -> TargetSelection:
-    """Prefect task: :func:`select_targets` on the session's announcements, with its signing key."""
-    return select_targets(session.announcements(), model.target, devices, group, session.signer.key_id)
+    """Prefect task: :func:`select_targets` on the session's announcements and rejections, with its signing key."""
+    return select_targets(session.announcements(), model.target, devices, group, session.signer.key_id,
+                          session.rejected())  # fmt: skip
 
 
 @task(name="deploy-wave", task_run_name="deploy-{role}", cache_policy=NO_CACHE)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -58,6 +59,7 @@ from tasks.deploy import (
     plan_canary,
     rate_lower_bound,
     select_targets,
+    select_targets_task,
 )
 from tests.int8_model import int8_autoencoder
 from tinymlops.cli_deploy import deploy_command
@@ -391,6 +393,127 @@ def test_revoked_key_is_refused_by_devices_end_to_end(tmp_path: Path, mosquitto:
         assert all(o.active for o in again)
         versions = [o[0].manifest_version or 0 for o in (first, refused, again)]
         assert versions == sorted(versions) and len(set(versions)) == 3
+
+
+# --- hostile announcements: identity from the topic, every field checked, one device affected -----------
+
+U32_MAX = 2**32 - 1
+Publish = Callable[[str, bytes], None]
+
+
+@contextmanager
+def hostile_client(broker: MosquittoBroker) -> Iterator[Publish]:
+    """A hand-made MQTT client that publishes retained announcements on any device's topic."""
+    topics = OtaTopics(FLEET)
+    client = make_client(broker.address, "hostile")
+    connect(client, broker.address)
+
+    def publish(topic_device: str, payload: bytes) -> None:
+        client.publish(topics.announce(topic_device), payload, qos=1, retain=True).wait_for_publish(5)
+
+    try:
+        yield publish
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def hostile_announcement(device: str, profile_name: str = "nrf52840", **changes: Any) -> bytes:
+    """A well-formed announcement trusting the test key, with raw JSON fields changed (unchecked)."""
+    fields = json.loads(announcement(device, profile_name, key_ids=["test-key"]).encode())
+    return json.dumps(fields | changes).encode()
+
+
+def test_a_spoofed_device_id_on_another_topic_is_rejected_for_that_topic_and_reported(
+    env: Env, mosquitto: MosquittoBroker
+) -> None:
+    nrf = get_target("nrf52840")
+    with (
+        fleet_of(mosquitto, nrf, 2, "dev", env.keyring) as fleet,
+        hostile_client(mosquitto) as publish,
+        DeploymentSession(mosquitto.address, OtaTopics(FLEET), env.store.signer()) as session,
+    ):
+        # dev-9 claims to be dev-0000 on another profile, after the session saw the real one
+        publish("dev-9", hostile_announcement("dev-0000", "stm32l4r5"))
+        session.watcher.settle(0.3, 5.0)
+        assert session.watcher.announcements["dev-0000"].profile == "nrf52840"
+        assert "dev-9" not in session.watcher.announcements
+        reason = "announcement names device dev-0000 on the topic of dev-9"
+        picked = select_targets_task.fn(session, deployable(), ["dev-0000"], None)
+        assert [a.device for a in picked.targets] == ["dev-0000"] and picked.skipped == []
+        outcomes = session.deploy(deployable(), picked.targets, timeout_s=10)
+        assert [(o.device, o.active) for o in outcomes] == [("dev-0000", True)]
+        assert runs_model(fleet.devices[0], assets().model)
+        everyone = select_targets_task.fn(session, deployable(), None, None)
+        assert [a.device for a in everyone.targets] == ids(fleet)
+        assert everyone.skipped == [SkippedDevice("dev-9", None, reason)]
+        named = select_targets_task.fn(session, deployable(), ["dev-0001", "dev-9"], None)
+        assert named.skipped == [SkippedDevice("dev-9", None, reason)]
+
+
+def test_an_announced_version_at_the_u32_limit_affects_only_its_own_device(
+    env: Env, mosquitto: MosquittoBroker
+) -> None:
+    nrf = get_target("nrf52840")
+    ref = {"name": "vibration-ae-nrf52840", "sha256": "ab" * 32}
+    with fleet_of(mosquitto, nrf, 2, "dev", env.keyring) as fleet, hostile_client(mosquitto) as publish:
+        publish("evil-1", hostile_announcement("evil-1", model={**ref, "version": U32_MAX}))
+        publish("evil-2", hostile_announcement("evil-2", model={**ref, "version": U32_MAX - 1}))
+        with DeploymentSession(mosquitto.address, OtaTopics(FLEET), env.store.signer()) as session:
+            selection = select_targets_task.fn(session, deployable(), None, None)
+            assert [a.device for a in selection.targets] == ["dev-0000", "dev-0001", "evil-2"]
+            assert selection.skipped == [SkippedDevice(
+                "evil-1", "nrf52840", f"runs manifest version {U32_MAX}: no higher version fits in u32"
+            )]  # fmt: skip
+            started = int(time.time())
+            outcomes = {o.device: o for o in session.deploy(deployable(), session.announcements(), timeout_s=3)}
+        for device in ("dev-0000", "dev-0001"):  # the hostile versions did not push theirs up
+            o = outcomes[device]
+            assert o.active and o.manifest_version is not None and started <= o.manifest_version < started + 60
+        assert outcomes["evil-2"].manifest_version == U32_MAX and not outcomes["evil-2"].active
+        evil = outcomes["evil-1"]
+        assert (evil.state, evil.manifest_version, evil.active) == ("skipped", None, False)
+        assert evil.status == f"not deployed: runs manifest version {U32_MAX}: no higher version fits in u32"
+        assert all(runs_model(d, assets().model) for d in fleet.devices)
+
+
+def test_malformed_and_out_of_range_announcements_are_skipped_with_reasons(
+    env: Env, mosquitto: MosquittoBroker
+) -> None:
+    nrf = get_target("nrf52840")
+    ref = {"name": "vibration-ae-nrf52840", "sha256": "ab" * 32}
+    bad: dict[str, bytes] = {
+        "bad-json": b"{not json",
+        "bad-version": hostile_announcement("bad-version", model={**ref, "version": 2**32}),
+        "bad-chunk": hostile_announcement("bad-chunk", max_chunk=1 << 20),
+        "bad-slot": hostile_announcement("bad-slot", slot_bytes=-1),
+        "bad-key": hostile_announcement("bad-key", key_ids=["test key\n"]),
+        "bad-fleet": hostile_announcement("bad-fleet", fleet="elsewhere"),
+    }
+    expected = {
+        "bad-json": "invalid Announcement JSON",
+        "bad-version": "model.version: Input should be less than or equal to 4294967295",
+        "bad-chunk": "max_chunk: Input should be less than or equal to 4096",
+        "bad-slot": "slot_bytes: Input should be greater than or equal to 0",
+        "bad-key": "key_ids.0: String should match pattern",
+        "bad-fleet": "announcement names fleet elsewhere on a topic of fleet plant",
+    }
+    with fleet_of(mosquitto, nrf, 2, "dev", env.keyring) as fleet, hostile_client(mosquitto) as publish:
+        for device, payload in bad.items():
+            publish(device, payload)
+        with DeploymentSession(mosquitto.address, OtaTopics(FLEET), env.store.signer()) as session:
+            selection = select_targets_task.fn(session, deployable(), None, None)
+            assert [a.device for a in selection.targets] == ids(fleet)
+            reasons = {s.device: s.reason for s in selection.skipped}
+            assert reasons.keys() == bad.keys() and all(s.profile is None for s in selection.skipped)
+            for device, text in expected.items():
+                assert text in reasons[device] and "\n" not in reasons[device], reasons[device]
+            outcomes = session.deploy(deployable(), selection.targets, timeout_s=10)
+        assert [(o.device, o.active) for o in outcomes] == [(d, True) for d in ids(fleet)]
+        # a later valid announcement on the same topic replaces the rejection
+        publish("bad-json", hostile_announcement("bad-json"))
+        found = {a.device for a in discover_devices(mosquitto.address, OtaTopics(FLEET))}
+        assert found == {*ids(fleet), "bad-json"}
 
 
 # --- the flow end to end ------------------------------------------------------------------------------
