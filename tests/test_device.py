@@ -678,3 +678,20 @@ def test_cli_keygen_then_run_devices_that_take_a_group_deploy(
     assert sorted(DeviceStatus.model_validate_json(line).device for line in status.output.splitlines()) == [
         "node-0000", "node-0001", "node-0002",
     ]  # fmt: skip
+
+
+def test_cli_status_takes_the_device_from_the_topic(settings: Any, mosquitto: MosquittoBroker) -> None:
+    from tinymlops.cli_device import device_app
+
+    real = DeviceStatus(device="node-0000", seq=1, ts=1.0, state="idle", status="idle")
+    spoof = real.model_copy(update={"state": "failed", "status": "failed: spoofed"})
+    client = make_client(mosquitto.address, "hostile")
+    connect(client, mosquitto.address)
+    for topic, message in ((TOPICS.status("node-0000"), real), (TOPICS.status("node-0009"), spoof)):
+        client.publish(topic, message.encode(), qos=1, retain=True).wait_for_publish(5)
+    client.disconnect()
+    client.loop_stop()
+    args = ["status", "--broker", mosquitto.address.url, "--fleet", FLEET, "--wait", "0.5", "--json"]
+    result = CliRunner().invoke(device_app, args)
+    assert result.exit_code == 0, result.output
+    assert [DeviceStatus.model_validate_json(line) for line in result.output.splitlines()] == [real]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ device_app = typer.Typer(
     help="Simulated MCU devices: signed OTA model updates over MQTT, TFLite Micro scoring.", no_args_is_help=True
 )
 console = Console()
+log = logging.getLogger(__name__)
 
 
 @device_app.command("run")
@@ -189,12 +191,16 @@ def status(
     lock = threading.Lock()
 
     def on_message(_client: Any, _userdata: Any, message: Any) -> None:
+        topic = topics.parse(message.topic)
+        if topic is None:
+            return
         try:
-            parsed = DeviceStatus.decode(message.payload)
-        except OtaDecodeError:
+            parsed = DeviceStatus.decode_from(topic[0], message.payload)
+        except OtaDecodeError as exc:  # a device is who its topic says
+            log.warning("ignoring the status on the topic of %s: %s", topic[0], exc)
             return
         with lock:
-            found[parsed.device] = parsed
+            found[topic[0]] = parsed
 
     client = make_client(address, settings=settings.mqtt)
     client.on_message = on_message
