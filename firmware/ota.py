@@ -74,7 +74,7 @@ CRC_BYTES = 4
 JSON_VERSION = 1
 U32_MAX = 0xFFFF_FFFF  # manifest versions, sizes and the arena are u32 on the wire
 U16_MAX = 0xFFFF
-MAX_FIRMWARE_CHARS = 128
+MAX_FIRMWARE_CHARS = 2 * 255 + 3  # a gateway announces `firmware (board)`: two str8 of the serial protocol
 MAX_ANNOUNCED_KEYS = 64
 MAX_ANNOUNCED_DSP_VERSIONS = 16
 
