@@ -567,7 +567,7 @@ def version_limit_reason(highest: int) -> str | None:
     """Why a device that has seen manifest version ``highest`` cannot get a newer one (None: it can)."""
     if highest < U32_MAX:
         return None
-    return f"runs manifest version {highest}: no higher version fits in u32"
+    return f"manifest version {highest} already seen: no higher version fits in u32"
 
 
 def select_targets(
@@ -1170,9 +1170,9 @@ class DeploymentReport:
         return "deployed" if active == len(final) else "partial" if active else "failed"
 
     def counts(self) -> dict[str, int]:
-        """Devices per final state, with the selected, skipped and rolled-back totals."""
+        """Devices per final state, with the selected, skipped (at selection or in a wave) and rolled-back totals."""
         final = list(self.final().values())
-        counts = {"selected": len(final), "skipped": len(self.skipped),
+        counts = {"selected": len(final), "skipped": len(self.skipped) + sum(o.state == "skipped" for o in final),
                   "active": sum(o.active and o.role != "rollback" for o in final),
                   "rolled_back": sum(o.role == "rollback" and o.active for o in final)}  # fmt: skip
         for state in ("failed", "ignored", "cancelled", "timeout", "not delivered", "held"):

@@ -309,6 +309,8 @@ def test_report_outcome_counts_and_markdown() -> None:
     partial = report([outcome("a", active=True), outcome("b", active=False)])
     assert partial.outcome == "partial" and partial.counts()["failed"] == 1
     assert report([outcome("b", active=False)]).outcome == "failed"
+    no_version = report([outcome("a", active=True), outcome("b", active=False, state="skipped")])
+    assert no_version.outcome == "partial" and no_version.counts()["skipped"] == 2
     markdown = partial.to_markdown()
     assert "| b | fleet | m/1 v7 | yes | no | no | no | failed: load failed | m v6 | 7/7 |" in markdown
     assert "| s | rp2040 | profile rp2040 |" in markdown and markdown.startswith("# Deployment of m/1")
@@ -463,7 +465,7 @@ def test_an_announced_version_at_the_u32_limit_affects_only_its_own_device(
             selection = select_targets_task.fn(session, deployable(), None, None)
             assert [a.device for a in selection.targets] == ["dev-0000", "dev-0001", "evil-2"]
             assert selection.skipped == [SkippedDevice(
-                "evil-1", "nrf52840", f"runs manifest version {U32_MAX}: no higher version fits in u32"
+                "evil-1", "nrf52840", f"manifest version {U32_MAX} already seen: no higher version fits in u32"
             )]  # fmt: skip
             started = int(time.time())
             outcomes = {o.device: o for o in session.deploy(deployable(), session.announcements(), timeout_s=3)}
@@ -473,7 +475,7 @@ def test_an_announced_version_at_the_u32_limit_affects_only_its_own_device(
         assert outcomes["evil-2"].manifest_version == U32_MAX and not outcomes["evil-2"].active
         evil = outcomes["evil-1"]
         assert (evil.state, evil.manifest_version, evil.active) == ("skipped", None, False)
-        assert evil.status == f"not deployed: runs manifest version {U32_MAX}: no higher version fits in u32"
+        assert evil.status == f"not deployed: manifest version {U32_MAX} already seen: no higher version fits in u32"
         assert all(runs_model(d, assets().model) for d in fleet.devices)
 
 
