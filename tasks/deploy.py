@@ -19,10 +19,11 @@ The device side is ``firmware/OTA_PROTOCOL.md``; this module is the server's par
   reported as not delivered and its manifest is withdrawn, so it does not start a download
   that nobody serves any more (the next deployment reaches it).
 * **Manifest versions** are monotonic per device and never reused: ``max(UNIX time in seconds,
-  highest version the device announced, reported or was sent + 1)`` (a group manifest: the
-  highest over its members), so a version a device once failed (never retried) or a rollback
-  always gets a higher one. A device whose next version would not fit the manifest's u32 is
-  skipped with the reason; it cannot push the others' versions.
+  highest version the device announced, reported or was sent + 1)``, so a version a device once
+  failed (never retried) or a rollback always gets a higher one. A group manifest carries the
+  UNIX time; a member already past it gets its own manifest. So no device, hostile or not, raises
+  another's version; one whose next version would not fit the manifest's u32 is skipped with the
+  reason.
 * **Canary** (:func:`judge_canary`): a fraction of the devices first; their anomaly rate over
   ``watch_s`` is compared with ``factor`` times the larger of the bundle's expected false-alarm
   rate and the rate the old model gives meanwhile on the other devices; any failed canary is
@@ -857,25 +858,29 @@ class DeploymentSession:
     ) -> list[DeviceOutcome]:
         """Publish signed manifests, wait for every device's final status, return one outcome per device.
 
-        Each device gets ``max(UNIX time, its highest version + 1)`` (a group: one version over the
-        members); a device for which that does not fit u32 gets a ``skipped`` outcome, the others
-        are deployed.
+        Each device gets its own version, ``max(UNIX time, its highest version + 1)``, so no device's
+        history (or hostile announcement) raises another's; a device for which that does not fit u32
+        gets a ``skipped`` outcome, the others are deployed. With ``group``, the members whose version
+        is the UNIX time share one group manifest; a member already past it gets its own manifest
+        (it takes the newer of the two; the group one is not newer for it).
 
         Args:
             model: What to deploy.
             devices: The targets (from :func:`select_targets`).
             role: Recorded in the outcomes.
             group: Publish one manifest to this group instead of one per device; only when every
-                announced member of the group is among ``devices``.
+                announced member of the group it is newer for is among ``devices``.
             timeout_s: How long to wait for the devices' final statuses.
 
         Raises:
-            DeployError: The group has announced members outside ``devices``.
+            DeployError: The group has announced members outside ``devices`` that would take its manifest.
         """
         if not devices:
             return []
         ids = [a.device for a in devices]
-        members = {d for d, a in self.watcher.announcements.items() if group is not None and a.group == group}
+        now = int(time.time())
+        members = {d for d, a in self.watcher.announcements.items()
+                   if group is not None and a.group == group and self.highest_version(d) < now}  # fmt: skip
         if not members <= set(ids):
             outside = ", ".join(sorted(members - set(ids)))
             raise DeployError(f"group {group!r} has members outside the targets: {outside}")
@@ -883,12 +888,13 @@ class DeploymentSession:
         blocked = {d: reason for d in ids if (reason := version_limit_reason(highest[d])) is not None}
         for device, reason in blocked.items():
             log.warning("not deploying to %s: %s", device, reason)
-        now = int(time.time())
-        shared = max([now, *(highest[d] + 1 for d in ids if d not in blocked)]) if group is not None else now
-        versions = {d: max(shared, highest[d] + 1) for d in ids if d not in blocked}
+        versions = {d: max(now, highest[d] + 1) for d in ids if d not in blocked}
         self._sent.update(versions)
         chunk_size = min([self.chunk_size, *(a.max_chunk for a in devices)])
-        audiences = {a.device: group_audience(group) if group else device_audience(a.device) for a in devices}
+        audiences = {d: device_audience(d) for d in versions}
+        if group is not None:
+            audiences.update({d: group_audience(group) for d, version in versions.items() if version == now})
+        on_group = [d for d in versions if audiences[d] != device_audience(d)]
         with self.watcher.changed:
             self._trackers = {
                 a.device: _Tracker(a, role, versions[a.device], audiences[a.device])
@@ -906,16 +912,14 @@ class DeploymentSession:
         log.info("deploying %s as manifest v%s to %d device(s)%s", model.label,
                  "/".join(map(str, sorted(set(versions.values())))) or "-", len(versions),
                  f" (group {group})" if group else "")  # fmt: skip
-        if group is not None:
+        if on_group:
             published = time.monotonic()
-            for tracker in self._trackers.values():
-                tracker.published = published
-            if versions:
-                publish(None, shared)
-        else:
-            for device in versions:
-                self._trackers[device].published = time.monotonic()
-                publish(device, versions[device])
+            for device in on_group:
+                self._trackers[device].published = published
+            publish(None, now)
+        for device in (d for d in versions if d not in on_group):
+            self._trackers[device].published = time.monotonic()
+            publish(device, versions[device])
         deadline = time.monotonic() + timeout_s
         with self.watcher.changed:
             self.watcher.changed.wait_for(

@@ -453,26 +453,33 @@ def test_a_spoofed_device_id_on_another_topic_is_rejected_for_that_topic_and_rep
         assert named.skipped == [SkippedDevice("dev-9", None, reason)]
 
 
+@pytest.mark.parametrize("group", [None, "line-1"])
 def test_an_announced_version_at_the_u32_limit_affects_only_its_own_device(
-    env: Env, mosquitto: MosquittoBroker
+    env: Env, mosquitto: MosquittoBroker, group: str | None
 ) -> None:
     nrf = get_target("nrf52840")
     ref = {"name": "vibration-ae-nrf52840", "sha256": "ab" * 32}
-    with fleet_of(mosquitto, nrf, 2, "dev", env.keyring) as fleet, hostile_client(mosquitto) as publish:
-        publish("evil-1", hostile_announcement("evil-1", model={**ref, "version": U32_MAX}))
-        publish("evil-2", hostile_announcement("evil-2", model={**ref, "version": U32_MAX - 1}))
+    with (
+        fleet_of(mosquitto, nrf, 2, "dev", env.keyring, group="line-1") as fleet,
+        hostile_client(mosquitto) as publish,
+    ):
+        publish("evil-1", hostile_announcement("evil-1", group="line-1", model={**ref, "version": U32_MAX}))
+        publish("evil-2", hostile_announcement("evil-2", group="line-1", model={**ref, "version": U32_MAX - 1}))
         with DeploymentSession(mosquitto.address, OtaTopics(FLEET), env.store.signer()) as session:
-            selection = select_targets_task.fn(session, deployable(), None, None)
+            selection = select_targets_task.fn(session, deployable(), None, group)
             assert [a.device for a in selection.targets] == ["dev-0000", "dev-0001", "evil-2"]
             assert selection.skipped == [SkippedDevice(
                 "evil-1", "nrf52840", f"manifest version {U32_MAX} already seen: no higher version fits in u32"
             )]  # fmt: skip
             started = int(time.time())
-            outcomes = {o.device: o for o in session.deploy(deployable(), session.announcements(), timeout_s=3)}
+            wave = session.deploy(deployable(), session.announcements(), group=group, timeout_s=3)
+        outcomes = {o.device: o for o in wave}
         for device in ("dev-0000", "dev-0001"):  # the hostile versions did not push theirs up
             o = outcomes[device]
             assert o.active and o.manifest_version is not None and started <= o.manifest_version < started + 60
+            assert o.audience == (f"group:{group}" if group else f"device:{device}")
         assert outcomes["evil-2"].manifest_version == U32_MAX and not outcomes["evil-2"].active
+        assert outcomes["evil-2"].audience == "device:evil-2"  # past the group's version: its own manifest
         evil = outcomes["evil-1"]
         assert (evil.state, evil.manifest_version, evil.active) == ("skipped", None, False)
         assert evil.status == f"not deployed: manifest version {U32_MAX} already seen: no higher version fits in u32"
