@@ -13,11 +13,14 @@ import itertools
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Annotated, Any, NoReturn
 
 import pydantic
@@ -58,6 +61,36 @@ app.command("deploy")(deploy_command)
 console = Console()
 err_console = Console(stderr=True)
 _state = {"debug": False}
+log = logging.getLogger(__name__)
+
+# Signals that stop a command: Ctrl-C, ``kill`` (systemd, Docker, CI) and a closed terminal.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@dataclass
+class _Stopping:
+    """The stop signal this process received, once one arrived (then it only cleans up and exits)."""
+
+    signal: signal.Signals | None = None
+
+
+_stopping = _Stopping()
+
+
+def _on_stop_signal(signum: int, _frame: FrameType | None) -> None:
+    """Turn the first stop signal into KeyboardInterrupt in the main thread; later ones only wait for the cleanup.
+
+    Python's default SIGTERM and SIGHUP end the process at once, skipping ``finally``, ``with`` exits
+    and atexit: Mosquitto, Prefect's temporary server and QEMU (in a session of its own) were left
+    running. Raised as KeyboardInterrupt, every stop goes through the cleanups Ctrl-C runs. A signal
+    arriving during those is not raised again: interrupting a cleanup halfway is what leaves orphans
+    (SIGKILL still forces an exit).
+    """
+    if _stopping.signal is not None:
+        log.warning("stopping already (%s); waiting for the started services to stop", _stopping.signal.name)
+        return
+    _stopping.signal = signal.Signals(signum)
+    raise KeyboardInterrupt
 
 
 def _settings() -> Settings:
@@ -709,11 +742,40 @@ def _validation_line(exc: pydantic.ValidationError) -> str:
 
 
 def main() -> None:
-    """Console-script entry point: run the app, turn domain errors into one line and exit 1."""
+    """Console-script entry point: run the app; errors and stop signals end it with one line.
+
+    A domain error exits 1, a usage error 2. SIGINT, SIGTERM and SIGHUP stop the command as Ctrl-C
+    does, then exit ``128 + signal`` (130, 143, 129) after ``stopped by SIG...``.
+    """
+    _stopping.signal = None
+    # A signal the parent set to ignore stays ignored: ``nohup`` (SIGHUP), a background job (SIGINT).
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    for sig, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(sig, _on_stop_signal)
+    try:
+        _run_app()
+    except SystemExit:
+        if _stopping.signal is None:
+            raise
+    finally:
+        if _stopping.signal is None:  # called in-process (tests): leave the caller's handlers as they were
+            for sig, handler in previous.items():
+                if handler is not None:  # None: set outside Python, cannot be put back
+                    signal.signal(sig, handler)
+    if _stopping.signal is not None:
+        # The handler stays: atexit cleanups (Prefect's temporary server) still run after this exit.
+        err_console.print(f"stopped by {_stopping.signal.name}", highlight=False)
+        sys.exit(128 + _stopping.signal)
+
+
+def _run_app() -> None:
+    """Run the app; turn domain errors into one line and exit 1."""
     try:
         app(standalone_mode=False)
     except typer.Abort:
-        err_console.print("aborted")
+        if _stopping.signal is None:  # a stop signal has its own line, in main
+            err_console.print("aborted")
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

@@ -293,6 +293,9 @@ class MosquittoBroker:
         except BrokerError:
             self.stop()
             raise BrokerError(f"mosquitto did not start on port {self.port}; see {self.log_file}") from None
+        except BaseException:  # a stop signal while waiting: broker_for's cleanup does not cover a start
+            self.stop()
+            raise
         log.info("started mosquitto (pid %d) on %s", self._process.pid, self.address.url)
         return self
 

@@ -71,22 +71,36 @@ class LocalService:
             self._process = subprocess.Popen(
                 self._command, stdout=out, stderr=subprocess.STDOUT, env=self._env, start_new_session=True
             )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise ServiceError(f"{self.name} exited with code {self._process.returncode}; see {self.log_file}")
-            try:
-                with urllib.request.urlopen(self.url + self._health, timeout=2) as response:
-                    if response.status == 200:
-                        log.info("%s is up at %s (pid %d)", self.name, self.url, self._process.pid)
-                        return self
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.3)
+        try:
+            if self._wait_healthy(self._process, timeout_s):
+                return self
+        except BaseException:  # a stop signal while waiting: the caller has no handle to stop it yet
+            self.stop()
+            raise
         self.stop()
         raise ServiceError(
             f"{self.name} did not answer on {self.url}{self._health} in {timeout_s:.0f} s; see {self.log_file}"
         )
+
+    def _wait_healthy(self, process: subprocess.Popen[bytes], timeout_s: float) -> bool:
+        """Poll the health endpoint until it answers 200 (True) or ``timeout_s`` passes (False).
+
+        Raises:
+            ServiceError: The process exited.
+        """
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise ServiceError(f"{self.name} exited with code {process.returncode}; see {self.log_file}")
+            try:
+                with urllib.request.urlopen(self.url + self._health, timeout=2) as response:
+                    if response.status == 200:
+                        log.info("%s is up at %s (pid %d)", self.name, self.url, process.pid)
+                        return True
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.3)
+        return False
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """Stop the whole process group: SIGINT (graceful), then SIGTERM, then SIGKILL."""
