@@ -29,6 +29,7 @@ from tasks.lake import (
     WindowBatch,
     compact_lake,
     known_seqs,
+    range_problem,
     write_quarantine,
     write_windows,
 )
@@ -76,6 +77,9 @@ def validate_message(
         raise ValidationError(f"sample rate {window.sample_rate_hz} Hz, fleet expects {sensor.sample_rate_hz} Hz")
     if window.samples.size != sensor.window_samples:
         raise ValidationError(f"window has {window.samples.size} samples, fleet expects {sensor.window_samples}")
+    problem = range_problem(window.samples, window.scale, sensor.max_abs_g)
+    if problem is not None:
+        raise ValidationError(problem)
     clipped = int(np.count_nonzero((window.samples == FULL_SCALE[0]) | (window.samples == FULL_SCALE[1])))
     if clipped > sensor.max_clipped_fraction * window.samples.size:
         raise ValidationError(

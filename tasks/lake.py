@@ -570,7 +570,8 @@ def read_windows(
         column.buffers()[2], dtype="<i2", count=(offsets[-1] - offsets[0]) // 2, offset=int(offsets[0])
     )
     samples = flat.reshape(table.num_rows, lengths[0]).astype(np.float32)
-    samples *= table["scale"].to_numpy(zero_copy_only=False).astype(np.float32)[:, None]
+    with np.errstate(over="ignore"):  # a corrupt scale gives inf, which window_problems() reports
+        samples *= table["scale"].to_numpy(zero_copy_only=False).astype(np.float32)[:, None]
     return LakeWindows(
         samples=samples,
         sample_rate_hz=int(rates[0]),
@@ -581,6 +582,48 @@ def read_windows(
         label=np.asarray(table["label"].to_pylist(), dtype=object),
         source=np.asarray(table["source"].to_pylist(), dtype=object),
     )
+
+
+def range_problem(samples: npt.NDArray[np.int16], scale: float, max_abs_g: float) -> str | None:
+    """Say why a window's samples x scale are outside the sensor's physical full scale, if they are.
+
+    Args:
+        samples: The window's int16 samples.
+        scale: Physical units (g) per LSB.
+        max_abs_g: The largest |sample x scale| a real sensor reports.
+
+    Returns:
+        One line starting ``out of range:`` or ``invalid scale``, or None when the window is within range.
+    """
+    if not np.isfinite(scale) or scale <= 0:
+        return f"invalid scale {scale}: must be a finite positive number"
+    peak = float(np.abs(samples.astype(np.int32)).max(initial=0)) * float(scale)  # float64: never overflows
+    if peak > max_abs_g:
+        return f"out of range: peak |sample x scale| {peak:.3g} g above the sensor full scale {max_abs_g:g} g"
+    return None
+
+
+def window_problems(samples: npt.NDArray[np.float32], max_abs_g: float) -> list[str | None]:
+    """Say, row by row, why windows in physical units cannot be trained on (None for a usable row).
+
+    Args:
+        samples: Windows in g, one per row, as :func:`read_windows` returns them.
+        max_abs_g: The largest |sample| a real sensor reports.
+
+    Returns:
+        Per row: ``"non-finite samples: N"``, ``"out of range: ..."`` or None.
+    """
+    bad_count = np.count_nonzero(~np.isfinite(samples), axis=1)
+    peaks = np.abs(np.where(np.isfinite(samples), samples, 0)).max(axis=1, initial=0)
+    problems: list[str | None] = []
+    for bad, peak in zip(bad_count.tolist(), peaks.tolist(), strict=True):
+        if bad:
+            problems.append(f"non-finite samples: {bad} NaN or infinite of {samples.shape[1]}")
+        elif peak > max_abs_g:
+            problems.append(f"out of range: peak |sample| {peak:.3g} g above the sensor full scale {max_abs_g:g} g")
+        else:
+            problems.append(None)
+    return problems
 
 
 def _empty_windows(width: int) -> LakeWindows:

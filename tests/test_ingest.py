@@ -238,3 +238,25 @@ def test_ingest_through_embedded_amqtt_broker(tmp_path: Path) -> None:
         broker.stop()
     assert stats.accepted == 60
     assert len(read_windows(tmp_path / "lake", fleet="f1")) == 60
+
+
+@pytest.mark.mqtt
+def test_window_beyond_the_physical_full_scale_is_quarantined_not_stored(
+    tmp_path: Path, mosquitto: MosquittoBroker
+) -> None:
+    """Scale 3e38 is finite, so the codec accepts it, but samples x scale overflow float32 (issue 13)."""
+    config = config_for(tmp_path)
+    ensure_subscription(mosquitto.address, config)
+    good = [(topic(), encode(make_window(seq=s))) for s in range(3)]
+    poisoned = (topic(), encode(make_window(seq=3, scale=3e38)))
+    publish_all(mosquitto.address, [*good, poisoned])
+
+    stats = run_ingest(mosquitto.address, config, seconds=30, idle_timeout_s=1.0)
+
+    assert (stats.accepted, stats.rejected) == (3, 1)
+    assert stats.reject_reasons == {"out of range": 1}
+    lake = read_windows(tmp_path / "lake", fleet="f1")
+    assert sorted(lake.seq.tolist()) == [0, 1, 2]
+    assert np.isfinite(lake.samples).all()
+    (reason,) = read_quarantine(tmp_path / "quarantine").to_pydict()["reason"]
+    assert reason.startswith("out of range: peak |sample x scale|") and "full scale 2000 g" in reason

@@ -42,6 +42,10 @@ class MqttSettings(BaseModel):
     )
 
 
+DEFAULT_MAX_ABS_G = 2000.0
+"""Largest |sample x scale| in g a real vibration sensor reports (see :attr:`SensorSettings.max_abs_g`)."""
+
+
 class SensorSettings(BaseModel):
     """The fleet's sensor format: what a valid vibration window looks like."""
 
@@ -55,6 +59,16 @@ class SensorSettings(BaseModel):
     )
     min_timestamp_s: float = Field(
         default=1_577_836_800.0, description="Reject windows time-stamped before this (2020-01-01)."
+    )
+    max_abs_g: float = Field(
+        default=DEFAULT_MAX_ABS_G,
+        gt=0,
+        le=1e6,
+        description=(
+            "Physical full scale: reject a window with any |sample x scale| above this many g. Industrial "
+            "accelerometers (MEMS and ICP) report at most a few hundred to 2,000 g; a larger value is a "
+            "corrupt or hostile scale, and a float32 lake would read it back as inf."
+        ),
     )
 
 
