@@ -34,6 +34,7 @@ from scipy.signal import resample_poly
 from firmware.codec import MAX_DEVICE_ID_BYTES, MAX_SAMPLES, VibrationWindow
 from tasks.lake import WindowBatch, known_seqs, known_sources, write_windows
 from tinymlops.errors import DataImportError
+from tinymlops.settings import DEFAULT_MAX_ABS_G
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +115,7 @@ def import_file(
     target_rate_hz: int = 25_600,
     window_samples: int = 1024,
     start: dt.datetime | None = None,
+    max_abs_g: float = DEFAULT_MAX_ABS_G,
 ) -> ImportResult:
     """Import one recorded file into the lake as windows of one device.
 
@@ -128,6 +130,8 @@ def import_file(
         target_rate_hz: Fleet sample rate the signal is resampled to.
         window_samples: Samples per window.
         start: Timezone-aware time of the first sample; default now (UTC).
+        max_abs_g: The sensor's physical full scale: a file whose resampled signal (in g) exceeds it
+            anywhere is refused whole.
 
     Returns:
         What was imported; ``duplicate=True`` and nothing written if these bytes were already imported.
@@ -163,6 +167,12 @@ def import_file(
             f"{target_rate_hz} Hz, one window needs {window_samples}"
         )
     frames = resampled[: n_windows * window_samples].reshape(n_windows, window_samples)
+    peak = float(np.abs(frames).max())
+    if not peak <= max_abs_g:  # also refuses inf/NaN from resampling huge values
+        raise DataImportError(
+            f"{path}: peak |value| {peak:.3g} g above the sensor full scale {max_abs_g:g} g "
+            f"(window {int(np.abs(frames).max(axis=1).argmax())} of {n_windows}); nothing imported"
+        )
     quantised, scale = _quantise(frames)
 
     last_seq = known_seqs(lake_root, fleet, horizon_days=_ALL_DAYS).last(device_id)
@@ -203,6 +213,7 @@ def import_cwru(
     fleet: str = "cwru",
     target_rate_hz: int = 25_600,
     window_samples: int = 1024,
+    max_abs_g: float = DEFAULT_MAX_ABS_G,
 ) -> list[ImportResult]:
     """Import every CWRU recording ``1797_*.npz`` of a directory, labelled from its file name.
 
@@ -215,6 +226,7 @@ def import_cwru(
         fleet: Fleet to import into.
         target_rate_hz: Fleet sample rate.
         window_samples: Samples per window.
+        max_abs_g: The sensor's physical full scale in g (see :func:`import_file`).
 
     Returns:
         One result per file, in file-name order.
@@ -241,6 +253,7 @@ def import_cwru(
                 fs=rate,
                 target_rate_hz=target_rate_hz,
                 window_samples=window_samples,
+                max_abs_g=max_abs_g,
             )
         )
     new = [r for r in results if not r.duplicate]

@@ -302,6 +302,27 @@ def test_bad_input_raises_and_writes_nothing(
     assert _lake_files(lake) == before
 
 
+def test_file_beyond_the_physical_full_scale_is_refused_in_one_line(tmp_path: Path) -> None:
+    """Finite but absurd values (1e40 g) would be stored with a scale whose samples read back as inf."""
+    lake = tmp_path / "lake"
+    good = tmp_path / "good.npz"
+    np.savez(good, x=_sine(2 * WINDOW, RATE), fs=RATE)
+    import_file(good, lake_root=lake, fleet="f", device="dev")
+    before = _lake_files(lake)
+    path = tmp_path / "absurd.npz"
+    signal = _sine(4 * WINDOW, RATE)
+    signal[3 * WINDOW + 7] = 1e40
+    np.savez(path, x=signal, fs=RATE)
+
+    with pytest.raises(DataImportError, match=r"peak \|value\| .* above the sensor full scale 2000 g") as info:
+        import_file(path, lake_root=lake, fleet="f", device="dev")
+
+    message = str(info.value)
+    assert path.name in message and "\n" not in message and "nothing imported" in message
+    assert _lake_files(lake) == before
+    assert np.isfinite(read_windows(lake, fleet="f").samples).all()
+
+
 def test_missing_file_is_an_import_error(tmp_path: Path) -> None:
     with pytest.raises(DataImportError, match=r"cannot read .*nowhere.npz"):
         load_signal(tmp_path / "nowhere.npz", fs=RATE)

@@ -459,6 +459,7 @@ def import_files(
             fs=fs,
             target_rate_hz=settings.sensor.sample_rate_hz,
             window_samples=settings.sensor.window_samples,
+            max_abs_g=settings.sensor.max_abs_g,
         )
         rows.append(
             {
@@ -489,6 +490,7 @@ def import_cwru_command(
         fleet=fleet,
         target_rate_hz=settings.sensor.sample_rate_hz,
         window_samples=settings.sensor.window_samples,
+        max_abs_g=settings.sensor.max_abs_g,
     )
     _print_table(
         "Imported",
