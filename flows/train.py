@@ -12,7 +12,7 @@ from prefect.runtime import flow_run
 
 from firmware.dsp import DspSpec
 from tasks.compress import compress_task
-from tasks.datasets import LakeSelection, load_dataset_task
+from tasks.datasets import LakeSelection, load_dataset_task, skipped_summary
 from tasks.evaluate import enforce_quality, evaluate_fixed_point_task, evaluate_models_task, with_fixed_point
 from tasks.packaging import (
     build_drift_reference_task,
@@ -53,7 +53,8 @@ def train_flow(
         promote: Promote a registered version to champion when the promotion rule allows it.
 
     Returns:
-        Run id, bundle directories per target, budget verdicts, and the evaluation figures.
+        Run id, bundle directories per target, budget verdicts, the evaluation figures, and the lake
+        windows skipped as unusable (a count and the first few, each with device, seq and reason).
     """
     settings = get_settings()
     fleet = fleet or settings.fleet
@@ -64,7 +65,10 @@ def train_flow(
     run_name = f"train-{dt.datetime.now(tz=dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     lineage = {"train_run": run_name, "prefect_flow_run_id": str(flow_run.id or "")}
 
-    dataset = load_dataset_task(settings.lake_root, selection, settings.sensor.window_samples)
+    dataset = load_dataset_task(
+        settings.lake_root, selection, settings.sensor.window_samples, settings.sensor.max_abs_g
+    )
+    skipped = skipped_summary(dataset.skipped)
     spec = DspSpec(sample_rate_hz=dataset.sample_rate_hz, window_samples=settings.sensor.window_samples)
     features = build_feature_sets_task(dataset.train_normal, dataset.test_normal, dataset.faults, spec, config)
     window_seconds = spec.window_samples / spec.sample_rate_hz
@@ -149,6 +153,7 @@ def train_flow(
                 "run": run_name,
                 "bundles": str(run_dir),
                 "MLflow run id": mlflow_run_id,
+                **{f"skipped {w['device']} seq {w['seq']}": w["reason"] for w in skipped["first"]},
                 **{f"{p['model']} v{p['version']}": "champion" if p["promoted"] else "candidate" for p in promotions},
             },
         ),
@@ -170,6 +175,7 @@ def train_flow(
         "arena_bytes": arena.smallest_working_bytes,
         "dataset_fingerprint": dataset.fingerprint,
         "counts": dataset.counts,
+        "skipped_windows": skipped,
         "mlflow_run_id": mlflow_run_id,
         "registered": promotions,
     }

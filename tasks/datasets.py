@@ -23,14 +23,17 @@ from prefect.cache_policies import NO_CACHE
 
 from firmware.codec import VibrationWindow
 from firmware.sensor import FaultSpec, MachineSimulator, OperatingPoint, quantize
-from tasks.lake import LakeWindows, WindowBatch, read_windows, write_windows
+from tasks.lake import LakeWindows, WindowBatch, read_windows, window_problems, write_windows
 from tinymlops.errors import TinyMLOpsError
+from tinymlops.settings import DEFAULT_MAX_ABS_G
 
 log = logging.getLogger(__name__)
 
 NORMAL_LABEL = "normal"
 REFERENCE_FAULTS = ("inner_race", "outer_race", "ball", "imbalance", "misalignment")
 REFERENCE_SOURCE = "simulator:seeded-fault-reference"
+SKIPPED_SHOWN = 5
+"""How many skipped windows logs, outcomes and reports name (all are counted)."""
 
 
 class DatasetError(TinyMLOpsError):
@@ -67,6 +70,49 @@ class LakeSelection:
         }
 
 
+@dataclass(frozen=True)
+class SkippedWindow:
+    """A lake window left out of a dataset because it cannot be trained on."""
+
+    device: str
+    seq: int
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form, for outcomes and reports."""
+        return {"device": self.device, "seq": self.seq, "reason": self.reason}
+
+
+def skipped_summary(skipped: tuple[SkippedWindow, ...]) -> dict[str, Any]:
+    """Count of skipped windows and the first :data:`SKIPPED_SHOWN` of them, for outcomes and reports."""
+    return {"count": len(skipped), "first": [w.to_dict() for w in skipped[:SKIPPED_SHOWN]]}
+
+
+def drop_unusable(windows: LakeWindows, max_abs_g: float) -> tuple[LakeWindows, tuple[SkippedWindow, ...]]:
+    """Drop windows with non-finite or out-of-range samples (older data, another writer), saying which.
+
+    Args:
+        windows: Windows read from the lake.
+        max_abs_g: The sensor's physical full scale in g.
+
+    Returns:
+        The usable windows, and the skipped ones with their reasons, in lake order.
+    """
+    problems = window_problems(windows.samples, max_abs_g)
+    skipped = tuple(
+        SkippedWindow(str(device), int(seq), problem)
+        for device, seq, problem in zip(windows.device, windows.seq, problems, strict=True)
+        if problem is not None
+    )
+    if skipped:
+        log.warning(
+            "skipped %d unusable lake windows (device, seq, reason), first: %s",
+            len(skipped),
+            "; ".join(f"{w.device} {w.seq}: {w.reason}" for w in skipped[:SKIPPED_SHOWN]),
+        )
+    return windows.select(np.asarray([p is None for p in problems], dtype=bool)), skipped
+
+
 @dataclass
 class DatasetSplit:
     """Normal windows for training and held-out testing, and fault windows by class."""
@@ -77,6 +123,7 @@ class DatasetSplit:
     sample_rate_hz: int
     fingerprint: str
     counts: dict[str, int] = field(default_factory=dict)
+    skipped: tuple[SkippedWindow, ...] = ()
 
 
 def fingerprint(windows: LakeWindows, selection: LakeSelection) -> str:
@@ -110,19 +157,25 @@ class LabelledWindows:
     normal: LakeWindows
     faults: dict[str, npt.NDArray[np.float32]]
     fingerprint: str
+    skipped: tuple[SkippedWindow, ...] = ()
 
 
-def load_labelled(lake_root: Path, selection: LakeSelection, *, window_samples: int) -> LabelledWindows:
+def load_labelled(
+    lake_root: Path, selection: LakeSelection, *, window_samples: int, max_abs_g: float = DEFAULT_MAX_ABS_G
+) -> LabelledWindows:
     """Read the selection's normal windows, and the fleet's labelled fault windows, by class.
 
     The device and time filters apply to normal windows only: labelled fault windows (imported
     recordings, the seeded-fault reference set) are the fleet's evaluation set whatever the
     selection, so a retraining on the last minutes of some devices is still evaluated on them.
+    Windows with non-finite samples or samples beyond ``max_abs_g`` are skipped and reported.
 
     Raises:
-        DatasetError: The selection holds no windows, or no normal ones.
+        DatasetError: The selection holds no usable windows, or no normal ones.
     """
-    windows = read_windows(lake_root, fleet=selection.fleet, window_samples=window_samples)
+    windows, skipped = drop_unusable(
+        read_windows(lake_root, fleet=selection.fleet, window_samples=window_samples), max_abs_g
+    )
     labels = np.asarray([lbl if lbl is not None else "" for lbl in windows.label], dtype=object)
     in_selection = np.ones(len(windows), dtype=bool)
     if selection.devices is not None:
@@ -140,18 +193,25 @@ def load_labelled(lake_root: Path, selection: LakeSelection, *, window_samples: 
     fault_mask = ~is_normal & (labels != "")
     faults = {str(lbl): windows.samples[fault_mask & (labels == lbl)] for lbl in sorted(set(labels[fault_mask]))}
     used = windows.select(normal_mask | fault_mask)
-    return LabelledWindows(windows.select(normal_mask), faults, fingerprint(used, selection))
+    return LabelledWindows(windows.select(normal_mask), faults, fingerprint(used, selection), skipped)
 
 
 def load_dataset(
-    lake_root: Path, selection: LakeSelection, *, window_samples: int, test_fraction: float = 0.2
+    lake_root: Path,
+    selection: LakeSelection,
+    *,
+    window_samples: int,
+    test_fraction: float = 0.2,
+    max_abs_g: float = DEFAULT_MAX_ABS_G,
 ) -> DatasetSplit:
     """Read a selection, split normal windows into train and a time-ordered test tail, group faults.
+
+    Unusable windows (non-finite, beyond ``max_abs_g``) are skipped and listed in ``skipped``.
 
     Raises:
         DatasetError: No normal windows, or no fault windows to evaluate against.
     """
-    labelled = load_labelled(lake_root, selection, window_samples=window_samples)
+    labelled = load_labelled(lake_root, selection, window_samples=window_samples, max_abs_g=max_abs_g)
     if not labelled.faults:
         raise DatasetError(
             f"no labelled fault windows for fleet {selection.fleet!r} to evaluate against: import labelled "
@@ -160,6 +220,8 @@ def load_dataset(
     train, test = holdout_last(labelled.normal, test_fraction)
     counts = {"train_normal": len(train), "test_normal": len(test)}
     counts |= {f"fault_{name}": len(rows) for name, rows in labelled.faults.items()}
+    if labelled.skipped:
+        counts["skipped_unusable"] = len(labelled.skipped)
     log.info("dataset for fleet %s: %s", selection.fleet, counts)
     return DatasetSplit(
         train_normal=train.samples,
@@ -168,6 +230,7 @@ def load_dataset(
         sample_rate_hz=labelled.normal.sample_rate_hz,
         fingerprint=labelled.fingerprint,
         counts=counts,
+        skipped=labelled.skipped,
     )
 
 
@@ -247,6 +310,8 @@ def write_reference_set(
 
 
 @task(name="load-dataset", cache_policy=NO_CACHE)
-def load_dataset_task(lake_root: Path, selection: LakeSelection, window_samples: int) -> DatasetSplit:
+def load_dataset_task(
+    lake_root: Path, selection: LakeSelection, window_samples: int, max_abs_g: float = DEFAULT_MAX_ABS_G
+) -> DatasetSplit:
     """Prefect task: :func:`load_dataset`."""
-    return load_dataset(lake_root, selection, window_samples=window_samples)
+    return load_dataset(lake_root, selection, window_samples=window_samples, max_abs_g=max_abs_g)

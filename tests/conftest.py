@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tinymlops.mqtt import MosquittoBroker
@@ -65,6 +67,7 @@ def cli_env(data_dir: Path, **extra: str) -> dict[str, str]:
 
 
 FAST_TRAINING_CONFIG = REPO_ROOT / "data" / "training_quick.yaml"
+POISONED_WINDOW = ("poisoned-node", 7)
 
 
 @pytest.fixture(scope="session")
@@ -73,14 +76,27 @@ def cwru_trained(
 ) -> Iterator[dict[str, object]]:
     """The real CWRU recordings imported into a lake and trained once per session by the train flow.
 
+    The lake also holds one poisoned window (:data:`POISONED_WINDOW`, scale 3e38, written past the
+    ingest's validation as older data would be), which the flow must skip and report.
     Yields the flow's outcome, plus ``data_dir``; the run's bundles stay on disk for the session.
     """
+    from firmware.codec import VibrationWindow
     from flows.train import train_flow
     from tasks.importers import import_cwru
+    from tasks.lake import WindowBatch, write_windows
 
     data_dir = tmp_path_factory.mktemp("cwru-data")
     with using_data_dir(data_dir):
-        import_cwru(cwru_dir, lake_root=get_settings().lake_root, fleet="cwru")
+        settings = get_settings()
+        import_cwru(cwru_dir, lake_root=settings.lake_root, fleet="cwru")
+        device, seq = POISONED_WINDOW
+        poisoned = WindowBatch()
+        samples = np.full(settings.sensor.window_samples, 1000, np.int16)
+        timestamp_us = int(time.time() * 1e6)
+        poisoned.append(
+            "cwru", VibrationWindow(device, seq, timestamp_us, settings.sensor.sample_rate_hz, 3e38, samples)
+        )
+        write_windows(settings.lake_root, poisoned)
         outcome = train_flow(fleet="cwru", targets=["nrf52840", "rp2040"], config_path=str(FAST_TRAINING_CONFIG))
     yield {**outcome, "data_dir": data_dir}
 

@@ -65,3 +65,21 @@ def test_no_fault_windows_is_a_clear_error(tmp_path: Path) -> None:
 def test_bad_selectors(text: str, message: str) -> None:
     with pytest.raises(DatasetError, match=message):
         parse_selector(text)
+
+
+def test_unusable_lake_windows_are_skipped_and_named(tmp_path: Path) -> None:
+    """A window another writer stored without validation (scale 3e38 reads back as inf) is skipped, not fatal."""
+    lake = lake_with(tmp_path)
+    batch = WindowBatch()
+    loud = np.full(1024, 20_000, np.int16)
+    batch.append("f", VibrationWindow("a", 1000, T0 + HOUR_US // 2, 25_600, 3e38, loud))
+    batch.append("f", VibrationWindow("b", 1000, T0 + HOUR_US // 2, 25_600, 1.0, loud))
+    write_windows(lake, batch)
+
+    split = load_dataset(lake, LakeSelection("f"), window_samples=1024, test_fraction=0.25)
+
+    assert [(w.device, w.seq) for w in split.skipped] == [("a", 1000), ("b", 1000)]
+    assert split.skipped[0].reason.startswith("non-finite samples")
+    assert split.skipped[1].reason.startswith("out of range")
+    assert split.counts == {"train_normal": 60, "test_normal": 20, "fault_ball": 40, "skipped_unusable": 2}
+    assert all(np.isfinite(x).all() for x in (split.train_normal, split.test_normal))

@@ -11,6 +11,7 @@ import pytest
 from firmware.dsp import DspSpec
 from firmware.tflm import TflmRunner
 from tasks.packaging import PackagedTarget, enforce_some_target_fits
+from tests.conftest import POISONED_WINDOW
 from tinymlops.schemas import load_bundle
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow, pytest.mark.prefect]
@@ -26,6 +27,19 @@ def test_train_flow_meets_the_quality_targets_on_cwru(cwru_trained: dict[str, ob
     fixed_point = evaluation["int8_tflm_q15"]
     assert fixed_point["auc"] >= 0.99 and abs(fixed_point["auc"] - evaluation["int8_tflm"]["auc"]) <= 0.01
     assert fixed_point["threshold"] == evaluation["int8_tflm"]["threshold"]  # the one the device is sent
+
+
+def test_train_flow_skips_and_names_a_poisoned_lake_window(cwru_trained: dict[str, object]) -> None:
+    """One window whose samples read back as inf (issue 13) is skipped and reported, not fatal."""
+    device, seq = POISONED_WINDOW
+    skipped = cwru_trained["skipped_windows"]
+    assert isinstance(skipped, dict)
+    assert skipped["count"] == 1
+    (first,) = skipped["first"]
+    assert (first["device"], first["seq"]) == (device, seq)
+    assert first["reason"].startswith("non-finite samples")
+    counts = cwru_trained["counts"]
+    assert isinstance(counts, dict) and counts["skipped_unusable"] == 1
 
 
 def test_train_flow_writes_a_verified_bundle_per_target(cwru_trained: dict[str, object], tmp_path: Path) -> None:

@@ -352,7 +352,9 @@ def evaluate(
         lake_root, selection = Path(data), LakeSelection(bundle.metadata.fleet)
     else:
         selection = parse_selector(data)
-    labelled = load_labelled(lake_root, selection, window_samples=settings.sensor.window_samples)
+    labelled = load_labelled(
+        lake_root, selection, window_samples=settings.sensor.window_samples, max_abs_g=settings.sensor.max_abs_g
+    )
     comparison = evaluate_bundle(
         bundle,
         labelled.normal.samples,
