@@ -65,9 +65,9 @@ class SensorSettings(BaseModel):
         gt=0,
         le=1e6,
         description=(
-            "Physical full scale: reject a window with any |sample x scale| above this many g. Industrial "
-            "accelerometers (MEMS and ICP) report at most a few hundred to 2,000 g; a larger value is a "
-            "corrupt or hostile scale, and a float32 lake would read it back as inf."
+            "Physical full scale: reject a window with any sample x scale beyond +/- this many g (and skip such "
+            "windows in training). Industrial accelerometers report at most a few hundred to 2,000 g; more is a "
+            "corrupt or hostile scale, which a float32 lake could read back as inf."
         ),
     )
 
