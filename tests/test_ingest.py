@@ -238,3 +238,118 @@ def test_ingest_through_embedded_amqtt_broker(tmp_path: Path) -> None:
         broker.stop()
     assert stats.accepted == 60
     assert len(read_windows(tmp_path / "lake", fleet="f1")) == 60
+
+
+LEASE_PROCESS = """
+import sys
+from pathlib import Path
+from tasks.ingest import IngestConfig, run_ingest
+from tinymlops.errors import TinyMLOpsError
+from tinymlops.mqtt import parse_broker_url
+from tinymlops.settings import MqttSettings, SensorSettings
+url, root, fleet, seconds, idle = sys.argv[1], Path(sys.argv[2]), sys.argv[3], float(sys.argv[4]), float(sys.argv[5])
+config = IngestConfig(fleet=fleet, lake_root=root / "lake", quarantine_root=root / "quarantine",
+                      sensor=SensorSettings(), mqtt=MqttSettings(client_id=f"lease-{fleet}"), batch_windows=50,
+                      flush_interval_s=0.2)
+try:
+    run_ingest(parse_broker_url(url), config, seconds=seconds, idle_timeout_s=idle or None)
+except TinyMLOpsError as exc:
+    sys.exit(str(exc))
+"""
+
+
+def start_ingest(address: BrokerAddress, root: Path, fleet: str, seconds: float, idle: float) -> subprocess.Popen[str]:
+    """An ingest of ``fleet`` in its own process (client id ``lease-<fleet>``)."""
+    args = [sys.executable, "-c", LEASE_PROCESS, address.url, str(root), fleet, str(seconds), str(idle)]
+    return subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_lease(root: Path, fleet: str, pid: int, timeout_s: float = 20.0) -> str:
+    """Wait until ``pid`` holds the fleet's ingest lease; returns the lock file's text."""
+    lock = root / "lake" / "vibration" / f"fleet={fleet}" / ".ingest.lock"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = lock.read_text() if lock.exists() else ""
+        if f'"pid": {pid}' in text:
+            return text
+        time.sleep(0.05)
+    raise AssertionError(f"process {pid} did not take the ingest lease of fleet {fleet} within {timeout_s} s")
+
+
+def lake_keys(root: Path, fleet: str) -> list[tuple[str, int]]:
+    windows = read_windows(root / "lake", fleet=fleet)
+    return list(zip(windows.device.tolist(), windows.seq.tolist(), strict=True))
+
+
+@pytest.mark.mqtt
+def test_second_ingest_of_a_fleet_refuses_and_nothing_is_duplicated(tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+    """Two ingests of one fleet shared (and stole) one MQTT session and wrote most windows twice."""
+    ensure_subscription(mosquitto.address, config_for(tmp_path, client_id="lease-f1"))
+    payloads = fleet_payloads(10, 40)
+    publish_all(mosquitto.address, payloads[:200])
+    holder = start_ingest(mosquitto.address, tmp_path, "f1", 20, 3.0)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any((tmp_path / "lake").rglob("*.parquet")):
+            time.sleep(0.05)  # the holder is ingesting
+        second = start_ingest(mosquitto.address, tmp_path, "f1", 20, 3.0)
+        publish_all(mosquitto.address, payloads[200:])
+        _, refusal = second.communicate(timeout=60)
+        holder_status = holder.wait(timeout=60)
+    finally:
+        holder.kill()
+    keys = lake_keys(tmp_path, "f1")
+    assert len(keys) - len(set(keys)) == 0, "duplicates in the lake"
+    assert len(set(keys)) == len(payloads)
+    assert holder_status == 0
+    assert second.returncode == 1
+    lines = refusal.strip().splitlines()
+    assert len(lines) == 1, refusal
+    assert lines[0].startswith(f"fleet f1 is already being ingested into {tmp_path / 'lake'} by pid {holder.pid} on ")
+
+
+@pytest.mark.mqtt
+@pytest.mark.faults
+def test_killed_lease_holder_does_not_block_the_next_ingest(tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+    """The lease dies with its holder: after a SIGKILL the next ingest takes it at once and gets every window."""
+    ensure_subscription(mosquitto.address, config_for(tmp_path, client_id="lease-f1"))
+    holder = start_ingest(mosquitto.address, tmp_path, "f1", 60, 0)
+    wait_for_lease(tmp_path, "f1", holder.pid)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    payloads = fleet_payloads(5, 20)
+    publish_all(mosquitto.address, payloads)
+    successor = start_ingest(mosquitto.address, tmp_path, "f1", 60, 1.5)
+    assert f'"pid": {successor.pid}' in wait_for_lease(tmp_path, "f1", successor.pid, timeout_s=10)
+    _, errors = successor.communicate(timeout=90)
+    assert successor.returncode == 0, errors
+    keys = lake_keys(tmp_path, "f1")
+    assert len(keys) == len(set(keys)) == len(payloads)
+
+
+@pytest.mark.mqtt
+def test_ingests_of_different_fleets_run_side_by_side(tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+    """The lease is per fleet: two fleets, each with its own client id, ingest concurrently into one lake."""
+    fleets = ("f1", "f2")
+    for fleet in fleets:
+        ensure_subscription(mosquitto.address, config_for(tmp_path, client_id=f"lease-{fleet}", fleet=fleet))
+    processes = {fleet: start_ingest(mosquitto.address, tmp_path, fleet, 60, 2.0) for fleet in fleets}
+    try:
+        for fleet, process in processes.items():
+            wait_for_lease(tmp_path, fleet, process.pid)  # both hold their fleet's lease at once
+        payloads = [
+            (topic(f"node-{d:04d}", fleet), encode(make_window(f"node-{d:04d}", s)))
+            for fleet in fleets
+            for s in range(30)
+            for d in range(4)
+        ]
+        publish_all(mosquitto.address, payloads)
+        for process in processes.values():
+            _, errors = process.communicate(timeout=90)
+            assert process.returncode == 0, errors
+    finally:
+        for process in processes.values():
+            process.kill()
+    for fleet in fleets:
+        keys = lake_keys(tmp_path, fleet)
+        assert len(keys) == len(set(keys)) == 4 * 30
