@@ -14,7 +14,8 @@ import pytest
 
 from firmware.codec import VibrationWindow, encode
 from tasks.ingest import IngestConfig, Ingestor, _Received, ensure_subscription, run_ingest, validate_message
-from tasks.lake import read_quarantine, read_windows
+from tasks.lake import ingest_lease, read_quarantine, read_windows
+from tests.conftest import cli_env
 from tinymlops.errors import DecodeError, ValidationError
 from tinymlops.mqtt import AmqttBroker, BrokerAddress, MosquittoBroker, connect, make_client
 from tinymlops.settings import MqttSettings, SensorSettings
@@ -353,3 +354,20 @@ def test_ingests_of_different_fleets_run_side_by_side(tmp_path: Path, mosquitto:
     for fleet in fleets:
         keys = lake_keys(tmp_path, fleet)
         assert len(keys) == len(set(keys)) == 4 * 30
+
+
+@pytest.mark.mqtt
+def test_cli_ingest_refuses_a_fleet_being_ingested(tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+    """``tinymlops ingest`` of a fleet whose lease is held: one line naming the fleet and the holder, exit 1."""
+    with ingest_lease(tmp_path / "data" / "lake", "f1"):
+        result = subprocess.run(
+            [sys.executable, "-m", "tinymlops", "ingest", "--fleet", "f1", "--seconds", "3", "--broker",
+             mosquitto.address.url],
+            env=cli_env(tmp_path / "data"), capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith(
+        f"error: fleet f1 is already being ingested into {tmp_path / 'data' / 'lake'} by pid {os.getpid()} on "
+    )
+    assert not any((tmp_path / "data" / "lake").rglob("*.parquet"))
