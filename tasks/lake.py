@@ -5,6 +5,7 @@ Layout::
     <lake>/vibration/fleet=<fleet>/date=<YYYY-MM-DD>/hour=<HH>/part-<utc>-<uuid>.parquet
     <lake>/vibration/fleet=<fleet>/date=<YYYY-MM-DD>/hour=<HH>/compact-<utc>-<uuid>.parquet
     <lake>/vibration/fleet=<fleet>/.ingest.lock       (the fleet's ingest lease, see ingest_lease)
+    <lake>/vibration/fleet=<fleet>/.import.lock       (one import of the fleet at a time, see import_lock)
     <quarantine>/date=<YYYY-MM-DD>/part-<utc>-<uuid>.parquet
 
 One ingest flush writes one file per fleet and UTC hour (rows sorted by device, then seq), so the
@@ -259,10 +260,10 @@ def ingest_lease(lake_root: Path, fleet: str) -> Iterator[Path]:
     """Hold the fleet's ingest lease in the lake for the duration of the block, or refuse at once.
 
     The lease is an exclusive ``flock`` on ``<lake>/vibration/fleet=<fleet>/.ingest.lock``: the
-    kernel releases it when its holder exits, however it exits (SIGKILL, power loss of a local
-    disk), so a dead ingest never blocks the next one. The holder writes its pid, host and start
-    time into the file, for the refusal of a second ingest. Two ingests of one fleet would share
-    one MQTT session (each taking it from the other) and write most windows twice.
+    kernel releases it when its holder exits, however it exits (SIGKILL included), so a dead
+    ingest never blocks the next one. The holder writes its pid, host and start time into the
+    file, for the refusal of a second ingest. Two ingests of one fleet would share one MQTT
+    session (each taking it from the other) and write most windows twice.
 
     Args:
         lake_root: Lake root.
@@ -275,26 +276,62 @@ def ingest_lease(lake_root: Path, fleet: str) -> Iterator[Path]:
         LeaseError: Another live process holds the fleet's lease.
         LakeError: The fleet name is invalid or the lock file cannot be created.
     """
-    path = fleet_dir(lake_root, fleet) / ".ingest.lock"
+    with _fleet_lock(lake_root, fleet, ".ingest.lock", wait=False) as (path, holder):
+        if holder is not None:
+            raise LeaseError(
+                f"fleet {fleet} is already being ingested into {lake_root} by {holder}; "
+                "stop that ingest first (one ingest per fleet)"
+            )
+        log.info("holding the ingest lease of fleet %s (%s)", fleet, path)
+        yield path
+
+
+@contextlib.contextmanager
+def import_lock(lake_root: Path, fleet: str) -> Iterator[Path]:
+    """Hold the fleet's import lock (``.import.lock``, a ``flock`` beside the ingest lease), waiting for it.
+
+    An import checks what the lake holds (the file's source, the device's last seq) and then
+    writes; two imports of a fleet at once would both pass the check and write the file twice.
+    Imports are short, so a second one waits instead of refusing.
+
+    Raises:
+        LakeError: The fleet name is invalid or the lock file cannot be created.
+    """
+    with _fleet_lock(lake_root, fleet, ".import.lock", wait=True) as (path, _):
+        yield path
+
+
+@contextlib.contextmanager
+def _fleet_lock(lake_root: Path, fleet: str, name: str, *, wait: bool) -> Iterator[tuple[Path, str | None]]:
+    """Take an exclusive ``flock`` on a file of the fleet's directory and write the holder into it.
+
+    Yields:
+        The lock file, and None once it is held; without ``wait``, when another process holds it,
+        the description of that holder instead (the lock is then not held).
+    """
+    path = fleet_dir(lake_root, fleet) / name
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
-        raise LakeError(f"cannot create the ingest lease {path}: {exc.strerror or exc}") from exc
+        raise LakeError(f"cannot create the lock file {path}: {exc.strerror or exc}") from exc
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            busy = None
         except BlockingIOError:
-            raise LeaseError(
-                f"fleet {fleet} is already being ingested into {lake_root} by {_lease_holder(fd)}; "
-                "stop that ingest first (one ingest per fleet)"
-            ) from None
+            busy = _lease_holder(fd)
+        if busy is not None:
+            if not wait:
+                yield path, busy
+                return
+            log.info("waiting for %s, held by %s", path, busy)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         since = dt.datetime.now(tz=dt.UTC).isoformat(timespec="seconds")
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": since}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
-        log.info("holding the ingest lease of fleet %s (%s)", fleet, path)
-        yield path
+        yield path, None
     finally:
         os.close(fd)  # releases the lock
 
