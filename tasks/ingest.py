@@ -217,11 +217,12 @@ def run_ingest(
         What was received, accepted, deduplicated and rejected.
 
     Raises:
-        LeaseError: Another live process ingests this fleet into this lake (see
-            :func:`tasks.lake.ingest_lease`); refused before connecting, so its session is untouched.
+        LeaseError: Another live process ingests this fleet into this lake, or another fleet under
+            the same client id (see :func:`tasks.lake.ingest_lease`); refused before connecting, so
+            the running ingest's session is untouched.
         LakeError: The lake cannot be read or written.
     """
-    with ingest_lease(config.lake_root, config.fleet):
+    with ingest_lease(config.lake_root, config.fleet, config.mqtt.client_id):
         return _ingest_holding_lease(
             address, config, seconds=seconds, max_windows=max_windows, idle_timeout_s=idle_timeout_s, stop=stop
         )

@@ -4,6 +4,7 @@ Layout::
 
     <lake>/vibration/fleet=<fleet>/date=<YYYY-MM-DD>/hour=<HH>/part-<utc>-<uuid>.parquet
     <lake>/vibration/fleet=<fleet>/date=<YYYY-MM-DD>/hour=<HH>/compact-<utc>-<uuid>.parquet
+    <lake>/vibration/.ingest-client-<sha256>.lock    (the lease of an ingest's MQTT client id)
     <lake>/vibration/fleet=<fleet>/.ingest.lock       (the fleet's ingest lease, see ingest_lease)
     <lake>/vibration/fleet=<fleet>/.import.lock       (one import of the fleet at a time, see import_lock)
     <quarantine>/date=<YYYY-MM-DD>/part-<utc>-<uuid>.parquet
@@ -22,6 +23,7 @@ import contextlib
 import ctypes
 import datetime as dt
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -256,34 +258,46 @@ def partition_dir(lake_root: Path, fleet: str, date: str, hour: str) -> Path:
 
 
 @contextlib.contextmanager
-def ingest_lease(lake_root: Path, fleet: str) -> Iterator[Path]:
+def ingest_lease(lake_root: Path, fleet: str, client_id: str) -> Iterator[Path]:
     """Hold the fleet's ingest lease in the lake for the duration of the block, or refuse at once.
 
     The lease is an exclusive ``flock`` on ``<lake>/vibration/fleet=<fleet>/.ingest.lock``: the
     kernel releases it when its holder exits, however it exits (SIGKILL included), so a dead
     ingest never blocks the next one. The holder writes its pid, host and start time into the
     file, for the refusal of a second ingest. Two ingests of one fleet would share one MQTT
-    session (each taking it from the other) and write most windows twice.
+    session (each taking it from the other) and write most windows twice. The MQTT client id is
+    leased as well (``<lake>/vibration/.ingest-client-<sha256>.lock``): ingests of two fleets
+    under one client id would take the session from each other too, and each would quarantine
+    the other fleet's windows as arriving on an unexpected topic.
 
     Args:
         lake_root: Lake root.
         fleet: Fleet to ingest.
+        client_id: MQTT client id of the ingest's persistent session.
 
     Yields:
-        The lock file.
+        The fleet's lock file.
 
     Raises:
-        LeaseError: Another live process holds the fleet's lease.
-        LakeError: The fleet name is invalid or the lock file cannot be created.
+        LeaseError: Another live process ingests the fleet, or another fleet under the same client id.
+        LakeError: The fleet name is invalid or a lock file cannot be created.
     """
-    with _fleet_lock(lake_root, fleet, ".ingest.lock", wait=False) as (path, holder):
+    with _held_lock(fleet_dir(lake_root, fleet) / ".ingest.lock", wait=False) as (path, holder):
         if holder is not None:
             raise LeaseError(
                 f"fleet {fleet} is already being ingested into {lake_root} by {holder}; "
                 "stop that ingest first (one ingest per fleet)"
             )
-        log.info("holding the ingest lease of fleet %s (%s)", fleet, path)
-        yield path
+        digest = hashlib.sha256(client_id.encode()).hexdigest()[:16]
+        client_lock = lake_root / VIBRATION_TABLE / f".ingest-client-{digest}.lock"
+        with _held_lock(client_lock, wait=False) as (_, other):
+            if other is not None:
+                raise LeaseError(
+                    f"MQTT client id {client_id!r} is already used by the ingest of another fleet into {lake_root} "
+                    f"({other}); give each fleet its own client id (TINYMLOPS_MQTT__CLIENT_ID)"
+                )
+            log.info("holding the ingest lease of fleet %s (%s)", fleet, path)
+            yield path
 
 
 @contextlib.contextmanager
@@ -297,19 +311,18 @@ def import_lock(lake_root: Path, fleet: str) -> Iterator[Path]:
     Raises:
         LakeError: The fleet name is invalid or the lock file cannot be created.
     """
-    with _fleet_lock(lake_root, fleet, ".import.lock", wait=True) as (path, _):
+    with _held_lock(fleet_dir(lake_root, fleet) / ".import.lock", wait=True) as (path, _):
         yield path
 
 
 @contextlib.contextmanager
-def _fleet_lock(lake_root: Path, fleet: str, name: str, *, wait: bool) -> Iterator[tuple[Path, str | None]]:
-    """Take an exclusive ``flock`` on a file of the fleet's directory and write the holder into it.
+def _held_lock(path: Path, *, wait: bool) -> Iterator[tuple[Path, str | None]]:
+    """Take an exclusive ``flock`` on a lock file and write the holder (pid, host, since) into it.
 
     Yields:
         The lock file, and None once it is held; without ``wait``, when another process holds it,
         the description of that holder instead (the lock is then not held).
     """
-    path = fleet_dir(lake_root, fleet) / name
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -250,7 +250,7 @@ from tinymlops.mqtt import parse_broker_url
 from tinymlops.settings import MqttSettings, SensorSettings
 url, root, fleet, seconds, idle = sys.argv[1], Path(sys.argv[2]), sys.argv[3], float(sys.argv[4]), float(sys.argv[5])
 config = IngestConfig(fleet=fleet, lake_root=root / "lake", quarantine_root=root / "quarantine",
-                      sensor=SensorSettings(), mqtt=MqttSettings(client_id=f"lease-{fleet}"), batch_windows=50,
+                      sensor=SensorSettings(), mqtt=MqttSettings(client_id=sys.argv[6]), batch_windows=50,
                       flush_interval_s=0.2)
 try:
     run_ingest(parse_broker_url(url), config, seconds=seconds, idle_timeout_s=idle or None)
@@ -259,9 +259,12 @@ except TinyMLOpsError as exc:
 """
 
 
-def start_ingest(address: BrokerAddress, root: Path, fleet: str, seconds: float, idle: float) -> subprocess.Popen[str]:
-    """An ingest of ``fleet`` in its own process (client id ``lease-<fleet>``)."""
-    args = [sys.executable, "-c", LEASE_PROCESS, address.url, str(root), fleet, str(seconds), str(idle)]
+def start_ingest(
+    address: BrokerAddress, root: Path, fleet: str, seconds: float, idle: float, client_id: str | None = None
+) -> subprocess.Popen[str]:
+    """An ingest of ``fleet`` in its own process (client id ``lease-<fleet>`` unless given)."""
+    client = client_id or f"lease-{fleet}"
+    args = [sys.executable, "-c", LEASE_PROCESS, address.url, str(root), fleet, str(seconds), str(idle), client]
     return subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
 
 
@@ -357,9 +360,38 @@ def test_ingests_of_different_fleets_run_side_by_side(tmp_path: Path, mosquitto:
 
 
 @pytest.mark.mqtt
+def test_ingests_of_two_fleets_under_one_client_id_refuse(tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+    """One client id is one MQTT session: the second fleet's ingest would take it and quarantine the first's windows."""
+    ensure_subscription(mosquitto.address, config_for(tmp_path, client_id="shared"))
+    payloads = fleet_payloads(4, 25)
+    publish_all(mosquitto.address, payloads[:40])
+    holder = start_ingest(mosquitto.address, tmp_path, "f1", 20, 6.0, client_id="shared")
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any((tmp_path / "lake").rglob("*.parquet")):
+            time.sleep(0.05)  # the holder is ingesting
+        second = start_ingest(mosquitto.address, tmp_path, "f2", 20, 2.0, client_id="shared")
+        time.sleep(3.0)  # the second is connected or has refused
+        publish_all(mosquitto.address, payloads[40:])
+        _, refusal = second.communicate(timeout=60)
+        holder_status = holder.wait(timeout=60)
+    finally:
+        holder.kill()
+    assert len(read_quarantine(tmp_path / "quarantine")) == 0, "f1 windows quarantined by the f2 ingest"
+    assert holder_status == 0
+    assert second.returncode == 1
+    assert refusal.strip().startswith(
+        f"MQTT client id 'shared' is already used by the ingest of another fleet into {tmp_path / 'lake'} "
+        f"(pid {holder.pid} on "
+    ), refusal
+    keys = lake_keys(tmp_path, "f1")
+    assert len(keys) == len(set(keys)) == len(payloads)
+
+
+@pytest.mark.mqtt
 def test_cli_ingest_refuses_a_fleet_being_ingested(tmp_path: Path, mosquitto: MosquittoBroker) -> None:
     """``tinymlops ingest`` of a fleet whose lease is held: one line naming the fleet and the holder, exit 1."""
-    with ingest_lease(tmp_path / "data" / "lake", "f1"):
+    with ingest_lease(tmp_path / "data" / "lake", "f1", "tinymlops-ingest"):
         result = subprocess.run(
             [sys.executable, "-m", "tinymlops", "ingest", "--fleet", "f1", "--seconds", "3", "--broker",
              mosquitto.address.url],

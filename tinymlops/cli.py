@@ -222,7 +222,7 @@ def ingest(
     _writable_dir(settings.quarantine_root, "quarantine")
     from tasks.lake import ingest_lease
 
-    with ingest_lease(settings.lake_root, fleet or settings.fleet):
+    with ingest_lease(settings.lake_root, fleet or settings.fleet, settings.mqtt.client_id):
         pass  # a running ingest of the fleet: refuse now; the flow takes the lease for its whole run
     require_broker(broker or settings.mqtt.url, "--broker" if broker else "TINYMLOPS_MQTT__URL")
     require_prefect_api(settings)
