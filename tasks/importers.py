@@ -32,7 +32,7 @@ import scipy.io
 from scipy.signal import resample_poly
 
 from firmware.codec import MAX_DEVICE_ID_BYTES, MAX_SAMPLES, VibrationWindow
-from tasks.lake import WindowBatch, known_seqs, known_sources, write_windows
+from tasks.lake import WindowBatch, import_lock, known_seqs, known_sources, write_windows
 from tinymlops.errors import DataImportError
 from tinymlops.settings import DEFAULT_MAX_ABS_G
 
@@ -155,42 +155,43 @@ def import_file(
     signal, source_rate = _parse(path, data, var=var, fs=fs)
     device_id = device or _device_from_stem(path)
     source = f"file:{path.name}#sha256={hashlib.sha256(data).hexdigest()}"
-    if source in known_sources(lake_root, fleet, device_id):
-        logger.info("skipped %s: already imported for %s/%s", path, fleet, device_id)
-        return ImportResult(path, device_id, label, 0, source_rate, duplicate=True)
+    with import_lock(lake_root, fleet):  # the check and the write as one step
+        if source in known_sources(lake_root, fleet, device_id):
+            logger.info("skipped %s: already imported for %s/%s", path, fleet, device_id)
+            return ImportResult(path, device_id, label, 0, source_rate, duplicate=True)
 
-    resampled = _resample(signal, source_rate, target_rate_hz, path)
-    n_windows = resampled.size // window_samples
-    if n_windows == 0:
-        raise DataImportError(
-            f"{path} is too short: {signal.size} samples at {source_rate:g} Hz give {resampled.size} at "
-            f"{target_rate_hz} Hz, one window needs {window_samples}"
-        )
-    frames = resampled[: n_windows * window_samples].reshape(n_windows, window_samples)
-    peak = float(np.abs(frames).max())
-    if not peak <= max_abs_g:  # also refuses inf/NaN from resampling huge values
-        raise DataImportError(
-            f"{path}: peak |value| {peak:.3g} g above the sensor full scale {max_abs_g:g} g "
-            f"(window {int(np.abs(frames).max(axis=1).argmax())} of {n_windows}); nothing imported"
-        )
-    quantised, scale = _quantise(frames)
+        resampled = _resample(signal, source_rate, target_rate_hz, path)
+        n_windows = resampled.size // window_samples
+        if n_windows == 0:
+            raise DataImportError(
+                f"{path} is too short: {signal.size} samples at {source_rate:g} Hz give {resampled.size} at "
+                f"{target_rate_hz} Hz, one window needs {window_samples}"
+            )
+        frames = resampled[: n_windows * window_samples].reshape(n_windows, window_samples)
+        peak = float(np.abs(frames).max())
+        if not peak <= max_abs_g:  # also refuses inf/NaN from resampling huge values
+            raise DataImportError(
+                f"{path}: peak |value| {peak:.3g} g above the sensor full scale {max_abs_g:g} g "
+                f"(window {int(np.abs(frames).max(axis=1).argmax())} of {n_windows}); nothing imported"
+            )
+        quantised, scale = _quantise(frames)
 
-    last_seq = known_seqs(lake_root, fleet, horizon_days=_ALL_DAYS).last(device_id)
-    first_seq = 0 if last_seq is None else last_seq + 1
-    start_us = _timestamp_us(start or dt.datetime.now(tz=dt.UTC))
-    batch = WindowBatch()
-    for i in range(n_windows):
-        window = VibrationWindow(
-            device_id=device_id,
-            seq=first_seq + i,
-            # Integer arithmetic keeps window timestamps exact over long files.
-            timestamp_us=start_us + i * window_samples * 1_000_000 // target_rate_hz,
-            sample_rate_hz=target_rate_hz,
-            scale=scale,
-            samples=quantised[i],
-        )
-        batch.append(fleet, window, label=label, source=source)
-    write_windows(lake_root, batch)
+        last_seq = known_seqs(lake_root, fleet, horizon_days=_ALL_DAYS).last(device_id)
+        first_seq = 0 if last_seq is None else last_seq + 1
+        start_us = _timestamp_us(start or dt.datetime.now(tz=dt.UTC))
+        batch = WindowBatch()
+        for i in range(n_windows):
+            window = VibrationWindow(
+                device_id=device_id,
+                seq=first_seq + i,
+                # Integer arithmetic keeps window timestamps exact over long files.
+                timestamp_us=start_us + i * window_samples * 1_000_000 // target_rate_hz,
+                sample_rate_hz=target_rate_hz,
+                scale=scale,
+                samples=quantised[i],
+            )
+            batch.append(fleet, window, label=label, source=source)
+        write_windows(lake_root, batch)
     logger.info(
         "imported %s: %d windows as %s/%s seq %d..%d, label %s, %g Hz -> %d Hz",
         path,

@@ -28,6 +28,7 @@ from tasks.lake import (
     QuarantineRecord,
     WindowBatch,
     compact_lake,
+    ingest_lease,
     known_seqs,
     range_problem,
     write_quarantine,
@@ -218,7 +219,29 @@ def run_ingest(
 
     Returns:
         What was received, accepted, deduplicated and rejected.
+
+    Raises:
+        LeaseError: Another live process ingests this fleet into this lake, or another fleet under
+            the same client id (see :func:`tasks.lake.ingest_lease`); refused before connecting, so
+            the running ingest's session is untouched.
+        LakeError: The lake cannot be read or written.
     """
+    with ingest_lease(config.lake_root, config.fleet, config.mqtt.client_id):
+        return _ingest_holding_lease(
+            address, config, seconds=seconds, max_windows=max_windows, idle_timeout_s=idle_timeout_s, stop=stop
+        )
+
+
+def _ingest_holding_lease(
+    address: BrokerAddress,
+    config: IngestConfig,
+    *,
+    seconds: float | None,
+    max_windows: int | None,
+    idle_timeout_s: float | None,
+    stop: threading.Event | None,
+) -> IngestStats:
+    """:func:`run_ingest` once the fleet's lease is held."""
     ingestor = Ingestor(config)
     inbox: deque[_Received] = deque()
     arrived = threading.Event()

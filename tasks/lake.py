@@ -4,6 +4,9 @@ Layout::
 
     <lake>/vibration/fleet=<fleet>/date=<YYYY-MM-DD>/hour=<HH>/part-<utc>-<uuid>.parquet
     <lake>/vibration/fleet=<fleet>/date=<YYYY-MM-DD>/hour=<HH>/compact-<utc>-<uuid>.parquet
+    <lake>/vibration/.ingest-client-<sha256>.lock    (the lease of an ingest's MQTT client id)
+    <lake>/vibration/fleet=<fleet>/.ingest.lock       (the fleet's ingest lease, see ingest_lease)
+    <lake>/vibration/fleet=<fleet>/.import.lock       (one import of the fleet at a time, see import_lock)
     <quarantine>/date=<YYYY-MM-DD>/part-<utc>-<uuid>.parquet
 
 One ingest flush writes one file per fleet and UTC hour (rows sorted by device, then seq), so the
@@ -16,16 +19,19 @@ then renamed, so a reader or a crash never sees half a file. Readers ignore name
 from __future__ import annotations
 
 import bisect
+import contextlib
 import ctypes
 import datetime as dt
 import fcntl
+import hashlib
 import json
 import logging
 import os
+import socket
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +44,7 @@ import pyarrow.parquet as pq
 
 from firmware.codec import VibrationWindow
 from firmware.ota import NAME_PATTERN
-from tinymlops.errors import LakeError
+from tinymlops.errors import LakeError, LeaseError
 
 log = logging.getLogger(__name__)
 
@@ -231,15 +237,125 @@ class WindowBatch:
         return tables
 
 
-def partition_dir(lake_root: Path, fleet: str, date: str, hour: str) -> Path:
-    """Return the directory of one (fleet, UTC date, UTC hour) partition.
+def fleet_dir(lake_root: Path, fleet: str) -> Path:
+    """Return the directory of a fleet's windows.
 
     Raises:
         LakeError: The fleet name could not be one directory level (``a/b``, ``..``, empty).
     """
     if not NAME_PATTERN.match(fleet):  # one topic level is one directory level
         raise LakeError(f"invalid fleet name {fleet!r} for the lake: expected 1-64 characters of A-Z a-z 0-9 _ -")
-    return lake_root / VIBRATION_TABLE / f"fleet={fleet}" / f"date={date}" / f"hour={hour}"
+    return lake_root / VIBRATION_TABLE / f"fleet={fleet}"
+
+
+def partition_dir(lake_root: Path, fleet: str, date: str, hour: str) -> Path:
+    """Return the directory of one (fleet, UTC date, UTC hour) partition.
+
+    Raises:
+        LakeError: The fleet name could not be one directory level (``a/b``, ``..``, empty).
+    """
+    return fleet_dir(lake_root, fleet) / f"date={date}" / f"hour={hour}"
+
+
+@contextlib.contextmanager
+def ingest_lease(lake_root: Path, fleet: str, client_id: str) -> Iterator[Path]:
+    """Hold the fleet's ingest lease in the lake for the duration of the block, or refuse at once.
+
+    The lease is an exclusive ``flock`` on ``<lake>/vibration/fleet=<fleet>/.ingest.lock``: the
+    kernel releases it when its holder exits, however it exits (SIGKILL included), so a dead
+    ingest never blocks the next one. The holder writes its pid, host and start time into the
+    file, for the refusal of a second ingest. Two ingests of one fleet would share one MQTT
+    session (each taking it from the other) and write most windows twice. The MQTT client id is
+    leased as well (``<lake>/vibration/.ingest-client-<sha256>.lock``): ingests of two fleets
+    under one client id would take the session from each other too, and each would quarantine
+    the other fleet's windows as arriving on an unexpected topic.
+
+    Args:
+        lake_root: Lake root.
+        fleet: Fleet to ingest.
+        client_id: MQTT client id of the ingest's persistent session.
+
+    Yields:
+        The fleet's lock file.
+
+    Raises:
+        LeaseError: Another live process ingests the fleet, or another fleet under the same client id.
+        LakeError: The fleet name is invalid or a lock file cannot be created.
+    """
+    with _held_lock(fleet_dir(lake_root, fleet) / ".ingest.lock", wait=False) as (path, holder):
+        if holder is not None:
+            raise LeaseError(
+                f"fleet {fleet} is already being ingested into {lake_root} by {holder}; "
+                "stop that ingest first (one ingest per fleet)"
+            )
+        digest = hashlib.sha256(client_id.encode()).hexdigest()[:16]
+        client_lock = lake_root / VIBRATION_TABLE / f".ingest-client-{digest}.lock"
+        with _held_lock(client_lock, wait=False) as (_, other):
+            if other is not None:
+                raise LeaseError(
+                    f"MQTT client id {client_id!r} is already used by the ingest of another fleet into {lake_root} "
+                    f"({other}); give each fleet its own client id (TINYMLOPS_MQTT__CLIENT_ID)"
+                )
+            log.info("holding the ingest lease of fleet %s (%s)", fleet, path)
+            yield path
+
+
+@contextlib.contextmanager
+def import_lock(lake_root: Path, fleet: str) -> Iterator[Path]:
+    """Hold the fleet's import lock (``.import.lock``, a ``flock`` beside the ingest lease), waiting for it.
+
+    An import checks what the lake holds (the file's source, the device's last seq) and then
+    writes; two imports of a fleet at once would both pass the check and write the file twice.
+    Imports are short, so a second one waits instead of refusing.
+
+    Raises:
+        LakeError: The fleet name is invalid or the lock file cannot be created.
+    """
+    with _held_lock(fleet_dir(lake_root, fleet) / ".import.lock", wait=True) as (path, _):
+        yield path
+
+
+@contextlib.contextmanager
+def _held_lock(path: Path, *, wait: bool) -> Iterator[tuple[Path, str | None]]:
+    """Take an exclusive ``flock`` on a lock file and write the holder (pid, host, since) into it.
+
+    Yields:
+        The lock file, and None once it is held; without ``wait``, when another process holds it,
+        the description of that holder instead (the lock is then not held).
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise LakeError(f"cannot create the lock file {path}: {exc.strerror or exc}") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            busy = None
+        except BlockingIOError:
+            busy = _lease_holder(fd)
+        if busy is not None:
+            if not wait:
+                yield path, busy
+                return
+            log.info("waiting for %s, held by %s", path, busy)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        since = dt.datetime.now(tz=dt.UTC).isoformat(timespec="seconds")
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": since}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        yield path, None
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _lease_holder(fd: int) -> str:
+    """Describe the holder of a lease from its lock file ("pid 123 on host since 2026-...")."""
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0))
+        return f"pid {holder['pid']} on {holder['host']} since {holder['since']}"
+    except (OSError, ValueError, KeyError, TypeError):  # the holder is between taking the lock and writing
+        return "another process (starting)"
 
 
 def write_windows(lake_root: Path, batch: WindowBatch) -> list[Path]:

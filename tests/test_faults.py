@@ -415,6 +415,54 @@ def test_ingest_process_killed_repeatedly_while_windows_stream(tmp_path: Path, m
     assert torn == []
 
 
+@pytest.mark.mqtt
+@pytest.mark.slow
+def test_second_ingest_of_the_fleet_started_mid_stream(tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+    """A second ingest of a fleet being ingested (same lake, same session): it must refuse, not share the stream."""
+    config = ingest_config(tmp_path, "fault-ingest-twice", batch=120)
+    ensure_subscription(mosquitto.address, config)
+    payloads, keys = good_payloads(8, 100)
+    publisher = Publisher(mosquitto.address)
+
+    def stream() -> None:  # about 6 s of windows, so the second ingest starts while they arrive
+        for i in range(0, len(payloads), 30):
+            publisher.publish(payloads[i : i + 30])
+            time.sleep(0.2)
+
+    streamer = threading.Thread(target=stream)
+    first = ingest_process(mosquitto.address, config)
+    second: subprocess.Popen[str] | None = None
+    try:
+        streamer.start()
+        wait_until(grew_past(config.lake_root, 0), 60, "the first ingest's first batch")
+        started = time.monotonic()
+        second = ingest_process(mosquitto.address, config)
+        second_code, _, second_err = finish(second)
+        second_s = time.monotonic() - started
+        streamer.join(60)
+        publisher.wait_acked(60)
+        code, stats, err = finish(first)
+    finally:
+        publisher.stop()
+        for process in (first, second):
+            with contextlib.suppress(ProcessLookupError, AttributeError):
+                process.kill()  # type: ignore[union-attr]
+    tally = tally_lake(config.lake_root, FLEET, keys)
+    refusal = second_err.strip().splitlines()[-1] if second_err.strip() else "none"
+    record(
+        FaultRecord(
+            "second ingest of the same fleet mid-stream", len(keys), tally.rows, tally.duplicates, tally.lost,
+            notes=f"the second exited {second_code} after {second_s:.1f} s: {refusal.split(':')[0]}; "
+            f"the first accepted {stats.get('accepted', '?')}",
+        )
+    )  # fmt: skip
+    assert code == 0, err[-2000:]
+    assert second_code == 3, second_err[-2000:]
+    assert refusal.startswith(f"INGEST FAILED LeaseError: fleet {FLEET} is already being ingested"), refusal
+    assert f"by pid {first.pid} on " in refusal
+    assert (tally.rows, tally.duplicates, tally.lost, tally.unexpected) == (len(keys), 0, 0, 0)
+
+
 # --- 6. disk full under the lake ----------------------------------------------------------------------------
 
 

@@ -3,6 +3,9 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import math
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
@@ -392,3 +395,27 @@ def test_import_real_cwru(cwru_dir: Path, tmp_path: Path) -> None:
     again = import_cwru(cwru_dir, lake_root=lake)
     assert all(r.duplicate for r in again)
     assert len(read_windows(lake, fleet="cwru")) == len(windows)
+
+
+IMPORT_PROCESS = """
+import sys, time
+from pathlib import Path
+from tasks.importers import import_file
+time.sleep(max(0.0, float(sys.argv[3]) - time.time()))
+import_file(Path(sys.argv[1]), lake_root=Path(sys.argv[2]), fleet="f")
+"""
+
+
+def test_concurrent_imports_of_one_file_write_it_once(tmp_path: Path) -> None:
+    """Two processes importing the same file at the same instant: both checked, then both wrote it."""
+    path = tmp_path / "dev.npz"
+    np.savez(path, x=_sine(400 * WINDOW, RATE), fs=RATE)
+    lake = tmp_path / "lake"
+    start_at = str(time.time() + 3)
+    processes = [
+        subprocess.Popen([sys.executable, "-c", IMPORT_PROCESS, str(path), str(lake), start_at]) for _ in range(2)
+    ]
+    assert [p.wait(timeout=120) for p in processes] == [0, 0]
+    windows = read_windows(lake, fleet="f")
+    assert len(windows) == 400
+    assert sorted(windows.seq.tolist()) == list(range(400))

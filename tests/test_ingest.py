@@ -14,7 +14,8 @@ import pytest
 
 from firmware.codec import VibrationWindow, encode
 from tasks.ingest import IngestConfig, Ingestor, _Received, ensure_subscription, run_ingest, validate_message
-from tasks.lake import read_quarantine, read_windows
+from tasks.lake import ingest_lease, read_quarantine, read_windows
+from tests.conftest import cli_env
 from tinymlops.errors import DecodeError, ValidationError
 from tinymlops.mqtt import AmqttBroker, BrokerAddress, MosquittoBroker, connect, make_client
 from tinymlops.settings import MqttSettings, SensorSettings
@@ -260,3 +261,167 @@ def test_window_beyond_the_physical_full_scale_is_quarantined_not_stored(
     assert np.isfinite(lake.samples).all()
     (reason,) = read_quarantine(tmp_path / "quarantine").to_pydict()["reason"]
     assert reason.startswith("out of range: peak |sample x scale|") and "full scale 2000 g" in reason
+
+
+LEASE_PROCESS = """
+import sys
+from pathlib import Path
+from tasks.ingest import IngestConfig, run_ingest
+from tinymlops.errors import TinyMLOpsError
+from tinymlops.mqtt import parse_broker_url
+from tinymlops.settings import MqttSettings, SensorSettings
+url, root, fleet, seconds, idle = sys.argv[1], Path(sys.argv[2]), sys.argv[3], float(sys.argv[4]), float(sys.argv[5])
+config = IngestConfig(fleet=fleet, lake_root=root / "lake", quarantine_root=root / "quarantine",
+                      sensor=SensorSettings(), mqtt=MqttSettings(client_id=sys.argv[6]), batch_windows=50,
+                      flush_interval_s=0.2)
+try:
+    run_ingest(parse_broker_url(url), config, seconds=seconds, idle_timeout_s=idle or None)
+except TinyMLOpsError as exc:
+    sys.exit(str(exc))
+"""
+
+
+def start_ingest(
+    address: BrokerAddress, root: Path, fleet: str, seconds: float, idle: float, client_id: str | None = None
+) -> subprocess.Popen[str]:
+    """An ingest of ``fleet`` in its own process (client id ``lease-<fleet>`` unless given)."""
+    client = client_id or f"lease-{fleet}"
+    args = [sys.executable, "-c", LEASE_PROCESS, address.url, str(root), fleet, str(seconds), str(idle), client]
+    return subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_lease(root: Path, fleet: str, pid: int, timeout_s: float = 20.0) -> str:
+    """Wait until ``pid`` holds the fleet's ingest lease; returns the lock file's text."""
+    lock = root / "lake" / "vibration" / f"fleet={fleet}" / ".ingest.lock"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = lock.read_text() if lock.exists() else ""
+        if f'"pid": {pid}' in text:
+            return text
+        time.sleep(0.05)
+    raise AssertionError(f"process {pid} did not take the ingest lease of fleet {fleet} within {timeout_s} s")
+
+
+def lake_keys(root: Path, fleet: str) -> list[tuple[str, int]]:
+    windows = read_windows(root / "lake", fleet=fleet)
+    return list(zip(windows.device.tolist(), windows.seq.tolist(), strict=True))
+
+
+@pytest.mark.mqtt
+def test_second_ingest_of_a_fleet_refuses_and_nothing_is_duplicated(tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+    """Two ingests of one fleet shared (and stole) one MQTT session and wrote most windows twice."""
+    ensure_subscription(mosquitto.address, config_for(tmp_path, client_id="lease-f1"))
+    payloads = fleet_payloads(10, 40)
+    publish_all(mosquitto.address, payloads[:200])
+    holder = start_ingest(mosquitto.address, tmp_path, "f1", 20, 3.0)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any((tmp_path / "lake").rglob("*.parquet")):
+            time.sleep(0.05)  # the holder is ingesting
+        second = start_ingest(mosquitto.address, tmp_path, "f1", 20, 3.0)
+        publish_all(mosquitto.address, payloads[200:])
+        _, refusal = second.communicate(timeout=60)
+        holder_status = holder.wait(timeout=60)
+    finally:
+        holder.kill()
+    keys = lake_keys(tmp_path, "f1")
+    assert len(keys) - len(set(keys)) == 0, "duplicates in the lake"
+    assert len(set(keys)) == len(payloads)
+    assert holder_status == 0
+    assert second.returncode == 1
+    lines = refusal.strip().splitlines()
+    assert len(lines) == 1, refusal
+    assert lines[0].startswith(f"fleet f1 is already being ingested into {tmp_path / 'lake'} by pid {holder.pid} on ")
+
+
+@pytest.mark.mqtt
+@pytest.mark.faults
+def test_killed_lease_holder_does_not_block_the_next_ingest(tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+    """The lease dies with its holder: after a SIGKILL the next ingest takes it at once and gets every window."""
+    ensure_subscription(mosquitto.address, config_for(tmp_path, client_id="lease-f1"))
+    holder = start_ingest(mosquitto.address, tmp_path, "f1", 60, 0)
+    wait_for_lease(tmp_path, "f1", holder.pid)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    payloads = fleet_payloads(5, 20)
+    publish_all(mosquitto.address, payloads)
+    successor = start_ingest(mosquitto.address, tmp_path, "f1", 60, 1.5)
+    assert f'"pid": {successor.pid}' in wait_for_lease(tmp_path, "f1", successor.pid, timeout_s=10)
+    _, errors = successor.communicate(timeout=90)
+    assert successor.returncode == 0, errors
+    keys = lake_keys(tmp_path, "f1")
+    assert len(keys) == len(set(keys)) == len(payloads)
+
+
+@pytest.mark.mqtt
+def test_ingests_of_different_fleets_run_side_by_side(tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+    """The lease is per fleet: two fleets, each with its own client id, ingest concurrently into one lake."""
+    fleets = ("f1", "f2")
+    for fleet in fleets:
+        ensure_subscription(mosquitto.address, config_for(tmp_path, client_id=f"lease-{fleet}", fleet=fleet))
+    processes = {fleet: start_ingest(mosquitto.address, tmp_path, fleet, 60, 2.0) for fleet in fleets}
+    try:
+        for fleet, process in processes.items():
+            wait_for_lease(tmp_path, fleet, process.pid)  # both hold their fleet's lease at once
+        payloads = [
+            (topic(f"node-{d:04d}", fleet), encode(make_window(f"node-{d:04d}", s)))
+            for fleet in fleets
+            for s in range(30)
+            for d in range(4)
+        ]
+        publish_all(mosquitto.address, payloads)
+        for process in processes.values():
+            _, errors = process.communicate(timeout=90)
+            assert process.returncode == 0, errors
+    finally:
+        for process in processes.values():
+            process.kill()
+    for fleet in fleets:
+        keys = lake_keys(tmp_path, fleet)
+        assert len(keys) == len(set(keys)) == 4 * 30
+
+
+@pytest.mark.mqtt
+def test_ingests_of_two_fleets_under_one_client_id_refuse(tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+    """One client id is one MQTT session: the second fleet's ingest would take it and quarantine the first's windows."""
+    ensure_subscription(mosquitto.address, config_for(tmp_path, client_id="shared"))
+    payloads = fleet_payloads(4, 25)
+    publish_all(mosquitto.address, payloads[:40])
+    holder = start_ingest(mosquitto.address, tmp_path, "f1", 20, 6.0, client_id="shared")
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any((tmp_path / "lake").rglob("*.parquet")):
+            time.sleep(0.05)  # the holder is ingesting
+        second = start_ingest(mosquitto.address, tmp_path, "f2", 20, 2.0, client_id="shared")
+        time.sleep(3.0)  # the second is connected or has refused
+        publish_all(mosquitto.address, payloads[40:])
+        _, refusal = second.communicate(timeout=60)
+        holder_status = holder.wait(timeout=60)
+    finally:
+        holder.kill()
+    assert len(read_quarantine(tmp_path / "quarantine")) == 0, "f1 windows quarantined by the f2 ingest"
+    assert holder_status == 0
+    assert second.returncode == 1
+    assert refusal.strip().startswith(
+        f"MQTT client id 'shared' is already used by the ingest of another fleet into {tmp_path / 'lake'} "
+        f"(pid {holder.pid} on "
+    ), refusal
+    keys = lake_keys(tmp_path, "f1")
+    assert len(keys) == len(set(keys)) == len(payloads)
+
+
+@pytest.mark.mqtt
+def test_cli_ingest_refuses_a_fleet_being_ingested(tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+    """``tinymlops ingest`` of a fleet whose lease is held: one line naming the fleet and the holder, exit 1."""
+    with ingest_lease(tmp_path / "data" / "lake", "f1", "tinymlops-ingest"):
+        result = subprocess.run(
+            [sys.executable, "-m", "tinymlops", "ingest", "--fleet", "f1", "--seconds", "3", "--broker",
+             mosquitto.address.url],
+            env=cli_env(tmp_path / "data"), capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith(
+        f"error: fleet f1 is already being ingested into {tmp_path / 'data' / 'lake'} by pid {os.getpid()} on "
+    )
+    assert not any((tmp_path / "data" / "lake").rglob("*.parquet"))

@@ -220,6 +220,10 @@ def ingest(
     _check_fleet(fleet)
     _writable_dir(settings.lake_root, "lake")
     _writable_dir(settings.quarantine_root, "quarantine")
+    from tasks.lake import ingest_lease
+
+    with ingest_lease(settings.lake_root, fleet or settings.fleet, settings.mqtt.client_id):
+        pass  # a running ingest of the fleet: refuse now; the flow takes the lease for its whole run
     require_broker(broker or settings.mqtt.url, "--broker" if broker else "TINYMLOPS_MQTT__URL")
     require_prefect_api(settings)
     from flows.ingest import ingest_flow

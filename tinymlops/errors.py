@@ -27,3 +27,7 @@ class LakeError(TinyMLOpsError):
 
 class BrokerError(TinyMLOpsError):
     """No MQTT broker could be reached or started."""
+
+
+class LeaseError(TinyMLOpsError):
+    """Another live process holds the lease for this work (a second ingest of the same fleet)."""
