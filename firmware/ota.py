@@ -731,7 +731,7 @@ class ModelRef(BaseModel):
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    name: str = _Name
+    name: str = Field(pattern=r"^[\x21-\x7e]{1,64}$")  # a manifest's model name: printable ASCII, 1-64
     version: int = Field(ge=1, le=U32_MAX)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 

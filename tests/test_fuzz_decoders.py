@@ -156,18 +156,23 @@ requests = st.builds(
     tag=st.binary(min_size=TAG_BYTES, max_size=TAG_BYTES),
     indices=st.sets(U16, min_size=1, max_size=MAX_REQUEST_INDICES).map(lambda s: tuple(sorted(s))),
 )
-model_refs = st.builds(ModelRef, name=TEXT, version=st.integers(min_value=1),
+# Valid messages within the protocol's bounds (u32 versions and sizes, the manifest's name rules); the
+# tests below then break one field at a time.
+model_refs = st.builds(ModelRef, name=st.from_regex(r"[\x21-\x7e]{1,64}", fullmatch=True),
+                       version=st.integers(1, 2**32 - 1),
                        sha256=st.from_regex(r"[0-9a-f]{64}", fullmatch=True))  # fmt: skip
 announcements = st.builds(
-    Announcement, device=NAMES, fleet=NAMES, group=st.none() | NAMES, firmware=TEXT, profile=TEXT,
-    flash_free=NON_NEGATIVE, slot_bytes=NON_NEGATIVE, ram_free=NON_NEGATIVE,
-    max_chunk=st.integers(MIN_CHUNK_SIZE, MAX_CHUNK_SIZE), dsp_versions=st.lists(st.integers(), max_size=4),
-    key_ids=st.lists(TEXT, max_size=4), model=st.none() | model_refs, ts=FINITE,
+    Announcement, device=NAMES, fleet=NAMES, group=st.none() | NAMES,
+    firmware=st.from_regex(r"[\x20-\x7e]{1,40}", fullmatch=True),
+    profile=st.from_regex(r"[a-z0-9][a-z0-9_]{0,31}", fullmatch=True), flash_free=U32, slot_bytes=U32, ram_free=U32,
+    max_chunk=st.integers(MIN_CHUNK_SIZE, MAX_CHUNK_SIZE), dsp_versions=st.lists(U16, max_size=4),
+    key_ids=st.lists(st.from_regex(r"[A-Za-z0-9._-]{1,32}", fullmatch=True), max_size=4),
+    model=st.none() | model_refs, ts=FINITE,
 )  # fmt: skip
 statuses = st.builds(
     DeviceStatus, device=NAMES, seq=NON_NEGATIVE, ts=FINITE, state=st.sampled_from(get_args(DeviceState)),
-    status=TEXT, reason=TEXT, detail=TEXT, model=st.none() | TEXT, version=st.none() | st.integers(),
-    received=st.integers(), total=st.integers(), active=st.none() | model_refs,
+    status=TEXT, reason=TEXT, detail=TEXT, model=st.none() | TEXT, version=st.none() | U32,
+    received=st.integers(0, 4096), total=st.integers(0, 4096), active=st.none() | model_refs,
     latency_ms=st.dictionaries(TEXT, FINITE, max_size=4), counters=st.dictionaries(TEXT, st.integers(), max_size=4),
 )  # fmt: skip
 
@@ -176,7 +181,7 @@ statuses = st.builds(
 def score_batches(draw: st.DrawFn) -> ScoreBatch:
     """As many anomaly flags as scores."""
     n = draw(st.integers(0, 40))
-    return ScoreBatch(device=draw(NAMES), model=draw(TEXT), version=draw(st.integers()), threshold=draw(FINITE),
+    return ScoreBatch(device=draw(NAMES), model=draw(TEXT), version=draw(U32), threshold=draw(FINITE),
                       first_seq=draw(NON_NEGATIVE), ts=draw(FINITE),
                       scores=draw(st.lists(FINITE, min_size=n, max_size=n)),
                       anomalies=draw(st.lists(st.booleans(), min_size=n, max_size=n)))  # fmt: skip
@@ -189,7 +194,7 @@ def drift_summaries(draw: st.DrawFn) -> DriftSummary:
     windows = sum(counts)
     n_features = draw(st.integers(0, 40))
     return DriftSummary(
-        device=draw(NAMES), model=draw(TEXT), version=draw(st.integers()), threshold=draw(FINITE),
+        device=draw(NAMES), model=draw(TEXT), version=draw(U32), threshold=draw(FINITE),
         start_ts=draw(FINITE), end_ts=draw(FINITE), windows=windows, anomalies=draw(st.integers(0, windows)),
         score_mean=draw(FINITE), score_edges=draw(st.lists(FINITE, min_size=len(counts), max_size=len(counts))),
         score_counts=counts, feature_mean=draw(st.lists(FINITE, min_size=n_features, max_size=n_features)),
