@@ -184,6 +184,11 @@ def fleet_of(
     fleet = DeviceFleet(FLEET, n, target, keyring, broker.address, seed=SEED, device_prefix=prefix,
                         devices_per_connection=4, **kwargs)  # fmt: skip
     with fleet:
+        # A started device has queued its retained announcement, not necessarily delivered it: wait until the
+        # broker holds them all, so a flow's device discovery sees what the test started.
+        expected, deadline = set(ids(fleet)), time.monotonic() + 15
+        while not expected <= {a.device for a in discover_devices(broker.address, OtaTopics(FLEET))}:
+            assert time.monotonic() < deadline, f"devices {sorted(expected)} did not all announce within 15 s"
         yield fleet
 
 
