@@ -403,6 +403,8 @@ def test_device_killed_mid_transfer_resumes_and_ends_active(
 ) -> None:  # fmt: skip
     # chunks 0-2 reach the staging slot and the transfer record in flash, 3.. are held; power loss
     before = _kill_with_chunks_0_to_2_kept(running_v1, publisher, watcher, model, spec, arena)
+    # a re-request before the kill may have fetched a kept chunk twice (timer under load): count from here
+    sent_before_restart = [publisher.times[(DEVICE, i)] for i in range(3)]
     running_v1.start()
     hello = running_v1.gateway.hello
     assert hello is not None and hello.model is not None and hello.model.version == 1  # v1 survived in flash
@@ -421,7 +423,7 @@ def test_device_killed_mid_transfer_resumes_and_ends_active(
     assert not {0, 1, 2} & {i for indices in after for i in indices}
     count = final.total
     delivered = sum(n for (device, _), n in publisher.times.items() if device == DEVICE)
-    assert all(publisher.times[(DEVICE, i)] == 1 for i in range(3))
+    assert [publisher.times[(DEVICE, i)] for i in range(3)] == sent_before_restart  # none served again
     assert delivered < 2 * count, (delivered, count)
     assert running_v1.kept_chunks() == frozenset()  # the record is cleared on commit
 
@@ -450,6 +452,7 @@ def test_resumed_download_with_a_damaged_kept_chunk_starts_over_and_ends_active(
     if not isinstance(running_v1, QemuRig):
         pytest.skip("the fake keeps its chunks in Python memory and has no start-over path: a firmware case")
     before = _kill_with_chunks_0_to_2_kept(running_v1, publisher, watcher, model, spec, arena)
+    sent_before_restart = publisher.times[(DEVICE, 1)]
     path = running_v1.device.flash_image
     record = read_transfer_record(path.read_bytes())
     assert record is not None and record.version == 2
@@ -461,7 +464,7 @@ def test_resumed_download_with_a_damaged_kept_chunk_starts_over_and_ends_active(
     assert final.state == "active", final.detail
     after = _requests_after(watcher, before, 2)
     assert after[0][0] == 3 and any(indices[0] == 0 for indices in after[1:]), after  # resumed, then over
-    assert publisher.times[(DEVICE, 1)] == 2
+    assert publisher.times[(DEVICE, 1)] > sent_before_restart  # the damaged chunk was fetched again
     assert_still_runs(running_v1, final, 2)
 
 
