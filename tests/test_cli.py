@@ -52,3 +52,18 @@ def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path: Path, args: list[st
     assert "Traceback" not in result.stderr
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error")]
     assert len(error_lines) <= 1
+
+
+def test_commands_give_the_ephemeral_prefect_server_a_startup_timeout_a_loaded_machine_meets(tmp_path: Path) -> None:
+    # Prefect's own 20 s timed out a plain `tinymlops train` on a busy 2-core machine
+    probe = (
+        "from tinymlops.runtime import configure_prefect_env\n"
+        "from tinymlops.settings import get_settings\n"
+        "configure_prefect_env(get_settings())\n"
+        "from prefect.settings import get_current_settings\n"
+        "print(get_current_settings().server.ephemeral.startup_timeout_seconds)\n"
+    )
+    env = cli_env(tmp_path / "data", TINYMLOPS_PREFECT__STARTUP_TIMEOUT_S="240")
+    result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "240"

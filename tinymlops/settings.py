@@ -103,6 +103,12 @@ class PrefectSettings(BaseModel):
 
     api_url: str | None = Field(default=None, description="Prefect API URL; unset runs flows without a server.")
     home: Path | None = Field(default=None, description="PREFECT_HOME; default <data_dir>/prefect.")
+    startup_timeout_s: int = Field(
+        default=180,
+        ge=1,
+        description="Wait this long for the ephemeral Prefect server a command starts without api_url "
+        "(Prefect's 20 s is missed on a loaded 2-core machine).",
+    )
 
 
 class TargetSettings(BaseModel):
