@@ -308,6 +308,8 @@ CASES = [
     Case("simulate", "simulate --windows 1 --fault nosuch:0.5", "unknown fault kind 'nosuch'"),
     Case("simulate", "simulate --windows 1 --fleet bad/name", "invalid fleet 'bad/name'"),
     Case("simulate", "simulate --devices 2", "give --seconds or --windows", exit_code=2),
+    Case("simulate", "simulate --windows 1", "no MQTT broker to publish to: none configured and none announced in "
+         "{root}/data/broker.json; start `tinymlops broker`", real=True),
     Case("import", "import {root}/nowhere.npz --fs 1000", "cannot read {root}/nowhere.npz"),
     Case("import", "import {csv} --fs 1000 --device ../escape", "device '../escape'"),
     Case("import", "import {csv} --fs 1000 --fleet bad/name", "invalid fleet 'bad/name'"),

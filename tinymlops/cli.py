@@ -245,14 +245,16 @@ def simulate(
     fault: Annotated[
         list[str] | None, typer.Option(help="Inject KIND:SEVERITY[:DEVICE,...], e.g. inner_race:0.8:node-0001.")
     ] = None,
-    broker: Annotated[str | None, typer.Option(help="Broker URL (default from settings).")] = None,
+    broker: Annotated[
+        str | None, typer.Option(help="Broker URL (default: settings, else the one `tinymlops broker` announced).")
+    ] = None,
 ) -> None:
     """Run a virtual fleet of sensor nodes that publish vibration windows over MQTT."""
     settings = _settings()
     _check_fleet(fleet)
     from firmware.fleet import VirtualFleet
     from firmware.sensor import FaultSpec
-    from tinymlops.mqtt import broker_for
+    from tinymlops.mqtt import broker_to_publish_to
 
     name = fleet or settings.fleet
     sim = VirtualFleet(
@@ -274,7 +276,7 @@ def simulate(
     if seconds is None and windows is None:
         raise typer.BadParameter("give --seconds or --windows", param_hint="--seconds")
     mqtt_settings = settings.mqtt.model_copy(update={"url": broker or settings.mqtt.url})
-    with broker_for(mqtt_settings) as address:
+    with broker_to_publish_to(mqtt_settings, settings.data_dir) as address:
         stats = sim.run(address, interval_s=interval, duration_s=seconds, windows_per_device=windows)
     console.print(f"published {stats.published} windows from {devices} nodes in {stats.seconds:.1f} s")
 
@@ -583,11 +585,14 @@ def serve(
 
 @app.command()
 def broker() -> None:
-    """Start the embedded MQTT broker (Mosquitto if installed, else amqtt) and keep it up until Ctrl-C."""
-    settings = _settings()
-    from tinymlops.mqtt import broker_for
+    """Start the embedded MQTT broker (Mosquitto if installed, else amqtt) and keep it up until Ctrl-C.
 
-    with broker_for(settings.mqtt.model_copy(update={"url": None})) as address:
+    It is announced in the data directory, so `simulate` and `device run` started later publish to it.
+    """
+    settings = _settings()
+    from tinymlops.mqtt import announced, broker_for
+
+    with broker_for(settings.mqtt.model_copy(update={"url": None})) as address, announced(address, settings.data_dir):
         console.print(f"MQTT broker listening on [bold]{address.url}[/]; Ctrl-C stops it")
         with contextlib.suppress(KeyboardInterrupt):
             threading.Event().wait()
