@@ -99,6 +99,7 @@ def package_for_target(
     threshold_percentile: float,
     fleet: str,
     dataset_fingerprint: str,
+    trained_span_us: dict[str, tuple[int, int]],
     parity_inputs: npt.NDArray[np.float32],
     drift_reference: DriftReference,
     lineage: dict[str, str],
@@ -118,6 +119,7 @@ def package_for_target(
         threshold_percentile: Percentile the threshold was calibrated at.
         fleet: Fleet whose data trained the model.
         dataset_fingerprint: Content hash of the training data and selection.
+        trained_span_us: Per device, the time span of the windows the model trained on.
         parity_inputs: Features on which TFLite and TFLite Micro must agree.
         drift_reference: Training reference for the drift monitor.
         lineage: Run ids and other provenance.
@@ -161,6 +163,7 @@ def package_for_target(
         sparsity=compression.sparsity,
         budget_passed=report.passed,
         dataset_fingerprint=dataset_fingerprint,
+        trained_span_us=trained_span_us,
         metrics=metrics,
         lineage=lineage,
     )

@@ -136,6 +136,18 @@ def test_evaluate_cli_scores_a_bundle_on_the_lake(cwru_trained: dict[str, object
     assert report["evaluations"]["int8_tflm"]["auc"] >= 0.99
     assert set(report["evaluations"]["int8_tflm"]["auc_by_fault"]) == {"ball", "inner_race", "outer_race"}
 
+    # --holdout scores exactly the normal windows the train flow held out (its time-ordered test tail)
+    held = subprocess.run([*args[:-1], "--holdout", "--json"], env=env, capture_output=True, text=True, timeout=300)
+    assert held.returncode == 0, held.stderr
+    held_out = json.loads(held.stdout.strip().splitlines()[-1])["evaluations"]["int8_tflm"]
+    counts = cwru_trained["counts"]
+    assert isinstance(counts, dict)
+    assert held_out["n_normal"] == counts["test_normal"] < report["evaluations"]["int8_tflm"]["n_normal"]
+    assert held_out["false_alarm_rate"] == held_out["false_positives"] / held_out["n_normal"]
+    outcome_evaluation = cwru_trained["evaluation"]
+    assert isinstance(outcome_evaluation, dict)  # train --json carries per-class figures too
+    assert set(outcome_evaluation["int8_tflm"]["recall_by_fault"]) == {"ball", "inner_race", "outer_race"}
+
     bad = subprocess.run([*args[:-4], "fleet=nosuchfleet"], env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1
     assert bad.stderr.strip().startswith("error: no normal windows in the lake")

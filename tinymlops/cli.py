@@ -345,11 +345,14 @@ def evaluate(
         str, typer.Option(help="Lake selector fleet=NAME[,device=A|B][,since=ISO][,until=ISO], or a lake directory.")
     ],
     output: Annotated[Path | None, typer.Option(help="Also write the evaluation JSON to this file.")] = None,
+    holdout: Annotated[
+        bool, typer.Option(help="Only normal windows the model did not train on (outside each device's trained span).")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the evaluation as JSON instead of a table.")] = False,
 ) -> None:
     """Evaluate a model (float, int8 TFLite, int8 TFLite Micro) on labelled lake windows at its threshold."""
     settings = _settings()
-    from tasks.datasets import LakeSelection, load_labelled, parse_selector
+    from tasks.datasets import LakeSelection, load_labelled, outside_spans, parse_selector
     from tasks.evaluate import evaluate_bundle
 
     bundle = _load_model(model)
@@ -361,19 +364,34 @@ def evaluate(
     labelled = load_labelled(
         lake_root, selection, window_samples=settings.sensor.window_samples, max_abs_g=settings.sensor.max_abs_g
     )
+    normal = labelled.normal
+    if holdout:
+        spans = bundle.metadata.trained_span_us
+        if not spans:
+            raise ConfigError(f"{model} records no trained windows (a bundle from before the record): no --holdout")
+        normal = normal.select(outside_spans(normal, spans))
+        if not len(normal):
+            raise ConfigError(f"no normal windows of {data} lie outside what {model} trained on")
     comparison = evaluate_bundle(
         bundle,
-        labelled.normal.samples,
+        normal.samples,
         labelled.faults,
         window_seconds=settings.sensor.window_samples / labelled.normal.sample_rate_hz,
     )
-    report = {"model": model, "data": data, "threshold": bundle.metadata.threshold, "evaluations": comparison.to_dict()}
+    report = {
+        "model": model,
+        "data": data,
+        "holdout": holdout,
+        "threshold": bundle.metadata.threshold,
+        "evaluations": comparison.to_dict(),
+    }
     if output is not None:
         output.write_text(json.dumps(report, indent=2))
     if as_json:
         print(json.dumps(report))
         return
-    title = f"{bundle.metadata.model_name} on {data} (threshold {bundle.metadata.threshold:.4g})"
+    scope = "held-out windows of " if holdout else ""
+    title = f"{bundle.metadata.model_name} on {scope}{data} (threshold {bundle.metadata.threshold:.4g})"
     evaluations = comparison.evaluations
     _print_table(
         title,
@@ -385,11 +403,14 @@ def evaluate(
                 "recall": e.recall,
                 "f1": e.f1,
                 "false alarms/h": e.false_alarms_per_hour,
+                "false alarm rate": e.false_alarm_rate,
+                "normal windows": e.n_normal,
             }
             for name, e in evaluations.items()
         ],
     )
     _print_table("ROC-AUC per fault class", [{"model": name, **e.auc_by_fault} for name, e in evaluations.items()])
+    _print_table("Detected per fault class", [{"model": name, **e.recall_by_fault} for name, e in evaluations.items()])
 
 
 def _load_model(ref: str) -> Any:
