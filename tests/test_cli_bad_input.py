@@ -181,7 +181,8 @@ def numeric_options() -> list[tuple[str, str]]:
 def test_the_walk_finds_every_sub_app_and_top_level_command() -> None:
     top = {path.split()[0] for path in COMMANDS}
     expected = {"lake", "bench", "models", "security", "device", "keys", "demo", "ingest", "simulate", "import",
-                "import-cwru", "train", "evaluate", "reference", "deploy", "serve", "broker", "config"}  # fmt: skip
+                "import-cwru", "train", "evaluate", "monitor", "reference", "deploy", "serve", "broker",
+                "config"}  # fmt: skip
     assert expected <= top
     assert {"keys revoke", "models promote", "security broker", "device run", "lake quarantine", "bench"} <= set(
         COMMANDS
@@ -319,6 +320,9 @@ CASES = [
     Case("train", "train --target nosuch", "unknown MCU target 'nosuch'; known targets:", real=True),
     Case("train", "train --config {root}/nowhere.yaml", "'{root}/nowhere.yaml' does not exist", exit_code=2),
     Case("train", "train --since notatime", "'notatime' is not an ISO time", exit_code=2),
+    Case("monitor", "monitor --until notatime", "'notatime' is not an ISO time", exit_code=2),
+    Case("monitor", "monitor --fleet bad/name", "invalid fleet 'bad/name'"),
+    Case("monitor", "monitor --minutes 0", "Invalid value for '--minutes'", exit_code=2),
     Case("train", "train --fleet nosuch", "no windows of fleet 'nosuch' in the lake"),
     Case("train", "train --fleet bad/name", "invalid fleet 'bad/name'"),
     Case("train", "train --fleet plant", MLFLOW_UNREACHABLE, MLFLOW_CLOSED),

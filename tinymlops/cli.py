@@ -429,6 +429,54 @@ def _load_model(ref: str) -> Any:
 
 
 @app.command()
+def monitor(
+    fleet: Annotated[str | None, typer.Option(help="Fleet to judge (default from settings).")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="The model its devices run, NAME@alias (default: the first target's champion).")
+    ] = None,
+    minutes: Annotated[
+        float | None, typer.Option(min=0.05, help="How far back to look (default: drift.window_minutes).")
+    ] = None,
+    until: Annotated[str | None, typer.Option(help="End of the window, ISO time (default: now).")] = None,
+    events: Annotated[bool, typer.Option(help="Emit the drift and alert events (retraining may follow).")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the whole report as JSON.")] = False,
+) -> None:
+    """Judge a fleet's last minutes of live windows: ok, fault (alert) or data drift (the monitor flow)."""
+    settings = _settings()
+    end = _parse_time(until, "--until")
+    _check_fleet(fleet)
+    from registry.store import check_tracking
+
+    check_tracking(settings.mlflow_tracking_uri)
+    require_prefect_api(settings)
+    from flows.monitor import monitor_flow
+
+    report = monitor_flow(fleet=fleet, model_ref=model, window_minutes=minutes, until=end, emit_events=events)
+    if as_json:
+        print(json.dumps(report))
+        return
+    assessment = report["assessment"]
+    console.print(f"fleet {report['fleet']}: [bold]{report['verdict']}[/] ({report['windows_live']} live windows, "
+                  f"model {report['model']}, threshold {report['threshold']:.4g})")  # fmt: skip
+    for reason in assessment["reasons"]:
+        console.print(f"  {reason}")
+    _print_table(
+        "Devices",
+        [
+            {
+                "device": d["device"],
+                "verdict": d["verdict"],
+                "windows": d["n_windows"],
+                "anomaly rate": d["anomaly_rate"],
+                "limit": d["anomaly_rate_limit"],
+            }
+            for d in assessment["devices"]
+        ],
+    )
+    console.print(f"events: {', '.join(report['events']) or 'none'}")
+
+
+@app.command()
 def reference(
     fleet: Annotated[str | None, typer.Option(help="Fleet to add the reference set to.")] = None,
     windows: Annotated[int, typer.Option(min=8, help="Windows per fault class.")] = 64,
