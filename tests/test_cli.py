@@ -67,3 +67,41 @@ def test_commands_give_the_ephemeral_prefect_server_a_startup_timeout_a_loaded_m
     result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "240"
+
+
+def test_config_prints_resolved_values(tmp_path: Path) -> None:
+    import json
+
+    env = cli_env(tmp_path / "data", TINYMLOPS_MQTT__PASSWORD="s3cret")
+    result = subprocess.run([sys.executable, "-m", "tinymlops", "config"], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["lake"]["root"] == str(tmp_path / "data" / "lake")
+    assert shown["mlflow"]["tracking_uri"] == f"sqlite:///{tmp_path / 'data' / 'mlflow.db'}"
+    assert shown["prefect"]["home"] == str(tmp_path / "data" / "prefect")
+    assert shown["prefect"]["api_url"].startswith("none: each command starts a temporary Prefect server")
+    assert "s3cret" not in result.stdout and shown["mqtt"]["password"] == "**********"
+
+
+def test_tables_do_not_wrap_when_the_output_is_not_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from rich.table import Table
+
+    from tinymlops.terminal import make_console
+
+    def rendered() -> list[str]:
+        console = make_console()
+        console.file = io.StringIO()  # not a terminal, as a pipe or a CI log
+        table = Table()
+        for i in range(10):
+            table.add_column(f"column-{i}")
+        table.add_row(*(f"value-{i}" for i in range(10)))
+        console.print(table)
+        return console.file.getvalue().splitlines()
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    lines = rendered()
+    assert any("column-0" in line and "column-9" in line for line in lines), lines  # one row: 111 columns wide
+    monkeypatch.setenv("COLUMNS", "60")  # the user's own width wins
+    assert not any("column-0" in line and "column-9" in line for line in rendered())

@@ -25,7 +25,6 @@ from typing import Annotated, Any, NoReturn
 
 import pydantic
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from tinymlops.cli_deploy import deploy_command, keys_app, require_broker, require_prefect_api
@@ -36,6 +35,7 @@ from tinymlops.cli_security import security_app
 from tinymlops.errors import ConfigError, LakeError, TinyMLOpsError
 from tinymlops.runtime import configure_logging, configure_prefect_env
 from tinymlops.settings import Settings, get_settings, settings_reference_markdown
+from tinymlops.terminal import make_console
 
 app = typer.Typer(
     name="tinymlops",
@@ -58,8 +58,8 @@ app.add_typer(firmware_app, name="firmware")
 app.add_typer(keys_app, name="keys")
 app.command("deploy")(deploy_command)
 
-console = Console()
-err_console = Console(stderr=True)
+console = make_console()
+err_console = make_console(stderr=True)
 _state = {"debug": False}
 log = logging.getLogger(__name__)
 
@@ -671,11 +671,11 @@ def broker() -> None:
 def show_config(
     reference: Annotated[bool, typer.Option(help="Print the reference of every setting as markdown.")] = False,
 ) -> None:
-    """Print the effective settings (secrets masked), or the reference of all settings."""
+    """Print the effective settings, derived defaults resolved and secrets masked, or the reference of all settings."""
     if reference:
         print(settings_reference_markdown(), end="")
         return
-    console.print_json(get_settings().model_dump_json())
+    console.print_json(json.dumps(get_settings().resolved()))
 
 
 @bench_app.callback()

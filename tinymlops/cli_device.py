@@ -15,16 +15,16 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from tinymlops.errors import ConfigError
 from tinymlops.settings import get_settings
+from tinymlops.terminal import make_console
 
 device_app = typer.Typer(
     help="Simulated MCU devices: signed OTA model updates over MQTT, TFLite Micro scoring.", no_args_is_help=True
 )
-console = Console()
+console = make_console()
 log = logging.getLogger(__name__)
 
 

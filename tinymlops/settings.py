@@ -8,8 +8,10 @@ SQLite file, Prefect without a server, everything under ``data/``.
 from __future__ import annotations
 
 import functools
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -192,6 +194,28 @@ class Settings(BaseSettings):
     def prefect_home(self) -> Path:
         """Resolved PREFECT_HOME."""
         return self.prefect.home or self.data_dir / "prefect"
+
+    @property
+    def resolved_keys_dir(self) -> Path:
+        """Where the OTA signing key lives: ``keys_dir``, else ``$XDG_CONFIG_HOME/tinymlops/keys`` (~/.config)."""
+        if self.keys_dir is not None:
+            return self.keys_dir.expanduser()
+        config_home = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+        return Path(config_home).expanduser() / "tinymlops" / "keys"
+
+    def resolved(self) -> dict[str, Any]:
+        """Every setting as JSON values, with the defaults that derive from others filled in; secrets masked."""
+        values: dict[str, Any] = json.loads(self.model_dump_json())
+        values["keys_dir"] = str(self.resolved_keys_dir)
+        values["lake"].update(root=str(self.lake_root), quarantine=str(self.quarantine_root))
+        values["mlflow"].update(tracking_uri=self.mlflow_tracking_uri, artifact_root=self.mlflow_artifact_root)
+        values["prefect"]["home"] = str(self.prefect_home)
+        values["prefect"]["api_url"] = self.prefect.api_url or os.environ.get(
+            "PREFECT_API_URL", "none: each command starts a temporary Prefect server"
+        )
+        if not self.mqtt.url:
+            values["mqtt"]["url"] = f"none: an embedded {self.mqtt.embedded_broker} broker, or the announced one"
+        return values
 
 
 @functools.cache
