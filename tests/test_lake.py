@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -252,6 +253,9 @@ def test_readers_see_every_window_exactly_once_while_compaction_deletes_files(
     started = committed = reads = 0
     failure: list[BaseException] = []
 
+    def reads_reach(wanted: int) -> Callable[[], bool]:
+        return lambda: reads >= wanted
+
     def write_and_compact() -> None:
         nonlocal started, committed
         try:
@@ -271,7 +275,7 @@ def test_readers_see_every_window_exactly_once_while_compaction_deletes_files(
                     committed += 1
                 compact_lake(tmp_path, fleet="f", closed_before=at(T0 + 24 * HOUR_US))
                 with progress:
-                    if not progress.wait_for(lambda wanted=3 * (round_ + 1): reads >= wanted, timeout=120):
+                    if not progress.wait_for(reads_reach(3 * (round_ + 1)), timeout=120):
                         raise TimeoutError(f"readers stalled at {reads} reads")
         except BaseException as exc:  # re-raised by the test thread
             failure.append(exc)
