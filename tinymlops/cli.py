@@ -451,8 +451,9 @@ def import_files(
     settings = _settings()
     _check_fleet(fleet)
     _writable_dir(settings.lake_root, "lake")
-    from tasks.importers import import_file
+    from tasks.importers import ImportLimits, import_file
 
+    limits = ImportLimits(settings.lake.import_max_samples, settings.lake.import_max_mat_mb * 2**20)
     rows = []
     for path in paths:
         result = import_file(
@@ -466,6 +467,7 @@ def import_files(
             target_rate_hz=settings.sensor.sample_rate_hz,
             window_samples=settings.sensor.window_samples,
             max_abs_g=settings.sensor.max_abs_g,
+            limits=limits,
         )
         rows.append(
             {
@@ -488,7 +490,7 @@ def import_cwru_command(
     settings = _settings()
     _check_fleet(fleet)
     _writable_dir(settings.lake_root, "lake")
-    from tasks.importers import import_cwru
+    from tasks.importers import ImportLimits, import_cwru
 
     results = import_cwru(
         directory or settings.cwru_dir,
@@ -497,6 +499,7 @@ def import_cwru_command(
         target_rate_hz=settings.sensor.sample_rate_hz,
         window_samples=settings.sensor.window_samples,
         max_abs_g=settings.sensor.max_abs_g,
+        limits=ImportLimits(settings.lake.import_max_samples, settings.lake.import_max_mat_mb * 2**20),
     )
     _print_table(
         "Imported",
