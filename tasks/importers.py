@@ -475,7 +475,10 @@ def _mat_catalog(path: Path, limits: ImportLimits) -> Iterator[_Catalog]:
 def _csv_catalog(path: Path, limits: ImportLimits) -> Iterator[_Catalog]:
     """Judge a CSV's columns from its first rows; the chosen column is then read alone, in chunks."""
     with open(path, "rb") as handle:
-        first_line = handle.readline(_CSV_FIRST_LINE_BYTES).decode("utf-8-sig", errors="replace").strip()
+        first = handle.readline(_CSV_FIRST_LINE_BYTES + 1)
+    if len(first) > _CSV_FIRST_LINE_BYTES:  # pandas would hold the whole line, however long, to parse it
+        raise DataImportError(f"{path}: the first line is longer than {_CSV_FIRST_LINE_BYTES:,} bytes; not a CSV")
+    first_line = first.decode("utf-8-sig", errors="replace").strip()
     header = None if all(_is_number(cell) for cell in first_line.split(",")) else 0
     probe = pd.read_csv(path, header=header, nrows=_CSV_PROBE_ROWS)
     columns = {str(name): name for name in probe.columns}

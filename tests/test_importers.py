@@ -318,6 +318,13 @@ BAD_INPUTS = [
         id="text-after-the-first-rows",
     ),
     pytest.param(
+        ".csv",
+        lambda p: p.write_text("0.1," * 50_000),
+        {"fs": RATE},
+        r"the first line is longer than 65,536 bytes; not a CSV",
+        id="csv-without-lines",
+    ),
+    pytest.param(
         ".npz",
         lambda p: np.savez(p, x=_sine(4 * WINDOW, RATE)),
         {"fs": 1e300},
