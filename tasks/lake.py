@@ -73,8 +73,6 @@ PARTITION_SCHEMA = pa.schema([("fleet", pa.string()), ("date", pa.string()), ("h
 PARTITIONING = ds.partitioning(PARTITION_SCHEMA, flavor="hive")
 DATASET_SCHEMA = pa.unify_schemas([WINDOW_SCHEMA, PARTITION_SCHEMA])
 _HOUR_US = 3_600_000_000
-# A reader resolves the files again this often when compactions delete them under it (see _read_lake).
-_READ_ATTEMPTS = 8
 _Read = TypeVar("_Read")
 # Compaction buffers this much Arrow data per row group: bounded memory, few row groups.
 _COMPACT_ROW_GROUP_BYTES = 64 * 1024 * 1024
@@ -486,13 +484,14 @@ def _read_lake(
     start: dt.datetime | None = None,
     end: dt.datetime | None = None,
 ) -> _Read | None:
-    """Read the visible files as one snapshot, resolving them again when a compaction deleted one meanwhile.
+    """Read the visible files as one snapshot, even while a compaction deletes the files it merged.
 
     A compaction deletes the files it merged only once its output is visible, and its manifest only
     after them (see :func:`compact_lake`). So a resolved file set either reads in full, and then
     holds every window exactly once (see :func:`_superseded`), or names a deleted file, and then
-    the read fails with FileNotFoundError and starts over from a fresh listing. Each compaction of
-    an hour can cost a reader one attempt, never a wrong answer.
+    the read fails with FileNotFoundError. The read then starts over from a fresh listing while
+    holding compaction off: a shared ``flock`` on the compaction lock waits for the running pass
+    to end and keeps the next one waiting until the read is done. The common read takes no lock.
 
     Args:
         lake_root: Lake root.
@@ -505,20 +504,40 @@ def _read_lake(
         What ``read`` returned, or None when no file is visible.
 
     Raises:
-        LakeError: The lake cannot be read, or files vanished under every one of the attempts.
+        LakeError: The lake cannot be read, or a file vanished while no compaction could run.
     """
-    vanished: FileNotFoundError | None = None
-    for _ in range(_READ_ATTEMPTS):
+
+    def read_once() -> _Read | None:
+        dataset = _vibration_dataset(lake_root, fleet=fleet, start=start, end=end)
+        return None if dataset is None else read(dataset)
+
+    try:
+        return read_once()
+    except FileNotFoundError as exc:  # a compaction deleted a merged file after the listing
+        log.debug("a lake file vanished under a read, reading again with compaction held off: %s", exc)
+    with _compaction_held_off(lake_root):
         try:
-            dataset = _vibration_dataset(lake_root, fleet=fleet, start=start, end=end)
-            return None if dataset is None else read(dataset)
-        except FileNotFoundError as exc:  # a compaction deleted a merged file after the listing
-            vanished = exc
-            log.debug("a lake file vanished under a read, resolving the files again: %s", exc)
-    raise LakeError(
-        f"cannot read the lake at {lake_root}: files vanished under {_READ_ATTEMPTS} reads in a row "
-        f"(last {vanished}); is something other than compaction deleting files?"
-    )
+            return read_once()
+        except FileNotFoundError as exc:
+            raise LakeError(
+                f"cannot read the lake at {lake_root}: a file vanished while no compaction ran ({exc}); "
+                "something else deletes lake files"
+            ) from exc
+
+
+@contextlib.contextmanager
+def _compaction_held_off(lake_root: Path) -> Iterator[None]:
+    """Hold a shared ``flock`` on the compaction lock: wait for a running pass, keep the next one waiting."""
+    try:
+        fd = os.open(lake_root / VIBRATION_TABLE / ".compaction.lock", os.O_RDONLY)
+    except FileNotFoundError:  # no compaction ever ran here
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _vibration_dataset(
@@ -537,7 +556,7 @@ def _vibration_dataset(
             schema=DATASET_SCHEMA,
         )
     except FileNotFoundError:
-        raise  # vanished under a compaction: _read_lake resolves the files again
+        raise  # vanished under a compaction: _read_lake reads again
     except (OSError, pa.ArrowInvalid) as exc:
         raise LakeError(f"cannot open lake at {root}: {exc}") from exc
 
@@ -863,9 +882,10 @@ def compact_lake(
     names it and the files it replaces; then it is renamed into place and the replaced files are
     deleted, the manifest last. Readers skip files that a manifest with a visible output replaces, so
     at every instant, crash included, each window is visible exactly once; a reader that listed a
-    file before its deletion resolves the files again (see :func:`_read_lake`). The next pass finishes or
-    rolls back what a crashed pass left, and removes temporary files of writes killed more than
-    ``stale_after`` ago. One pass runs at a time (a lock file in the lake).
+    file before its deletion reads again with compaction held off (see :func:`_read_lake`). The
+    next pass finishes or rolls back what a crashed pass left, and removes temporary files of writes
+    killed more than ``stale_after`` ago. One pass runs at a time, and none while such a reader reads
+    again (an ``flock`` on ``.compaction.lock``: exclusive for a pass, shared for the reader).
 
     Args:
         lake_root: Lake root.

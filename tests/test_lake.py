@@ -317,7 +317,7 @@ def test_readers_see_every_window_exactly_once_while_compaction_deletes_files(
             lost=len(_round_keys(READERS_ROUNDS) - set(stored)),
             notes=f"{reads} reads (read_windows, read_keys, known_seqs in turn) during {READERS_ROUNDS} compaction "
             f"passes of {READERS_HOURS} hours; {failed} reads failed, {wrong} saw a window twice or missed one; "
-            f"{again} times a reader resolved the files again after a compaction deleted one it had listed",
+            f"{again} reads listed a file the compaction then deleted and read again with compaction held off",
         )
     )
     assert reads >= 3 * READERS_ROUNDS
