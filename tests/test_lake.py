@@ -12,6 +12,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -336,3 +337,21 @@ def _read_keys_with(kind: str, lake: Path, committed: set[tuple[str, int]]) -> l
     index = known_seqs(lake, "f", horizon_days=100_000)
     keys = [key for key in committed if key in index]
     return keys + [(d, s) for d in ("d000", "d001") if (s := index.last(d)) is not None and (d, s) not in committed]
+
+
+def test_a_file_vanishing_with_compaction_held_off_is_one_lake_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a compaction may delete lake files under a reader; anything else is named, not retried forever."""
+    lake_with_closed_and_open_hours(tmp_path)
+    compact_lake(tmp_path, fleet="f", closed_before=at(T0 + HOUR_US + 1))  # creates the compaction lock
+    real_lake_files = lake_module.lake_files
+
+    def listing_with_a_deleted_file(*args: Any, **kwargs: Any) -> list[Path]:
+        files = real_lake_files(*args, **kwargs)
+        return [*files, files[0].with_name("part-deleted-by-someone.parquet")]
+
+    monkeypatch.setattr(lake_module, "lake_files", listing_with_a_deleted_file)
+    with pytest.raises(LakeError, match=r"a file vanished while no compaction ran .*part-deleted-by-someone") as info:
+        read_keys(tmp_path, "f")
+    assert "\n" not in str(info.value)
