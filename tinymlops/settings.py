@@ -43,7 +43,7 @@ class MqttSettings(BaseModel):
 
 
 DEFAULT_MAX_ABS_G = 2000.0
-DEFAULT_IMPORT_MAX_SAMPLES = 1 << 25  # 22 min at 25.6 kHz; 256 MiB as float64, about 1 GiB at the import's peak
+DEFAULT_IMPORT_MAX_SAMPLES = 1 << 25  # 22 min at 25.6 kHz; 256 MiB as float64, of which the import holds a few copies
 DEFAULT_IMPORT_MAX_MAT_MB = 256
 """Largest |sample x scale| in g a real vibration sensor reports (see :attr:`SensorSettings.max_abs_g`)."""
 
