@@ -34,6 +34,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -72,6 +73,7 @@ PARTITION_SCHEMA = pa.schema([("fleet", pa.string()), ("date", pa.string()), ("h
 PARTITIONING = ds.partitioning(PARTITION_SCHEMA, flavor="hive")
 DATASET_SCHEMA = pa.unify_schemas([WINDOW_SCHEMA, PARTITION_SCHEMA])
 _HOUR_US = 3_600_000_000
+_Read = TypeVar("_Read")
 # Compaction buffers this much Arrow data per row group: bounded memory, few row groups.
 _COMPACT_ROW_GROUP_BYTES = 64 * 1024 * 1024
 QUARANTINE_SCHEMA = pa.schema(
@@ -423,12 +425,18 @@ def _read_manifest(manifest: Path) -> tuple[str, list[str]] | None:
         return None
 
 
-def _superseded(hour_dir: Path) -> set[str]:
-    """Return the names of files a finished compaction replaced but did not yet delete (see :func:`compact_lake`)."""
+def _superseded(hour_dir: Path, listed: set[str]) -> set[str]:
+    """Return the names of files a finished compaction replaced but did not yet delete (see :func:`compact_lake`).
+
+    A compaction counts as finished when its output is among ``listed``, the names of one listing of
+    the directory taken *before* the manifests are read: judged by a later ``exists()``, an output
+    renamed into place between the listing and the check would hide the replaced files while the
+    listing lacks the output (windows missing), or the other way round (windows twice).
+    """
     replaced: set[str] = set()
     for manifest in hour_dir.glob(".compaction-*.json"):
         plan = _read_manifest(manifest)
-        if plan is not None and (hour_dir / plan[0]).exists():
+        if plan is not None and plan[0] in listed:
             replaced.update(plan[1])
     return replaced
 
@@ -462,9 +470,74 @@ def lake_files(
     """
     files = []
     for hour_dir in _hour_dirs(lake_root, fleet, start, end):
-        skip = _superseded(hour_dir)
-        files += [f for f in sorted(hour_dir.glob("*.parquet")) if not f.name.startswith(".") and f.name not in skip]
+        listed = {f.name for f in hour_dir.glob("*.parquet") if not f.name.startswith(".")}
+        skip = _superseded(hour_dir, listed)
+        files += [hour_dir / name for name in sorted(listed - skip)]
     return files
+
+
+def _read_lake(
+    lake_root: Path,
+    read: Callable[[ds.Dataset], _Read],
+    *,
+    fleet: str | None = None,
+    start: dt.datetime | None = None,
+    end: dt.datetime | None = None,
+) -> _Read | None:
+    """Read the visible files as one snapshot, even while a compaction deletes the files it merged.
+
+    A compaction deletes the files it merged only once its output is visible, and its manifest only
+    after them (see :func:`compact_lake`). So a resolved file set either reads in full, and then
+    holds every window exactly once (see :func:`_superseded`), or names a deleted file, and then
+    the read fails with FileNotFoundError. The read then starts over from a fresh listing while
+    holding compaction off: a shared ``flock`` on the compaction lock waits for the running pass
+    to end and keeps the next one waiting until the read is done. The common read takes no lock.
+
+    Args:
+        lake_root: Lake root.
+        read: Reads what the caller needs from the dataset; called again from scratch on a retry.
+        fleet: Only this fleet (all fleets if None).
+        start: Only hours that end after this time.
+        end: Only hours that start at or before this time.
+
+    Returns:
+        What ``read`` returned, or None when no file is visible.
+
+    Raises:
+        LakeError: The lake cannot be read, or a file vanished while no compaction could run.
+    """
+
+    def read_once() -> _Read | None:
+        dataset = _vibration_dataset(lake_root, fleet=fleet, start=start, end=end)
+        return None if dataset is None else read(dataset)
+
+    try:
+        return read_once()
+    except FileNotFoundError as exc:  # a compaction deleted a merged file after the listing
+        log.debug("a lake file vanished under a read, reading again with compaction held off: %s", exc)
+    with _compaction_held_off(lake_root):
+        try:
+            return read_once()
+        except FileNotFoundError as exc:
+            raise LakeError(
+                f"cannot read the lake at {lake_root}: a file vanished while no compaction ran ({exc}); "
+                "something else deletes lake files"
+            ) from exc
+
+
+@contextlib.contextmanager
+def _compaction_held_off(lake_root: Path) -> Iterator[None]:
+    """Hold a shared ``flock`` on the compaction lock: wait for a running pass, keep the next one waiting."""
+    try:
+        fd = os.open(lake_root / VIBRATION_TABLE / ".compaction.lock", os.O_RDONLY)
+    except FileNotFoundError:  # no compaction ever ran here
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _vibration_dataset(
@@ -482,6 +555,8 @@ def _vibration_dataset(
             partition_base_dir=str(root),
             schema=DATASET_SCHEMA,
         )
+    except FileNotFoundError:
+        raise  # vanished under a compaction: _read_lake reads again
     except (OSError, pa.ArrowInvalid) as exc:
         raise LakeError(f"cannot open lake at {root}: {exc}") from exc
 
@@ -570,29 +645,32 @@ def known_seqs(lake_root: Path, fleet: str, horizon_days: int, today: dt.date | 
     """
     today = today or dt.datetime.now(tz=dt.UTC).date()
     since = dt.datetime.combine(today - dt.timedelta(days=horizon_days), dt.time(), tzinfo=dt.UTC)
-    index = SeqIndex()
-    dataset = _vibration_dataset(lake_root, fleet=fleet, start=since)
-    if dataset is not None:
+
+    def read(dataset: ds.Dataset) -> SeqIndex:
+        index = SeqIndex()
         for batch in dataset.to_batches(columns=["device", "seq"]):
             index.update(batch.column("device").to_pylist(), batch.column("seq").to_numpy())
-    return index
+        return index
+
+    return _read_lake(lake_root, read, fleet=fleet, start=since) or SeqIndex()
 
 
 def read_keys(lake_root: Path, fleet: str) -> pa.Table:
     """Return the ``device`` and ``seq`` of every window of a fleet (one row per stored window, duplicates kept)."""
-    dataset = _vibration_dataset(lake_root, fleet=fleet)
-    if dataset is None:
+    table = _read_lake(lake_root, lambda dataset: dataset.to_table(columns=["device", "seq"]), fleet=fleet)
+    if table is None:
         return pa.table({"device": pa.array([], pa.string()), "seq": pa.array([], pa.int64())})
-    return dataset.to_table(columns=["device", "seq"])
+    return table
 
 
 def known_sources(lake_root: Path, fleet: str, device: str) -> set[str]:
     """Return the distinct ``source`` values already stored for one device."""
-    dataset = _vibration_dataset(lake_root, fleet=fleet)
-    if dataset is None:
-        return set()
-    table = dataset.to_table(columns=["source"], filter=pc.field("device") == device)
-    return set(pc.unique(table["source"]).to_pylist())
+    table = _read_lake(
+        lake_root,
+        lambda dataset: dataset.to_table(columns=["source"], filter=pc.field("device") == device),
+        fleet=fleet,
+    )
+    return set() if table is None else set(pc.unique(table["source"]).to_pylist())
 
 
 @dataclass(frozen=True)
@@ -652,7 +730,6 @@ def read_windows(
     Raises:
         LakeError: The lake cannot be read, or windows of different lengths or rates were selected.
     """
-    dataset = _vibration_dataset(lake_root, fleet=fleet, start=start, end=end)
     expr = pc.scalar(True)
     if fleet is not None:
         expr &= pc.field("fleet") == fleet
@@ -665,13 +742,10 @@ def read_windows(
     if labels is not None:
         expr &= pc.field("label").isin(list(labels))
     width = window_samples or 0
-    if dataset is None:
+    selected = _read_lake(lake_root, lambda dataset: dataset.to_table(filter=expr), fleet=fleet, start=start, end=end)
+    if selected is None or selected.num_rows == 0:
         return _empty_windows(width)
-    table = dataset.to_table(filter=expr).sort_by(
-        [("fleet", "ascending"), ("device", "ascending"), ("timestamp", "ascending")]
-    )
-    if table.num_rows == 0:
-        return _empty_windows(width)
+    table = selected.sort_by([("fleet", "ascending"), ("device", "ascending"), ("timestamp", "ascending")])
     lengths = [n // 2 for n in pc.unique(pc.binary_length(table["samples"])).to_pylist()]
     rates = pc.unique(table["sample_rate_hz"]).to_pylist()
     if len(lengths) != 1 or (window_samples is not None and lengths[0] != window_samples):
@@ -758,8 +832,8 @@ def _empty_windows(width: int) -> LakeWindows:
 
 def lake_summary(lake_root: Path) -> pa.Table:
     """Return window counts per fleet, device and label."""
-    dataset = _vibration_dataset(lake_root)
-    if dataset is None:
+    table = _read_lake(lake_root, lambda dataset: dataset.to_table(columns=["fleet", "device", "label", "seq"]))
+    if table is None:
         return pa.table(
             {
                 "fleet": pa.array([], pa.string()),
@@ -768,7 +842,6 @@ def lake_summary(lake_root: Path) -> pa.Table:
                 "windows": pa.array([], pa.int64()),
             }
         )
-    table = dataset.to_table(columns=["fleet", "device", "label", "seq"])
     grouped = table.group_by(["fleet", "device", "label"], use_threads=False).aggregate([("seq", "count")])
     return grouped.rename_columns(["fleet", "device", "label", "windows"]).sort_by(
         [("fleet", "ascending"), ("device", "ascending")]
@@ -807,10 +880,12 @@ def compact_lake(
 
     The merged file is written and flushed under a hidden name next to a hidden manifest that
     names it and the files it replaces; then it is renamed into place and the replaced files are
-    deleted. Readers skip files that a manifest with a visible output replaces, so at every
-    instant, crash included, each window is visible exactly once. The next pass finishes or
-    rolls back what a crashed pass left, and removes temporary files of writes killed more than
-    ``stale_after`` ago. One pass runs at a time (a lock file in the lake).
+    deleted, the manifest last. Readers skip files that a manifest with a visible output replaces, so
+    at every instant, crash included, each window is visible exactly once; a reader that listed a
+    file before its deletion reads again with compaction held off (see :func:`_read_lake`). The
+    next pass finishes or rolls back what a crashed pass left, and removes temporary files of writes
+    killed more than ``stale_after`` ago. One pass runs at a time, and none while such a reader reads
+    again (an ``flock`` on ``.compaction.lock``: exclusive for a pass, shared for the reader).
 
     Args:
         lake_root: Lake root.

@@ -522,8 +522,9 @@ def import_files(
     settings = _settings()
     _check_fleet(fleet)
     _writable_dir(settings.lake_root, "lake")
-    from tasks.importers import import_file
+    from tasks.importers import ImportLimits, import_file
 
+    limits = ImportLimits(settings.lake.import_max_samples, settings.lake.import_max_mat_mb * 2**20)
     rows = []
     for path in paths:
         result = import_file(
@@ -537,6 +538,7 @@ def import_files(
             target_rate_hz=settings.sensor.sample_rate_hz,
             window_samples=settings.sensor.window_samples,
             max_abs_g=settings.sensor.max_abs_g,
+            limits=limits,
         )
         rows.append(
             {
@@ -559,7 +561,7 @@ def import_cwru_command(
     settings = _settings()
     _check_fleet(fleet)
     _writable_dir(settings.lake_root, "lake")
-    from tasks.importers import import_cwru
+    from tasks.importers import ImportLimits, import_cwru
 
     results = import_cwru(
         directory or settings.cwru_dir,
@@ -568,6 +570,7 @@ def import_cwru_command(
         target_rate_hz=settings.sensor.sample_rate_hz,
         window_samples=settings.sensor.window_samples,
         max_abs_g=settings.sensor.max_abs_g,
+        limits=ImportLimits(settings.lake.import_max_samples, settings.lake.import_max_mat_mb * 2**20),
     )
     _print_table(
         "Imported",

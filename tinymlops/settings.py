@@ -45,6 +45,8 @@ class MqttSettings(BaseModel):
 
 
 DEFAULT_MAX_ABS_G = 2000.0
+DEFAULT_IMPORT_MAX_SAMPLES = 1 << 25  # 22 min at 25.6 kHz; 256 MiB as float64, of which the import holds a few copies
+DEFAULT_IMPORT_MAX_MAT_MB = 256
 """Largest |sample x scale| in g a real vibration sensor reports (see :attr:`SensorSettings.max_abs_g`)."""
 
 
@@ -82,6 +84,16 @@ class LakeSettings(BaseModel):
     dedupe_horizon_days: int = Field(default=2, ge=1, description="Days of lake history checked for duplicate windows.")
     compact_after_minutes: int = Field(
         default=60, ge=0, description="Compact an hour partition's files into one this long after the hour ends."
+    )
+    import_max_samples: int = Field(
+        default=DEFAULT_IMPORT_MAX_SAMPLES,
+        ge=1,
+        description="Refuse to import a recording longer than this many samples (the import holds it in memory).",
+    )
+    import_max_mat_mb: int = Field(
+        default=DEFAULT_IMPORT_MAX_MAT_MB,
+        ge=1,
+        description="Refuse to import a .mat file larger than this (MiB): .mat files are read whole, not in chunks.",
     )
 
 
