@@ -47,7 +47,9 @@ from tinymlops.settings import DEFAULT_IMPORT_MAX_MAT_MB, DEFAULT_IMPORT_MAX_SAM
 logger = logging.getLogger(__name__)
 
 SUPPORTED_SUFFIXES = (".csv", ".mat", ".npz", ".parquet")
-FS_KEY = "fs"
+# Scalar fields that carry a recording's sample rate in Hz, compared without case.
+FS_KEYS = ("fs", "fs_hz", "sr", "sample_rate", "sample_rate_hz", "sampling_rate", "sampling_rate_hz",
+           "samplerate", "sampling_frequency")  # fmt: skip
 INT16_FULL_SCALE = 32767
 # A float32 scale below its smallest normal value loses precision, then rounds to 0 (1e-300 g did).
 _MIN_PEAK_G = float(np.finfo(np.float32).tiny) * INT16_FULL_SCALE
@@ -82,6 +84,8 @@ class ImportResult:
         windows: Windows written (0 for a duplicate).
         source_rate_hz: Sample rate of the recording before resampling.
         duplicate: True when these bytes were already imported for this device, so nothing was written.
+        end: Time just after the last imported sample, where a following file of the recording
+            starts (None for a duplicate).
 
     """
 
@@ -91,6 +95,7 @@ class ImportResult:
     windows: int
     source_rate_hz: float
     duplicate: bool
+    end: dt.datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -256,7 +261,9 @@ def import_file(
         source_rate,
         target_rate_hz,
     )
-    return ImportResult(path, device_id, label, n_windows, source_rate, duplicate=False)
+    end_us = start_us + n_windows * window_samples * 1_000_000 // target_rate_hz
+    end = dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=end_us)
+    return ImportResult(path, device_id, label, n_windows, source_rate, duplicate=False, end=end)
 
 
 def import_cwru(
@@ -579,10 +586,14 @@ def _pick_signal(path: Path, catalog: _Catalog, var: str | None) -> Float64Array
 
 
 def _sample_rate(path: Path, scalars: dict[str, float], fs: float | None) -> float:
+    """``fs`` if given, else the file's own sample-rate field (one of :data:`FS_KEYS`, any case)."""
     if fs is None:
-        if FS_KEY not in scalars:
-            raise DataImportError(f"sample rate unknown for {path}: pass --fs")
-        fs = scalars[FS_KEY]
+        found = {name: value for name, value in scalars.items() if name.lower() in FS_KEYS}
+        if not found:
+            raise DataImportError(f"sample rate unknown for {path} (no field such as fs or sample_rate): pass --fs")
+        if len(set(found.values())) > 1:
+            raise DataImportError(f"{path} gives several sample rates ({found}): pass --fs")
+        fs = next(iter(found.values()))
     if not math.isfinite(fs) or fs <= 0:
         raise DataImportError(f"invalid sample rate {fs} Hz for {path}: must be a finite positive number")
     return float(fs)

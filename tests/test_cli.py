@@ -31,6 +31,27 @@ def test_import_csv_through_the_cli(tmp_path: Path) -> None:
     assert set(windows.label) == {"normal"}
 
 
+def test_files_of_one_import_follow_each_other_from_start_at_their_own_rate(tmp_path: Path) -> None:
+    import datetime as dt
+
+    fs = 12_800  # each file names its rate in a field of its own; resampled to the fleet's 25.6 kHz
+    paths = []
+    for k in range(2):
+        path = tmp_path / f"run-{k}.npz"
+        np.savez(path, accel=np.sin(np.arange(fs * (k + 1)) / 7.0), Sampling_Rate=np.float64(fs))
+        paths.append(str(path))
+    result = run_cli(["import", *paths, "--device", "pump-1", "--start", "2026-03-02T06:00:00"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    windows = read_windows(tmp_path / "lake", devices=["pump-1"])
+    order = np.argsort(windows.seq)
+    stamps = windows.timestamp_us[order]
+    window_us = 1024 * 1_000_000 // 25_600
+    start_us = int(dt.datetime(2026, 3, 2, 6, tzinfo=dt.UTC).timestamp() * 1e6)
+    assert len(stamps) == 25_600 // 1024 + 2 * 25_600 // 1024  # 1 s, then 2 s of signal
+    assert stamps[0] == start_us
+    assert np.all(np.diff(stamps) == window_us)  # one recording: the second file starts where the first ended
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -517,9 +517,16 @@ def import_files(
     label: Annotated[str | None, typer.Option(help="Label: normal, or a fault type such as inner_race.")] = None,
     var: Annotated[str | None, typer.Option(help="Variable/column to read when a file has several.")] = None,
     fleet: Annotated[str | None, typer.Option(help="Fleet (default from settings).")] = None,
+    start: Annotated[
+        str | None, typer.Option(help="ISO time of the first file's first sample (UTC if no zone; default now).")
+    ] = None,
 ) -> None:
-    """Import recorded vibration files into the lake, resampled to the fleet's sensor rate."""
+    """Import recorded vibration files into the lake, resampled to the fleet's sensor rate.
+
+    The files of one call are one recording in the order given: each starts where the one before ended.
+    """
     settings = _settings()
+    next_start = _parse_time(start, "--start")
     _check_fleet(fleet)
     _writable_dir(settings.lake_root, "lake")
     from tasks.importers import ImportLimits, import_file
@@ -539,7 +546,9 @@ def import_files(
             window_samples=settings.sensor.window_samples,
             max_abs_g=settings.sensor.max_abs_g,
             limits=limits,
+            start=next_start,
         )
+        next_start = result.end or next_start
         rows.append(
             {
                 "file": str(path),
