@@ -151,6 +151,23 @@ def load_signal(
     return _parse(path, var=var, fs=fs, limits=limits or ImportLimits())
 
 
+def load_recording(
+    path: Path,
+    *,
+    target_rate_hz: int,
+    var: str | None = None,
+    fs: float | None = None,
+    limits: ImportLimits | None = None,
+) -> Float64Array:
+    """Read a recorded file's signal (see :func:`load_signal`) resampled to ``target_rate_hz``.
+
+    Raises:
+        DataImportError: As :func:`load_signal`, or no resampling ratio reaches the target rate.
+    """
+    signal, source_rate = load_signal(path, var=var, fs=fs, limits=limits)
+    return _resample(signal, source_rate, target_rate_hz, path)
+
+
 def import_file(
     path: Path,
     *,

@@ -181,7 +181,7 @@ def numeric_options() -> list[tuple[str, str]]:
 def test_the_walk_finds_every_sub_app_and_top_level_command() -> None:
     top = {path.split()[0] for path in COMMANDS}
     expected = {"lake", "bench", "models", "security", "device", "keys", "demo", "ingest", "simulate", "import",
-                "import-cwru", "train", "evaluate", "monitor", "reference", "deploy", "serve", "broker",
+                "import-cwru", "replay", "train", "evaluate", "monitor", "reference", "deploy", "serve", "broker",
                 "config"}  # fmt: skip
     assert expected <= top
     assert {"keys revoke", "models promote", "security broker", "device run", "lake quarantine", "bench"} <= set(
@@ -311,6 +311,9 @@ CASES = [
     Case("simulate", "simulate --devices 2", "give --seconds or --windows", exit_code=2),
     Case("simulate", "simulate --windows 1", "no MQTT broker to publish to: none configured and none announced in "
          "{root}/data/broker.json; start `tinymlops broker`", real=True),
+    Case("replay", "replay {root}/nowhere.npz --device d1", "cannot read {root}/nowhere.npz"),
+    Case("replay", "replay {csv} --device d1 --fs 1000 --speed -1", "Invalid value for '--speed'", exit_code=2),
+    Case("replay", "replay {csv} --device ../x --fs 1000", "invalid device id '../x'"),
     Case("import", "import {root}/nowhere.npz --fs 1000", "cannot read {root}/nowhere.npz"),
     Case("import", "import {csv} --fs 1000 --device ../escape", "device '../escape'"),
     Case("import", "import {csv} --fs 1000 --fleet bad/name", "invalid fleet 'bad/name'"),

@@ -561,6 +561,47 @@ def import_files(
     _print_table("Imported", rows)
 
 
+@app.command()
+def replay(
+    path: Annotated[Path, typer.Argument(help="Recording: .npz, .mat, .csv or .parquet.")],
+    device: Annotated[str, typer.Option(help="Device id the windows are published as.")],
+    fs: Annotated[float | None, typer.Option(help="Sampling rate in Hz (if the file has none).")] = None,
+    var: Annotated[str | None, typer.Option(help="Variable/column to read when the file has several.")] = None,
+    speed: Annotated[float, typer.Option(min=0.0, help="Playback speed, x real time; 0: as fast as possible.")] = 1.0,
+    fleet: Annotated[str | None, typer.Option(help="Fleet (default from settings).")] = None,
+    broker: Annotated[
+        str | None, typer.Option(help="Broker URL (default: settings, else the one `tinymlops broker` announced).")
+    ] = None,
+) -> None:
+    """Publish a recording over MQTT as a live sensor would, for the ingest and the monitor to judge it."""
+    settings = _settings()
+    _check_fleet(fleet)
+    from firmware.ota import OtaTopics
+    from firmware.replay import replay as replay_recording
+    from tasks.importers import ImportLimits, load_recording
+    from tinymlops.mqtt import broker_to_publish_to
+
+    name = fleet or settings.fleet
+    topic = OtaTopics(name, settings.mqtt.topic_root).vibration(device)  # checks the device id
+    limits = ImportLimits(settings.lake.import_max_samples, settings.lake.import_max_mat_mb * 2**20)
+    signal = load_recording(path, target_rate_hz=settings.sensor.sample_rate_hz, var=var, fs=fs, limits=limits)
+    mqtt_settings = settings.mqtt.model_copy(update={"url": broker or settings.mqtt.url})
+    with broker_to_publish_to(mqtt_settings, settings.data_dir) as address:
+        stats = replay_recording(
+            signal,
+            address,
+            topic=topic,
+            device_id=device,
+            sample_rate_hz=settings.sensor.sample_rate_hz,
+            window_samples=settings.sensor.window_samples,
+            speed=speed,
+        )
+    console.print(
+        f"replayed {stats.windows} windows of {path} as {name}/{device} to {address.url} in {stats.seconds:.1f} s "
+        f"(full scale {stats.full_scale_g:.3g} g)"
+    )
+
+
 @app.command("import-cwru")
 def import_cwru_command(
     directory: Annotated[Path | None, typer.Argument(help="CWRU directory (default: settings.cwru_dir).")] = None,
