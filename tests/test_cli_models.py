@@ -171,3 +171,19 @@ def test_bad_references_are_one_line_errors_with_exit_1(runner: CliRunner, data_
     proc = run_main(data_dir, "show", "vibration-ae-nowhere@champion")
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.strip() == "error: no registered model 'vibration-ae-nowhere'"
+
+
+def test_the_demos_store_is_found_with_data_dir_and_a_read_creates_no_store(data_dir: Path, tmp_path: Path) -> None:
+    home = tmp_path / "data"
+    home.mkdir()
+    (home / "demo").symlink_to(data_dir, target_is_directory=True)  # as `tinymlops demo` leaves it: data/demo
+    empty = subprocess.run([sys.executable, "-m", "tinymlops", "models", "list"], capture_output=True, text=True,
+                           env=cli_env(home), timeout=120)  # fmt: skip
+    assert empty.returncode == 0, empty.stderr
+    assert f"no model store at {home / 'mlflow.db'}" in empty.stdout
+    assert f"tinymlops --data-dir {home / 'demo'} models list" in " ".join(empty.stdout.split())
+    assert not (home / "mlflow.db").exists()
+    found = subprocess.run([sys.executable, "-m", "tinymlops", "--data-dir", str(home / "demo"), "models", "list",
+                            "--json"], capture_output=True, text=True, env=cli_env(home), timeout=120)  # fmt: skip
+    assert found.returncode == 0, found.stderr
+    assert [row["model"] for row in json.loads(found.stdout)] == [NAME]

@@ -34,7 +34,7 @@ from tinymlops.cli_models import models_app
 from tinymlops.cli_security import security_app
 from tinymlops.errors import ConfigError, LakeError, TinyMLOpsError
 from tinymlops.runtime import configure_logging, configure_prefect_env
-from tinymlops.settings import Settings, get_settings, settings_reference_markdown
+from tinymlops.settings import Settings, get_settings, reset_settings, settings_reference_markdown
 from tinymlops.terminal import make_console
 
 app = typer.Typer(
@@ -150,8 +150,15 @@ def _one_line(text: str) -> str:
 def main_options(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors in the log.")] = False,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option("--data-dir", help="Data directory (lake, stores), as TINYMLOPS_DATA_DIR; the demo's: data/demo."),
+    ] = None,
 ) -> None:
     """Tiny-MLOps for far-edge vibration sensors. Settings come from TINYMLOPS_* environment variables."""
+    if data_dir is not None:  # before any setting is read; child processes (serve, services) inherit it
+        os.environ["TINYMLOPS_DATA_DIR"] = str(data_dir.resolve())
+        reset_settings()
     _state["debug"] = debug
     configure_logging(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
     if not debug:  # a failing flow logs its traceback (Prefect): the one-line error is enough without --debug

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import getpass
 import json
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -33,6 +34,12 @@ def _configure() -> None:
     from registry.store import configure_from_settings
 
     configure_from_settings(get_settings())
+
+
+def _local_store(tracking_uri: str) -> Path | None:
+    """The SQLite file of a local tracking URI (``sqlite:///path``), or None for a server or other store."""
+    prefix = "sqlite:///"
+    return Path(tracking_uri[len(prefix) :]) if tracking_uri.startswith(prefix) else None
 
 
 def _actor(actor: str | None) -> str:
@@ -61,6 +68,17 @@ def list_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """List the registered models (one per MCU target) with their aliases."""
+    settings = get_settings()
+    store = _local_store(settings.mlflow_tracking_uri)
+    if store is not None and not store.exists():  # reading must not create an empty store
+        if as_json:
+            print("[]")
+        else:
+            console.print(f"registered models: (none): no model store at {store}")
+        demo_store = settings.data_dir / "demo" / "mlflow.db"
+        if not as_json and demo_store.exists():
+            console.print(f"the demo's models are in its store: tinymlops --data-dir {demo_store.parent} models list")
+        return
     _configure()
     from registry.models import CANDIDATE, CHAMPION, PREVIOUS, list_models
 
