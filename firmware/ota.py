@@ -241,6 +241,14 @@ class OtaTopics:
         """A group's desired model, retained binary manifest, server -> every device of the group."""
         return f"{self.root}/{self.fleet}/groups/{check_name(group, 'group')}/ota/manifest"
 
+    def all_group_manifests(self) -> str:
+        """Subscription for every group's manifest topic: ``<root>/<fleet>/groups/+/ota/manifest``."""
+        return f"{self.root}/{self.fleet}/groups/+/ota/manifest"
+
+    def ota_service(self) -> str:
+        """The fleet's OTA service presence, retained JSON (empty: none); not a device topic."""
+        return f"{self.root}/{self.fleet}/services/ota"
+
     def request(self, device: str) -> str:
         """Chunk requests, binary, device -> server."""
         return self._device(device, "ota/req")

@@ -16,8 +16,9 @@ The device side is ``firmware/OTA_PROTOCOL.md``; this module is the server's par
   :class:`~firmware.ota.ModelPublisher`, which serves the chunks the devices pull; the session
   waits for each device's final status (``active``, ``failed: ...``, ``ignored: ...``) and keeps
   the latencies the devices report. A device that never answers within the timeout is
-  reported as not delivered and its manifest is withdrawn, so it does not start a download
-  that nobody serves any more (the next deployment reaches it).
+  reported as not delivered; while the fleet's OTA service (:mod:`tasks.ota_service`) runs,
+  its manifest stays retained and the service serves it whenever the device is back;
+  without one the manifest is withdrawn, so it does not start a download nobody serves.
 * **Manifest versions** are monotonic per device and never reused: ``max(UNIX time in seconds,
   highest version the device announced, reported or was sent + 1)``, so a version a device once
   failed (never retried) or a rollback always gets a higher one. A group manifest carries the
@@ -90,6 +91,7 @@ from registry.errors import PromotionError, RegistryError
 from registry.models import CHAMPION, PREVIOUS, TAG_SHA256, RegisteredVersion, aliases_of, resolve
 from registry.promotion import rollback
 from registry.store import configure_from_settings, configure_mlflow, first_line, is_http_uri, mlflow_client
+from tasks.ota_service import parse_presence
 from tinymlops.errors import TinyMLOpsError
 from tinymlops.mqtt import BrokerAddress, connect, make_client
 from tinymlops.schemas import ModelBundle
@@ -416,6 +418,7 @@ class FleetWatcher:
         rejected: Devices whose latest announcement was rejected, with the reason.
         statuses: The latest status of each device.
         scores: Score batches of each device, oldest first.
+        ota_service: The presence the fleet's OTA service retains (None: no service runs).
 
     Args:
         address: Broker.
@@ -438,6 +441,7 @@ class FleetWatcher:
         self.announcements: dict[str, Announcement] = {}
         self.rejected: dict[str, str] = {}
         self.statuses: dict[str, DeviceStatus] = {}
+        self.ota_service: dict[str, Any] | None = None
         self.scores: dict[str, deque[_Scores]] = defaultdict(lambda: deque(maxlen=_SCORE_HISTORY))
         self.changed = threading.Condition()
         self.on_status: list[Callable[[str, DeviceStatus], None]] = []
@@ -463,7 +467,8 @@ class FleetWatcher:
         self._client.loop_stop()
 
     def _subscribe(self) -> None:
-        self._client.subscribe([(self.topics.all_devices(kind), 1) for kind in self.kinds])
+        kinds = [(self.topics.all_devices(kind), 1) for kind in self.kinds]
+        self._client.subscribe([*kinds, (self.topics.ota_service(), 1)])
 
     def settle(self, quiet_s: float, timeout_s: float) -> None:
         """Wait for the subscription, then until no message came for ``quiet_s`` (at most ``timeout_s``)."""
@@ -477,6 +482,9 @@ class FleetWatcher:
         self._last_message = time.monotonic()
         parsed = self.topics.parse(message.topic)
         payload = bytes(message.payload)
+        if message.topic == self.topics.ota_service():
+            self.ota_service = parse_presence(payload)
+            return
         if parsed is None or not payload:
             return
         device, kind = parsed
@@ -726,8 +734,10 @@ class _Tracker:
             self.final = status
             self.finished = now
 
-    def outcome(self, model: DeployableModel) -> DeviceOutcome:
+    def outcome(self, model: DeployableModel, *, kept: bool = False) -> DeviceOutcome:
+        """The outcome; ``kept``: an unfinished manifest stays retained for the fleet's OTA service."""
         a, last, final = self.announcement, self.last, self.final
+        left = "manifest kept: the OTA service serves it" if kept else "manifest withdrawn"
         active = final is not None and final.active is not None and final.active.version == self.version
         loaded = active or "loaded" in self.states
         verified = loaded or "verified" in self.states
@@ -735,9 +745,9 @@ class _Tracker:
         if final is not None:
             state, status = final.state, final.status
         elif last is not None:
-            state, status = "timeout", f"timeout: {last.status}; manifest withdrawn"
+            state, status = "timeout", f"timeout: {last.status}; {left}"
         else:
-            state, status = "not delivered", "not delivered: no answer (offline?); manifest withdrawn"
+            state, status = "not delivered", f"not delivered: no answer (offline?); {left}"
         running = _model_text(last.active if last is not None else a.model)
         report = final or last
         latency = {}
@@ -921,12 +931,17 @@ class DeploymentSession:
                 lambda: all(t.final is not None for t in self._trackers.values()), max(deadline - time.monotonic(), 0)
             )
             trackers, self._trackers = self._trackers, {}
+        kept = self.watcher.ota_service is not None
         unfinished = sorted({t.audience for t in trackers.values() if t.final is None})
-        for audience in unfinished:  # nobody will serve its chunks after this session: do not leave it pending
+        for audience in [] if kept else unfinished:  # nobody would serve its chunks after this session
             self.publisher.withdraw(audience)
+        if kept and unfinished:
+            log.info("%d manifest(s) unanswered, left to the OTA service: %s", len(unfinished), ", ".join(unfinished))
         by_id = {a.device: a for a in devices}
         outcomes = [
-            trackers[d].outcome(model) if d in trackers else skipped_outcome(model, by_id[d], role, blocked[d])
+            trackers[d].outcome(model, kept=kept)
+            if d in trackers
+            else skipped_outcome(model, by_id[d], role, blocked[d])
             for d in ids
         ]
         active = sum(o.active for o in outcomes)
