@@ -32,16 +32,18 @@ from firmware.ota import (
     DriftSummary,
     Manifest,
     ModelPublisher,
+    OtaError,
     OtaTopics,
     ScoreBatch,
     build_manifest,
+    compute_references,
     crc32,
     device_audience,
 )
 from firmware.sensor import FaultSpec, MachineSimulator, quantize
 from firmware.signing import KeyRing, ManifestSigner, generate_keypair, load_private_key
 from firmware.tflm import TflmRunner, measure_arena
-from tests.int8_model import int8_autoencoder
+from tests.int8_model import int8_autoencoder, with_first_dense_zeroed
 from tinymlops.mqtt import AmqttBroker, BrokerAddress, MosquittoBroker, connect, make_client
 from tinymlops.settings import REPO_ROOT, MqttSettings
 from tinymlops.targets import McuTarget, load_catalog
@@ -479,10 +481,11 @@ def test_wrong_profile_too_large_and_arena_over_ram_are_refused(
 def test_model_that_fails_to_load_keeps_the_old_one(
     case: str, running_v1: DeviceRuntime, publisher: ShapingPublisher, model: bytes, spec: DspSpec, arena: int
 ) -> None:
+    references = compute_references(model, arena)  # the server cannot compute them for these
     if case == "not a model":
-        manifest = deploy(publisher, hashlib.shake_256(b"noise").digest(5000), spec, arena, 2)
+        manifest = deploy(publisher, hashlib.shake_256(b"noise").digest(5000), spec, arena, 2, references=references)
     elif case == "arena far too small":  # crashes TFLM in-process; the probe keeps this process alive
-        manifest = deploy(publisher, model, spec, 64, 2)
+        manifest = deploy(publisher, model, spec, 64, 2, references=references)
     else:
         small = DspSpec(n_bands=16).fitted(np.random.default_rng(0).standard_normal((8, 19)).astype(np.float32))
         manifest = deploy(publisher, model, small, arena, 2)
@@ -490,6 +493,21 @@ def test_model_that_fails_to_load_keeps_the_old_one(
     assert (final.state, final.reason) == ("failed", "load failed"), final.detail
     assert "verified" in [s.state for s in running_v1.statuses if s.version == 2]
     assert_still_runs_v1(running_v1, final)
+
+
+def test_dead_model_that_misses_its_reference_outputs_is_refused_and_a_good_one_passes(
+    running_v1: DeviceRuntime, publisher: ShapingPublisher, model: bytes, spec: DspSpec, arena: int
+) -> None:
+    dead = with_first_dense_zeroed(model)  # loads and scores finitely: the same output for every input
+    with pytest.raises(OtaError, match="same output for all 3 reference inputs"):
+        deploy(publisher, dead, spec, arena, 2)  # the server does not sign a dead model's own references
+    manifest = deploy(publisher, dead, spec, arena, 2, references=compute_references(model, arena))
+    final = settle(running_v1, manifest.model_version)
+    assert (final.state, final.reason) == ("failed", "smoke test failed"), final.detail
+    assert "reference 2 of 3" in final.detail and "LSB > 2" in final.detail
+    assert "loaded" in [s.state for s in running_v1.statuses if s.version == 2]
+    assert_still_runs_v1(running_v1, final)
+    assert rollout(running_v1, publisher, model, spec, arena, 3).state == "active"  # the good model's references
 
 
 def test_older_and_same_versions_are_ignored(

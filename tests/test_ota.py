@@ -28,6 +28,7 @@ from firmware.ota import (
     OtaReceiver,
     OtaTopics,
     ReceiverConfig,
+    ReferenceSet,
     RxStatus,
     ScoreBatch,
     build_manifest,
@@ -49,6 +50,7 @@ RING = KeyRing({"test-key": SIGNER.public_key})
 N = DspSpec().n_features
 SPEC = DspSpec(mean=tuple(0.1 * i for i in range(N)), std=tuple(1 + 0.01 * i for i in range(N)))
 CONFIG = ReceiverConfig("node-0001", "nrf52840", slot_bytes=262_144, ram_bytes=131_072, group="line-1")
+REFERENCES = ReferenceSet((bytes(range(N)), bytes(N)), (bytes(range(1, N + 1)), bytes([5]) * N))
 
 
 def manifest(version: int = 3, model: bytes = MODEL, **changes: Any) -> Manifest:
@@ -61,6 +63,7 @@ def manifest(version: int = 3, model: bytes = MODEL, **changes: Any) -> Manifest
         "audience": device_audience("node-0001"),
         "signer": SIGNER,
         "chunk_size": 1024,
+        "references": REFERENCES,
     }
     return build_manifest(model, version=version, **{**kwargs, **changes})
 
@@ -88,6 +91,7 @@ def test_largest_manifest_has_the_documented_size() -> None:
         target="t" * 32,
         audience=device_audience("d" * 64),
         dsp_block=struct.pack("<H", 2) + bytes(1022),  # another DSP version travels as an opaque block
+        reference_block=ReferenceSet((bytes(170),) * 3, (bytes(169),) * 3).encode(),  # 7 + 3 x 339 = 1024 bytes
     ).signed(ManifestSigner(private_key_from_seed(bytes(32)), "k" * 32))
     payload = largest.encode()
     assert len(payload) == MAX_MANIFEST_BYTES and decode_manifest(payload) == largest
@@ -109,6 +113,7 @@ def test_signature_covers_every_field() -> None:
         "arena_bytes": 1,
         "threshold": 0.5,
         "dsp_block": m.dsp_block[:-1] + b"\x01",
+        "reference_block": m.reference_block[:-1] + b"\x01",
     }
     assert set(changes) == {f.name for f in dataclasses.fields(Manifest)} - {"signature"}
     for name, value in changes.items():
