@@ -195,15 +195,21 @@ def score_window(
     return score, features[0], (t1 - t0) * 1e3, (t2 - t1) * 1e3
 
 
-def check_references(runner: TflmRunner, references: ReferenceSet) -> None:
+def check_references(
+    predict_int8: Callable[[npt.NDArray[np.int8]], npt.NDArray[np.int8]], references: ReferenceSet
+) -> None:
     """Run the manifest's reference inputs through a loaded model; the outputs must match within the tolerance.
+
+    Args:
+        predict_int8: The loaded model: int8 rows in, int8 rows out (TFLite Micro, or tinyrt).
+        references: The manifest's reference block.
 
     Raises:
         DeviceError: An output differs by more than the tolerance (a model that is not the one the
             server ran, e.g. a dead layer, or a runtime that does not compute it).
     """
     inputs = np.frombuffer(b"".join(references.inputs), dtype=np.int8).reshape(len(references.inputs), -1)
-    for index, output in enumerate(runner.predict_int8(inputs)):
+    for index, output in enumerate(predict_int8(inputs)):
         problem = references.mismatch(index, output.tobytes())
         if problem:
             raise DeviceError(problem)
@@ -603,7 +609,7 @@ class DeviceRuntime:
         candidate = ActiveModel(m, spec, runner)
         t = time.perf_counter()
         try:
-            check_references(runner, m.references())
+            check_references(runner.predict_int8, m.references())
             window = self._last_window if self._last_window is not None else self._sample()
             score, _, dsp_ms, inference_ms = score_window(candidate, window)
             if not math.isfinite(score):

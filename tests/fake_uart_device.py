@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from firmware.device import DeviceError, check_references
 from firmware.dsp import extract_features
 from firmware.frames import (
     ChunkFrame,
@@ -350,6 +351,11 @@ class FakeUartDevice:
         load = time.perf_counter_ns() - t
         self._send_status(DeviceStateCode.LOADED, manifest=m, received=n, verify_instructions=verify,
                           load_instructions=load)  # fmt: skip
+        try:
+            check_references(runtime.predict_int8, m.references())
+        except DeviceError as exc:  # device_main.c check_references: the same detail
+            self._fail(StatusDomain.SMOKE, -1, str(exc), n)
+            return
         window = self._window or WindowFrame(0, 1e-3, m.dsp_spec().sample_rate_hz, (0,) * m.dsp_spec().window_samples)
         score, _, dsp, inference = self._score(runtime, m, window)
         if not math.isfinite(score):
