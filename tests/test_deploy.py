@@ -63,6 +63,7 @@ from tasks.deploy import (
     select_targets_task,
 )
 from tasks.ota_service import OtaService, OtaServiceError
+from tests.fault_ledger import FaultRecord, record
 from tests.int8_model import int8_autoencoder
 from tinymlops.cli_deploy import deploy_command
 from tinymlops.errors import TinyMLOpsError
@@ -735,13 +736,14 @@ def test_cli_bad_input_gives_one_line_errors(env: Env, mosquitto: MosquittoBroke
 def test_devices_back_after_the_deployment_ended_get_the_champion_from_the_ota_service(
     env: Env, mosquitto: MosquittoBroker, prefect_harness: None
 ) -> None:
+    """Two devices offline during the whole deploy flow come back after it ended, one after a broker restart."""
     target = profile("nrf_ota_service")
     env.register(target, "v1")
     name = registered_model_name(target.name)
     topics = OtaTopics(FLEET)
     with contextlib.ExitStack() as stack:
         service = stack.enter_context(OtaService(mosquitto.address, topics, env.keyring))
-        with pytest.raises(OtaServiceError, match="already serves fleet plant"):  # one per fleet
+        with pytest.raises(OtaServiceError, match="already serves fleet plant") as second:  # one per fleet
             OtaService(mosquitto.address, topics, env.keyring).start()
         away = [stack.enter_context(DeviceRuntime(f"away-{i}", FLEET, target, env.keyring, mosquitto.address,
                                                   config=FAST)) for i in range(2)]  # fmt: skip
@@ -751,22 +753,24 @@ def test_devices_back_after_the_deployment_ended_get_the_champion_from_the_ota_s
         for device in away:
             device.go_offline()  # offline during the whole deployment
         result = flow(model_ref=f"{name}@champion", broker_url=mosquitto.address.url, timeout_s=2)
-        assert [row["state"] for row in result["devices"]] == ["not delivered", "not delivered"]
-        assert all(row["status"].endswith("manifest kept: the OTA service serves it") for row in result["devices"])
+        rows = result["devices"]
+        assert [row["state"] for row in rows] == ["not delivered", "not delivered"]
+        assert all(row["status"].endswith("manifest kept: the OTA service serves it") for row in rows)
+        back = time.monotonic()
         away[0].go_online()  # back after the deployment ended
-        active = away[0].wait_for(lambda s: s.state == "active", timeout_s=30)
-        assert active.version == result["devices"][0]["manifest_version"] and runs_model(away[0], assets().model)
-        assert service.served["away-0"] >= active.total
+        first = away[0].wait_for(lambda s: s.state == "active", timeout_s=30)
+        first_s = time.monotonic() - back
         # A broker restart without persistence loses every retained manifest: the service re-publishes them.
         mosquitto.stop()
         mosquitto.start()
+        back = time.monotonic()
         away[1].go_online()
-        active = away[1].wait_for(lambda s: s.state == "active", timeout_s=30)
-        assert runs_model(away[1], assets().model) and service.served["away-1"] >= active.total
+        after_restart = away[1].wait_for(lambda s: s.state == "active", timeout_s=30)
+        restart_s = time.monotonic() - back
         # It serves only what the retained manifest names: another model's chunks are refused.
         probe = make_client(mosquitto.address, "ota-probe")
         connect(probe, mosquitto.address)
-        stale = ChunkRequest(active.version - 1, b"\0" * 8, (0,))
+        stale = ChunkRequest(after_restart.version - 1, b"\0" * 8, (0,))
         probe.publish(topics.request("away-1"), stale.encode(), qos=1).wait_for_publish(5)
         deadline = time.monotonic() + 15
         while service.refused["away-1"] == 0:
@@ -774,3 +778,19 @@ def test_devices_back_after_the_deployment_ended_get_the_champion_from_the_ota_s
             time.sleep(0.05)
         probe.disconnect()
         probe.loop_stop()
+    on_champion = [d.device_id for d in away if runs_model(d, assets().model)]
+    record(
+        FaultRecord(
+            "device offline during the whole deployment, back after it ended", broken_devices=0,
+            notes=f"deploy flow to 2 offline devices: {rows[0]['state']} x2, manifests kept for the OTA service; "
+            f"back afterwards: {len(on_champion)} of 2 active on the champion v{first.version} "
+            f"({first.total} chunks; {first_s:.1f} s after reconnecting, {restart_s:.1f} s for the one back after a "
+            f"broker restart without persistence, its manifest re-published by the service); a request for another "
+            f"model refused; a second service refused to start. Without the service the manifest is withdrawn and the "
+            f"device runs no model until the next deployment",
+        )
+    )  # fmt: skip
+    assert first.version == rows[0]["manifest_version"] and after_restart.version == rows[1]["manifest_version"]
+    assert on_champion == ["away-0", "away-1"]
+    assert service.served["away-0"] >= first.total and service.served["away-1"] >= after_restart.total
+    assert "stop it first" in str(second.value)

@@ -43,6 +43,7 @@ from firmware.ota import (
 from firmware.sensor import FaultSpec, MachineSimulator, quantize
 from firmware.signing import KeyRing, ManifestSigner, generate_keypair, load_private_key
 from firmware.tflm import TflmRunner, measure_arena
+from tests.fault_ledger import FaultRecord, record
 from tests.int8_model import int8_autoencoder, with_first_dense_zeroed
 from tinymlops.mqtt import AmqttBroker, BrokerAddress, MosquittoBroker, connect, make_client
 from tinymlops.settings import REPO_ROOT, MqttSettings
@@ -469,7 +470,7 @@ def test_wrong_profile_too_large_and_arena_over_ram_are_refused(
     final = rollout(running_v1, publisher, model, spec, arena, 2, target="stm32l4r5")
     assert final.status == "failed: wrong profile" and "stm32l4r5" in final.detail
     huge = bytes(300_000)  # larger than the nRF52840's 256 KiB staging slot
-    final = rollout(running_v1, publisher, huge, spec, arena, 3)
+    final = rollout(running_v1, publisher, huge, spec, arena, 3, references=compute_references(model, arena))
     assert final.status == "failed: too large" and "262144" in final.detail
     final = rollout(running_v1, publisher, model, spec, 200_000, 4)
     assert final.status == "failed: arena too large" and "131072" in final.detail
@@ -504,10 +505,19 @@ def test_dead_model_that_misses_its_reference_outputs_is_refused_and_a_good_one_
     manifest = deploy(publisher, dead, spec, arena, 2, references=compute_references(model, arena))
     final = settle(running_v1, manifest.model_version)
     assert (final.state, final.reason) == ("failed", "smoke test failed"), final.detail
-    assert "reference 2 of 3" in final.detail and "LSB > 2" in final.detail
-    assert "loaded" in [s.state for s in running_v1.statuses if s.version == 2]
+    loaded = "loaded" in [s.state for s in running_v1.statuses if s.version == 2]
+    good = rollout(running_v1, publisher, model, spec, arena, 3)  # the good model reproduces its references
+    record(
+        FaultRecord(
+            "signed model with its first layer zeroed (simulated device)", broken_devices=int(good.state != "active"),
+            notes=f"the server refused to sign the dead model's own references (same output for all 3 inputs); "
+            f"signed with the good model's: loaded, then {final.status} ({final.detail}), v1 kept running; "
+            f"the good model then {good.status}. Before: the dead model passed the smoke test and ran",
+        )
+    )  # fmt: skip
+    assert "reference 2 of 3" in final.detail and "LSB > 2" in final.detail and loaded
     assert_still_runs_v1(running_v1, final)
-    assert rollout(running_v1, publisher, model, spec, arena, 3).state == "active"  # the good model's references
+    assert good.state == "active"
 
 
 def test_older_and_same_versions_are_ignored(
