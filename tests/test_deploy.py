@@ -783,11 +783,11 @@ def test_devices_back_after_the_deployment_ended_get_the_champion_from_the_ota_s
         FaultRecord(
             "device offline during the whole deployment, back after it ended", broken_devices=0,
             notes=f"deploy flow to 2 offline devices: {rows[0]['state']} x2, manifests kept for the OTA service; "
-            f"back afterwards: {len(on_champion)} of 2 active on the champion v{first.version} "
-            f"({first.total} chunks; {first_s:.1f} s after reconnecting, {restart_s:.1f} s for the one back after a "
-            f"broker restart without persistence, its manifest re-published by the service); a request for another "
-            f"model refused; a second service refused to start. Without the service the manifest is withdrawn and the "
-            f"device runs no model until the next deployment",
+            f"back afterwards: {len(on_champion)} of 2 active on the champion v{first.version} ({first.total} "
+            f"chunks; {first_s * 1e3:.0f} ms after reconnecting, {restart_s * 1e3:.0f} ms for the one back after a "
+            f"broker restart without persistence, its manifest re-published by the service); a request for "
+            f"another model refused; a second service refused to start. Without the service the manifest is "
+            f"withdrawn and the device runs no model until the next deployment",
         )
     )  # fmt: skip
     assert first.version == rows[0]["manifest_version"] and after_restart.version == rows[1]["manifest_version"]

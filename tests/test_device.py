@@ -506,6 +506,7 @@ def test_dead_model_that_misses_its_reference_outputs_is_refused_and_a_good_one_
     final = settle(running_v1, manifest.model_version)
     assert (final.state, final.reason) == ("failed", "smoke test failed"), final.detail
     loaded = "loaded" in [s.state for s in running_v1.statuses if s.version == 2]
+    assert_still_runs_v1(running_v1, final)
     good = rollout(running_v1, publisher, model, spec, arena, 3)  # the good model reproduces its references
     record(
         FaultRecord(
@@ -516,7 +517,6 @@ def test_dead_model_that_misses_its_reference_outputs_is_refused_and_a_good_one_
         )
     )  # fmt: skip
     assert "reference 2 of 3" in final.detail and "LSB > 2" in final.detail and loaded
-    assert_still_runs_v1(running_v1, final)
     assert good.state == "active"
 
 
