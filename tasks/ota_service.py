@@ -11,9 +11,9 @@ by name and sha256 (and checks); a request for any other model, an older one inc
 It survives broker restarts: on every reconnect it subscribes again and, once the broker's retained
 messages have arrived, re-publishes the manifests the broker lost (a broker without persistence
 loses them all). One per fleet: it publishes its presence retained on ``OtaTopics.ota_service``
-(with an empty will, so a crashed service's presence is cleared by the broker) and refuses to start
-while another one's presence is there. Two that started at the same instant both serve: harmless,
-devices take duplicate chunks.
+(with an empty will, so the broker clears a crashed service's presence once its keepalive expires,
+within 45 s) and refuses to start while another one's presence is there. Two that started at the
+same instant both serve: harmless, devices take duplicate chunks.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from firmware.ota import (
     group_audience,
     split_model,
 )
-from firmware.signing import KeyRing, SigningError
+from firmware.signing import KeyRing, UnknownKeyError
 from tinymlops.errors import TinyMLOpsError
 from tinymlops.mqtt import BrokerAddress, connect, make_client, parse_broker_url
 from tinymlops.settings import MqttSettings, Settings
@@ -94,6 +94,8 @@ class OtaService:
         address: Broker.
         topics: The fleet's topics.
         keyring: Verifies the retained manifests; one that does not verify is not served.
+        reload_keyring: Reads the key ring again when a manifest names a key id it does not know
+            (the signing key was rotated while the service ran); None: never.
         model_source: Fetches model bytes by name and sha256 (default: the registry).
         settings: MQTT credentials and TLS.
         settle_s: After a (re)connect, how long the broker's retained messages are awaited before
@@ -107,12 +109,14 @@ class OtaService:
         keyring: KeyRing,
         *,
         model_source: ModelSource = registry_model_source,
+        reload_keyring: Callable[[], KeyRing] | None = None,
         settings: MqttSettings | None = None,
         settle_s: float = 0.5,
     ) -> None:
         self.address = address
         self.topics = topics
         self.keyring = keyring
+        self.reload_keyring = reload_keyring
         self.model_source = model_source
         self.settle_s = settle_s
         self.instance = uuid.uuid4().hex[:12]
@@ -155,8 +159,8 @@ class OtaService:
         """
         self._client.on_message = self._on_message
         self._client.on_connect = lambda _c, _u, _f, reason, _p: None if reason.is_failure else self._on_connect()
-        self._fetcher.start()
         connect(self._client, self.address)
+        self._fetcher.start()
         self._on_connect()
         deadline = time.monotonic() + self.settle_s
         while self._other is None and time.monotonic() < deadline:
@@ -213,7 +217,12 @@ class OtaService:
     # --- messages ----------------------------------------------------------------------------
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
-        topic, payload = message.topic, bytes(message.payload)
+        try:
+            self._handle(message.topic, bytes(message.payload))
+        except Exception:  # an exception here would end paho's network thread, and the service with it
+            log.exception("OTA service: handling a message on %s failed", message.topic)
+
+    def _handle(self, topic: str, payload: bytes) -> None:
         if topic == self.topics.ota_service():
             self._on_presence(payload)
             return
@@ -251,11 +260,11 @@ class OtaService:
             return
         try:
             manifest = decode_manifest(payload)
-            self.keyring.verify(manifest.key_id, manifest.signed_bytes(), manifest.signature)
+            self._verify(manifest)
             problem = (
                 None if self.topics.audience_topic(manifest.audience) == topic else f"it is for {manifest.audience}"
             )
-        except (OtaDecodeError, SigningError) as exc:
+        except TinyMLOpsError as exc:  # undecodable, unsigned, unknown key (also after a reload), revoked
             problem = str(exc)
         if problem is not None:
             log.warning("not serving the manifest on %s: %s", topic, problem)
@@ -269,6 +278,16 @@ class OtaService:
                 self._wanted.add(manifest.sha256_hex)
         if fetch:
             self._fetches.put((manifest.model_name, manifest.sha256_hex))
+
+    def _verify(self, manifest: Manifest) -> None:
+        """Check the signature; an unknown key id reads the key ring again once (a rotation)."""
+        try:
+            self.keyring.verify(manifest.key_id, manifest.signed_bytes(), manifest.signature)
+        except UnknownKeyError:
+            if self.reload_keyring is None:
+                raise
+            self.keyring = self.reload_keyring()
+            self.keyring.verify(manifest.key_id, manifest.signed_bytes(), manifest.signature)
 
     def _fetch_models(self) -> None:
         """Fetch the model bytes of new manifests, off the network thread (the registry may be slow)."""
@@ -351,5 +370,5 @@ def start_ota_service(settings: Settings, address: BrokerAddress | None = None, 
             raise OtaServiceError("the OTA service needs a broker: pass --broker or set TINYMLOPS_MQTT__URL")
         address = parse_broker_url(settings.mqtt.url)
     topics = OtaTopics(fleet or settings.fleet, settings.mqtt.topic_root)
-    keyring = KeyStore(keys_dir()).keyring()
-    return OtaService(address, topics, keyring, settings=settings.mqtt).start()
+    store = KeyStore(keys_dir())
+    return OtaService(address, topics, store.keyring(), reload_keyring=store.keyring, settings=settings.mqtt).start()

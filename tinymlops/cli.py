@@ -661,6 +661,7 @@ def serve(
 @contextlib.contextmanager
 def _ota_service(settings: Settings) -> Iterator[None]:
     """The fleet's OTA service beside the served deployments, when a broker is configured and none runs yet."""
+    from tasks.deploy import KeyStoreError
     from tasks.ota_service import OtaServiceError, start_ota_service
 
     if not settings.mqtt.url:
@@ -668,8 +669,8 @@ def _ota_service(settings: Settings) -> Iterator[None]:
         return
     try:
         service = start_ota_service(settings)
-    except OtaServiceError as exc:  # another one serves the fleet: that is enough
-        log.warning("%s", exc)
+    except (OtaServiceError, KeyStoreError) as exc:  # another one serves the fleet, or nothing is signed yet
+        log.warning("not starting the OTA service: %s", exc)
         yield
         return
     try:
