@@ -203,8 +203,8 @@ class FakeUartDevice:
         status = StatusFrame(
             self._status_seq, state, domain, code, manifest.model_version if manifest else 0, received,
             manifest.chunk_count if manifest else 0, self._active_info(), manifest.model_name if manifest else "",
-            counters=counters, frame_errors=tuple(self._parser.errors[FrameErrorCode(c)] for c in (1, 2, 3, 4, 6)),
-            detail=detail[:200], **instructions,  # type: ignore[arg-type]
+            counters=counters, frame_errors=tuple(self._parser.errors[FrameErrorCode(c)] for c in (1, 2, 3, 4, 6)),  # type: ignore[arg-type]
+            detail=detail[:200], **instructions,
         )  # fmt: skip
         self._last_status = status
         self._send(status)

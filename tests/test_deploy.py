@@ -770,6 +770,7 @@ def test_devices_back_after_the_deployment_ended_get_the_champion_from_the_ota_s
         # It serves only what the retained manifest names: another model's chunks are refused.
         probe = make_client(mosquitto.address, "ota-probe")
         connect(probe, mosquitto.address)
+        assert after_restart.version is not None
         stale = ChunkRequest(after_restart.version - 1, b"\0" * 8, (0,))
         probe.publish(topics.request("away-1"), stale.encode(), qos=1).wait_for_publish(5)
         deadline = time.monotonic() + 15
