@@ -38,6 +38,7 @@ The device side is ``firmware/OTA_PROTOCOL.md``; this module is the server's par
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 import logging
@@ -68,10 +69,13 @@ from firmware.ota import (
     ModelPublisher,
     ModelRef,
     OtaDecodeError,
+    OtaError,
     OtaTopics,
+    ReferenceSet,
     RxStatus,
     ScoreBatch,
     TopicKind,
+    compute_references,
     device_audience,
     group_audience,
 )
@@ -343,6 +347,15 @@ class DeployableModel:
         """sha256 of the model bytes (hex)."""
         return hashlib.sha256(self.tflite).hexdigest()
 
+    @functools.cached_property
+    def references(self) -> ReferenceSet:
+        """The reference inputs and outputs every manifest of this model carries (computed once).
+
+        Raises:
+            OtaError: The model's output is the same for every reference input (a dead model), or it does not run.
+        """
+        return compute_references(self.tflite, self.arena_bytes)
+
     @property
     def label(self) -> str:
         """``name/version`` (or ``name@sha256-prefix`` for an unregistered model)."""
@@ -379,7 +392,8 @@ def resolve_deployable(ref: str, *, require_gates: bool = True) -> DeployableMod
     Raises:
         ModelNotFoundError: Unknown model, version or alias.
         ModelIntegrityError: The stored model does not match the sha256 recorded at registration.
-        DeployError: The version failed its gates.
+        DeployError: The version failed its gates, or its reference outputs cannot be computed (a dead
+            model gives the same output for every reference input).
     """
     configure_from_settings(get_settings())
     with tempfile.TemporaryDirectory(prefix="tinymlops-deploy-") as tmp:
@@ -391,6 +405,10 @@ def resolve_deployable(ref: str, *, require_gates: bool = True) -> DeployableMod
                 f"{version.tags.get('budget_passed')}, gates_passed={version.tags.get('gates_passed')}): not deployable"
             )
         model = DeployableModel.from_bundle(resolved.bundle, version)
+    try:
+        model.references  # noqa: B018 - computed now: a dead model is refused before any device is touched
+    except OtaError as exc:
+        raise DeployError(f"{model.label}: {exc}") from None
     log.info("deploying %s (%s, %d bytes, sha256 %s…)", ref, model.label, len(model.tflite), model.sha256[:12])
     return model
 
@@ -907,11 +925,13 @@ class DeploymentSession:
                 if a.device in versions
             }
 
+        references = model.references
+
         def publish(device: str | None, version: int) -> None:
             self.publisher.deploy(
                 model.tflite, name=model.name, version=version, target=model.target, dsp_spec=model.dsp_spec,
                 threshold=model.threshold, arena_bytes=model.arena_bytes, device=device,
-                group=group if device is None else None, chunk_size=chunk_size,
+                group=group if device is None else None, chunk_size=chunk_size, references=references,
             )  # fmt: skip
 
         log.info("deploying %s as manifest v%s to %d device(s)%s", model.label,

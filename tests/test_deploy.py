@@ -349,6 +349,7 @@ def test_session_reaches_the_profile_reports_latencies_and_a_late_device_resumes
         assert all(a.profile == "nrf52840" and a.key_ids == ["test-key"] for a in found)
         with DeploymentSession(mosquitto.address, OtaTopics(FLEET), env.store.signer()) as session:
             model, started = deployable(), time.time()
+            assert model.references  # computed once per model, as resolve_deployable does before a session
             threading.Timer(1.0, late.go_online).start()
             outcomes = session.deploy(model, session.announcements(), timeout_s=4)
         by_device = {o.device: o for o in outcomes}
