@@ -36,6 +36,7 @@ from firmware.ota import (
     decode_chunk,
     decode_dsp_block,
     decode_manifest,
+    decode_reference_block,
     decode_request,
     device_audience,
     encode_dsp_block,
@@ -211,6 +212,33 @@ def test_invalid_dsp_blocks_are_rejected(mutate: Any, message: str) -> None:
     with pytest.raises(OtaDecodeError) as exc:
         decode_dsp_block(struct.pack("<H", 2) + block[2:])
     assert exc.value.code == RxStatus.ERR_DSP_VERSION
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda b: b[:6], "shorter than its header"),
+        (lambda b: b"\x02" + b[1:], "version 2 is not 1"),
+        (lambda b: b[:-1], "values do not fit"),
+        (lambda b: b[:1] + b"\x00" + b[2:7], "0 inputs"),
+        (lambda b: b[:2] + b"\x11" + b[3:], "tolerance 17 LSB"),
+        (lambda b: b"\x01\x04\x02" + struct.pack("<HH", 200, 100) + bytes(1200), "> 1024"),
+    ],
+)
+def test_invalid_reference_blocks_are_rejected(mutate: Any, message: str) -> None:
+    block = REFERENCES.encode()
+    assert decode_reference_block(block) == REFERENCES and len(block) == 7 + 2 * (N + N)
+    with pytest.raises(OtaDecodeError, match=message) as exc:
+        decode_reference_block(mutate(block))
+    assert exc.value.code == RxStatus.ERR_FIELD
+
+
+def test_reference_outputs_must_match_within_the_tolerance() -> None:
+    expected = bytes([0, 10, 0xF6])  # 0, 10, -10
+    references = ReferenceSet((bytes(3),), (expected,), tolerance=2)
+    assert references.mismatch(0, bytes([2, 8, 0xF4])) is None  # every value off by exactly 2 LSB
+    assert references.mismatch(0, bytes([0, 10, 0xF3])) == "reference 1 of 1: output 2 is -13, expected -10 (3 LSB > 2)"
+    assert references.mismatch(0, bytes(2)) == "reference 1 of 1: 2 outputs, expected 3"
 
 
 @pytest.mark.parametrize(
