@@ -4,7 +4,8 @@ One :class:`DeviceRuntime` stands for one sensor node running fixed firmware (no
 reflash per model). It announces its capabilities (retained), receives a signed manifest for
 its device or group, pulls the model in chunks into a staging slot with resume, verifies the
 Ed25519 signature and the sha256, loads the model into the real TensorFlow Lite Micro
-interpreter, runs one smoke inference, and swaps it in atomically. Any failure leaves the
+interpreter, checks that it reproduces the manifest's reference outputs (within the stated
+tolerance in LSB), runs one smoke inference, and swaps it in atomically. Any failure leaves the
 previous model running and says why on the status topic. Scoring uses the same DSP front end as
 training (:func:`firmware.dsp.extract_features`) on windows of the node's own
 :class:`~firmware.sensor.MachineSimulator`, and publishes scores and drift summaries.
@@ -59,6 +60,7 @@ from firmware.ota import (
     OtaReceiver,
     OtaTopics,
     ReceiverConfig,
+    ReferenceSet,
     RxStatus,
     ScoreBatch,
     check_name,
@@ -191,6 +193,26 @@ def score_window(
     t2 = time.perf_counter()
     score = float(np.mean((features - reconstruction) ** 2, dtype=np.float64))
     return score, features[0], (t1 - t0) * 1e3, (t2 - t1) * 1e3
+
+
+def check_references(
+    predict_int8: Callable[[npt.NDArray[np.int8]], npt.NDArray[np.int8]], references: ReferenceSet
+) -> None:
+    """Run the manifest's reference inputs through a loaded model; the outputs must match within the tolerance.
+
+    Args:
+        predict_int8: The loaded model: int8 rows in, int8 rows out (TFLite Micro, or tinyrt).
+        references: The manifest's reference block.
+
+    Raises:
+        DeviceError: An output differs by more than the tolerance (a model that is not the one the
+            server ran, e.g. a dead layer, or a runtime that does not compute it).
+    """
+    inputs = np.frombuffer(b"".join(references.inputs), dtype=np.int8).reshape(len(references.inputs), -1)
+    for index, output in enumerate(predict_int8(inputs)):
+        problem = references.mismatch(index, output.tobytes())
+        if problem:
+            raise DeviceError(problem)
 
 
 class _Summary:
@@ -587,6 +609,7 @@ class DeviceRuntime:
         candidate = ActiveModel(m, spec, runner)
         t = time.perf_counter()
         try:
+            check_references(runner.predict_int8, m.references())
             window = self._last_window if self._last_window is not None else self._sample()
             score, _, dsp_ms, inference_ms = score_window(candidate, window)
             if not math.isfinite(score):

@@ -68,6 +68,12 @@ MAX_AUDIENCE_BYTES = 71  # "device:" and a 64-character id
 MAX_KEY_ID_BYTES = 32
 MAX_DSP_BLOCK_BYTES = 1024
 MAX_DSP_BANDS = 120
+MAX_REFERENCE_BLOCK_BYTES = 1024
+REFERENCE_BLOCK_VERSION = 1
+MAX_REFERENCES = 4
+MAX_REFERENCE_VALUES = 256  # int8 inputs or outputs per reference
+MAX_TOLERANCE_LSB = 16
+DEFAULT_TOLERANCE_LSB = 2  # tflite-micro and tinyrt are bit-exact; a few LSB leave room for another runtime
 TAG_BYTES = 8
 SIGNATURE_BYTES = 64
 CRC_BYTES = 4
@@ -78,19 +84,21 @@ MAX_FIRMWARE_CHARS = 2 * 255 + 3  # a gateway announces `firmware (board)`: two 
 MAX_ANNOUNCED_KEYS = 64
 MAX_ANNOUNCED_DSP_VERSIONS = 16
 
-_MANIFEST_HEADER = struct.Struct("<2sBBIIHHIf32sBBBBH")
+_MANIFEST_HEADER = struct.Struct("<2sBBIIHHIf32sBBBBHH")
 _CHUNK_HEADER = struct.Struct("<2sBBI8sHHH")
 _REQUEST_HEADER = struct.Struct("<2sBBI8sH")
 _DSP_HEADER = struct.Struct("<HIHHfH")
+_REFERENCE_HEADER = struct.Struct("<BBBHH")
 _CRC = struct.Struct("<I")
 MANIFEST_HEADER_SIZE = _MANIFEST_HEADER.size
 CHUNK_HEADER_SIZE = _CHUNK_HEADER.size
 REQUEST_HEADER_SIZE = _REQUEST_HEADER.size
 DSP_HEADER_SIZE = _DSP_HEADER.size
-# The largest valid manifest: the MQTT receive buffer an MCU needs for it (1353 bytes).
+REFERENCE_HEADER_SIZE = _REFERENCE_HEADER.size
+# The largest valid manifest: the MQTT receive buffer an MCU needs for it (2379 bytes).
 MAX_MANIFEST_BYTES = (
     MANIFEST_HEADER_SIZE + MAX_NAME_BYTES + MAX_TARGET_BYTES + MAX_AUDIENCE_BYTES + MAX_KEY_ID_BYTES
-    + MAX_DSP_BLOCK_BYTES + SIGNATURE_BYTES + CRC_BYTES
+    + MAX_DSP_BLOCK_BYTES + MAX_REFERENCE_BLOCK_BYTES + SIGNATURE_BYTES + CRC_BYTES
 )  # fmt: skip
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -241,6 +249,14 @@ class OtaTopics:
         """A group's desired model, retained binary manifest, server -> every device of the group."""
         return f"{self.root}/{self.fleet}/groups/{check_name(group, 'group')}/ota/manifest"
 
+    def all_group_manifests(self) -> str:
+        """Subscription for every group's manifest topic: ``<root>/<fleet>/groups/+/ota/manifest``."""
+        return f"{self.root}/{self.fleet}/groups/+/ota/manifest"
+
+    def ota_service(self) -> str:
+        """The fleet's OTA service presence, retained JSON (empty: none); not a device topic."""
+        return f"{self.root}/{self.fleet}/services/ota"
+
     def request(self, device: str) -> str:
         """Chunk requests, binary, device -> server."""
         return self._device(device, "ota/req")
@@ -344,6 +360,131 @@ def decode_dsp_block(block: bytes) -> DspSpec:
     return DspSpec(rate, window, n_bands, f_min, version, mean, std)
 
 
+# --- reference block -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReferenceSet:
+    """Reference inputs of a model and the int8 outputs it must give for them (the manifest's reference block).
+
+    A device runs each input through the model it just loaded and refuses the model (``smoke test
+    failed``, the old model keeps running) when an output differs from the expected one by more
+    than ``tolerance`` LSB: a model that is not the one the server ran, or a runtime that does
+    not compute it, never replaces a working one.
+
+    Attributes:
+        inputs: One int8 input tensor per reference (``bytes``, two's complement), all of one length.
+        expected: The int8 output tensor the server's TFLite Micro gave for each input.
+        tolerance: Largest accepted difference per output value, in LSB.
+    """
+
+    inputs: tuple[bytes, ...]
+    expected: tuple[bytes, ...]
+    tolerance: int = DEFAULT_TOLERANCE_LSB
+
+    def encode(self) -> bytes:
+        """The reference block (version 1): header, every input, then every expected output.
+
+        Raises:
+            OtaError: Out of the block's bounds.
+        """
+        problem = self.problem()
+        if problem:
+            raise OtaError(f"cannot encode references: {problem}")
+        n_in, n_out = len(self.inputs[0]), len(self.expected[0])
+        header = _REFERENCE_HEADER.pack(REFERENCE_BLOCK_VERSION, len(self.inputs), self.tolerance, n_in, n_out)
+        return header + b"".join(self.inputs) + b"".join(self.expected)
+
+    def problem(self) -> str | None:
+        """The first bound the set breaks, in words; None when it is valid."""
+        k = len(self.inputs)
+        if not 1 <= k <= MAX_REFERENCES or len(self.expected) != k:
+            return f"{k} inputs and {len(self.expected)} outputs: 1..{MAX_REFERENCES} of each, as many of both"
+        n_in, n_out = len(self.inputs[0]), len(self.expected[0])
+        if not (1 <= n_in <= MAX_REFERENCE_VALUES and 1 <= n_out <= MAX_REFERENCE_VALUES):
+            return f"{n_in} inputs and {n_out} outputs per reference: each must be 1..{MAX_REFERENCE_VALUES}"
+        if any(len(x) != n_in for x in self.inputs) or any(len(y) != n_out for y in self.expected):
+            return "references of different lengths"
+        if not 0 <= self.tolerance <= MAX_TOLERANCE_LSB:
+            return f"tolerance {self.tolerance} LSB is outside 0..{MAX_TOLERANCE_LSB}"
+        size = REFERENCE_HEADER_SIZE + k * (n_in + n_out)
+        if size > MAX_REFERENCE_BLOCK_BYTES:
+            return f"reference block of {size} bytes > {MAX_REFERENCE_BLOCK_BYTES}"
+        return None
+
+    def mismatch(self, index: int, output: bytes) -> str | None:
+        """Why ``output`` (int8 bytes) does not reproduce reference ``index`` within the tolerance; None if it does."""
+        expected = self.expected[index]
+        if len(output) != len(expected):
+            return f"reference {index + 1} of {len(self.inputs)}: {len(output)} outputs, expected {len(expected)}"
+        got, want = struct.unpack(f"<{len(output)}b", output), struct.unpack(f"<{len(expected)}b", expected)
+        worst = max(range(len(got)), key=lambda i: abs(got[i] - want[i]))
+        off = abs(got[worst] - want[worst])
+        if off <= self.tolerance:
+            return None
+        return (
+            f"reference {index + 1} of {len(self.inputs)}: output {worst} is {got[worst]}, expected {want[worst]} "
+            f"({off} LSB > {self.tolerance})"
+        )
+
+
+def decode_reference_block(block: bytes) -> ReferenceSet:
+    """Parse a version-1 reference block.
+
+    Raises:
+        OtaDecodeError: Not a valid version-1 block (``ERR_FIELD``).
+    """
+    if len(block) < REFERENCE_HEADER_SIZE:
+        raise OtaDecodeError(RxStatus.ERR_FIELD, f"reference block of {len(block)} bytes is shorter than its header")
+    version, k, tolerance, n_in, n_out = _REFERENCE_HEADER.unpack_from(block)
+    if version != REFERENCE_BLOCK_VERSION:
+        raise OtaDecodeError(RxStatus.ERR_FIELD, f"reference block version {version} is not {REFERENCE_BLOCK_VERSION}")
+    if len(block) != REFERENCE_HEADER_SIZE + k * (n_in + n_out):
+        raise OtaDecodeError(
+            RxStatus.ERR_FIELD, f"reference block is {len(block)} bytes, {k} x ({n_in} + {n_out}) values do not fit"
+        )
+    at = REFERENCE_HEADER_SIZE
+    inputs = tuple(block[at + i * n_in : at + (i + 1) * n_in] for i in range(k))
+    at += k * n_in
+    expected = tuple(block[at + i * n_out : at + (i + 1) * n_out] for i in range(k))
+    references = ReferenceSet(inputs, expected, tolerance)
+    problem = references.problem()
+    if problem:
+        raise OtaDecodeError(RxStatus.ERR_FIELD, f"invalid reference block: {problem}")
+    return references
+
+
+def compute_references(model: bytes, arena_bytes: int | None = None, count: int = 3) -> ReferenceSet:
+    """Reference inputs for ``model`` and the int8 outputs the server's TFLite Micro gives for them.
+
+    The inputs are the quantized normalised feature vectors a device meets: all zeros (the training
+    mean) and ``count - 1`` standard normal draws seeded by the model's sha256 (deterministic).
+
+    Raises:
+        OtaError: The model is not int8, does not run, or gives the same output for every input (a
+            dead model: its output does not depend on what the sensor measures).
+    """
+    import numpy as np
+
+    from firmware.tflm import TflmError, TflmRunner
+
+    try:
+        runner = TflmRunner(model, arena_bytes)
+        n = runner.n_features
+        seed = int.from_bytes(hashlib.sha256(model).digest()[:8], "little")
+        features = np.vstack([np.zeros(n), np.random.default_rng(seed).standard_normal((count - 1, n))])
+        inputs = runner.input.quantize(features.astype(np.float32)).astype(np.int8)
+        outputs = runner.predict_int8(inputs)
+    except TflmError as exc:
+        raise OtaError(f"cannot compute the model's reference outputs: {exc}") from None
+    if all(np.array_equal(outputs[0], row) for row in outputs[1:]):
+        raise OtaError(
+            f"the model gives the same output for all {count} reference inputs: its output does not depend on "
+            "its input (a dead layer?); not deployable"
+        )
+    return ReferenceSet(tuple(r.tobytes() for r in inputs), tuple(r.tobytes() for r in outputs))
+
+
 # --- manifest -------------------------------------------------------------------------------
 
 
@@ -372,6 +513,7 @@ class Manifest:
         arena_bytes: TFLite Micro tensor arena the server measured for these bytes.
         threshold: Anomaly threshold on the reconstruction error (float32).
         dsp_block: The DSP spec with normalisation statistics (:func:`encode_dsp_block`).
+        reference_block: Reference inputs and the outputs the model must give (:class:`ReferenceSet`).
         signature: Ed25519 signature over :meth:`signed_bytes` (64 bytes; empty while unsigned).
     """
 
@@ -387,6 +529,7 @@ class Manifest:
     arena_bytes: int
     threshold: float
     dsp_block: bytes
+    reference_block: bytes
     signature: bytes = b""
 
     @property
@@ -416,14 +559,23 @@ class Manifest:
         """
         return decode_dsp_block(self.dsp_block)
 
+    def references(self) -> ReferenceSet:
+        """The reference inputs and expected outputs the model must reproduce.
+
+        Raises:
+            OtaDecodeError: The reference block is not valid.
+        """
+        return decode_reference_block(self.reference_block)
+
     def signed_bytes(self) -> bytes:
         """Canonical bytes the signature covers: the whole message up to the signature."""
         texts = [s.encode() for s in (self.model_name, self.target, self.audience, self.key_id)]
         header = _MANIFEST_HEADER.pack(
             MAGIC, PROTOCOL_VERSION, TYPE_MANIFEST, self.model_version, self.model_size, self.chunk_size,
             self.chunk_count, self.arena_bytes, self.threshold, self.sha256, *map(len, texts), len(self.dsp_block),
+            len(self.reference_block),
         )  # fmt: skip
-        return header + b"".join(texts) + self.dsp_block
+        return header + b"".join(texts) + self.dsp_block + self.reference_block
 
     def signed(self, signer: ManifestSigner) -> Manifest:
         """Return a copy signed by ``signer`` (its key id replaces this one)."""
@@ -453,12 +605,19 @@ def build_manifest(
     arena_bytes: int,
     signer: ManifestSigner,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    references: ReferenceSet | None = None,
 ) -> Manifest:
     """Build and sign the manifest of ``model`` for one audience.
 
+    ``references`` is what the model must reproduce on the device; by default
+    :func:`compute_references` on these bytes with the manifest's arena.
+
     Raises:
-        OtaError: A field is out of the protocol's range (the message names it).
+        OtaError: A field is out of the protocol's range (the message names it), or the model's
+            references cannot be computed (not int8, or a dead model).
     """
+    if references is None:
+        references = compute_references(model, arena_bytes)
     manifest = Manifest(
         model_name=name,
         model_version=version,
@@ -472,6 +631,7 @@ def build_manifest(
         arena_bytes=arena_bytes,
         threshold=_f32(threshold),
         dsp_block=encode_dsp_block(dsp_spec),
+        reference_block=references.encode(),
     ).signed(signer)
     problem = _manifest_field_problem(manifest)
     if problem:
@@ -511,6 +671,10 @@ def _manifest_field_problem(m: Manifest) -> str | None:
             decode_dsp_block(m.dsp_block)
         except OtaDecodeError as exc:
             return str(exc)
+    try:
+        decode_reference_block(m.reference_block)
+    except OtaDecodeError as exc:
+        return str(exc)
     return None
 
 
@@ -549,8 +713,8 @@ def decode_manifest(payload: bytes) -> Manifest:
     if len(payload) < MANIFEST_HEADER_SIZE + SIGNATURE_BYTES + CRC_BYTES:
         raise OtaDecodeError(RxStatus.ERR_TRUNCATED, f"truncated manifest: {len(payload)} bytes")
     (_, _, _, version, size, chunk_size, count, arena, threshold, sha, *lengths) = _MANIFEST_HEADER.unpack_from(payload)
-    text_lengths, dsp_len = lengths[:4], lengths[4]
-    body_len = MANIFEST_HEADER_SIZE + sum(text_lengths) + dsp_len
+    text_lengths, dsp_len, ref_len = lengths[:4], lengths[4], lengths[5]
+    body_len = MANIFEST_HEADER_SIZE + sum(text_lengths) + dsp_len + ref_len
     _check_length_and_crc(payload, body_len + SIGNATURE_BYTES + CRC_BYTES, "manifest")
     limits = (MAX_NAME_BYTES, MAX_TARGET_BYTES, MAX_AUDIENCE_BYTES, MAX_KEY_ID_BYTES)
     if any(not 1 <= n <= limit for n, limit in zip(text_lengths, limits, strict=True)):
@@ -564,7 +728,8 @@ def decode_manifest(payload: bytes) -> Manifest:
         offset += n
     manifest = Manifest(
         texts[0], version, texts[1], texts[2], texts[3], size, chunk_size, count, sha, arena, threshold,
-        payload[offset : offset + dsp_len], payload[body_len : body_len + SIGNATURE_BYTES],
+        payload[offset : offset + dsp_len], payload[offset + dsp_len : body_len],
+        payload[body_len : body_len + SIGNATURE_BYTES],
     )  # fmt: skip
     problem = _manifest_field_problem(manifest)
     if problem:
@@ -1177,11 +1342,13 @@ class ModelPublisher:
         device: str | None = None,
         group: str | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        references: ReferenceSet | None = None,
     ) -> Manifest:
         """Build, sign and publish a manifest for one device or one group; return it.
 
         Raises:
-            OtaError: Neither or both of ``device`` and ``group`` given, or a field out of range.
+            OtaError: Neither or both of ``device`` and ``group`` given, a field out of range, or
+                the model's references cannot be computed (see :func:`build_manifest`).
         """
         if (device is None) == (group is None):
             raise OtaError("deploy to exactly one of device or group")
@@ -1189,6 +1356,7 @@ class ModelPublisher:
         manifest = build_manifest(
             model, name=name, version=version, target=target, audience=audience, dsp_spec=dsp_spec,
             threshold=threshold, arena_bytes=arena_bytes, signer=self.signer, chunk_size=chunk_size,
+            references=references,
         )  # fmt: skip
         self.publish_manifest(manifest, model)
         return manifest
@@ -1275,8 +1443,10 @@ def write_test_vectors(directory: Path) -> list[Path]:
     model = hashlib.shake_256(b"tinymlops vector model").digest(4500)
     n = DspSpec().n_features
     spec = DspSpec(mean=tuple(0.125 * i - 2 for i in range(n)), std=tuple(0.5 + 0.0625 * i for i in range(n)))
+    values = hashlib.shake_256(b"tinymlops vector references").digest(4 * n)
+    references = ReferenceSet((values[:n], values[n : 2 * n]), (values[2 * n : 3 * n], values[3 * n :]))
     base = {"name": "vibration-ae-nrf52840", "target": "nrf52840", "dsp_spec": spec, "threshold": 0.8125,
-            "arena_bytes": 3656, "audience": device_audience("node-0007")}  # fmt: skip
+            "arena_bytes": 3656, "audience": device_audience("node-0007"), "references": references}  # fmt: skip
 
     def manifest(signer: ManifestSigner = key, version: int = 3, data: bytes = model, **changes: Any) -> Manifest:
         return build_manifest(data, version=version, signer=signer, **{**base, **changes})
@@ -1306,6 +1476,7 @@ def write_test_vectors(directory: Path) -> list[Path]:
     resigned_threshold = bytearray(good_bytes)
     struct.pack_into("<f", resigned_threshold, 20, 0.5)  # content changed after signing
     opaque_dsp = replace(good, dsp_block=struct.pack("<H", 2) + b"\0" * 14).signed(key)
+    bad_references = replace(good, reference_block=b"\x02" + good.reference_block[1:]).signed(key)
     manifests: list[tuple[str, bytes]] = [
         ("manifest_ok", good_bytes),
         ("manifest_truncated", good_bytes[:40]),
@@ -1323,6 +1494,7 @@ def write_test_vectors(directory: Path) -> list[Path]:
         ("manifest_old_version", manifest(version=2).encode()),
         ("manifest_wrong_profile", manifest(target="stm32l4r5").encode()),
         ("manifest_dsp_version", opaque_dsp.encode()),
+        ("manifest_bad_references", bad_references.encode()),
         ("manifest_too_large", manifest(data=bytes(300_000)).encode()),
         ("manifest_arena", manifest(arena_bytes=200_000).encode()),
     ]

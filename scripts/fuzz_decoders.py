@@ -82,6 +82,7 @@ def load_targets() -> dict[str, Target]:
         DriftSummary,
         ModelRef,
         OtaDecodeError,
+        ReferenceSet,
         ScoreBatch,
         build_manifest,
         decode_chunk,
@@ -120,9 +121,11 @@ def load_targets() -> dict[str, Target]:
     spec = DspSpec(mean=tuple(0.25 * i for i in range(n)), std=tuple(1.0 + i for i in range(n)))
     signer = ManifestSigner(generate_keypair()[0], "fuzz-key")
     model = hashlib.shake_256(b"tinymlops fuzz model").digest(3000)
+    references = ReferenceSet((bytes(n), bytes(range(n))), (bytes(range(n)), bytes(n)))
     manifests = [
         build_manifest(model, name="vibration-ae-nrf52840", version=7, target="nrf52840", audience=audience,
-                       dsp_spec=spec, threshold=0.8125, arena_bytes=3656, signer=signer, chunk_size=size).encode()
+                       dsp_spec=spec, threshold=0.8125, arena_bytes=3656, signer=signer, chunk_size=size,
+                       references=references).encode()
         for audience, size in ((device_audience("node-0001"), 1024), (group_audience("line-3"), 256))
     ]  # fmt: skip
     rng = np.random.default_rng(0)

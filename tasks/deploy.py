@@ -16,8 +16,9 @@ The device side is ``firmware/OTA_PROTOCOL.md``; this module is the server's par
   :class:`~firmware.ota.ModelPublisher`, which serves the chunks the devices pull; the session
   waits for each device's final status (``active``, ``failed: ...``, ``ignored: ...``) and keeps
   the latencies the devices report. A device that never answers within the timeout is
-  reported as not delivered and its manifest is withdrawn, so it does not start a download
-  that nobody serves any more (the next deployment reaches it).
+  reported as not delivered; while the fleet's OTA service (:mod:`tasks.ota_service`) runs,
+  its manifest stays retained and the service serves it whenever the device is back;
+  without one the manifest is withdrawn, so it does not start a download nobody serves.
 * **Manifest versions** are monotonic per device and never reused: ``max(UNIX time in seconds,
   highest version the device announced, reported or was sent + 1)``, so a version a device once
   failed (never retried) or a rollback always gets a higher one. A group manifest carries the
@@ -37,6 +38,7 @@ The device side is ``firmware/OTA_PROTOCOL.md``; this module is the server's par
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 import logging
@@ -67,10 +69,13 @@ from firmware.ota import (
     ModelPublisher,
     ModelRef,
     OtaDecodeError,
+    OtaError,
     OtaTopics,
+    ReferenceSet,
     RxStatus,
     ScoreBatch,
     TopicKind,
+    compute_references,
     device_audience,
     group_audience,
 )
@@ -90,6 +95,7 @@ from registry.errors import PromotionError, RegistryError
 from registry.models import CHAMPION, PREVIOUS, TAG_SHA256, RegisteredVersion, aliases_of, resolve
 from registry.promotion import rollback
 from registry.store import configure_from_settings, configure_mlflow, first_line, is_http_uri, mlflow_client
+from tasks.ota_service import parse_presence
 from tinymlops.errors import TinyMLOpsError
 from tinymlops.mqtt import BrokerAddress, connect, make_client
 from tinymlops.schemas import ModelBundle
@@ -341,6 +347,15 @@ class DeployableModel:
         """sha256 of the model bytes (hex)."""
         return hashlib.sha256(self.tflite).hexdigest()
 
+    @functools.cached_property
+    def references(self) -> ReferenceSet:
+        """The reference inputs and outputs every manifest of this model carries (computed once).
+
+        Raises:
+            OtaError: The model's output is the same for every reference input (a dead model), or it does not run.
+        """
+        return compute_references(self.tflite, self.arena_bytes)
+
     @property
     def label(self) -> str:
         """``name/version`` (or ``name@sha256-prefix`` for an unregistered model)."""
@@ -377,7 +392,8 @@ def resolve_deployable(ref: str, *, require_gates: bool = True) -> DeployableMod
     Raises:
         ModelNotFoundError: Unknown model, version or alias.
         ModelIntegrityError: The stored model does not match the sha256 recorded at registration.
-        DeployError: The version failed its gates.
+        DeployError: The version failed its gates, or its reference outputs cannot be computed (a dead
+            model gives the same output for every reference input).
     """
     configure_from_settings(get_settings())
     with tempfile.TemporaryDirectory(prefix="tinymlops-deploy-") as tmp:
@@ -389,6 +405,10 @@ def resolve_deployable(ref: str, *, require_gates: bool = True) -> DeployableMod
                 f"{version.tags.get('budget_passed')}, gates_passed={version.tags.get('gates_passed')}): not deployable"
             )
         model = DeployableModel.from_bundle(resolved.bundle, version)
+    try:
+        model.references  # noqa: B018 - computed now: a dead model is refused before any device is touched
+    except OtaError as exc:
+        raise DeployError(f"{model.label}: {exc}") from None
     log.info("deploying %s (%s, %d bytes, sha256 %s…)", ref, model.label, len(model.tflite), model.sha256[:12])
     return model
 
@@ -416,6 +436,7 @@ class FleetWatcher:
         rejected: Devices whose latest announcement was rejected, with the reason.
         statuses: The latest status of each device.
         scores: Score batches of each device, oldest first.
+        ota_service: The presence the fleet's OTA service retains (None: no service runs).
 
     Args:
         address: Broker.
@@ -438,6 +459,7 @@ class FleetWatcher:
         self.announcements: dict[str, Announcement] = {}
         self.rejected: dict[str, str] = {}
         self.statuses: dict[str, DeviceStatus] = {}
+        self.ota_service: dict[str, Any] | None = None
         self.scores: dict[str, deque[_Scores]] = defaultdict(lambda: deque(maxlen=_SCORE_HISTORY))
         self.changed = threading.Condition()
         self.on_status: list[Callable[[str, DeviceStatus], None]] = []
@@ -463,7 +485,8 @@ class FleetWatcher:
         self._client.loop_stop()
 
     def _subscribe(self) -> None:
-        self._client.subscribe([(self.topics.all_devices(kind), 1) for kind in self.kinds])
+        kinds = [(self.topics.all_devices(kind), 1) for kind in self.kinds]
+        self._client.subscribe([*kinds, (self.topics.ota_service(), 1)])
 
     def settle(self, quiet_s: float, timeout_s: float) -> None:
         """Wait for the subscription, then until no message came for ``quiet_s`` (at most ``timeout_s``)."""
@@ -477,6 +500,9 @@ class FleetWatcher:
         self._last_message = time.monotonic()
         parsed = self.topics.parse(message.topic)
         payload = bytes(message.payload)
+        if message.topic == self.topics.ota_service():
+            self.ota_service = parse_presence(payload)
+            return
         if parsed is None or not payload:
             return
         device, kind = parsed
@@ -726,8 +752,10 @@ class _Tracker:
             self.final = status
             self.finished = now
 
-    def outcome(self, model: DeployableModel) -> DeviceOutcome:
+    def outcome(self, model: DeployableModel, *, kept: bool = False) -> DeviceOutcome:
+        """The outcome; ``kept``: an unfinished manifest stays retained for the fleet's OTA service."""
         a, last, final = self.announcement, self.last, self.final
+        left = "manifest kept: the OTA service serves it" if kept else "manifest withdrawn"
         active = final is not None and final.active is not None and final.active.version == self.version
         loaded = active or "loaded" in self.states
         verified = loaded or "verified" in self.states
@@ -735,9 +763,9 @@ class _Tracker:
         if final is not None:
             state, status = final.state, final.status
         elif last is not None:
-            state, status = "timeout", f"timeout: {last.status}; manifest withdrawn"
+            state, status = "timeout", f"timeout: {last.status}; {left}"
         else:
-            state, status = "not delivered", "not delivered: no answer (offline?); manifest withdrawn"
+            state, status = "not delivered", f"not delivered: no answer (offline?); {left}"
         running = _model_text(last.active if last is not None else a.model)
         report = final or last
         latency = {}
@@ -897,11 +925,13 @@ class DeploymentSession:
                 if a.device in versions
             }
 
+        references = model.references
+
         def publish(device: str | None, version: int) -> None:
             self.publisher.deploy(
                 model.tflite, name=model.name, version=version, target=model.target, dsp_spec=model.dsp_spec,
                 threshold=model.threshold, arena_bytes=model.arena_bytes, device=device,
-                group=group if device is None else None, chunk_size=chunk_size,
+                group=group if device is None else None, chunk_size=chunk_size, references=references,
             )  # fmt: skip
 
         log.info("deploying %s as manifest v%s to %d device(s)%s", model.label,
@@ -921,12 +951,17 @@ class DeploymentSession:
                 lambda: all(t.final is not None for t in self._trackers.values()), max(deadline - time.monotonic(), 0)
             )
             trackers, self._trackers = self._trackers, {}
+        kept = self.watcher.ota_service is not None
         unfinished = sorted({t.audience for t in trackers.values() if t.final is None})
-        for audience in unfinished:  # nobody will serve its chunks after this session: do not leave it pending
+        for audience in [] if kept else unfinished:  # nobody would serve its chunks after this session
             self.publisher.withdraw(audience)
+        if kept and unfinished:
+            log.info("%d manifest(s) unanswered, left to the OTA service: %s", len(unfinished), ", ".join(unfinished))
         by_id = {a.device: a for a in devices}
         outcomes = [
-            trackers[d].outcome(model) if d in trackers else skipped_outcome(model, by_id[d], role, blocked[d])
+            trackers[d].outcome(model, kept=kept)
+            if d in trackers
+            else skipped_outcome(model, by_id[d], role, blocked[d])
             for d in ids
         ]
         active = sum(o.active for o in outcomes)

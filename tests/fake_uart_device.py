@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from firmware.device import DeviceError, check_references
 from firmware.dsp import extract_features
 from firmware.frames import (
     ChunkFrame,
@@ -202,8 +203,8 @@ class FakeUartDevice:
         status = StatusFrame(
             self._status_seq, state, domain, code, manifest.model_version if manifest else 0, received,
             manifest.chunk_count if manifest else 0, self._active_info(), manifest.model_name if manifest else "",
-            counters=counters, frame_errors=tuple(self._parser.errors[FrameErrorCode(c)] for c in (1, 2, 3, 4, 6)),
-            detail=detail[:200], **instructions,  # type: ignore[arg-type]
+            counters=counters, frame_errors=tuple(self._parser.errors[FrameErrorCode(c)] for c in (1, 2, 3, 4, 6)),  # type: ignore[arg-type]
+            detail=detail[:200], **instructions,
         )  # fmt: skip
         self._last_status = status
         self._send(status)
@@ -350,6 +351,11 @@ class FakeUartDevice:
         load = time.perf_counter_ns() - t
         self._send_status(DeviceStateCode.LOADED, manifest=m, received=n, verify_instructions=verify,
                           load_instructions=load)  # fmt: skip
+        try:
+            check_references(runtime.predict_int8, m.references())
+        except DeviceError as exc:  # device_main.c check_references: the same detail
+            self._fail(StatusDomain.SMOKE, -1, str(exc), n)
+            return
         window = self._window or WindowFrame(0, 1e-3, m.dsp_spec().sample_rate_hz, (0,) * m.dsp_spec().window_samples)
         score, _, dsp, inference = self._score(runtime, m, window)
         if not math.isfinite(score):

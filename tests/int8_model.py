@@ -58,3 +58,24 @@ def int8_autoencoder() -> bytes:
         # Harmless for a representative-dataset conversion; TF warns about missing input statistics anyway.
         warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
         return bytes(converter.convert())
+
+
+def with_first_dense_zeroed(model: bytes) -> bytes:
+    """``model`` with the weights of its first FULLY_CONNECTED all zero: a dead model whose output ignores its input.
+
+    Only the weights buffer's bytes change, so the flatbuffer stays valid and loads in every runtime.
+    """
+    from tflite_micro.tensorflow.lite.micro.python import schema_py_generated as schema_fb
+
+    fb = schema_fb.Model.GetRootAs(model, 0)
+    graph = fb.Subgraphs(0)
+    for i in range(graph.OperatorsLength()):
+        op = graph.Operators(i)
+        code = fb.OperatorCodes(op.OpcodeIndex())
+        if max(code.BuiltinCode(), code.DeprecatedBuiltinCode()) == schema_fb.BuiltinOperator.FULLY_CONNECTED:
+            weights = fb.Buffers(graph.Tensors(int(op.InputsAsNumpy()[1])).Buffer())
+            start = weights._tab.Vector(weights._tab.Offset(4))  # the buffer's `data` vector (field 0)
+            dead = bytearray(model)
+            dead[start : start + weights.DataLength()] = bytes(weights.DataLength())
+            return bytes(dead)
+    raise ValueError("the model has no FULLY_CONNECTED operator")

@@ -180,8 +180,9 @@ def numeric_options() -> list[tuple[str, str]]:
 
 def test_the_walk_finds_every_sub_app_and_top_level_command() -> None:
     top = {path.split()[0] for path in COMMANDS}
-    expected = {"lake", "bench", "models", "security", "device", "keys", "demo", "ingest", "simulate", "import",
-                "import-cwru", "replay", "train", "evaluate", "monitor", "reference", "deploy", "serve", "broker",
+    expected = {"lake", "bench", "models", "security", "device", "keys", "ota", "demo", "ingest", "simulate",
+                "import", "import-cwru", "replay", "train", "evaluate", "monitor", "reference", "deploy", "serve",
+                "broker",
                 "config"}  # fmt: skip
     assert expected <= top
     assert {"keys revoke", "models promote", "security broker", "device run", "lake quarantine", "bench"} <= set(
@@ -347,6 +348,10 @@ CASES = [
     Case("deploy", "deploy nosuch --canary abc", "invalid canary fraction 'abc'"),
     Case("deploy", "deploy nosuch --broker {broker}", MLFLOW_UNREACHABLE, MLFLOW_CLOSED),
     Case("deploy", "deploy nosuch --broker {broker}", PREFECT_UNREACHABLE, PREFECT_CLOSED),
+    Case("ota serve", "ota serve", "the OTA service needs a broker: pass --broker or set TINYMLOPS_MQTT__URL"),
+    Case("ota serve", f"ota serve --broker mqtt://{CLOSED}", MQTT_UNREACHABLE),
+    Case("ota serve", "ota serve --broker {broker}", "no key ring in {root}/no-keys: run `tinymlops keys init`",
+         NO_KEYS),
     Case("serve", "serve --only ingest", PREFECT_UNREACHABLE, PREFECT_CLOSED, real=True),
     Case("serve", "serve", "serving needs a Prefect server", exit_code=2),
     Case("serve", "serve --only nosuch", "unknown deployments nosuch", PREFECT_CLOSED, exit_code=2),

@@ -8,6 +8,7 @@ own MCU profile name (a copy of a catalog target), hence its own registered mode
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -32,7 +33,7 @@ from firmware.device import DeviceConfig, DeviceRuntime
 from firmware.device_fleet import DeviceFleet
 from firmware.dsp import DspSpec, extract_features, raw_features
 from firmware.fleet import VirtualFleet
-from firmware.ota import Announcement, OtaTopics
+from firmware.ota import Announcement, ChunkRequest, OtaTopics
 from firmware.sensor import quantize
 from firmware.signing import KeyRing, ManifestSigner, generate_keypair
 from firmware.tflm import count_macs, measure_arena, tflite_predict
@@ -61,6 +62,8 @@ from tasks.deploy import (
     select_targets,
     select_targets_task,
 )
+from tasks.ota_service import OtaService, OtaServiceError
+from tests.fault_ledger import FaultRecord, record
 from tests.int8_model import int8_autoencoder
 from tinymlops.cli_deploy import deploy_command
 from tinymlops.errors import TinyMLOpsError
@@ -346,6 +349,7 @@ def test_session_reaches_the_profile_reports_latencies_and_a_late_device_resumes
         assert all(a.profile == "nrf52840" and a.key_ids == ["test-key"] for a in found)
         with DeploymentSession(mosquitto.address, OtaTopics(FLEET), env.store.signer()) as session:
             model, started = deployable(), time.time()
+            assert model.references  # computed once per model, as resolve_deployable does before a session
             threading.Timer(1.0, late.go_online).start()
             outcomes = session.deploy(model, session.announcements(), timeout_s=4)
         by_device = {o.device: o for o in outcomes}
@@ -724,3 +728,71 @@ def test_cli_bad_input_gives_one_line_errors(env: Env, mosquitto: MosquittoBroke
         result = runner.invoke(cli(), args)
         assert result.exit_code != 0 and isinstance(result.exception, kind), (args, result.output)
         assert message in str(result.exception) and "\n" not in str(result.exception), str(result.exception)
+
+
+# --- the fleet's OTA service: devices back after a deployment ended ---------------------------------------
+
+
+@pytest.mark.prefect
+def test_devices_back_after_the_deployment_ended_get_the_champion_from_the_ota_service(
+    env: Env, mosquitto: MosquittoBroker, prefect_harness: None
+) -> None:
+    """Two devices offline during the whole deploy flow come back after it ended, one after a broker restart."""
+    target = profile("nrf_ota_service")
+    env.register(target, "v1")
+    name = registered_model_name(target.name)
+    topics = OtaTopics(FLEET)
+    with contextlib.ExitStack() as stack:
+        service = stack.enter_context(OtaService(mosquitto.address, topics, env.keyring))
+        with pytest.raises(OtaServiceError, match="already serves fleet plant") as second:  # one per fleet
+            OtaService(mosquitto.address, topics, env.keyring).start()
+        away = [stack.enter_context(DeviceRuntime(f"away-{i}", FLEET, target, env.keyring, mosquitto.address,
+                                                  config=FAST)) for i in range(2)]  # fmt: skip
+        deadline = time.monotonic() + 15
+        while {"away-0", "away-1"} - {a.device for a in discover_devices(mosquitto.address, topics)}:
+            assert time.monotonic() < deadline, "the devices did not announce within 15 s"
+        for device in away:
+            device.go_offline()  # offline during the whole deployment
+        result = flow(model_ref=f"{name}@champion", broker_url=mosquitto.address.url, timeout_s=2)
+        rows = result["devices"]
+        assert [row["state"] for row in rows] == ["not delivered", "not delivered"]
+        assert all(row["status"].endswith("manifest kept: the OTA service serves it") for row in rows)
+        back = time.monotonic()
+        away[0].go_online()  # back after the deployment ended
+        first = away[0].wait_for(lambda s: s.state == "active", timeout_s=30)
+        first_s = time.monotonic() - back
+        # A broker restart without persistence loses every retained manifest: the service re-publishes them.
+        mosquitto.stop()
+        mosquitto.start()
+        back = time.monotonic()
+        away[1].go_online()
+        after_restart = away[1].wait_for(lambda s: s.state == "active", timeout_s=30)
+        restart_s = time.monotonic() - back
+        # It serves only what the retained manifest names: another model's chunks are refused.
+        probe = make_client(mosquitto.address, "ota-probe")
+        connect(probe, mosquitto.address)
+        assert after_restart.version is not None
+        stale = ChunkRequest(after_restart.version - 1, b"\0" * 8, (0,))
+        probe.publish(topics.request("away-1"), stale.encode(), qos=1).wait_for_publish(5)
+        deadline = time.monotonic() + 15
+        while service.refused["away-1"] == 0:
+            assert time.monotonic() < deadline, "the service did not refuse a request for another model"
+            time.sleep(0.05)
+        probe.disconnect()
+        probe.loop_stop()
+    on_champion = [d.device_id for d in away if runs_model(d, assets().model)]
+    record(
+        FaultRecord(
+            "device offline during the whole deployment, back after it ended", broken_devices=0,
+            notes=f"deploy flow to 2 offline devices: {rows[0]['state']} x2, manifests kept for the OTA service; "
+            f"back afterwards: {len(on_champion)} of 2 active on the champion v{first.version} ({first.total} "
+            f"chunks; {first_s * 1e3:.0f} ms after reconnecting, {restart_s * 1e3:.0f} ms for the one back after a "
+            f"broker restart without persistence, its manifest re-published by the service); a request for "
+            f"another model refused; a second service refused to start. Without the service the manifest is "
+            f"withdrawn and the device runs no model until the next deployment",
+        )
+    )  # fmt: skip
+    assert first.version == rows[0]["manifest_version"] and after_restart.version == rows[1]["manifest_version"]
+    assert on_champion == ["away-0", "away-1"]
+    assert service.served["away-0"] >= first.total and service.served["away-1"] >= after_restart.total
+    assert "stop it first" in str(second.value)

@@ -32,16 +32,19 @@ from firmware.ota import (
     DriftSummary,
     Manifest,
     ModelPublisher,
+    OtaError,
     OtaTopics,
     ScoreBatch,
     build_manifest,
+    compute_references,
     crc32,
     device_audience,
 )
 from firmware.sensor import FaultSpec, MachineSimulator, quantize
 from firmware.signing import KeyRing, ManifestSigner, generate_keypair, load_private_key
 from firmware.tflm import TflmRunner, measure_arena
-from tests.int8_model import int8_autoencoder
+from tests.fault_ledger import FaultRecord, record
+from tests.int8_model import int8_autoencoder, with_first_dense_zeroed
 from tinymlops.mqtt import AmqttBroker, BrokerAddress, MosquittoBroker, connect, make_client
 from tinymlops.settings import REPO_ROOT, MqttSettings
 from tinymlops.targets import McuTarget, load_catalog
@@ -467,7 +470,7 @@ def test_wrong_profile_too_large_and_arena_over_ram_are_refused(
     final = rollout(running_v1, publisher, model, spec, arena, 2, target="stm32l4r5")
     assert final.status == "failed: wrong profile" and "stm32l4r5" in final.detail
     huge = bytes(300_000)  # larger than the nRF52840's 256 KiB staging slot
-    final = rollout(running_v1, publisher, huge, spec, arena, 3)
+    final = rollout(running_v1, publisher, huge, spec, arena, 3, references=compute_references(model, arena))
     assert final.status == "failed: too large" and "262144" in final.detail
     final = rollout(running_v1, publisher, model, spec, 200_000, 4)
     assert final.status == "failed: arena too large" and "131072" in final.detail
@@ -479,10 +482,11 @@ def test_wrong_profile_too_large_and_arena_over_ram_are_refused(
 def test_model_that_fails_to_load_keeps_the_old_one(
     case: str, running_v1: DeviceRuntime, publisher: ShapingPublisher, model: bytes, spec: DspSpec, arena: int
 ) -> None:
+    references = compute_references(model, arena)  # the server cannot compute them for these
     if case == "not a model":
-        manifest = deploy(publisher, hashlib.shake_256(b"noise").digest(5000), spec, arena, 2)
+        manifest = deploy(publisher, hashlib.shake_256(b"noise").digest(5000), spec, arena, 2, references=references)
     elif case == "arena far too small":  # crashes TFLM in-process; the probe keeps this process alive
-        manifest = deploy(publisher, model, spec, 64, 2)
+        manifest = deploy(publisher, model, spec, 64, 2, references=references)
     else:
         small = DspSpec(n_bands=16).fitted(np.random.default_rng(0).standard_normal((8, 19)).astype(np.float32))
         manifest = deploy(publisher, model, small, arena, 2)
@@ -490,6 +494,30 @@ def test_model_that_fails_to_load_keeps_the_old_one(
     assert (final.state, final.reason) == ("failed", "load failed"), final.detail
     assert "verified" in [s.state for s in running_v1.statuses if s.version == 2]
     assert_still_runs_v1(running_v1, final)
+
+
+def test_dead_model_that_misses_its_reference_outputs_is_refused_and_a_good_one_passes(
+    running_v1: DeviceRuntime, publisher: ShapingPublisher, model: bytes, spec: DspSpec, arena: int
+) -> None:
+    dead = with_first_dense_zeroed(model)  # loads and scores finitely: the same output for every input
+    with pytest.raises(OtaError, match="same output for all 3 reference inputs"):
+        deploy(publisher, dead, spec, arena, 2)  # the server does not sign a dead model's own references
+    manifest = deploy(publisher, dead, spec, arena, 2, references=compute_references(model, arena))
+    final = settle(running_v1, manifest.model_version)
+    assert (final.state, final.reason) == ("failed", "smoke test failed"), final.detail
+    loaded = "loaded" in [s.state for s in running_v1.statuses if s.version == 2]
+    assert_still_runs_v1(running_v1, final)
+    good = rollout(running_v1, publisher, model, spec, arena, 3)  # the good model reproduces its references
+    record(
+        FaultRecord(
+            "signed model with its first layer zeroed (simulated device)", broken_devices=int(good.state != "active"),
+            notes=f"the server refused to sign the dead model's own references (same output for all 3 inputs); "
+            f"signed with the good model's: loaded, then {final.status} ({final.detail}), v1 kept running; "
+            f"the good model then {good.status}. Before: the dead model passed the smoke test and ran",
+        )
+    )  # fmt: skip
+    assert "reference 2 of 3" in final.detail and "LSB > 2" in final.detail and loaded
+    assert good.state == "active"
 
 
 def test_older_and_same_versions_are_ignored(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import subprocess
 import sys
 import time
@@ -36,6 +37,7 @@ from firmware.ota import (
     DriftSummary,
     ScoreBatch,
     build_manifest,
+    compute_references,
     decode_request,
     device_audience,
 )
@@ -44,7 +46,8 @@ from firmware.signing import KeyRing, ManifestSigner, generate_keypair
 from firmware.tflm import measure_arena
 from tests.conftest import cli_env
 from tests.fake_uart_device import FakeFlash, FakeUartDevice, sha256
-from tests.int8_model import LAYER_UNITS, N_FEATURES, int8_autoencoder, sample_features
+from tests.fault_ledger import FaultRecord, record
+from tests.int8_model import LAYER_UNITS, N_FEATURES, int8_autoencoder, sample_features, with_first_dense_zeroed
 from tests.test_device import TOPICS, ShapingPublisher, Watcher, wait_until
 from tinymlops.mqtt import MosquittoBroker
 from tinymlops.settings import REPO_ROOT
@@ -358,12 +361,13 @@ def test_corrupted_chunk_is_fetched_again(
 
 
 def test_oversized_model_is_refused_before_download(
-    running_v1: FakeRig | QemuRig, publisher: ShapingPublisher, spec: DspSpec, arena: int
+    running_v1: FakeRig | QemuRig, publisher: ShapingPublisher, model: bytes, spec: DspSpec, arena: int
 ) -> None:
     assert running_v1.gateway.hello is not None
     huge = np.random.default_rng(0).bytes(running_v1.gateway.hello.slot_bytes + 1)
     before = publisher.served[DEVICE]
-    final = rollout(running_v1, publisher, huge, spec, arena, 2)
+    references = compute_references(model, arena)  # not computable for random bytes; refused before they matter
+    final = rollout(running_v1, publisher, huge, spec, arena, 2, references=references)
     assert (final.state, final.reason) == ("failed", "too large")
     assert publisher.served[DEVICE] == before
     assert_still_runs(running_v1, final)
@@ -375,6 +379,27 @@ def test_model_with_an_operator_the_runtime_lacks_fails_to_load(
     final = rollout(running_v1, publisher, tanh_model(), spec, arena, 2)
     assert (final.state, final.reason, final.status) == ("failed", "load failed", "failed: load failed"), final
     assert "verified" in [s.state for s in running_v1.gateway.statuses if s.version == 2]
+    assert_still_runs(running_v1, final)
+
+
+def test_dead_model_that_misses_its_reference_outputs_is_refused(
+    running_v1: FakeRig | QemuRig, publisher: ShapingPublisher, model: bytes, spec: DspSpec, arena: int
+) -> None:
+    # The first layer zeroed: it loads and scores finitely, the same output for every input; signed with
+    # the good model's references (the server refuses to compute a dead model's own), tinyrt misses them.
+    dead = with_first_dense_zeroed(model)
+    final = rollout(running_v1, publisher, dead, spec, arena, 2, references=compute_references(model, arena))
+    if running_v1.board == "mps2-an386":
+        record(
+            FaultRecord(
+                "signed model with its first layer zeroed (C firmware under QEMU)", broken_devices=int(
+                    final.active is None or final.active.version != 1),
+                notes=f"device.elf (tinyrt) loaded it, then {final.status} ({final.detail}); v1 kept running",
+            )
+        )  # fmt: skip
+    assert (final.state, final.reason, final.status) == ("failed", "smoke test failed", "failed: smoke test failed")
+    assert re.fullmatch(r"reference 2 of 3: output \d+ is -?\d+, expected -?\d+ \(\d+ LSB > 2\)", final.detail)
+    assert "loaded" in [s.state for s in running_v1.gateway.statuses if s.version == 2]
     assert_still_runs(running_v1, final)
 
 

@@ -48,6 +48,7 @@ from firmware.ota import (
     Manifest,
     ModelRef,
     OtaDecodeError,
+    ReferenceSet,
     ScoreBatch,
     decode_chunk,
     decode_dsp_block,
@@ -119,6 +120,18 @@ def fitted_dsp_blocks(draw: st.DrawFn) -> bytes:
 
 
 @st.composite
+def reference_blocks(draw: st.DrawFn) -> bytes:
+    """A reference block within its bounds: 1..4 references, at most 1024 bytes in all."""
+    count = draw(st.integers(1, 4))
+    n_in = draw(st.integers(1, 1017 // count - 1))
+    n_out = draw(st.integers(1, min(256, 1017 // count - n_in)))
+    n_in = min(n_in, 256)
+    inputs = tuple(draw(st.binary(min_size=n_in, max_size=n_in)) for _ in range(count))
+    expected = tuple(draw(st.binary(min_size=n_out, max_size=n_out)) for _ in range(count))
+    return ReferenceSet(inputs, expected, draw(st.integers(0, 16))).encode()
+
+
+@st.composite
 def manifests(draw: st.DrawFn) -> Manifest:
     """A manifest within every protocol range, signed with a generated Ed25519 key."""
     chunk_size = draw(st.integers(MIN_CHUNK_SIZE, MAX_CHUNK_SIZE))
@@ -136,6 +149,7 @@ def manifests(draw: st.DrawFn) -> Manifest:
         arena_bytes=draw(st.integers(1, 2**32 - 1)),
         threshold=draw(F32_POSITIVE),
         dsp_block=draw(opaque_dsp_blocks() | fitted_dsp_blocks()),
+        reference_block=draw(reference_blocks()),
     )
     key_id = draw(st.from_regex(r"[A-Za-z0-9._-]{1,32}", fullmatch=True))
     return unsigned.signed(ManifestSigner(PRIVATE_KEY, key_id))

@@ -28,6 +28,7 @@ from firmware.ota import (
     OtaReceiver,
     OtaTopics,
     ReceiverConfig,
+    ReferenceSet,
     RxStatus,
     ScoreBatch,
     build_manifest,
@@ -35,6 +36,7 @@ from firmware.ota import (
     decode_chunk,
     decode_dsp_block,
     decode_manifest,
+    decode_reference_block,
     decode_request,
     device_audience,
     encode_dsp_block,
@@ -49,6 +51,7 @@ RING = KeyRing({"test-key": SIGNER.public_key})
 N = DspSpec().n_features
 SPEC = DspSpec(mean=tuple(0.1 * i for i in range(N)), std=tuple(1 + 0.01 * i for i in range(N)))
 CONFIG = ReceiverConfig("node-0001", "nrf52840", slot_bytes=262_144, ram_bytes=131_072, group="line-1")
+REFERENCES = ReferenceSet((bytes(range(N)), bytes(N)), (bytes(range(1, N + 1)), bytes([5]) * N))
 
 
 def manifest(version: int = 3, model: bytes = MODEL, **changes: Any) -> Manifest:
@@ -61,6 +64,7 @@ def manifest(version: int = 3, model: bytes = MODEL, **changes: Any) -> Manifest
         "audience": device_audience("node-0001"),
         "signer": SIGNER,
         "chunk_size": 1024,
+        "references": REFERENCES,
     }
     return build_manifest(model, version=version, **{**kwargs, **changes})
 
@@ -88,6 +92,7 @@ def test_largest_manifest_has_the_documented_size() -> None:
         target="t" * 32,
         audience=device_audience("d" * 64),
         dsp_block=struct.pack("<H", 2) + bytes(1022),  # another DSP version travels as an opaque block
+        reference_block=ReferenceSet((bytes(170),) * 3, (bytes(169),) * 3).encode(),  # 7 + 3 x 339 = 1024 bytes
     ).signed(ManifestSigner(private_key_from_seed(bytes(32)), "k" * 32))
     payload = largest.encode()
     assert len(payload) == MAX_MANIFEST_BYTES and decode_manifest(payload) == largest
@@ -109,6 +114,7 @@ def test_signature_covers_every_field() -> None:
         "arena_bytes": 1,
         "threshold": 0.5,
         "dsp_block": m.dsp_block[:-1] + b"\x01",
+        "reference_block": m.reference_block[:-1] + b"\x01",
     }
     assert set(changes) == {f.name for f in dataclasses.fields(Manifest)} - {"signature"}
     for name, value in changes.items():
@@ -206,6 +212,33 @@ def test_invalid_dsp_blocks_are_rejected(mutate: Any, message: str) -> None:
     with pytest.raises(OtaDecodeError) as exc:
         decode_dsp_block(struct.pack("<H", 2) + block[2:])
     assert exc.value.code == RxStatus.ERR_DSP_VERSION
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda b: b[:6], "shorter than its header"),
+        (lambda b: b"\x02" + b[1:], "version 2 is not 1"),
+        (lambda b: b[:-1], "values do not fit"),
+        (lambda b: b[:1] + b"\x00" + b[2:7], "0 inputs"),
+        (lambda b: b[:2] + b"\x11" + b[3:], "tolerance 17 LSB"),
+        (lambda b: b"\x01\x04\x02" + struct.pack("<HH", 200, 100) + bytes(1200), "> 1024"),
+    ],
+)
+def test_invalid_reference_blocks_are_rejected(mutate: Any, message: str) -> None:
+    block = REFERENCES.encode()
+    assert decode_reference_block(block) == REFERENCES and len(block) == 7 + 2 * (N + N)
+    with pytest.raises(OtaDecodeError, match=message) as exc:
+        decode_reference_block(mutate(block))
+    assert exc.value.code == RxStatus.ERR_FIELD
+
+
+def test_reference_outputs_must_match_within_the_tolerance() -> None:
+    expected = bytes([0, 10, 0xF6])  # 0, 10, -10
+    references = ReferenceSet((bytes(3),), (expected,), tolerance=2)
+    assert references.mismatch(0, bytes([2, 8, 0xF4])) is None  # every value off by exactly 2 LSB
+    assert references.mismatch(0, bytes([0, 10, 0xF3])) == "reference 1 of 1: output 2 is -13, expected -10 (3 LSB > 2)"
+    assert references.mismatch(0, bytes(2)) == "reference 1 of 1: 2 outputs, expected 3"
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -27,7 +28,7 @@ import pydantic
 import typer
 from rich.table import Table
 
-from tinymlops.cli_deploy import deploy_command, keys_app, require_broker, require_prefect_api
+from tinymlops.cli_deploy import deploy_command, keys_app, ota_app, require_broker, require_prefect_api
 from tinymlops.cli_device import device_app
 from tinymlops.cli_firmware import firmware_app
 from tinymlops.cli_models import models_app
@@ -56,6 +57,7 @@ app.add_typer(security_app, name="security")
 app.add_typer(device_app, name="device")
 app.add_typer(firmware_app, name="firmware")
 app.add_typer(keys_app, name="keys")
+app.add_typer(ota_app, name="ota")
 app.command("deploy")(deploy_command)
 
 console = make_console()
@@ -709,7 +711,29 @@ def serve(
             f"unknown deployments {', '.join(unknown)}; choose from {', '.join(NAMES)}", param_hint="--only"
         )
     require_prefect_api(settings)
-    serve_deployments(set(only) if only else None)
+    with _ota_service(settings):
+        serve_deployments(set(only) if only else None)
+
+
+@contextlib.contextmanager
+def _ota_service(settings: Settings) -> Iterator[None]:
+    """The fleet's OTA service beside the served deployments, when a broker is configured and none runs yet."""
+    from tasks.deploy import KeyStoreError
+    from tasks.ota_service import OtaServiceError, start_ota_service
+
+    if not settings.mqtt.url:
+        yield
+        return
+    try:
+        service = start_ota_service(settings)
+    except (OtaServiceError, KeyStoreError) as exc:  # another one serves the fleet, or nothing is signed yet
+        log.warning("not starting the OTA service: %s", exc)
+        yield
+        return
+    try:
+        yield
+    finally:
+        service.stop()
 
 
 @app.command()

@@ -248,3 +248,34 @@ def export_public_command(
     except OSError as exc:
         raise ConfigError(f"cannot write the key ring to {target}: {exc.strerror or exc}") from None
     console.print(f"key ring written to {path}", highlight=False)
+
+
+ota_app = typer.Typer(
+    help="The fleet's OTA service: serves the deployed model to any device that asks, at any time.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+@ota_app.command("serve")
+def ota_serve_command(
+    fleet: Annotated[str | None, typer.Option(help="Fleet name (default from settings).")] = None,
+    broker: Annotated[str | None, typer.Option(help="Broker URL of the fleet (default from settings).")] = None,
+) -> None:
+    """Serve the chunks of what the retained signed manifests name, until Ctrl-C (one service per fleet)."""
+    from tasks.ota_service import start_ota_service
+    from tinymlops.mqtt import parse_broker_url
+
+    settings = get_settings()
+    url = broker or settings.mqtt.url
+    if not url:
+        raise ConfigError("the OTA service needs a broker: pass --broker or set TINYMLOPS_MQTT__URL")
+    require_broker(url, "--broker" if broker else "TINYMLOPS_MQTT__URL")
+    service = start_ota_service(settings, parse_broker_url(url), fleet)
+    console.print(f"OTA service of fleet {service.topics.fleet} on {url}; Ctrl-C stops it", highlight=False)
+    try:
+        service.wait_stopped()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        service.stop()

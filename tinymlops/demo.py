@@ -145,6 +145,10 @@ def run_demo(config: DemoConfig, console: Console) -> DemoSummary:
             console, f"2. Virtual fleet: {config.devices_per_profile} devices on each of {', '.join(config.profiles)}"
         )
         fleets = start_devices(settings, config, address, stack)
+        from tasks.ota_service import start_ota_service
+
+        # A device back after a deployment ended (or restarted) still gets the model: the OTA service serves it.
+        stack.callback(start_ota_service(settings, address).stop)
         emulated = start_emulated_device(settings, config, address, stack)
         if emulated is not None:
             device = emulated.devices[0]

@@ -1,8 +1,8 @@
 /*
  * The device application (firmware/FIRMWARE.md): the C counterpart of firmware/device.py's
  * DeviceRuntime on a Cortex-M behind board.h. It takes signed models over UART frames (the
- * gateway bridges them to MQTT) into the staging slot, verifies, loads and smoke-tests them
- * before committing the slot table, and scores sensor windows with the DSP front end and tinyrt.
+ * gateway bridges them to MQTT) into the staging slot, verifies, loads and smoke-tests them (the
+ * manifest's reference outputs, then one window) before committing the slot table, and scores sensor windows with the DSP front end and tinyrt.
  *
  * Two engines (tinyrt model + arena + DSP front end) alternate: a new model is loaded into the
  * one not running, so any failure up to the commit leaves the running one untouched. No heap:
@@ -757,6 +757,68 @@ static int on_manifest(const uint8_t *payload, size_t len) {
     return 0;
 }
 
+/* The manifest's reference inputs through the loaded model: every output within the tolerance, else
+ * the detail names the worst one (firmware.device.check_references). TRT_OK, or a nonzero code. */
+static int check_references(engine_t *e, const ota_manifest_t *m) {
+    ota_ref_t ref;
+    if (ota_ref_parse(m->ref_block, m->ref_len, &ref) != OTA_OK) {
+        detail_str("reference block does not parse");
+        return TRT_ERR_FORMAT;
+    }
+    const trt_io_t *in = trt_input(&e->model);
+    const trt_io_t *out = trt_output(&e->model);
+    if (in->size != ref.n_in || out->size != ref.n_out) {
+        detail_str("references map ");
+        detail_u32(ref.n_in);
+        detail_str(" to ");
+        detail_u32(ref.n_out);
+        detail_str(" values, the model ");
+        detail_u32(in->size);
+        detail_str(" to ");
+        detail_u32(out->size);
+        return TRT_ERR_SHAPE;
+    }
+    for (uint32_t k = 0; k < ref.count; k++) {
+        memcpy(in->data, ref.inputs + k * ref.n_in, ref.n_in);
+        int status = trt_invoke(&e->model);
+        if (status != TRT_OK) {
+            detail_str("reference inference failed: ");
+            detail_str(trt_status_name(status));
+            return status;
+        }
+        const int8_t *want = ref.expected + k * ref.n_out;
+        uint32_t worst = 0;
+        int32_t off = 0;
+        for (uint32_t i = 0; i < ref.n_out; i++) {
+            int32_t d = (int32_t)out->data[i] - (int32_t)want[i];
+            d = d < 0 ? -d : d;
+            if (d > off) {
+                off = d;
+                worst = i;
+            }
+        }
+        if (off > (int32_t)ref.tolerance) {
+            detail_str("reference ");
+            detail_u32(k + 1u);
+            detail_str(" of ");
+            detail_u32(ref.count);
+            detail_str(": output ");
+            detail_u32(worst);
+            detail_str(" is ");
+            detail_int(out->data[worst]);
+            detail_str(", expected ");
+            detail_int(want[worst]);
+            detail_str(" (");
+            detail_int(off);
+            detail_str(" LSB > ");
+            detail_u32(ref.tolerance);
+            detail_str(")");
+            return -1;
+        }
+    }
+    return TRT_OK;
+}
+
 /* All chunks are in: verify, load, smoke-test, commit, swap (firmware.device._complete). */
 static void complete(void) {
     const ota_manifest_t *m = &rx.manifest;
@@ -807,6 +869,12 @@ static void complete(void) {
     double score = 0.0;
     score_t smoke;
     t0 = board_instructions();
+    code = check_references(candidate, m);
+    if (code != TRT_OK) {
+        lat->smoke = board_instructions() - t0;
+        fail(DOM_SMOKE, code);
+        return;
+    }
     code = score_window(candidate, with_last ? last_window : zero_window, with_last ? last_window_scale : 1.0f, &score,
                         &smoke);
     lat->smoke = board_instructions() - t0;

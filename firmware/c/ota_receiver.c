@@ -273,6 +273,29 @@ static int copy_text(char *dst, const uint8_t *src, size_t n, size_t max) {
     return OTA_OK;
 }
 
+int ota_ref_parse(const uint8_t *block, size_t len, ota_ref_t *out) {
+    if (block == NULL || out == NULL) {
+        return OTA_ERR_NULL;
+    }
+    if (len < OTA_REF_HEADER_BYTES || len > OTA_MAX_REF_BLOCK || block[0] != 1) {
+        return OTA_ERR_FIELD;
+    }
+    out->count = block[1];
+    out->tolerance = block[2];
+    out->n_in = u16le(block + 3);
+    out->n_out = u16le(block + 5);
+    if (len != OTA_REF_HEADER_BYTES + (size_t)out->count * ((size_t)out->n_in + out->n_out)) {
+        return OTA_ERR_FIELD;
+    }
+    if (out->count < 1 || out->count > OTA_MAX_REFERENCES || out->tolerance > OTA_MAX_TOLERANCE_LSB ||
+        out->n_in < 1 || out->n_in > OTA_MAX_REF_VALUES || out->n_out < 1 || out->n_out > OTA_MAX_REF_VALUES) {
+        return OTA_ERR_FIELD;
+    }
+    out->inputs = (const int8_t *)(const void *)(block + OTA_REF_HEADER_BYTES);
+    out->expected = out->inputs + (size_t)out->count * out->n_in;
+    return OTA_OK;
+}
+
 int ota_parse_manifest(const uint8_t *msg, size_t len, ota_manifest_t *out) {
     int status = check_header(msg, len, OTA_TYPE_MANIFEST);
     if (status != OTA_OK) {
@@ -288,7 +311,9 @@ int ota_parse_manifest(const uint8_t *msg, size_t len, ota_manifest_t *out) {
     const size_t text_max[4] = {OTA_MAX_NAME, OTA_MAX_TARGET, OTA_MAX_AUDIENCE, OTA_MAX_KEY_ID};
     char *const text_dst[4] = {out->model_name, out->target, out->audience, out->key_id};
     uint16_t dsp_len = u16le(msg + 60);
-    size_t body = OTA_MANIFEST_HEADER_BYTES + text_len[0] + text_len[1] + text_len[2] + text_len[3] + dsp_len;
+    uint16_t ref_len = u16le(msg + 62);
+    size_t body =
+        OTA_MANIFEST_HEADER_BYTES + text_len[0] + text_len[1] + text_len[2] + text_len[3] + dsp_len + ref_len;
     status = check_length_and_crc(msg, len, body + OTA_SIGNATURE_BYTES + OTA_CRC_BYTES);
     if (status != OTA_OK) {
         return status;
@@ -342,6 +367,15 @@ int ota_parse_manifest(const uint8_t *msg, size_t len, ota_manifest_t *out) {
         if (ota_dsp_parse(out->dsp_block, dsp_len, &dsp) != OTA_OK) {
             return OTA_ERR_FIELD;
         }
+    }
+    if (ref_len > OTA_MAX_REF_BLOCK) {
+        return OTA_ERR_FIELD;
+    }
+    out->ref_len = ref_len;
+    memcpy(out->ref_block, msg + offset + dsp_len, ref_len);
+    ota_ref_t ref;
+    if (ota_ref_parse(out->ref_block, ref_len, &ref) != OTA_OK) {
+        return OTA_ERR_FIELD;
     }
     return OTA_OK;
 }

@@ -28,10 +28,15 @@
 #define OTA_MAX_AUDIENCE 71
 #define OTA_MAX_KEY_ID 32
 #define OTA_MAX_DSP_BLOCK 1024
+#define OTA_MAX_REF_BLOCK 1024 /* reference block: inputs and the outputs the model must give */
+#define OTA_REF_HEADER_BYTES 7
+#define OTA_MAX_REFERENCES 4
+#define OTA_MAX_REF_VALUES 256
+#define OTA_MAX_TOLERANCE_LSB 16
 #define OTA_TAG_BYTES 8
 #define OTA_SHA256_BYTES 32
 #define OTA_SIGNATURE_BYTES 64
-#define OTA_MANIFEST_HEADER_BYTES 62
+#define OTA_MANIFEST_HEADER_BYTES 64
 #define OTA_CHUNK_HEADER_BYTES 22
 #define OTA_REQUEST_HEADER_BYTES 18
 #define OTA_CRC_BYTES 4
@@ -39,7 +44,7 @@
 /* The largest valid manifest and chunk: the MQTT receive buffer the application needs. */
 #define OTA_MANIFEST_MAX_BYTES                                                                                  \
     (OTA_MANIFEST_HEADER_BYTES + OTA_MAX_NAME + OTA_MAX_TARGET + OTA_MAX_AUDIENCE + OTA_MAX_KEY_ID +           \
-     OTA_MAX_DSP_BLOCK + OTA_SIGNATURE_BYTES + OTA_CRC_BYTES)
+     OTA_MAX_DSP_BLOCK + OTA_MAX_REF_BLOCK + OTA_SIGNATURE_BYTES + OTA_CRC_BYTES)
 #define OTA_CHUNK_MAX_BYTES (OTA_CHUNK_HEADER_BYTES + OTA_MAX_CHUNK_SIZE + OTA_CRC_BYTES)
 
 /* Result codes: >= 0 accepted, < 0 rejected. Same names and values as firmware.ota.RxStatus. */
@@ -110,6 +115,8 @@ typedef struct {
     uint16_t dsp_version;
     uint16_t dsp_len;
     uint8_t dsp_block[OTA_MAX_DSP_BLOCK]; /* the DSP spec block, see ota_dsp_parse */
+    uint16_t ref_len;
+    uint8_t ref_block[OTA_MAX_REF_BLOCK]; /* the reference block, see ota_ref_parse */
     size_t signed_len;                    /* the signature covers msg[0..signed_len) */
 } ota_manifest_t;
 
@@ -133,6 +140,17 @@ typedef struct {
     const uint8_t *mean_le; /* n_stats float32 */
     const uint8_t *std_le;  /* n_stats float32 */
 } ota_dsp_t;
+
+/* Reference block version 1: `count` int8 inputs of n_in values, then `count` expected int8 outputs
+ * of n_out values; a loaded model must reproduce each within `tolerance` LSB (firmware.ota.ReferenceSet). */
+typedef struct {
+    uint8_t count;
+    uint8_t tolerance;
+    uint16_t n_in;
+    uint16_t n_out;
+    const int8_t *inputs;   /* count * n_in, in the block */
+    const int8_t *expected; /* count * n_out, in the block */
+} ota_ref_t;
 
 typedef struct {
     ota_config_t config;
@@ -169,6 +187,7 @@ const char *ota_status_name(int code); /* "OK", "ERR_CRC", ... as in RxStatus */
 int ota_parse_manifest(const uint8_t *msg, size_t len, ota_manifest_t *out);
 int ota_parse_chunk(const uint8_t *msg, size_t len, ota_chunk_t *out);
 int ota_dsp_parse(const uint8_t *block, size_t len, ota_dsp_t *out);
+int ota_ref_parse(const uint8_t *block, size_t len, ota_ref_t *out);
 float ota_f32le(const uint8_t *p);
 
 void ota_receiver_init(ota_receiver_t *rx, const ota_config_t *config, uint8_t *staging, size_t capacity,
