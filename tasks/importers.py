@@ -32,7 +32,7 @@ import scipy.io
 from scipy.signal import resample_poly
 
 from firmware.codec import MAX_DEVICE_ID_BYTES, MAX_SAMPLES, VibrationWindow
-from tasks.lake import WindowBatch, import_lock, known_seqs, known_sources, write_windows
+from tasks.lake import WindowBatch, import_lock, known_sources, last_seq, write_windows
 from tinymlops.errors import DataImportError
 from tinymlops.settings import DEFAULT_MAX_ABS_G
 
@@ -41,8 +41,6 @@ logger = logging.getLogger(__name__)
 SUPPORTED_SUFFIXES = (".csv", ".mat", ".npz", ".parquet")
 FS_KEY = "fs"
 INT16_FULL_SCALE = 32767
-# known_seqs looks back this many days: far enough to cover every window ever written.
-_ALL_DAYS = 100_000
 _NAME_OK = re.compile(rf"^[A-Za-z0-9_-]{{1,{MAX_DEVICE_ID_BYTES}}}$")
 _NAME_BAD_RUN = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -176,8 +174,8 @@ def import_file(
             )
         quantised, scale = _quantise(frames)
 
-        last_seq = known_seqs(lake_root, fleet, horizon_days=_ALL_DAYS).last(device_id)
-        first_seq = 0 if last_seq is None else last_seq + 1
+        last = last_seq(lake_root, fleet, device_id)  # imports number their windows in boot epoch 0
+        first_seq = 0 if last is None else last + 1
         start_us = _timestamp_us(start or dt.datetime.now(tz=dt.UTC))
         batch = WindowBatch()
         for i in range(n_windows):

@@ -26,11 +26,13 @@ from firmware.codec import VibrationWindow, decode
 from tasks.lake import (
     CompactionReport,
     QuarantineRecord,
+    Seen,
     WindowBatch,
     compact_lake,
     ingest_lease,
-    known_seqs,
+    load_dedupe_index,
     range_problem,
+    window_digest,
     write_quarantine,
     write_windows,
 )
@@ -147,7 +149,8 @@ class IngestConfig:
     mqtt: MqttSettings
     batch_windows: int = 2000
     flush_interval_s: float = 1.0
-    dedupe_horizon_days: int = 2
+    dedupe_horizon_days: float = 2
+    dedupe_digests_per_stream: int = 8192
 
 
 class Ingestor:
@@ -156,14 +159,34 @@ class Ingestor:
     def __init__(self, config: IngestConfig) -> None:
         self.config = config
         self.stats = IngestStats()
-        self._seen = known_seqs(config.lake_root, config.fleet, config.dedupe_horizon_days)
+        self._seen = load_dedupe_index(
+            config.lake_root,
+            config.fleet,
+            config.dedupe_horizon_days,
+            # A crash leaves at most one batch unacknowledged: its redeliveries must all find their digest.
+            digests_per_stream=max(config.dedupe_digests_per_stream, config.batch_windows),
+        )
+
+    def _repeat_reason(self, seen: Seen, window: VibrationWindow) -> str | None:
+        """The quarantine reason for a window whose key the lake may already hold (None: new or a redelivery)."""
+        key = f"device {window.device_id} boot epoch {window.epoch} seq {window.seq}"
+        if seen is Seen.CONFLICT:
+            return f"seq reused with different content: {key} is already stored with other samples or metadata"
+        if seen is Seen.UNVERIFIABLE:
+            cfg = self.config
+            return (
+                f"cannot deduplicate: {key} may already be stored, and its content is beyond the dedupe index "
+                f"(digests of the last {cfg.dedupe_horizon_days:g} days of arrivals, "
+                f"{max(cfg.dedupe_digests_per_stream, cfg.batch_windows)} seqs per boot epoch)"
+            )
+        return None
 
     def process(self, messages: list[_Received]) -> None:
         """Validate, deduplicate and durably write one batch; raises if the lake cannot be written."""
         cfg = self.config
         batch = WindowBatch()
         rejected: list[QuarantineRecord] = []
-        batch_keys: set[tuple[str, int]] = set()
+        batch_keys: dict[tuple[str, int, int], int] = {}  # key -> content digest
         now_s = time.time()
         for msg in messages:
             try:
@@ -179,17 +202,28 @@ class Ingestor:
                 rejected.append(QuarantineRecord(msg.received_at_us, msg.topic, str(exc), msg.payload))
                 self.stats.reject_reasons[str(exc).split(":")[0]] += 1
                 continue
-            key = (window.device_id, window.seq)
-            if key in self._seen or key in batch_keys:
+            key = (window.device_id, window.epoch, window.seq)
+            digest = window_digest(window)
+            pending = batch_keys.get(key)
+            if pending is not None:
+                seen = Seen.DUPLICATE if pending == digest else Seen.CONFLICT
+            else:
+                seen = self._seen.check(*key, digest)
+            if seen is Seen.DUPLICATE:
                 self.stats.duplicates += 1
                 continue
-            batch_keys.add(key)
-            batch.append(cfg.fleet, window)
+            reason = self._repeat_reason(seen, window)
+            if reason is not None:
+                rejected.append(QuarantineRecord(msg.received_at_us, msg.topic, reason, msg.payload))
+                self.stats.reject_reasons[reason.split(":")[0]] += 1
+                continue
+            batch_keys[key] = digest
+            batch.append(cfg.fleet, window, digest=digest)
         files = write_windows(cfg.lake_root, batch) if len(batch) else []
         quarantined = write_quarantine(cfg.quarantine_root, rejected)
         # Only now, with both written, is the batch safe to acknowledge.
-        for device, seq in sorted(batch_keys):  # in order: each extends its device's last range
-            self._seen.add(device, seq)
+        for key, digest in sorted(batch_keys.items()):  # in order: each extends its stream's last range
+            self._seen.add(*key, digest)
         self.stats.received += len(messages)
         self.stats.accepted += len(batch)
         self.stats.rejected += len(rejected)
@@ -320,6 +354,7 @@ def ingest_config(settings: Settings, fleet: str | None = None) -> IngestConfig:
         batch_windows=settings.ingest.batch_windows,
         flush_interval_s=settings.ingest.flush_interval_s,
         dedupe_horizon_days=settings.lake.dedupe_horizon_days,
+        dedupe_digests_per_stream=settings.lake.dedupe_digests_per_stream,
     )
 
 

@@ -250,11 +250,14 @@ def simulate(
     """Run a virtual fleet of sensor nodes that publish vibration windows over MQTT."""
     settings = _settings()
     _check_fleet(fleet)
+    from firmware.boot import next_boot_epoch
     from firmware.fleet import VirtualFleet
     from firmware.sensor import FaultSpec
     from tinymlops.mqtt import broker_for
 
     name = fleet or settings.fleet
+    # Every run is a new boot of the nodes: seqs restart at 0 in a new epoch, kept in a counter file.
+    boot_epoch = next_boot_epoch(settings.data_dir / "simulate" / f"{name}.boot-epoch")
     sim = VirtualFleet(
         name,
         devices,
@@ -262,6 +265,7 @@ def simulate(
         sample_rate_hz=settings.sensor.sample_rate_hz,
         window_samples=settings.sensor.window_samples,
         topic_root=settings.mqtt.topic_root,
+        boot_epoch=boot_epoch,
     )
     for spec in fault or []:
         kind, _, rest = spec.partition(":")
@@ -276,7 +280,9 @@ def simulate(
     mqtt_settings = settings.mqtt.model_copy(update={"url": broker or settings.mqtt.url})
     with broker_for(mqtt_settings) as address:
         stats = sim.run(address, interval_s=interval, duration_s=seconds, windows_per_device=windows)
-    console.print(f"published {stats.published} windows from {devices} nodes in {stats.seconds:.1f} s")
+    console.print(
+        f"published {stats.published} windows from {devices} nodes in {stats.seconds:.1f} s (boot epoch {boot_epoch})"
+    )
 
 
 @app.command()
