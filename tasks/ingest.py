@@ -32,17 +32,20 @@ from tasks.lake import (
     ingest_lease,
     load_dedupe_index,
     range_problem,
+    save_key_snapshot,
     window_digest,
     write_quarantine,
     write_windows,
 )
-from tinymlops.errors import DecodeError, TinyMLOpsError, ValidationError
+from tinymlops.errors import DecodeError, LakeError, TinyMLOpsError, ValidationError
 from tinymlops.mqtt import BrokerAddress, connect, make_client, parse_broker_url
 from tinymlops.settings import MqttSettings, SensorSettings, Settings, get_settings
 
 log = logging.getLogger(__name__)
 
 FULL_SCALE = (np.int16(-32768), np.int16(32767))
+# A continuous ingest saves its dedupe keys this often, so a restart after a kill reads few files.
+_KEY_SNAPSHOT_INTERVAL_S = 600.0
 
 
 def vibration_topic(topic_root: str, fleet: str, device: str) -> str:
@@ -166,6 +169,13 @@ class Ingestor:
             # A crash leaves at most one batch unacknowledged: its redeliveries must all find their digest.
             digests_per_stream=max(config.dedupe_digests_per_stream, config.batch_windows),
         )
+
+    def save_keys(self) -> None:
+        """Persist the index's keys so the next start reads only the files written since (a failure only costs time)."""
+        try:
+            save_key_snapshot(self.config.lake_root, self.config.fleet, self._seen)
+        except LakeError as exc:
+            log.warning("%s; the next ingest start reads the lake's keys from the previous snapshot", exc)
 
     def _repeat_reason(self, seen: Seen, window: VibrationWindow) -> str | None:
         """The quarantine reason for a window whose key the lake may already hold (None: new or a redelivery)."""
@@ -304,7 +314,7 @@ def _ingest_holding_lease(
     client.subscribe(topic, qos=1)
     log.info("ingesting %s from %s into %s", topic, address.url, config.lake_root)
     start = time.monotonic()
-    last_arrival = start
+    last_arrival = last_snapshot = start
     try:
         while True:
             if len(inbox) < batch_target():
@@ -319,6 +329,9 @@ def _ingest_holding_lease(
                 for msg in messages:
                     client.ack(msg.mid, msg.qos)
                 last_arrival = time.monotonic()
+                if last_arrival - last_snapshot > _KEY_SNAPSHOT_INTERVAL_S:
+                    ingestor.save_keys()
+                    last_snapshot = last_arrival
             elapsed = time.monotonic() - start
             if max_windows is not None and ingestor.stats.accepted >= max_windows:
                 break
@@ -339,6 +352,7 @@ def _ingest_holding_lease(
         ingestor.stats.seconds = time.monotonic() - start
         client.disconnect()
         client.loop_stop()
+        ingestor.save_keys()
     log.info("ingest done: %s", ingestor.stats.to_dict())
     return ingestor.stats
 

@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import struct
 import time
@@ -613,6 +614,18 @@ class SeqIndex:
         """Return how many ranges the index holds (its memory is proportional)."""
         return sum(len(starts) for starts in self._starts.values())
 
+    def range_rows(self) -> Iterator[tuple[str, int, int, int, int]]:
+        """Yield every range as (device, epoch, first seq, last seq, the stream's forgotten-below seq)."""
+        for stream, starts in self._starts.items():
+            floor = self._floor.get(stream, 0)
+            for start, end in zip(starts, self._ends[stream], strict=True):
+                yield stream[0], stream[1], start, end, floor
+
+    def forget_below(self, device: str, epoch: int, floor: int) -> None:
+        """No longer vouch for the seqs of a stream below ``floor`` (restoring a saved index)."""
+        if floor > self._floor.get((device, epoch), 0):
+            self._floor[(device, epoch)] = floor
+
 
 class Seen(enum.Enum):
     """What the dedupe index says of a received window."""
@@ -634,7 +647,12 @@ class _DigestRing:
         slot = seq % len(self.seqs)
         return int(self.digests[slot]) if self.seqs[slot] == seq else None
 
-    def put(self, seqs: npt.NDArray[np.int64], digests: npt.NDArray[np.int64]) -> None:
+    def put(self, seq: int, digest: int) -> None:
+        slot = seq % len(self.seqs)
+        self.seqs[slot] = seq
+        self.digests[slot] = digest
+
+    def put_many(self, seqs: npt.NDArray[np.int64], digests: npt.NDArray[np.int64]) -> None:
         slots = seqs % len(self.seqs)
         self.seqs[slots] = seqs
         self.digests[slots] = digests
@@ -645,9 +663,9 @@ class DedupeIndex:
 
     The keys (device, epoch, seq) of the whole lake are held as seq ranges (:class:`SeqIndex`), so a
     window stored at any time, whatever date its sender's clock gave it, is recognised. The content
-    digest of each stream's ``digests_per_stream`` most recent seqs (of at most
-    ``digest_streams_per_device`` boot epochs per device) is held beside them, in fixed arrays: a
-    repeated key is a redelivery only if its digest matches. A repeated key whose digest is no
+    digest of each stream's ``digests_per_stream`` most recent seqs (of the
+    ``digest_streams_per_device`` boot epochs of a device that appeared last) is held beside them,
+    in fixed arrays: a repeated key is a redelivery only if its digest matches. A repeated key whose digest is no
     longer held cannot be told apart from a reused one, and neither can a seq below what a
     stream's range bound forgot: both are :attr:`Seen.UNVERIFIABLE`, for the quarantine.
     """
@@ -656,6 +674,8 @@ class DedupeIndex:
         self, *, max_ranges_per_stream: int = 4096, digests_per_stream: int = 4096, digest_streams_per_device: int = 4
     ) -> None:
         self.keys = SeqIndex(max_ranges_per_stream)
+        # Every lake file written before this time is in the index (see save_key_snapshot).
+        self.covers_before_us = 0
         self.digests_per_stream = digests_per_stream
         self.digest_streams_per_device = digest_streams_per_device
         self._rings: dict[str, dict[int, _DigestRing]] = {}
@@ -675,7 +695,7 @@ class DedupeIndex:
     def add(self, device: str, epoch: int, seq: int, digest: int) -> None:
         """Record one stored window and its digest."""
         self.keys.add(device, epoch, seq)
-        self._ring(device, epoch).put(np.asarray([seq], np.int64), np.asarray([digest], np.int64))
+        self._ring(device, epoch).put(seq, digest)
 
     def update(
         self,
@@ -691,19 +711,90 @@ class DedupeIndex:
         if len(rows) == 0:
             return
         names, codes = np.unique(np.asarray(devices, dtype=object)[rows].astype(str), return_inverse=True)
-        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for row, code, epoch in zip(rows.tolist(), codes.tolist(), np.asarray(epochs)[rows].tolist(), strict=True):
-            groups[(code, epoch)].append(row)
-        for (code, epoch), members in groups.items():
-            self._ring(str(names[code]), epoch).put(np.asarray(seqs)[members], np.asarray(digests)[members])
+        row_epochs = np.asarray(epochs, dtype=np.int64)[rows]
+        order = np.lexsort((row_epochs, codes))  # stable: row order is kept within a stream
+        rows, codes, row_epochs = rows[order], codes[order], row_epochs[order]
+        breaks = np.flatnonzero((np.diff(codes) != 0) | (np.diff(row_epochs) != 0)) + 1
+        seqs, digests = np.asarray(seqs, dtype=np.int64), np.asarray(digests, dtype=np.int64)
+        for start, stop in zip(np.r_[0, breaks], np.r_[breaks, len(rows)], strict=True):
+            members = rows[start:stop]
+            self._ring(str(names[codes[start]]), int(row_epochs[start])).put_many(seqs[members], digests[members])
 
     def _ring(self, device: str, epoch: int) -> _DigestRing:
-        rings = self._rings.setdefault(device, {})
-        ring = rings.pop(epoch, None) or _DigestRing(self.digests_per_stream)
-        rings[epoch] = ring  # the most recently written epoch last
-        if len(rings) > self.digest_streams_per_device:
-            del rings[next(iter(rings))]
+        rings = self._rings.get(device)
+        if rings is None:
+            rings = self._rings[device] = {}
+        ring = rings.get(epoch)
+        if ring is None:
+            ring = rings[epoch] = _DigestRing(self.digests_per_stream)
+            if len(rings) > self.digest_streams_per_device:  # forget the epoch first written longest ago
+                del rings[next(iter(rings))]
         return ring
+
+
+KEY_SNAPSHOT = ".dedupe-keys.parquet"
+# A file renamed into place after the index listed the lake carries a stamp at most this old.
+_SNAPSHOT_MARGIN = dt.timedelta(hours=1)
+_FILE_STAMP = re.compile(r"^(?:part|compact)-(\d{8}T\d{12})-")
+_KEY_SNAPSHOT_SCHEMA = pa.schema(
+    [("device", pa.string()), ("epoch", pa.int64()), ("start", pa.int64()), ("end", pa.int64()),
+     ("floor", pa.int64())]
+)  # fmt: skip
+
+
+def _file_stamp_us(path: Path) -> int | None:
+    """The UTC time a lake file was written (its name says it: ``part-<stamp>-…``), or None."""
+    match = _FILE_STAMP.match(path.name)
+    if match is None:
+        return None
+    written = dt.datetime.strptime(match.group(1), "%Y%m%dT%H%M%S%f").replace(tzinfo=dt.UTC)
+    return int(written.timestamp() * 1e6)
+
+
+def save_key_snapshot(lake_root: Path, fleet: str, index: DedupeIndex) -> Path:
+    """Persist the index's keys (seq ranges, a few rows per device) so the next start reads only newer files.
+
+    The snapshot covers every file written before ``index.covers_before_us``: the next
+    :func:`load_dedupe_index` reads it and then only the files written since.
+
+    Raises:
+        LakeError: The snapshot cannot be written (the previous one stays).
+    """
+    rows = list(index.keys.range_rows())
+    table = pa.table([list(column) for column in zip(*rows, strict=True)] if rows else [[]] * 5,
+                     schema=_KEY_SNAPSHOT_SCHEMA)  # fmt: skip
+    table = table.replace_schema_metadata({"covers_before_us": str(index.covers_before_us)})
+    target = fleet_dir(lake_root, fleet) / KEY_SNAPSHOT
+    temporary = target.with_name(f".tmp-{uuid.uuid4().hex[:12]}{KEY_SNAPSHOT}")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(temporary, "wb") as handle:
+            pq.write_table(table, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, target)
+        _fsync_path(target.parent)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise LakeError(f"cannot write the dedupe key snapshot {target}: {exc.strerror or exc}") from exc
+    return target
+
+
+def _load_key_snapshot(lake_root: Path, fleet: str, keys: SeqIndex) -> int | None:
+    """Fill ``keys`` from the fleet's snapshot; returns the time before which it covers every file (None: none)."""
+    path = fleet_dir(lake_root, fleet) / KEY_SNAPSHOT
+    if not path.exists():
+        return None
+    try:
+        table = pq.read_table(path)
+        covers_before_us = int((table.schema.metadata or {})[b"covers_before_us"])
+    except (OSError, pa.ArrowInvalid, KeyError, ValueError) as exc:  # read the whole lake instead
+        log.warning("ignoring the dedupe key snapshot %s: %s", path, exc)
+        return None
+    for device, epoch, start, end, floor in zip(*(table[c].to_pylist() for c in table.column_names), strict=True):
+        keys.add_range(device, epoch, start, end)
+        keys.forget_below(device, epoch, floor)
+    return covers_before_us
 
 
 def load_dedupe_index(
@@ -711,10 +802,12 @@ def load_dedupe_index(
 ) -> DedupeIndex:
     """Read a fleet's keys, and the digests of the windows that arrived within the horizon, into an index.
 
-    Every partition is read, whatever the windows' own timestamps: the horizon is one of arrival
-    (``ingested_at``), never of the sender's clock. Only four narrow columns are read, once per
-    ingest start; rows written before the ``epoch`` column count as epoch 0, and before the
-    ``digest`` column as content unknown.
+    Every key of the fleet is loaded, whatever the windows' own timestamps: the keys snapshot
+    (:func:`save_key_snapshot`) and then every file written since it (a file's name carries its
+    write time), or every file when there is no snapshot. Digests come from the files written
+    within the horizon, for the rows that arrived (``ingested_at``) within it: a horizon of arrival,
+    never of the sender's clock. Only narrow columns are read; rows written before the ``epoch``
+    column count as epoch 0, and before the ``digest`` column as content unknown.
 
     Args:
         lake_root: Lake root.
@@ -722,16 +815,31 @@ def load_dedupe_index(
         horizon_days: Load the digests of the windows ingested in the last this many days.
         now: Reference time, default the current time.
         **limits: :class:`DedupeIndex` bounds.
+
+    Raises:
+        LakeError: The lake cannot be read.
     """
     now = now or dt.datetime.now(tz=dt.UTC)
     since_us = int((now - dt.timedelta(days=horizon_days)).timestamp() * 1e6)
     index = DedupeIndex(**limits)
-    dataset = _vibration_dataset(lake_root, fleet=fleet)
-    if dataset is None:
+    index.covers_before_us = int((dt.datetime.now(tz=dt.UTC) - _SNAPSHOT_MARGIN).timestamp() * 1e6)
+    covered_before_us = _load_key_snapshot(lake_root, fleet, index.keys)
+    files = []
+    for path in lake_files(lake_root, fleet=fleet):
+        stamp = _file_stamp_us(path)
+        if covered_before_us is None or stamp is None or stamp >= min(covered_before_us, since_us):
+            files.append(path)
+    if not files:
         return index
     try:
-        batches = dataset.to_batches(columns=["device", "epoch", "seq", "digest", "ingested_at"])
-        for batch in batches:
+        dataset = ds.dataset(
+            [str(f) for f in files],
+            format="parquet",
+            partitioning=PARTITIONING,
+            partition_base_dir=str(lake_root / VIBRATION_TABLE),
+            schema=DATASET_SCHEMA,
+        )
+        for batch in dataset.to_batches(columns=["device", "epoch", "seq", "digest", "ingested_at"]):
             digest = batch.column("digest")
             arrived = batch.column("ingested_at").cast(pa.int64()).fill_null(0).to_numpy()
             with_digest = digest.is_valid().to_numpy(zero_copy_only=False) & (arrived >= since_us)

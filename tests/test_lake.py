@@ -27,6 +27,7 @@ from tasks.lake import (
     partition_dir,
     read_keys,
     read_windows,
+    save_key_snapshot,
     window_digest,
     write_windows,
 )
@@ -160,6 +161,21 @@ def test_files_written_before_the_epoch_and_digest_columns_read_as_epoch_0_conte
     report = compact_lake(tmp_path, fleet="f", closed_before=at(T0 + HOUR_US))
     assert (report.files_before, report.files_after, report.rows) == (2, 1, 10)
     assert keys_of(tmp_path) == [("d000", s) for s in range(10)]
+
+
+def test_the_key_snapshot_spares_a_restart_the_files_it_covers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lake_module, "_SNAPSHOT_MARGIN", dt.timedelta(0))
+    flush(tmp_path, devices=2, seqs=range(0, 50), hour=0)
+    covered = lake_files(tmp_path, fleet="f")
+    save_key_snapshot(tmp_path, "f", load_dedupe_index(tmp_path, "f", horizon_days=2))
+    flush(tmp_path, devices=2, seqs=range(50, 60), hour=1)  # written after the snapshot: read again
+    for path in covered:  # a covered file is not read any more: its keys come from the snapshot
+        path.write_bytes(b"not parquet")
+    index = load_dedupe_index(tmp_path, "f", horizon_days=1e-9)
+    assert index.keys.ranges() == 2 and index.keys.last("d001", 0) == 59 and index.keys.contains("d000", 0, 0)
+    (tmp_path / "vibration" / "fleet=f" / ".dedupe-keys.parquet").write_bytes(b"torn")
+    with pytest.raises(LakeError, match="cannot read the keys of fleet f"):  # no snapshot: every file is read
+        load_dedupe_index(tmp_path, "f", horizon_days=2)
 
 
 def lake_with_closed_and_open_hours(lake: Path) -> list[tuple[str, int]]:
