@@ -7,6 +7,7 @@ Layout::
     <lake>/vibration/.ingest-client-<sha256>.lock    (the lease of an ingest's MQTT client id)
     <lake>/vibration/fleet=<fleet>/.ingest.lock       (the fleet's ingest lease, see ingest_lease)
     <lake>/vibration/fleet=<fleet>/.import.lock       (one import of the fleet at a time, see import_lock)
+    <lake>/vibration/fleet=<fleet>/.dedupe-keys.parquet  (the dedupe index's keys, see save_key_snapshot)
     <quarantine>/date=<YYYY-MM-DD>/part-<utc>-<uuid>.parquet
 
 One ingest flush writes one file per fleet and UTC hour (rows sorted by device, then seq), so the
