@@ -324,7 +324,7 @@ class DeviceRuntime:
         self._transfer: _Transfer | None = None
         self._status: DeviceStatus | None = None
         self._status_seq = 0
-        self.boot_epoch = next_boot_epoch() if boot_epoch is None else boot_epoch
+        self.boot_epoch = next_boot_epoch(sender=self.device_id) if boot_epoch is None else boot_epoch
         self._window_seq = 0
         self.windows_scored = 0
         self.anomalies = 0

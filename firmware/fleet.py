@@ -84,7 +84,7 @@ class VirtualFleet:
         boot_epoch: int | None = None,
     ) -> None:
         self.fleet = fleet
-        self.boot_epoch = next_boot_epoch() if boot_epoch is None else boot_epoch
+        self.boot_epoch = next_boot_epoch(sender=f"fleet {fleet}") if boot_epoch is None else boot_epoch
         self.nodes: list[SensorNode] = []
         for i in range(n_devices):
             device_id = f"{device_prefix}-{i:04d}"

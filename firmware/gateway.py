@@ -319,7 +319,7 @@ class UartGateway:
         self._download_ms: dict[int, float] = {}
         self._retained: dict[str, bytes] = {}
         self._pongs: dict[int, float] = {}
-        self.boot_epoch = next_boot_epoch() if boot_epoch is None else boot_epoch
+        self.boot_epoch = next_boot_epoch(sender=self.device_id) if boot_epoch is None else boot_epoch
         self._window_seq = 0
         self._next_window_at: float | None = None
         self._summary_start = time.time()

@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from firmware.boot import next_boot_epoch
 from firmware.codec import VibrationWindow, encode
+from firmware.fleet import VirtualFleet
 from tasks.ingest import IngestConfig, Ingestor, _Received, ensure_subscription, run_ingest, validate_message
 from tasks.lake import ingest_lease, read_keys, read_quarantine, read_windows
 from tests.conftest import cli_env
@@ -174,6 +176,18 @@ def test_a_restarted_device_in_a_new_boot_epoch_keeps_every_window(tmp_path: Pat
     assert sorted(zip(keys["epoch"].to_pylist(), keys["seq"].to_pylist(), strict=True)) == [
         (e, s) for e in (1, 2) for s in range(5)
     ]
+
+
+def test_boot_epochs_grow_on_every_start_in_a_process_and_across_processes(tmp_path: Path) -> None:
+    counter = tmp_path / "simulate" / "f1.boot-epoch"
+    counter.parent.mkdir()
+    counter.write_text(f"{2**31}\n")  # a previous start far ahead of the clock: the counter file wins
+    assert [next_boot_epoch(counter) for _ in range(3)] == [2**31 + 1, 2**31 + 2, 2**31 + 3]
+    assert counter.read_text() == f"{2**31 + 3}\n"
+    fleets = [VirtualFleet("f1", 1), VirtualFleet("f1", 1)]  # two starts within one second still differ
+    assert fleets[0].boot_epoch < fleets[1].boot_epoch
+    windows = [fleet.nodes[0].next_window(NOW_US) for fleet in fleets]
+    assert [(w.epoch, w.seq) for w in windows] == [(fleets[0].boot_epoch, 0), (fleets[1].boot_epoch, 0)]
 
 
 def test_a_key_whose_content_the_index_no_longer_holds_is_quarantined_not_stored_twice(tmp_path: Path) -> None:

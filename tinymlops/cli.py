@@ -250,6 +250,8 @@ def simulate(
     """Run a virtual fleet of sensor nodes that publish vibration windows over MQTT."""
     settings = _settings()
     _check_fleet(fleet)
+    if seconds is None and windows is None:
+        raise typer.BadParameter("give --seconds or --windows", param_hint="--seconds")
     from firmware.boot import next_boot_epoch
     from firmware.fleet import VirtualFleet
     from firmware.sensor import FaultSpec
@@ -257,7 +259,7 @@ def simulate(
 
     name = fleet or settings.fleet
     # Every run is a new boot of the nodes: seqs restart at 0 in a new epoch, kept in a counter file.
-    boot_epoch = next_boot_epoch(settings.data_dir / "simulate" / f"{name}.boot-epoch")
+    boot_epoch = next_boot_epoch(settings.data_dir / "simulate" / f"{name}.boot-epoch", sender=f"fleet {name}")
     sim = VirtualFleet(
         name,
         devices,
@@ -275,8 +277,6 @@ def simulate(
         except (ValueError, TypeError) as exc:
             raise typer.BadParameter(f"invalid fault {spec!r}: {exc}", param_hint="--fault") from None
         sim.inject_fault(fault_spec, targets.split(",") if targets else None)
-    if seconds is None and windows is None:
-        raise typer.BadParameter("give --seconds or --windows", param_hint="--seconds")
     mqtt_settings = settings.mqtt.model_copy(update={"url": broker or settings.mqtt.url})
     with broker_for(mqtt_settings) as address:
         stats = sim.run(address, interval_s=interval, duration_s=seconds, windows_per_device=windows)
