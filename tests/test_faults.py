@@ -658,14 +658,16 @@ def test_device_restart_reusing_seqs_from_zero(
     epochs = sorted({epoch for _, epoch, _ in simulated})
     reasons = Counter(r.split(":")[0] for r in read_quarantine(config.quarantine_root)["reason"].to_pylist())
     expected = {(f"node-{d:04d}", e, s) for d in range(2) for e in epochs for s in range(5)}
+    per_epoch = " + ".join(str(sum(n for (_, e, _), n in simulated.items() if e == epoch)) for epoch in epochs)
     record(
         FaultRecord(
             "device restart reusing seq 0-4 (`simulate --windows 5` x2)", 20, sum(simulated.values()),
             sum(simulated.values()) - len(simulated), len(expected - simulated.keys()),
-            notes=f"2 nodes x 5 windows per run, boot epochs {epochs[0]} and {epochs[-1]} from the counter file; "
-            f"a version-1 device (no epoch) restarting at seq 0: {len(keys) - sum(simulated.values())} of 10 in "
-            f"the lake, {reasons['seq reused with different content']} quarantined as 'seq reused with different "
-            f"content'. Before: 10 of 20 in the lake, the second run dropped silently",
+            notes=f"`tinymlops simulate --devices 2 --windows 5` twice (the second with a fault): {len(epochs)} boot "
+            f"epochs from the counter file, {per_epoch} in the lake; a version-1 device (no epoch) restarting at "
+            f"seq 0: {len(keys) - sum(simulated.values())} of 10 in the lake, "
+            f"{reasons['seq reused with different content']} quarantined as `seq reused with different content`. "
+            "Before: 10 of 20 in the lake, the second run dropped silently as duplicates",
         )
     )  # fmt: skip
     assert len(epochs) == 2 and simulated.keys() == expected and set(simulated.values()) == {1}
@@ -690,7 +692,8 @@ def test_retained_window_dated_2021_redelivered_to_the_next_ingest(tmp_path: Pat
             "retained window dated 2021, redelivered to the next ingest run", 10, tally.rows, tally.duplicates,
             tally.lost, notes=f"the second run received the retained copy again ({runs[1].received} message) and "
             f"dropped it as a duplicate ({runs[1].duplicates}); the index holds the keys of the whole lake, "
-            "whatever date the sender gave. Before: stored twice (its 2021 partition was outside the 2-day index)",
+            "whatever date the sender gave. Before: 11 rows, the 2021 window stored twice (its partition was "
+            "outside the 2-day index)",
         )
     )  # fmt: skip
     assert runs[1].received >= 1, "the second run must see the retained window again"
