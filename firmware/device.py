@@ -700,7 +700,7 @@ class DeviceRuntime:
             version=manifest.model_version if manifest else None, received=received, total=total,
             active=self._active.ref if self._active else None, latency_ms=latency or {}, counters=counters or {},
         )  # fmt: skip
-        level = logging.WARNING if state == "failed" else logging.INFO
+        level = logging.WARNING if state == "failed" else logging.DEBUG  # the deploy report sums them up
         if state != "downloading" or received in (0, total):
             log.log(level, "%s: %s %s", self.device_id, text, detail)
         self._status = status

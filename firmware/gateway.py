@@ -696,7 +696,7 @@ class UartGateway:
             if frame.state == DeviceStateCode.ACTIVE and changed:
                 self._summary_start = time.time()
             self._changed.notify_all()
-        level = logging.WARNING if status.state == "failed" else logging.INFO
+        level = logging.WARNING if status.state == "failed" else logging.DEBUG  # the deploy report sums them up
         if status.state != "downloading" or status.received in (0, status.total):
             log.log(level, "%s: %s %s", self.device_id, status.status, status.detail)
         self._publish(self.topics.status(self.device_id), status.encode(), 1, True)

@@ -114,6 +114,7 @@ def train_flow(
             threshold_percentile=config.threshold_percentile,
             fleet=fleet,
             dataset_fingerprint=dataset.fingerprint,
+            trained_span_us=dataset.trained_span_us,
             parity_inputs=features.test_normal[:PARITY_ROWS],
             drift_reference=drift_reference,
             lineage=lineage,
@@ -168,7 +169,15 @@ def train_flow(
         "bundles": {item.target: str(item.bundle.directory) for item in packaged},
         "budget_passed": {item.target: item.passed for item in packaged},
         "evaluation": {
-            name: {"auc": e.auc, "f1": e.f1, "false_alarms_per_hour": e.false_alarms_per_hour, "threshold": e.threshold}
+            name: {
+                "auc": e.auc,
+                "f1": e.f1,
+                "false_alarms_per_hour": e.false_alarms_per_hour,
+                "false_alarm_rate": e.false_alarm_rate,
+                "threshold": e.threshold,
+                "auc_by_fault": e.auc_by_fault,
+                "recall_by_fault": e.recall_by_fault,
+            }
             for name, e in comparison.evaluations.items()
         },
         "sizes": compression.size_table(),

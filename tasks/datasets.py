@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,25 @@ class DatasetSplit:
     fingerprint: str
     counts: dict[str, int] = field(default_factory=dict)
     skipped: tuple[SkippedWindow, ...] = ()
+    trained_span_us: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+def time_spans(windows: LakeWindows) -> dict[str, tuple[int, int]]:
+    """Per device, the first and last timestamp (us) of its windows."""
+    return {
+        str(device): (int(windows.timestamp_us[rows].min()), int(windows.timestamp_us[rows].max()))
+        for device in np.unique(windows.device)
+        for rows in [windows.device == device]
+    }
+
+
+def outside_spans(windows: LakeWindows, spans: Mapping[str, Sequence[int]]) -> npt.NDArray[np.bool_]:
+    """Mask of windows outside their device's span (devices without one: every window)."""
+    mask = np.ones(len(windows), dtype=bool)
+    for device, (first, last) in spans.items():
+        rows = windows.device == device
+        mask[rows] = (windows.timestamp_us[rows] < first) | (windows.timestamp_us[rows] > last)
+    return mask
 
 
 def fingerprint(windows: LakeWindows, selection: LakeSelection) -> str:
@@ -231,6 +251,7 @@ def load_dataset(
         fingerprint=labelled.fingerprint,
         counts=counts,
         skipped=labelled.skipped,
+        trained_span_us=time_spans(train),
     )
 
 

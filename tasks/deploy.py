@@ -41,7 +41,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import tempfile
 import threading
 import time
@@ -124,11 +123,7 @@ class KeyStoreError(TinyMLOpsError):
 
 def keys_dir() -> Path:
     """Where the signing key lives: ``$TINYMLOPS_KEYS_DIR``, else ``$XDG_CONFIG_HOME/tinymlops/keys`` (~/.config)."""
-    configured = get_settings().keys_dir
-    if configured is not None:
-        return configured.expanduser()
-    config_home = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(config_home).expanduser() / "tinymlops" / "keys"
+    return get_settings().resolved_keys_dir
 
 
 def _default_key_id(public: Ed25519PublicKey) -> str:

@@ -63,6 +63,7 @@ class Evaluation:
         false_positives: Normal windows flagged.
         false_alarms_per_hour: False positives per hour of normal signal.
         normal_hours: Hours of normal signal scored.
+        false_alarm_rate: Fraction of normal windows flagged.
 
     """
 
@@ -78,6 +79,7 @@ class Evaluation:
     false_positives: int
     false_alarms_per_hour: float
     normal_hours: float
+    false_alarm_rate: float
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-serialisable dict."""
@@ -148,6 +150,7 @@ def evaluate_scores(
         false_positives=false_positives,
         false_alarms_per_hour=false_positives / normal_hours,
         normal_hours=normal_hours,
+        false_alarm_rate=false_positives / normal.size,
     )
 
 
@@ -172,6 +175,7 @@ class ModelComparison:
                     "recall": round(ev.recall, 4),
                     "f1": round(ev.f1, 4),
                     "false_alarms_per_hour": round(ev.false_alarms_per_hour, 1),
+                    "false_alarm_rate": round(ev.false_alarm_rate, 4),
                     "threshold": round(ev.threshold, 4),
                 }
             )

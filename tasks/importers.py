@@ -6,6 +6,12 @@ with one scale for the whole file, and written atomically per partition. Each fi
 carry ``source = "file:<name>#sha256=<digest>"``, so importing the same bytes again for the
 same device is a no-op.
 
+Memory follows the chosen signal, not the file: a file is hashed in chunks, an .npz archive and a
+Parquet file are listed from their headers and only the signal is read, a CSV's signal column is
+read alone in chunks. A signal longer than :attr:`ImportLimits.max_samples` is refused as soon as
+that is known, and an .mat file (read whole: its format allows nothing else) above
+:attr:`ImportLimits.max_mat_bytes` before it is read.
+
 CWRU recordings (:func:`import_cwru`) are named ``1797_<class>[_<size>_DE<kHz>].npz``; each file
 becomes one device ``cwru-`` + its stem with ``_`` replaced by ``-`` (``1797_IR_7_DE12.npz`` ->
 ``cwru-1797-IR-7-DE12``), labelled from its class, drive-end channel ``DE``.
@@ -13,15 +19,17 @@ becomes one device ``cwru-`` + its stem with ``_`` replaced by ``-`` (``1797_IR_
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
-import io
 import logging
 import math
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -34,13 +42,24 @@ from scipy.signal import resample_poly
 from firmware.codec import MAX_DEVICE_ID_BYTES, MAX_SAMPLES, VibrationWindow
 from tasks.lake import WindowBatch, import_lock, known_sources, last_seq, write_windows
 from tinymlops.errors import DataImportError
-from tinymlops.settings import DEFAULT_MAX_ABS_G
+from tinymlops.settings import DEFAULT_IMPORT_MAX_MAT_MB, DEFAULT_IMPORT_MAX_SAMPLES, DEFAULT_MAX_ABS_G
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_SUFFIXES = (".csv", ".mat", ".npz", ".parquet")
-FS_KEY = "fs"
+# Scalar fields that carry a recording's sample rate in Hz, compared without case.
+FS_KEYS = ("fs", "fs_hz", "sr", "sample_rate", "sample_rate_hz", "sampling_rate", "sampling_rate_hz",
+           "samplerate", "sampling_frequency")  # fmt: skip
 INT16_FULL_SCALE = 32767
+# A float32 scale below its smallest normal value loses precision, then rounds to 0 (1e-300 g did).
+_MIN_PEAK_G = float(np.finfo(np.float32).tiny) * INT16_FULL_SCALE
+# The stored rate may differ this much from the one resampling gives (a 0.1 % error in time).
+_MAX_RATE_ERROR = 1e-3
+_HASH_CHUNK_BYTES = 1 << 20
+_CSV_FIRST_LINE_BYTES = 1 << 16
+_CSV_PROBE_ROWS = 1000
+_CSV_CHUNK_ROWS = 1 << 16
+_ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")  # a local file header; an empty archive
 _NAME_OK = re.compile(rf"^[A-Za-z0-9_-]{{1,{MAX_DEVICE_ID_BYTES}}}$")
 _NAME_BAD_RUN = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -63,6 +82,8 @@ class ImportResult:
         windows: Windows written (0 for a duplicate).
         source_rate_hz: Sample rate of the recording before resampling.
         duplicate: True when these bytes were already imported for this device, so nothing was written.
+        end: Time just after the last imported sample, where a following file of the recording
+            starts (None for a duplicate).
 
     """
 
@@ -72,33 +93,77 @@ class ImportResult:
     windows: int
     source_rate_hz: float
     duplicate: bool
+    end: dt.datetime | None = None
 
 
 @dataclass(frozen=True)
-class _Contents:
-    """The variables of a file: signal candidates (arrays or columns) and scalars (npz/mat only)."""
+class ImportLimits:
+    """What one import may hold in memory (see the module docstring).
 
-    arrays: dict[str, np.ndarray]
+    Attributes:
+        max_samples: The longest signal, in samples of the recording, an import reads.
+        max_mat_bytes: The largest .mat file, read whole, an import opens.
+    """
+
+    max_samples: int = DEFAULT_IMPORT_MAX_SAMPLES
+    max_mat_bytes: int = DEFAULT_IMPORT_MAX_MAT_MB * 2**20
+
+
+@dataclass(frozen=True)
+class _Catalog:
+    """What a file holds, before its signal is read.
+
+    Attributes:
+        numeric: Names of the numeric arrays or columns (signal candidates).
+        others: Names of the other arrays or columns, with what they are (``dtype object``).
+        scalars: Single numeric values (npz/mat only; MATLAB stores scalars as 1x1 arrays).
+        load: Reads one candidate's data, refusing one longer than the limit.
+    """
+
+    numeric: list[str]
+    others: dict[str, str]
     scalars: dict[str, float]
+    load: Callable[[str], np.ndarray]
 
 
-def load_signal(path: Path, *, var: str | None = None, fs: float | None = None) -> tuple[Float64Array, float]:
+def load_signal(
+    path: Path, *, var: str | None = None, fs: float | None = None, limits: ImportLimits | None = None
+) -> tuple[Float64Array, float]:
     """Read one 1-D signal and its sample rate from a recorded file.
 
     Args:
         path: A ``.npz``, ``.mat`` (MATLAB v5), ``.csv`` (header optional) or ``.parquet`` file.
         var: Array, variable or column holding the signal; required when the file holds several.
         fs: Sample rate in Hz; default the scalar ``fs`` stored in the file (npz/mat).
+        limits: Bounds on the signal length and .mat size (default :class:`ImportLimits`).
 
     Returns:
         The signal as float64 and its sample rate in Hz.
 
     Raises:
         DataImportError: The file is missing, empty, unreadable or of an unsupported type, the signal
-            cannot be chosen or contains NaN/inf, or the sample rate is unknown.
+            cannot be chosen, contains NaN/inf or exceeds the limits, or the sample rate is unknown.
 
     """
-    return _parse(path, _read_bytes(path), var=var, fs=fs)
+    _check_file(path)
+    return _parse(path, var=var, fs=fs, limits=limits or ImportLimits())
+
+
+def load_recording(
+    path: Path,
+    *,
+    target_rate_hz: int,
+    var: str | None = None,
+    fs: float | None = None,
+    limits: ImportLimits | None = None,
+) -> Float64Array:
+    """Read a recorded file's signal (see :func:`load_signal`) resampled to ``target_rate_hz``.
+
+    Raises:
+        DataImportError: As :func:`load_signal`, or no resampling ratio reaches the target rate.
+    """
+    signal, source_rate = load_signal(path, var=var, fs=fs, limits=limits)
+    return _resample(signal, source_rate, target_rate_hz, path)
 
 
 def import_file(
@@ -114,6 +179,7 @@ def import_file(
     window_samples: int = 1024,
     start: dt.datetime | None = None,
     max_abs_g: float = DEFAULT_MAX_ABS_G,
+    limits: ImportLimits | None = None,
 ) -> ImportResult:
     """Import one recorded file into the lake as windows of one device.
 
@@ -130,6 +196,7 @@ def import_file(
         start: Timezone-aware time of the first sample; default now (UTC).
         max_abs_g: The sensor's physical full scale: a file whose resampled signal (in g) exceeds it
             anywhere is refused whole.
+        limits: Bounds on the signal length and .mat size (default :class:`ImportLimits`).
 
     Returns:
         What was imported; ``duplicate=True`` and nothing written if these bytes were already imported.
@@ -142,6 +209,8 @@ def import_file(
     _check_name("fleet", fleet, path)
     if device is not None:
         _check_name("device", device, path)
+    if label is not None:  # a label names lake rows and selections: the rule of device names
+        _check_name("label", label, path)
     if not 1 <= window_samples <= MAX_SAMPLES:
         raise DataImportError(f"window_samples {window_samples} for {path} is out of range 1..{MAX_SAMPLES}")
     if target_rate_hz <= 0:
@@ -149,10 +218,10 @@ def import_file(
     if start is not None and start.utcoffset() is None:
         raise DataImportError(f"start time {start.isoformat()} for {path} has no timezone")
 
-    data = _read_bytes(path)
-    signal, source_rate = _parse(path, data, var=var, fs=fs)
+    _check_file(path)
+    signal, source_rate = _parse(path, var=var, fs=fs, limits=limits or ImportLimits())
     device_id = device or _device_from_stem(path)
-    source = f"file:{path.name}#sha256={hashlib.sha256(data).hexdigest()}"
+    source = f"file:{path.name}#sha256={_sha256(path)}"
     with import_lock(lake_root, fleet):  # the check and the write as one step
         if source in known_sources(lake_root, fleet, device_id):
             logger.info("skipped %s: already imported for %s/%s", path, fleet, device_id)
@@ -171,6 +240,11 @@ def import_file(
             raise DataImportError(
                 f"{path}: peak |value| {peak:.3g} g above the sensor full scale {max_abs_g:g} g "
                 f"(window {int(np.abs(frames).max(axis=1).argmax())} of {n_windows}); nothing imported"
+            )
+        if 0 < peak < _MIN_PEAK_G:
+            raise DataImportError(
+                f"{path}: peak |value| {peak:.3g} g is too small to store (a float32 scale resolves peaks from "
+                f"{_MIN_PEAK_G:.3g} g; are the values in g?); nothing imported"
             )
         quantised, scale = _quantise(frames)
 
@@ -202,7 +276,9 @@ def import_file(
         source_rate,
         target_rate_hz,
     )
-    return ImportResult(path, device_id, label, n_windows, source_rate, duplicate=False)
+    end_us = start_us + n_windows * window_samples * 1_000_000 // target_rate_hz
+    end = dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=end_us)
+    return ImportResult(path, device_id, label, n_windows, source_rate, duplicate=False, end=end)
 
 
 def import_cwru(
@@ -213,6 +289,7 @@ def import_cwru(
     target_rate_hz: int = 25_600,
     window_samples: int = 1024,
     max_abs_g: float = DEFAULT_MAX_ABS_G,
+    limits: ImportLimits | None = None,
 ) -> list[ImportResult]:
     """Import every CWRU recording ``1797_*.npz`` of a directory, labelled from its file name.
 
@@ -226,6 +303,7 @@ def import_cwru(
         target_rate_hz: Fleet sample rate.
         window_samples: Samples per window.
         max_abs_g: The sensor's physical full scale in g (see :func:`import_file`).
+        limits: Bounds on the signal length and .mat size (default :class:`ImportLimits`).
 
     Returns:
         One result per file, in file-name order.
@@ -253,6 +331,7 @@ def import_cwru(
                 target_rate_hz=target_rate_hz,
                 window_samples=window_samples,
                 max_abs_g=max_abs_g,
+                limits=limits,
             )
         )
     new = [r for r in results if not r.duplicate]
@@ -311,69 +390,165 @@ def _device_from_stem(path: Path) -> str:
     return device
 
 
-def _read_bytes(path: Path) -> bytes:
+def _check_file(path: Path) -> None:
+    """Refuse an unsupported, missing, unreadable or empty file before anything parses it."""
     if path.suffix.lower() not in SUPPORTED_SUFFIXES:
         raise DataImportError(
             f"unsupported file type {path.suffix or '(none)'!r} for {path}: "
             f"expected one of {', '.join(SUPPORTED_SUFFIXES)}"
         )
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as handle:
+            empty = not handle.read(1)
     except OSError as exc:
         raise DataImportError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    if not data:
+    if empty:
         raise DataImportError(f"{path} is empty (0 bytes)")
-    return data
 
 
-def _parse(path: Path, data: bytes, *, var: str | None, fs: float | None) -> tuple[Float64Array, float]:
-    """Pick the signal and the sample rate out of a file's bytes."""
-    readers = {".npz": _read_npz, ".mat": _read_mat, ".csv": _read_csv, ".parquet": _read_parquet}
+def _sha256(path: Path) -> str:
+    """Return the SHA-256 of a file, read in chunks (a recording may be larger than memory)."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(_HASH_CHUNK_BYTES):
+                digest.update(chunk)
+    except OSError as exc:
+        raise DataImportError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    return digest.hexdigest()
+
+
+def _parse(path: Path, *, var: str | None, fs: float | None, limits: ImportLimits) -> tuple[Float64Array, float]:
+    """Pick the signal and the sample rate out of a file, holding at most the chosen signal in memory."""
     suffix = path.suffix.lower()
     try:
-        contents = readers[suffix](data)
+        with _CATALOGS[suffix](path, limits) as catalog:
+            signal = _pick_signal(path, catalog, var)
+            rate = _sample_rate(path, catalog.scalars, fs)
+    except DataImportError:
+        raise
     # Third-party parsers raise many exception types on corrupt input; all mean "unreadable".
     except Exception as exc:
         reason = " ".join(str(exc).split()) or type(exc).__name__
         raise DataImportError(f"cannot read {path} as {suffix}: {reason}") from exc
-    signal = _pick_signal(path, contents, var)
-    return signal, _sample_rate(path, contents, fs)
+    return signal, rate
 
 
-def _read_npz(data: bytes) -> _Contents:
-    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-        # np.load of a plain .npy gives an ndarray without a context manager, failing above.
-        items = {name: archive[name] for name in archive.files}
-    return _split_scalars(items)
+def _too_long(path: Path, var: str, samples: int, limits: ImportLimits) -> DataImportError:
+    return DataImportError(
+        f"{path}: {var!r} holds more than {limits.max_samples:,} samples ({samples:,} read), the import limit "
+        "(TINYMLOPS_LAKE__IMPORT_MAX_SAMPLES); split the recording"
+    )
 
 
-def _read_mat(data: bytes) -> _Contents:
-    items = scipy.io.loadmat(io.BytesIO(data))
-    return _split_scalars({k: np.asarray(v) for k, v in items.items() if not k.startswith("__")})
+@contextlib.contextmanager
+def _npz_catalog(path: Path, limits: ImportLimits) -> Iterator[_Catalog]:
+    """List an .npz archive's arrays from their headers; an array's data is read only when it is loaded."""
+    with open(path, "rb") as handle:
+        signature = handle.read(4)
+    if signature not in _ZIP_SIGNATURES:  # np.load would try it as a pickle and say so
+        raise DataImportError(f"{path} is not a .npz archive: it does not start with a zip signature")
+    with np.load(path, allow_pickle=False) as archive:
+        shapes: dict[str, tuple[tuple[int, ...], np.dtype[Any]]] = {}
+        for member in archive.zip.namelist():
+            with archive.zip.open(member) as stream:
+                version = np.lib.format.read_magic(stream)
+                read_header = (
+                    np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                )
+                shape, _, dtype = read_header(stream)
+            shapes[member.removesuffix(".npy")] = (shape, dtype)
+
+        def load(name: str) -> np.ndarray:
+            size = math.prod(shapes[name][0])
+            if size > limits.max_samples:
+                raise _too_long(path, name, size, limits)
+            return np.asarray(archive[name])
+
+        numeric = {name for name, (_, dtype) in shapes.items() if dtype.kind in "iuf"}
+        scalars = {name: float(load(name).reshape(-1)[0]) for name in numeric if math.prod(shapes[name][0]) == 1}
+        others = {name: f"dtype {dtype}" for name, (_, dtype) in shapes.items() if name not in numeric}
+        yield _Catalog(sorted(numeric - scalars.keys()), others, scalars, load)
 
 
-def _split_scalars(items: dict[str, np.ndarray]) -> _Contents:
-    """Separate single numeric values (MATLAB stores scalars as 1x1 arrays) from signal arrays."""
-    scalars = {k: float(v.reshape(-1)[0]) for k, v in items.items() if v.size == 1 and _is_numeric(v)}
-    return _Contents({k: v for k, v in items.items() if k not in scalars}, scalars)
+@contextlib.contextmanager
+def _mat_catalog(path: Path, limits: ImportLimits) -> Iterator[_Catalog]:
+    """Read a MATLAB v5 file whole (its format allows no chunked read), refusing one above the size limit."""
+    size = path.stat().st_size
+    if size > limits.max_mat_bytes:
+        raise DataImportError(
+            f"{path} is {size / 2**20:,.0f} MiB, above the {limits.max_mat_bytes / 2**20:,.0f} MiB limit for .mat "
+            "files, which are read whole (TINYMLOPS_LAKE__IMPORT_MAX_MAT_MB); save the signal as .npz or .csv"
+        )
+    items = {k: np.asarray(v) for k, v in scipy.io.loadmat(path).items() if not k.startswith("__")}
+    numeric = {k for k, v in items.items() if _is_numeric(v)}
+    scalars = {k: float(items[k].reshape(-1)[0]) for k in numeric if items[k].size == 1}
+
+    def load(name: str) -> np.ndarray:
+        if items[name].size > limits.max_samples:
+            raise _too_long(path, name, items[name].size, limits)
+        return items[name]
+
+    others = {k: f"dtype {v.dtype}" for k, v in items.items() if k not in numeric}
+    yield _Catalog(sorted(numeric - scalars.keys()), others, scalars, load)
 
 
-def _read_csv(data: bytes) -> _Contents:
-    first_line = data.split(b"\n", 1)[0].decode("utf-8-sig").strip()
-    has_header = not all(_is_number(cell) for cell in first_line.split(","))
-    frame = pd.read_csv(io.BytesIO(data), header=0 if has_header else None)
-    return _Contents({str(name): frame[name].to_numpy() for name in frame.columns}, {})
+@contextlib.contextmanager
+def _csv_catalog(path: Path, limits: ImportLimits) -> Iterator[_Catalog]:
+    """Judge a CSV's columns from its first rows; the chosen column is then read alone, in chunks."""
+    with open(path, "rb") as handle:
+        first = handle.readline(_CSV_FIRST_LINE_BYTES + 1)
+    if len(first) > _CSV_FIRST_LINE_BYTES:  # pandas would hold the whole line, however long, to parse it
+        raise DataImportError(f"{path}: the first line is longer than {_CSV_FIRST_LINE_BYTES:,} bytes; not a CSV")
+    first_line = first.decode("utf-8-sig", errors="replace").strip()
+    header = None if all(_is_number(cell) for cell in first_line.split(",")) else 0
+    probe = pd.read_csv(path, header=header, nrows=_CSV_PROBE_ROWS)
+    columns = {str(name): name for name in probe.columns}
+
+    def load(name: str) -> np.ndarray:
+        parts, total = [], 0
+        with pd.read_csv(path, header=header, usecols=[columns[name]], chunksize=_CSV_CHUNK_ROWS) as chunks:
+            for chunk in chunks:
+                column = chunk[columns[name]]
+                if not _is_numeric(column.to_numpy()):
+                    values = pd.to_numeric(column, errors="coerce")
+                    row = int((values.isna() & column.notna()).idxmax())
+                    raise DataImportError(
+                        f"{path}: column {name!r} is not numeric: {column[row]!r} in data row {row + 1}"
+                    )
+                total += len(column)
+                if total > limits.max_samples:
+                    raise _too_long(path, name, total, limits)
+                parts.append(column.to_numpy(dtype=np.float64))
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+    numeric = [str(name) for name in probe.columns if _is_numeric(probe[name].to_numpy())]
+    others = {str(name): f"dtype {probe[name].dtype}" for name in probe.columns if str(name) not in numeric}
+    yield _Catalog(numeric, others, {}, load)
 
 
-def _read_parquet(data: bytes) -> _Contents:
-    table = pq.read_table(pa.BufferReader(data))
-    arrays = {}
-    for name in table.column_names:
-        column = table.column(name)
-        numeric = pa.types.is_integer(column.type) or pa.types.is_floating(column.type)
-        # Nulls in a numeric column become NaN, which validation then reports.
-        arrays[name] = column.to_numpy().astype(np.float64) if numeric else np.asarray(column.to_pylist(), object)
-    return _Contents(arrays, {})
+@contextlib.contextmanager
+def _parquet_catalog(path: Path, limits: ImportLimits) -> Iterator[_Catalog]:
+    """List a Parquet file's columns from its schema; the chosen column is then read alone."""
+    with pq.ParquetFile(path) as parquet:
+        fields = {f.name: f.type for f in parquet.schema_arrow}
+
+        def load(name: str) -> np.ndarray:
+            if parquet.metadata.num_rows > limits.max_samples:
+                raise _too_long(path, name, parquet.metadata.num_rows, limits)
+            # Nulls in a numeric column become NaN, which validation then reports.
+            return np.asarray(parquet.read(columns=[name]).column(0).to_numpy(), dtype=np.float64)
+
+        numeric = [n for n, t in fields.items() if pa.types.is_integer(t) or pa.types.is_floating(t)]
+        yield _Catalog(numeric, {n: f"type {t}" for n, t in fields.items() if n not in numeric}, {}, load)
+
+
+_CATALOGS: dict[str, Callable[[Path, ImportLimits], contextlib.AbstractContextManager[_Catalog]]] = {
+    ".npz": _npz_catalog,
+    ".mat": _mat_catalog,
+    ".csv": _csv_catalog,
+    ".parquet": _parquet_catalog,
+}
 
 
 def _is_number(text: str) -> bool:
@@ -388,22 +563,28 @@ def _is_numeric(array: np.ndarray) -> bool:
     return array.dtype.kind in "iuf"
 
 
-def _pick_signal(path: Path, contents: _Contents, var: str | None) -> Float64Array:
+def _pick_signal(path: Path, catalog: _Catalog, var: str | None) -> Float64Array:
     """Choose the signal (the only numeric array, or ``var``), flatten a column, validate its values."""
-    numeric = sorted(name for name, array in contents.arrays.items() if _is_numeric(array))
+    numeric = sorted(catalog.numeric)
     if var is None:
         if not numeric:
-            found = ", ".join(sorted(contents.arrays) + sorted(contents.scalars)) or "nothing"
+            found = ", ".join(sorted(catalog.others) + sorted(catalog.scalars)) or "nothing"
             raise DataImportError(f"no numeric signal in {path} (found: {found})")
         if len(numeric) > 1:
             raise DataImportError(f"{path} holds several signals ({', '.join(numeric)}): pass --var to pick one")
+        if catalog.others:  # a text signal column beside a numeric time column: the time is no signal
+            others = ", ".join(repr(name) for name in sorted(catalog.others))
+            raise DataImportError(
+                f"{path} holds {others}, not numeric, besides the numeric {numeric[0]!r}: "
+                f"pass --var {numeric[0]} if that is the signal"
+            )
         var = numeric[0]
-    elif var not in contents.arrays:
-        what = "a scalar, not a signal" if var in contents.scalars else "not found"
-        raise DataImportError(f"variable {var!r} in {path} is {what}; signals there: {', '.join(numeric) or 'none'}")
+    elif var in catalog.others:
+        raise DataImportError(f"variable {var!r} in {path} is not numeric ({catalog.others[var]})")
     elif var not in numeric:
-        raise DataImportError(f"variable {var!r} in {path} is not numeric (dtype {contents.arrays[var].dtype})")
-    array = contents.arrays[var]
+        what = "a scalar, not a signal" if var in catalog.scalars else "not found"
+        raise DataImportError(f"variable {var!r} in {path} is {what}; signals there: {', '.join(numeric) or 'none'}")
+    array = catalog.load(var)
     if array.ndim == 2 and 1 in array.shape:
         array = array.reshape(-1)
     if array.ndim != 1:
@@ -419,27 +600,36 @@ def _pick_signal(path: Path, contents: _Contents, var: str | None) -> Float64Arr
     return signal
 
 
-def _sample_rate(path: Path, contents: _Contents, fs: float | None) -> float:
+def _sample_rate(path: Path, scalars: dict[str, float], fs: float | None) -> float:
+    """``fs`` if given, else the file's own sample-rate field (one of :data:`FS_KEYS`, any case)."""
     if fs is None:
-        if FS_KEY not in contents.scalars:
-            raise DataImportError(f"sample rate unknown for {path}: pass --fs")
-        fs = contents.scalars[FS_KEY]
+        found = {name: value for name, value in scalars.items() if name.lower() in FS_KEYS}
+        if not found:
+            raise DataImportError(f"sample rate unknown for {path} (no field such as fs or sample_rate): pass --fs")
+        if len(set(found.values())) > 1:
+            raise DataImportError(f"{path} gives several sample rates ({found}): pass --fs")
+        fs = next(iter(found.values()))
     if not math.isfinite(fs) or fs <= 0:
         raise DataImportError(f"invalid sample rate {fs} Hz for {path}: must be a finite positive number")
     return float(fs)
 
 
 def _resample(signal: Float64Array, source_rate: float, target_rate_hz: int, path: Path) -> Float64Array:
-    """Resample by the nearest ratio up/down with both terms at most 1000 (48 kHz -> 25.6 kHz is 8/15)."""
+    """Resample by the nearest ratio up/down with both terms at most 1000 (48 kHz -> 25.6 kHz is 8/15).
+
+    Raises:
+        DataImportError: No such ratio comes within 0.1 % of the target rate (a source rate more
+            than 1000x off the target, 1e300 Hz, or an odd rate such as 10 MHz).
+    """
     ratio = (Fraction(target_rate_hz) / Fraction(source_rate)).limit_denominator(1000)
     if ratio == 1:
         return signal
-    if ratio.numerator > 1000:
-        raise DataImportError(
-            f"cannot resample {path} from {source_rate:g} Hz to {target_rate_hz} Hz: "
-            f"upsampling by {ratio.numerator} exceeds 1000"
-        )
     effective = source_rate * ratio.numerator / ratio.denominator
+    if not 0 < ratio.numerator <= 1000 or abs(effective - target_rate_hz) > _MAX_RATE_ERROR * target_rate_hz:
+        raise DataImportError(
+            f"cannot resample {path} from {source_rate:g} Hz to {target_rate_hz} Hz: the nearest ratio up/down "
+            f"with both at most 1000 is {ratio} ({effective:.6g} Hz); resample the recording closer to the target"
+        )
     if not math.isclose(effective, target_rate_hz, rel_tol=1e-9):
         logger.warning("%s: resampling by %s gives %.3f Hz, stored as %d Hz", path, ratio, effective, target_rate_hz)
     return np.asarray(resample_poly(signal, ratio.numerator, ratio.denominator), dtype=np.float64)

@@ -38,6 +38,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -80,6 +81,7 @@ PARTITION_SCHEMA = pa.schema([("fleet", pa.string()), ("date", pa.string()), ("h
 PARTITIONING = ds.partitioning(PARTITION_SCHEMA, flavor="hive")
 DATASET_SCHEMA = pa.unify_schemas([WINDOW_SCHEMA, PARTITION_SCHEMA])
 _HOUR_US = 3_600_000_000
+_Read = TypeVar("_Read")
 # Compaction buffers this much Arrow data per row group: bounded memory, few row groups.
 _COMPACT_ROW_GROUP_BYTES = 64 * 1024 * 1024
 QUARANTINE_SCHEMA = pa.schema(
@@ -468,12 +470,18 @@ def _read_manifest(manifest: Path) -> tuple[str, list[str]] | None:
         return None
 
 
-def _superseded(hour_dir: Path) -> set[str]:
-    """Return the names of files a finished compaction replaced but did not yet delete (see :func:`compact_lake`)."""
+def _superseded(hour_dir: Path, listed: set[str]) -> set[str]:
+    """Return the names of files a finished compaction replaced but did not yet delete (see :func:`compact_lake`).
+
+    A compaction counts as finished when its output is among ``listed``, the names of one listing of
+    the directory taken *before* the manifests are read: judged by a later ``exists()``, an output
+    renamed into place between the listing and the check would hide the replaced files while the
+    listing lacks the output (windows missing), or the other way round (windows twice).
+    """
     replaced: set[str] = set()
     for manifest in hour_dir.glob(".compaction-*.json"):
         plan = _read_manifest(manifest)
-        if plan is not None and (hour_dir / plan[0]).exists():
+        if plan is not None and plan[0] in listed:
             replaced.update(plan[1])
     return replaced
 
@@ -507,15 +515,87 @@ def lake_files(
     """
     files = []
     for hour_dir in _hour_dirs(lake_root, fleet, start, end):
-        skip = _superseded(hour_dir)
-        files += [f for f in sorted(hour_dir.glob("*.parquet")) if not f.name.startswith(".") and f.name not in skip]
+        listed = {f.name for f in hour_dir.glob("*.parquet") if not f.name.startswith(".")}
+        skip = _superseded(hour_dir, listed)
+        files += [hour_dir / name for name in sorted(listed - skip)]
     return files
 
 
+def _read_lake(
+    lake_root: Path,
+    read: Callable[[ds.Dataset], _Read],
+    *,
+    fleet: str | None = None,
+    start: dt.datetime | None = None,
+    end: dt.datetime | None = None,
+    select: Callable[[Path], bool] | None = None,
+) -> _Read | None:
+    """Read the visible files as one snapshot, even while a compaction deletes the files it merged.
+
+    A compaction deletes the files it merged only once its output is visible, and its manifest only
+    after them (see :func:`compact_lake`). So a resolved file set either reads in full, and then
+    holds every window exactly once (see :func:`_superseded`), or names a deleted file, and then
+    the read fails with FileNotFoundError. The read then starts over from a fresh listing while
+    holding compaction off: a shared ``flock`` on the compaction lock waits for the running pass
+    to end and keeps the next one waiting until the read is done. The common read takes no lock.
+
+    Args:
+        lake_root: Lake root.
+        read: Reads what the caller needs from the dataset; called again from scratch on a retry.
+        fleet: Only this fleet (all fleets if None).
+        start: Only hours that end after this time.
+        end: Only hours that start at or before this time.
+        select: Only the files it keeps.
+
+    Returns:
+        What ``read`` returned, or None when no file is visible.
+
+    Raises:
+        LakeError: The lake cannot be read, or a file vanished while no compaction could run.
+    """
+
+    def read_once() -> _Read | None:
+        dataset = _vibration_dataset(lake_root, fleet=fleet, start=start, end=end, select=select)
+        return None if dataset is None else read(dataset)
+
+    try:
+        return read_once()
+    except FileNotFoundError as exc:  # a compaction deleted a merged file after the listing
+        log.debug("a lake file vanished under a read, reading again with compaction held off: %s", exc)
+    with _compaction_held_off(lake_root):
+        try:
+            return read_once()
+        except FileNotFoundError as exc:
+            raise LakeError(
+                f"cannot read the lake at {lake_root}: a file vanished while no compaction ran ({exc}); "
+                "something else deletes lake files"
+            ) from exc
+
+
+@contextlib.contextmanager
+def _compaction_held_off(lake_root: Path) -> Iterator[None]:
+    """Hold a shared ``flock`` on the compaction lock: wait for a running pass, keep the next one waiting."""
+    try:
+        fd = os.open(lake_root / VIBRATION_TABLE / ".compaction.lock", os.O_RDONLY)
+    except FileNotFoundError:  # no compaction ever ran here
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def _vibration_dataset(
-    lake_root: Path, *, fleet: str | None = None, start: dt.datetime | None = None, end: dt.datetime | None = None
+    lake_root: Path,
+    *,
+    fleet: str | None = None,
+    start: dt.datetime | None = None,
+    end: dt.datetime | None = None,
+    select: Callable[[Path], bool] | None = None,
 ) -> ds.Dataset | None:
-    files = lake_files(lake_root, fleet=fleet, start=start, end=end)
+    files = [f for f in lake_files(lake_root, fleet=fleet, start=start, end=end) if select is None or select(f)]
     if not files:
         return None
     root = lake_root / VIBRATION_TABLE
@@ -527,6 +607,8 @@ def _vibration_dataset(
             partition_base_dir=str(root),
             schema=DATASET_SCHEMA,
         )
+    except FileNotFoundError:
+        raise  # vanished under a compaction: _read_lake reads again
     except (OSError, pa.ArrowInvalid) as exc:
         raise LakeError(f"cannot open lake at {root}: {exc}") from exc
 
@@ -781,21 +863,24 @@ def save_key_snapshot(lake_root: Path, fleet: str, index: DedupeIndex) -> Path:
     return target
 
 
-def _load_key_snapshot(lake_root: Path, fleet: str, keys: SeqIndex) -> int | None:
-    """Fill ``keys`` from the fleet's snapshot; returns the time before which it covers every file (None: none)."""
+def _read_key_snapshot(lake_root: Path, fleet: str) -> tuple[pa.Table, int] | None:
+    """Return the fleet's keys snapshot and the time before which it covers every file (None: none usable)."""
     path = fleet_dir(lake_root, fleet) / KEY_SNAPSHOT
     if not path.exists():
         return None
     try:
         table = pq.read_table(path)
-        covers_before_us = int((table.schema.metadata or {})[b"covers_before_us"])
+        return table, int((table.schema.metadata or {})[b"covers_before_us"])
     except (OSError, pa.ArrowInvalid, KeyError, ValueError) as exc:  # read the whole lake instead
         log.warning("ignoring the dedupe key snapshot %s: %s", path, exc)
         return None
-    for device, epoch, start, end, floor in zip(*(table[c].to_pylist() for c in table.column_names), strict=True):
+
+
+def _restore_keys(keys: SeqIndex, snapshot: pa.Table) -> None:
+    """Record a snapshot's ranges (see :func:`save_key_snapshot`) in ``keys``."""
+    for device, epoch, start, end, floor in zip(*(snapshot[c].to_pylist() for c in snapshot.column_names), strict=True):
         keys.add_range(device, epoch, start, end)
         keys.forget_below(device, epoch, floor)
-    return covers_before_us
 
 
 def load_dedupe_index(
@@ -822,54 +907,60 @@ def load_dedupe_index(
     """
     now = now or dt.datetime.now(tz=dt.UTC)
     since_us = int((now - dt.timedelta(days=horizon_days)).timestamp() * 1e6)
-    index = DedupeIndex(**limits)
-    index.covers_before_us = int((dt.datetime.now(tz=dt.UTC) - _SNAPSHOT_MARGIN).timestamp() * 1e6)
-    covered_before_us = _load_key_snapshot(lake_root, fleet, index.keys)
-    files = []
-    for path in lake_files(lake_root, fleet=fleet):
-        stamp = _file_stamp_us(path)
-        if covered_before_us is None or stamp is None or stamp >= min(covered_before_us, since_us):
-            files.append(path)
-    if not files:
+    covers_before_us = int((dt.datetime.now(tz=dt.UTC) - _SNAPSHOT_MARGIN).timestamp() * 1e6)
+    snapshot = _read_key_snapshot(lake_root, fleet)
+
+    def fresh_index() -> DedupeIndex:
+        index = DedupeIndex(**limits)
+        index.covers_before_us = covers_before_us
+        if snapshot is not None:
+            _restore_keys(index.keys, snapshot[0])
         return index
-    try:
-        dataset = ds.dataset(
-            [str(f) for f in files],
-            format="parquet",
-            partitioning=PARTITIONING,
-            partition_base_dir=str(lake_root / VIBRATION_TABLE),
-            schema=DATASET_SCHEMA,
-        )
-        for batch in dataset.to_batches(columns=["device", "epoch", "seq", "digest", "ingested_at"]):
-            digest = batch.column("digest")
-            arrived = batch.column("ingested_at").cast(pa.int64()).fill_null(0).to_numpy()
-            with_digest = digest.is_valid().to_numpy(zero_copy_only=False) & (arrived >= since_us)
-            index.update(
-                batch.column("device").to_pylist(),
-                batch.column("epoch").fill_null(0).to_numpy(),
-                batch.column("seq").to_numpy(),
-                digest.fill_null(0).to_numpy(),
-                with_digest,
-            )
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise LakeError(f"cannot read the keys of fleet {fleet} from {lake_root}: {exc}") from exc
-    return index
+
+    def needed(path: Path) -> bool:
+        stamp = _file_stamp_us(path)
+        return snapshot is None or stamp is None or stamp >= min(snapshot[1], since_us)
+
+    def read(dataset: ds.Dataset) -> DedupeIndex:
+        index = fresh_index()  # from scratch: _read_lake reads again after a compaction deleted a file
+        try:
+            for batch in dataset.to_batches(columns=["device", "epoch", "seq", "digest", "ingested_at"]):
+                digest = batch.column("digest")
+                arrived = batch.column("ingested_at").cast(pa.int64()).fill_null(0).to_numpy()
+                with_digest = digest.is_valid().to_numpy(zero_copy_only=False) & (arrived >= since_us)
+                index.update(
+                    batch.column("device").to_pylist(),
+                    batch.column("epoch").fill_null(0).to_numpy(),
+                    batch.column("seq").to_numpy(),
+                    digest.fill_null(0).to_numpy(),
+                    with_digest,
+                )
+        except FileNotFoundError:
+            raise
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise LakeError(f"cannot read the keys of fleet {fleet} from {lake_root}: {exc}") from exc
+        return index
+
+    return _read_lake(lake_root, read, fleet=fleet, select=needed) or fresh_index()
 
 
 def last_seq(lake_root: Path, fleet: str, device: str, epoch: int = 0) -> int | None:
     """Return the highest seq stored for a device's boot epoch (rows without an epoch count as 0), or None."""
-    dataset = _vibration_dataset(lake_root, fleet=fleet)
-    if dataset is None:
+    table = _read_lake(
+        lake_root,
+        lambda dataset: dataset.to_table(columns=["epoch", "seq"], filter=pc.field("device") == device),
+        fleet=fleet,
+    )
+    if table is None:
         return None
-    table = dataset.to_table(columns=["epoch", "seq"], filter=pc.field("device") == device)
     mask = pc.equal(pc.fill_null(table["epoch"], 0), epoch)
     return pc.max(pc.filter(table["seq"], mask)).as_py()
 
 
 def read_keys(lake_root: Path, fleet: str) -> pa.Table:
     """Return the ``device``, ``epoch`` and ``seq`` of every window of a fleet (one row per stored window)."""
-    dataset = _vibration_dataset(lake_root, fleet=fleet)
-    if dataset is None:
+    table = _read_lake(lake_root, lambda dataset: dataset.to_table(columns=["device", "epoch", "seq"]), fleet=fleet)
+    if table is None:
         return pa.table(
             {
                 "device": pa.array([], pa.string()),
@@ -877,17 +968,17 @@ def read_keys(lake_root: Path, fleet: str) -> pa.Table:
                 "seq": pa.array([], pa.int64()),
             }
         )
-    table = dataset.to_table(columns=["device", "epoch", "seq"])
     return table.set_column(1, "epoch", pc.fill_null(table["epoch"], 0))
 
 
 def known_sources(lake_root: Path, fleet: str, device: str) -> set[str]:
     """Return the distinct ``source`` values already stored for one device."""
-    dataset = _vibration_dataset(lake_root, fleet=fleet)
-    if dataset is None:
-        return set()
-    table = dataset.to_table(columns=["source"], filter=pc.field("device") == device)
-    return set(pc.unique(table["source"]).to_pylist())
+    table = _read_lake(
+        lake_root,
+        lambda dataset: dataset.to_table(columns=["source"], filter=pc.field("device") == device),
+        fleet=fleet,
+    )
+    return set() if table is None else set(pc.unique(table["source"]).to_pylist())
 
 
 @dataclass(frozen=True)
@@ -947,7 +1038,6 @@ def read_windows(
     Raises:
         LakeError: The lake cannot be read, or windows of different lengths or rates were selected.
     """
-    dataset = _vibration_dataset(lake_root, fleet=fleet, start=start, end=end)
     expr = pc.scalar(True)
     if fleet is not None:
         expr &= pc.field("fleet") == fleet
@@ -960,13 +1050,10 @@ def read_windows(
     if labels is not None:
         expr &= pc.field("label").isin(list(labels))
     width = window_samples or 0
-    if dataset is None:
+    selected = _read_lake(lake_root, lambda dataset: dataset.to_table(filter=expr), fleet=fleet, start=start, end=end)
+    if selected is None or selected.num_rows == 0:
         return _empty_windows(width)
-    table = dataset.to_table(filter=expr).sort_by(
-        [("fleet", "ascending"), ("device", "ascending"), ("timestamp", "ascending")]
-    )
-    if table.num_rows == 0:
-        return _empty_windows(width)
+    table = selected.sort_by([("fleet", "ascending"), ("device", "ascending"), ("timestamp", "ascending")])
     lengths = [n // 2 for n in pc.unique(pc.binary_length(table["samples"])).to_pylist()]
     rates = pc.unique(table["sample_rate_hz"]).to_pylist()
     if len(lengths) != 1 or (window_samples is not None and lengths[0] != window_samples):
@@ -1053,8 +1140,8 @@ def _empty_windows(width: int) -> LakeWindows:
 
 def lake_summary(lake_root: Path) -> pa.Table:
     """Return window counts per fleet, device and label."""
-    dataset = _vibration_dataset(lake_root)
-    if dataset is None:
+    table = _read_lake(lake_root, lambda dataset: dataset.to_table(columns=["fleet", "device", "label", "seq"]))
+    if table is None:
         return pa.table(
             {
                 "fleet": pa.array([], pa.string()),
@@ -1063,7 +1150,6 @@ def lake_summary(lake_root: Path) -> pa.Table:
                 "windows": pa.array([], pa.int64()),
             }
         )
-    table = dataset.to_table(columns=["fleet", "device", "label", "seq"])
     grouped = table.group_by(["fleet", "device", "label"], use_threads=False).aggregate([("seq", "count")])
     return grouped.rename_columns(["fleet", "device", "label", "windows"]).sort_by(
         [("fleet", "ascending"), ("device", "ascending")]
@@ -1102,10 +1188,12 @@ def compact_lake(
 
     The merged file is written and flushed under a hidden name next to a hidden manifest that
     names it and the files it replaces; then it is renamed into place and the replaced files are
-    deleted. Readers skip files that a manifest with a visible output replaces, so at every
-    instant, crash included, each window is visible exactly once. The next pass finishes or
-    rolls back what a crashed pass left, and removes temporary files of writes killed more than
-    ``stale_after`` ago. One pass runs at a time (a lock file in the lake).
+    deleted, the manifest last. Readers skip files that a manifest with a visible output replaces, so
+    at every instant, crash included, each window is visible exactly once; a reader that listed a
+    file before its deletion reads again with compaction held off (see :func:`_read_lake`). The
+    next pass finishes or rolls back what a crashed pass left, and removes temporary files of writes
+    killed more than ``stale_after`` ago. One pass runs at a time, and none while such a reader reads
+    again (an ``flock`` on ``.compaction.lock``: exclusive for a pass, shared for the reader).
 
     Args:
         lake_root: Lake root.

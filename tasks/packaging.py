@@ -18,7 +18,7 @@ from firmware.tflm import ArenaMeasurement, TflmRunner, count_macs, measure_aren
 from tasks.budget import BudgetExceededError, BudgetReport, measure_on_device, validate_budget
 from tasks.compress import CompressionResult
 from tasks.evaluate import ModelComparison
-from tasks.train import FeatureSets, reconstruction_error
+from tasks.train import FeatureSets, calibrated_false_alarm_rate, reconstruction_error
 from tinymlops.schemas import (
     BundleMetadata,
     DriftReference,
@@ -77,14 +77,15 @@ def build_drift_reference(
         features: The run's feature sets.
         int8_model: The deployable model.
         arena_bytes: Its measured arena.
-        percentile: Threshold percentile: the expected anomaly rate of normal data is 1 - percentile/100.
+        percentile: Threshold percentile; with the calibration size it sets the expected false-alarm rate.
         max_rows: At most this many training rows are kept.
         seed: Seed of the row sample.
     """
     train = features.parts.train
     rows = np.sort(np.random.default_rng(seed).choice(len(train), size=min(max_rows, len(train)), replace=False))
     errors = reconstruction_error(TflmRunner(int8_model, arena_bytes).predict, features.parts.calibration)
-    return DriftReference(train[rows], errors, expected_anomaly_rate=1.0 - percentile / 100.0)
+    expected = calibrated_false_alarm_rate(len(errors), percentile)
+    return DriftReference(train[rows], errors, expected_anomaly_rate=expected)
 
 
 def package_for_target(
@@ -98,6 +99,7 @@ def package_for_target(
     threshold_percentile: float,
     fleet: str,
     dataset_fingerprint: str,
+    trained_span_us: dict[str, tuple[int, int]],
     parity_inputs: npt.NDArray[np.float32],
     drift_reference: DriftReference,
     lineage: dict[str, str],
@@ -117,6 +119,7 @@ def package_for_target(
         threshold_percentile: Percentile the threshold was calibrated at.
         fleet: Fleet whose data trained the model.
         dataset_fingerprint: Content hash of the training data and selection.
+        trained_span_us: Per device, the time span of the windows the model trained on.
         parity_inputs: Features on which TFLite and TFLite Micro must agree.
         drift_reference: Training reference for the drift monitor.
         lineage: Run ids and other provenance.
@@ -160,6 +163,7 @@ def package_for_target(
         sparsity=compression.sparsity,
         budget_passed=report.passed,
         dataset_fingerprint=dataset_fingerprint,
+        trained_span_us=trained_span_us,
         metrics=metrics,
         lineage=lineage,
     )

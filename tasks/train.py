@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -396,13 +397,22 @@ def reconstruction_error(predict: Predictor, features: npt.ArrayLike) -> Float32
     return np.asarray(np.mean((x - reconstruction) ** 2, axis=1, dtype=np.float64), dtype=np.float32)
 
 
+def _calibration_rank(n: int, percentile: float) -> int:
+    """1-based rank of the calibration error that is the threshold: ``ceil((n + 1) p)``, at most ``n``."""
+    return min(n, max(1, math.ceil((n + 1) * percentile / 100.0 - 1e-9)))
+
+
 def calibrate_threshold(errors: npt.ArrayLike, percentile: float) -> float:
-    """Return the given percentile of reconstruction errors on held-out normal windows.
+    """Return the threshold: the ``ceil((n + 1) p)``-th smallest of ``n`` held-out normal errors.
+
+    This order statistic (split-conformal) bounds the chance that a new normal window scores above
+    it by ``1 - p`` whenever ``n`` is large enough (``(n + 1) p <= n``); below that the threshold is
+    the largest error, and :func:`calibrated_false_alarm_rate` says what rate it does promise.
+    An interpolated percentile of few errors would promise ``1 - p`` and deliver several times it.
 
     Raises:
         TrainingDataError: No errors, or non-finite errors.
         ValueError: ``percentile`` outside (0, 100].
-
     """
     if not 0 < percentile <= 100:
         raise ValueError(f"threshold percentile must be in (0, 100], got {percentile}")
@@ -411,7 +421,25 @@ def calibrate_threshold(errors: npt.ArrayLike, percentile: float) -> float:
         raise TrainingDataError("no calibration errors to set the threshold from")
     if not np.isfinite(e).all():
         raise TrainingDataError(f"calibration errors contain {int((~np.isfinite(e)).sum())} NaN or infinite values")
-    return float(np.percentile(e, percentile))
+    return float(np.sort(e)[_calibration_rank(e.size, percentile) - 1])
+
+
+def calibrated_false_alarm_rate(n_calibration: int, percentile: float) -> float:
+    """Expected share of new normal windows above the threshold :func:`calibrate_threshold` sets.
+
+    For exchangeable errors a new one exceeds the ``k``-th smallest of ``n`` with probability
+    ``(n + 1 - k) / (n + 1)``: ``1 - p`` with enough calibration windows, more with few
+    (``1 / (n + 1)`` once the threshold is the largest error).
+
+    Raises:
+        ValueError: ``n_calibration`` < 1 or ``percentile`` outside (0, 100].
+    """
+    if n_calibration < 1:
+        raise ValueError(f"calibration windows must be at least 1, got {n_calibration}")
+    if not 0 < percentile <= 100:
+        raise ValueError(f"threshold percentile must be in (0, 100], got {percentile}")
+    k = _calibration_rank(n_calibration, percentile)
+    return (n_calibration + 1 - k) / (n_calibration + 1)
 
 
 @dataclass(frozen=True)

@@ -181,7 +181,8 @@ def numeric_options() -> list[tuple[str, str]]:
 def test_the_walk_finds_every_sub_app_and_top_level_command() -> None:
     top = {path.split()[0] for path in COMMANDS}
     expected = {"lake", "bench", "models", "security", "device", "keys", "demo", "ingest", "simulate", "import",
-                "import-cwru", "train", "evaluate", "reference", "deploy", "serve", "broker", "config"}  # fmt: skip
+                "import-cwru", "replay", "train", "evaluate", "monitor", "reference", "deploy", "serve", "broker",
+                "config"}  # fmt: skip
     assert expected <= top
     assert {"keys revoke", "models promote", "security broker", "device run", "lake quarantine", "bench"} <= set(
         COMMANDS
@@ -308,15 +309,26 @@ CASES = [
     Case("simulate", "simulate --windows 1 --fault nosuch:0.5", "unknown fault kind 'nosuch'"),
     Case("simulate", "simulate --windows 1 --fleet bad/name", "invalid fleet 'bad/name'"),
     Case("simulate", "simulate --devices 2", "give --seconds or --windows", exit_code=2),
+    Case("simulate", "simulate --windows 1", "no MQTT broker to publish to: none configured and none announced in "
+         "{root}/data/broker.json; start `tinymlops broker`", real=True),
+    Case("replay", "replay {root}/nowhere.npz --device d1", "cannot read {root}/nowhere.npz"),
+    Case("replay", "replay {csv} --device d1 --fs 1000 --speed -1", "Invalid value for '--speed'", exit_code=2),
+    Case("replay", "replay {csv} --device ../x --fs 1000", "invalid device id '../x'"),
     Case("import", "import {root}/nowhere.npz --fs 1000", "cannot read {root}/nowhere.npz"),
     Case("import", "import {csv} --fs 1000 --device ../escape", "device '../escape'"),
     Case("import", "import {csv} --fs 1000 --fleet bad/name", "invalid fleet 'bad/name'"),
+    Case("import", "import {csv} --fs 1e300", "cannot resample {csv} from 1e+300 Hz to 25600 Hz"),
+    Case("import", "import {csv} --fs 1000 --label ''", "label '' for {csv} must be 1..64 characters"),
+    Case("import", "import {csv} --fs 1000 --label ../../etc/passwd", "label '../../etc/passwd' for {csv} must be"),
     Case("import", "import {csv} --fs 1000", "cannot use {csv}/lake as the lake", LAKE_UNDER_A_FILE),
     Case("import-cwru", "import-cwru {root}/nowhere", "no CWRU recordings (1797_*.npz) in {root}/nowhere"),
     Case("import-cwru", "import-cwru {root}/nowhere --fleet bad/name", "invalid fleet 'bad/name'"),
     Case("train", "train --target nosuch", "unknown MCU target 'nosuch'; known targets:", real=True),
     Case("train", "train --config {root}/nowhere.yaml", "'{root}/nowhere.yaml' does not exist", exit_code=2),
     Case("train", "train --since notatime", "'notatime' is not an ISO time", exit_code=2),
+    Case("monitor", "monitor --until notatime", "'notatime' is not an ISO time", exit_code=2),
+    Case("monitor", "monitor --fleet bad/name", "invalid fleet 'bad/name'"),
+    Case("monitor", "monitor --minutes 0", "Invalid value for '--minutes'", exit_code=2),
     Case("train", "train --fleet nosuch", "no windows of fleet 'nosuch' in the lake"),
     Case("train", "train --fleet bad/name", "invalid fleet 'bad/name'"),
     Case("train", "train --fleet plant", MLFLOW_UNREACHABLE, MLFLOW_CLOSED),

@@ -7,6 +7,7 @@ SIGTERM and must exit within a bound, with 143, leaving none of those processes 
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import pytest
 
 from firmware.emulator import EmulatorError, build_images
 from tests.conftest import cli_env
+from tinymlops.mqtt import MosquittoBroker, connect, make_client, parse_broker_url
 
 pytestmark = [pytest.mark.slow, pytest.mark.mqtt]
 
@@ -121,10 +123,34 @@ def _terminate_and_check(cmd: Command, tree: list[psutil.Process]) -> None:
     assert "stopped by SIGTERM" in cmd.output
 
 
-def test_sigterm_to_broker_stops_its_mosquitto(command: Callable[[list[str]], Command]) -> None:
+def test_broker_is_announced_to_later_publishers_and_sigterm_stops_its_mosquitto(
+    command: Callable[[list[str]], Command], tmp_path: Path
+) -> None:
     cmd = command(["broker"])
     cmd.wait_until("broker listening", lambda: "MQTT broker listening on" in cmd.output)
+    announcement = tmp_path / "broker.json"
+    url = json.loads(announcement.read_text())["url"]
+    assert url in cmd.output
+    # `simulate` with no broker configured publishes to the announced one, where a subscriber gets the windows
+    received: list[str] = []
+    address = parse_broker_url(url)
+    subscriber = make_client(address, "announced-broker-listener")
+    subscriber.on_message = lambda _c, _u, message: received.append(message.topic)
+    connect(subscriber, address)
+    subscriber.subscribe("tinymlops/#", qos=1)
+    try:
+        simulate = subprocess.run([*CLI, "simulate", "--devices", "2", "--windows", "3", "--interval", "0"],
+                                  env=cli_env(tmp_path), capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert simulate.returncode == 0, simulate.stderr
+        deadline = time.monotonic() + 30
+        while len(received) < 6 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len([t for t in received if t.endswith("/vibration")]) == 6, received
+    finally:
+        subscriber.loop_stop()
+        subscriber.disconnect()
     _terminate_and_check(cmd, cmd.descendants())
+    assert not announcement.exists()  # a stopped broker is no longer announced
 
 
 def test_sigterm_to_ingest_stops_its_prefect_server_and_broker(command: Callable[[list[str]], Command]) -> None:
@@ -136,7 +162,9 @@ def test_sigterm_to_ingest_stops_its_prefect_server_and_broker(command: Callable
     _terminate_and_check(cmd, cmd.descendants())
 
 
-def test_sigterm_to_device_run_stops_its_qemu(command: Callable[[list[str]], Command], tmp_path: Path) -> None:
+def test_sigterm_to_device_run_stops_its_qemu(
+    command: Callable[[list[str]], Command], tmp_path: Path, mosquitto: MosquittoBroker
+) -> None:
     try:
         image = build_images("mps2-an386").device
     except EmulatorError as exc:
@@ -147,7 +175,7 @@ def test_sigterm_to_device_run_stops_its_qemu(command: Callable[[list[str]], Com
         [*CLI, "device", "keygen", "--key-id", "k1"], env=cli_env(tmp_path), capture_output=True, text=True
     )
     assert keygen.returncode == 0, keygen.stderr
-    cmd = command(["device", "run", "--emulated", "1", "--seconds", "600"])
+    cmd = command(["device", "run", "--emulated", "1", "--seconds", "600", "--broker", mosquitto.address.url])
     cmd.wait_until(
         "an emulated device in QEMU",
         lambda: "emulated nrf52840 devices on" in cmd.output and cmd.has_child("qemu-system-arm"),

@@ -155,6 +155,7 @@ def build_sim_bundle(root: Path) -> ModelBundle:
         threshold_percentile=config.threshold_percentile,
         fleet=FLEET,
         dataset_fingerprint=dataset.fingerprint,
+        trained_span_us=dataset.trained_span_us,
         parity_inputs=features.test_normal[:64],
         drift_reference=reference,
         lineage={"test": "simulated fleet"},

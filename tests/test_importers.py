@@ -2,13 +2,15 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import logging
 import math
-import subprocess
-import sys
-import time
+import re
+import threading
+import tracemalloc
 from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -18,8 +20,10 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.io
 
-from tasks.importers import import_cwru, import_file, load_signal
+from tasks import importers
+from tasks.importers import _CSV_PROBE_ROWS, ImportLimits, ImportResult, import_cwru, import_file, load_signal
 from tasks.lake import read_windows
+from tests.fault_ledger import FaultRecord, record
 from tinymlops.errors import DataImportError
 
 RATE = 25_600
@@ -282,6 +286,75 @@ BAD_INPUTS = [
         r"device 'a/b' .* must be 1..64 characters",
         id="bad-device",
     ),
+    # hostile files (issue 13, item 7)
+    pytest.param(
+        ".npz",
+        lambda p: np.savez(p, x=_sine(50 * WINDOW, RATE) * 2e300, fs=RATE),
+        {},
+        r"peak \|value\| .* above the sensor full scale",
+        id="values-near-1e300",
+    ),
+    pytest.param(
+        ".npz",
+        lambda p: np.savez(p, x=_sine(4 * WINDOW, RATE) * 1e-300, fs=RATE),
+        {},
+        r"peak \|value\| 5.*e-301 g is too small to store",
+        id="values-near-1e-300",
+    ),
+    pytest.param(
+        ".csv",
+        lambda p: pd.DataFrame({"t": np.arange(4 * WINDOW) / RATE, "value": ["0,1 g"] * (4 * WINDOW)}).to_csv(
+            p, index=False
+        ),
+        {"fs": RATE},
+        r"holds 'value', not numeric, besides the numeric 't': pass --var t if that is the signal",
+        id="text-value-column",
+    ),
+    pytest.param(
+        ".csv",
+        lambda p: p.write_text("g\n" + "0.1\n" * (2 * _CSV_PROBE_ROWS) + "0.2 g\n" + "0.1\n" * 100),
+        {"fs": RATE},
+        rf"column 'g' is not numeric: '0.2 g' in data row {2 * _CSV_PROBE_ROWS + 1}",
+        id="text-after-the-first-rows",
+    ),
+    pytest.param(
+        ".csv",
+        lambda p: p.write_text("0.1," * 50_000),
+        {"fs": RATE},
+        r"the first line is longer than 65,536 bytes; not a CSV",
+        id="csv-without-lines",
+    ),
+    pytest.param(
+        ".npz",
+        lambda p: np.savez(p, x=_sine(4 * WINDOW, RATE)),
+        {"fs": 1e300},
+        r"cannot resample .* from 1e\+300 Hz to 25600 Hz",
+        id="fs-1e300",
+    ),
+    pytest.param(
+        ".npz",
+        lambda p: np.savez(p, x=_sine(4 * WINDOW, RATE)),
+        {"fs": 3e7},
+        r"cannot resample .* from 3e\+07 Hz to 25600 Hz: the nearest ratio .* is 1/1000 \(30000 Hz\)",
+        id="fs-without-a-close-ratio",
+    ),
+    *(
+        pytest.param(
+            ".npz",
+            lambda p: np.savez(p, x=_sine(4 * WINDOW, RATE), fs=RATE),
+            {"label": label},
+            rf"label {re.escape(repr(label))} for .* must be 1..64 characters",
+            id=f"label-{name}",
+        )
+        for name, label in (("empty", ""), ("path", "../../etc/passwd"), ("newline", "normal\nx"))
+    ),
+    pytest.param(
+        ".npz",
+        lambda p: p.write_bytes(b"\x80\x04 not an archive" * 100),
+        {"fs": RATE},
+        r"is not a .npz archive: it does not start with a zip signature",
+        id="npz-not-an-archive",
+    ),
 ]
 
 
@@ -397,25 +470,124 @@ def test_import_real_cwru(cwru_dir: Path, tmp_path: Path) -> None:
     assert len(read_windows(lake, fleet="cwru")) == len(windows)
 
 
-IMPORT_PROCESS = """
-import sys, time
-from pathlib import Path
-from tasks.importers import import_file
-time.sleep(max(0.0, float(sys.argv[3]) - time.time()))
-import_file(Path(sys.argv[1]), lake_root=Path(sys.argv[2]), fleet="f")
-"""
+def test_two_imports_of_one_file_at_once_write_it_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Import A has checked the lake for the file; import B of the same file starts right then.
 
-
-def test_concurrent_imports_of_one_file_write_it_once(tmp_path: Path) -> None:
-    """Two processes importing the same file at the same instant: both checked, then both wrote it."""
+    B must wait on the fleet's import lock (it logs so) until A has written, then find the file
+    imported. Without the lock B checks and writes meanwhile, and A writes the file a second time.
+    """
     path = tmp_path / "dev.npz"
-    np.savez(path, x=_sine(400 * WINDOW, RATE), fs=RATE)
+    np.savez(path, x=_sine(50 * WINDOW, RATE), fs=RATE)
     lake = tmp_path / "lake"
-    start_at = str(time.time() + 3)
-    processes = [
-        subprocess.Popen([sys.executable, "-c", IMPORT_PROCESS, str(path), str(lake), start_at]) for _ in range(2)
-    ]
-    assert [p.wait(timeout=120) for p in processes] == [0, 0]
+    results: dict[str, object] = {}
+    b_waits_or_is_done = threading.Event()
+
+    class LockWaitSeen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("waiting for") and ".import.lock" in record.getMessage():
+                b_waits_or_is_done.set()
+
+    def import_b() -> None:
+        try:
+            results["b"] = import_file(path, lake_root=lake, fleet="f")
+        except Exception as exc:  # re-raised by the test thread
+            results["b"] = exc
+        finally:
+            b_waits_or_is_done.set()
+
+    b = threading.Thread(target=import_b)
+    real_known_sources = importers.known_sources
+
+    def a_checks_then_b_starts(lake_root: Path, fleet: str, device: str) -> set[str]:
+        found = real_known_sources(lake_root, fleet, device)
+        if threading.current_thread() is not b and not b.is_alive():
+            b.start()
+            assert b_waits_or_is_done.wait(timeout=120), "import B neither waited on the lock nor finished"
+        return found
+
+    caplog.set_level(logging.INFO, logger="tasks.lake")
+    seen = LockWaitSeen()
+    logging.getLogger("tasks.lake").addHandler(seen)
+    monkeypatch.setattr(importers, "known_sources", a_checks_then_b_starts)
+    try:
+        results["a"] = import_file(path, lake_root=lake, fleet="f")
+    finally:
+        b.join(timeout=120)
+        logging.getLogger("tasks.lake").removeHandler(seen)
+    outcomes = [results["a"], results["b"]]
+    assert all(isinstance(r, ImportResult) for r in outcomes), outcomes
+    assert sorted(r.duplicate for r in outcomes if isinstance(r, ImportResult)) == [False, True]
     windows = read_windows(lake, fleet="f")
-    assert len(windows) == 400
-    assert sorted(windows.seq.tolist()) == list(range(400))
+    assert sorted(windows.seq.tolist()) == list(range(50))
+
+
+def _traced_peak(run: Callable[[], object]) -> tuple[float, object]:
+    """Run ``run`` under tracemalloc; return its peak of traced Python and NumPy memory in MiB and its outcome."""
+    tracemalloc.start()
+    try:
+        outcome: object = run()
+    except DataImportError as exc:
+        outcome = exc
+    finally:
+        peak = tracemalloc.get_traced_memory()[1] / 2**20
+        tracemalloc.stop()
+    return peak, outcome
+
+
+def test_large_files_are_read_in_chunks_or_refused_before_reading(tmp_path: Path) -> None:
+    """Memory follows the signal, not the file: a large file is streamed, or refused in one line.
+
+    Four generated files: a 100 MiB sparse ``.npz`` that is no archive (read whole and reported as
+    "pickled data" before), a 30 MiB CSV whose signal column sits beside a long text column, a CSV
+    longer than a low sample limit, and a 100 MiB ``.mat`` above a low size limit.
+    """
+    lake = tmp_path / "lake"
+    limits = ImportLimits(max_samples=100_000, max_mat_bytes=10 * 2**20)
+    no_archive = tmp_path / "huge.npz"
+    with open(no_archive, "wb") as handle:
+        handle.truncate(100 * 2**20)
+    wide = tmp_path / "wide.csv"
+    with open(wide, "w") as text:
+        text.write("value,note\n")
+        note = "n" * 240
+        text.writelines(f"{v:.6f},{note}\n" for v in _sine(120_000, RATE))
+    long = tmp_path / "long.csv"
+    long.write_text("g\n" + "0.5\n" * 2_000_000)
+    mat = tmp_path / "huge.mat"
+    with open(mat, "wb") as handle:
+        handle.truncate(100 * 2**20)
+
+    def run(path: Path, **kwargs: Any) -> tuple[float, object]:
+        return _traced_peak(lambda: import_file(path, lake_root=lake, fleet="f", fs=RATE, **kwargs))
+
+    no_archive_peak, no_archive_outcome = run(no_archive, device="dev")
+    wide_peak, wide_outcome = run(wide, device="dev", var="value", limits=ImportLimits(max_samples=200_000))
+    long_peak, long_outcome = run(long, device="dev", limits=limits)
+    mat_peak, mat_outcome = run(mat, device="dev", limits=limits)
+
+    windows = len(read_windows(lake, fleet="f"))
+    sizes = {p.name: p.stat().st_size / 2**20 for p in (no_archive, wide, long, mat)}
+    record(
+        FaultRecord(
+            "hostile import files",
+            sent=120_000 // WINDOW,
+            in_lake=windows,
+            duplicates=0,
+            lost=120_000 // WINDOW - windows,
+            notes=f"{len(BAD_INPUTS)} bad or hostile files (values near 1e300 and 1e-300, a text signal column, "
+            "--fs 1e300, labels '', '../../etc/passwd' and 'normal\\nx', ...) each refused in one line, lake "
+            f"unchanged; traced peak memory: {sizes['huge.npz']:.0f} MiB non-archive .npz refused at "
+            f"{no_archive_peak:.1f} MiB, {sizes['wide.csv']:.0f} MiB CSV imported at {wide_peak:.1f} MiB, "
+            f"{sizes['long.csv']:.0f} MiB CSV over a 100,000-sample limit refused at {long_peak:.1f} MiB, "
+            f"{sizes['huge.mat']:.0f} MiB .mat over a 10 MiB limit refused at {mat_peak:.1f} MiB",
+        )
+    )
+    assert isinstance(no_archive_outcome, DataImportError)
+    assert "is not a .npz archive" in str(no_archive_outcome) and "pickled" not in str(no_archive_outcome)
+    assert isinstance(wide_outcome, ImportResult) and wide_outcome.windows == 120_000 // WINDOW == windows
+    assert isinstance(long_outcome, DataImportError) and "more than 100,000 samples" in str(long_outcome)
+    assert isinstance(mat_outcome, DataImportError) and "above the 10 MiB limit" in str(mat_outcome)
+    assert no_archive_peak < 2 and mat_peak < 2 and long_peak < 4
+    assert wide_peak < sizes["wide.csv"] / 4

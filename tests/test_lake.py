@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
+import logging
 import os
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -32,6 +37,7 @@ from tasks.lake import (
     write_windows,
 )
 from tests.conftest import cli_env
+from tests.fault_ledger import FaultRecord, record
 from tinymlops.errors import LakeError
 
 T0 = int(dt.datetime(2026, 11, 1, 6, tzinfo=dt.UTC).timestamp() * 1e6)
@@ -272,3 +278,133 @@ def test_lake_compact_through_the_cli(tmp_path: Path) -> None:
     figures = json.loads(result.stdout)
     assert (figures["partitions"], figures["files_before"], figures["files_after"]) == (2, 7, 2)
     assert len(lake_files(lake)) == 2
+
+
+READERS_ROUNDS = 12
+READERS_HOURS = 4
+READERS_PER_HOUR = 20  # windows per device, hour and round
+
+
+def _round_keys(rounds: int) -> set[tuple[str, int]]:
+    """The (device, seq) keys the first ``rounds`` rounds of the compaction-under-readers test write."""
+    count = rounds * READERS_HOURS * READERS_PER_HOUR
+    return {(f"d{device:03d}", seq) for device in range(2) for seq in range(count)}
+
+
+def test_readers_see_every_window_exactly_once_while_compaction_deletes_files(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A compaction deletes the files it merged; readers at that moment must neither fail nor double-count.
+
+    A writer-compactor thread adds one file to each of four closed hours and compacts them, round
+    after round; the readers (``read_windows``, ``read_keys``, ``load_dedupe_index``) read in a loop in
+    the meantime. Each round waits for three more reads, so reads and compactions overlap by count.
+    Every read must hold each window at most once, every window committed before it began, and
+    none beyond what was being written when it ended.
+    """
+    caplog.set_level(logging.DEBUG, logger="tasks.lake")
+    progress = threading.Condition()
+    started = committed = reads = 0
+    failure: list[BaseException] = []
+
+    def reads_reach(wanted: int) -> Callable[[], bool]:
+        return lambda: reads >= wanted
+
+    def write_and_compact() -> None:
+        nonlocal started, committed
+        try:
+            for round_ in range(READERS_ROUNDS):
+                with progress:
+                    started += 1
+                batch = WindowBatch()  # one write of every hour, as an ingest flush
+                for hour, device in itertools.product(range(READERS_HOURS), range(2)):
+                    first = (round_ * READERS_HOURS + hour) * READERS_PER_HOUR
+                    for seq in range(first, first + READERS_PER_HOUR):
+                        window = VibrationWindow(
+                            f"d{device:03d}", seq, T0 + hour * HOUR_US + seq, 25_600, 1.0, np.zeros(64, np.int16)
+                        )
+                        batch.append("f", window)
+                write_windows(tmp_path, batch)
+                with progress:
+                    committed += 1
+                compact_lake(tmp_path, fleet="f", closed_before=at(T0 + 24 * HOUR_US))
+                with progress:
+                    if not progress.wait_for(reads_reach(3 * (round_ + 1)), timeout=120):
+                        raise TimeoutError(f"readers stalled at {reads} reads")
+        except BaseException as exc:  # re-raised by the test thread
+            failure.append(exc)
+
+    compactor = threading.Thread(target=write_and_compact)
+    compactor.start()
+    problems: list[str] = []
+    failed = wrong = 0
+    try:
+        while compactor.is_alive():
+            with progress:
+                lower = _round_keys(committed)
+            kind = ("read_windows", "read_keys", "load_dedupe_index")[reads % 3]
+            try:
+                keys = _read_keys_with(kind, tmp_path, lower)
+            except Exception as exc:  # counted, so the ledger shows how many reads failed
+                failed += 1
+                problems.append(f"{kind}: {type(exc).__name__}: {exc}")
+                keys = None
+            with progress:
+                upper = _round_keys(started)
+                reads += 1
+                progress.notify_all()
+            if keys is not None and (len(keys) != len(set(keys)) or not lower <= set(keys) <= upper):
+                wrong += 1
+                problems.append(f"{kind}: {len(keys)} keys, {len(set(keys))} distinct, {len(lower - set(keys))} lost")
+    finally:
+        compactor.join()
+    if failure:
+        raise failure[0]
+    stored = keys_of(tmp_path)
+    again = sum("vanished under a read" in r.getMessage() for r in caplog.records)
+    record(
+        FaultRecord(
+            "compaction under readers",
+            sent=len(_round_keys(READERS_ROUNDS)),
+            in_lake=len(stored),
+            duplicates=len(stored) - len(set(stored)),
+            lost=len(_round_keys(READERS_ROUNDS) - set(stored)),
+            notes=f"{reads} reads (read_windows, read_keys, load_dedupe_index in turn) during {READERS_ROUNDS} "
+            f"compaction passes of {READERS_HOURS} hours; {failed} reads failed, {wrong} saw a window twice or missed "
+            f"one; {again} reads listed a file the compaction then deleted and read again with compaction held off",
+        )
+    )
+    assert reads >= 3 * READERS_ROUNDS
+    assert problems == []
+    assert stored == sorted(_round_keys(READERS_ROUNDS))
+
+
+def _read_keys_with(kind: str, lake: Path, committed: set[tuple[str, int]]) -> list[tuple[str, int]]:
+    """Read the fleet's (device, seq) keys with one reader (the seq index: the committed keys it holds, its last)."""
+    if kind == "read_windows":
+        windows = read_windows(lake, fleet="f")
+        return list(zip(windows.device.tolist(), windows.seq.tolist(), strict=True))
+    if kind == "read_keys":
+        table = read_keys(lake, "f")
+        return list(zip(table["device"].to_pylist(), table["seq"].to_pylist(), strict=True))
+    index = load_dedupe_index(lake, "f", horizon_days=2).keys
+    keys = [(d, s) for d, s in committed if index.contains(d, 0, s)]
+    return keys + [(d, s) for d in ("d000", "d001") if (s := index.last(d, 0)) is not None and (d, s) not in committed]
+
+
+def test_a_file_vanishing_with_compaction_held_off_is_one_lake_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a compaction may delete lake files under a reader; anything else is named, not retried forever."""
+    lake_with_closed_and_open_hours(tmp_path)
+    compact_lake(tmp_path, fleet="f", closed_before=at(T0 + HOUR_US + 1))  # creates the compaction lock
+    real_lake_files = lake_module.lake_files
+
+    def listing_with_a_deleted_file(*args: Any, **kwargs: Any) -> list[Path]:
+        files = real_lake_files(*args, **kwargs)
+        return [*files, files[0].with_name("part-deleted-by-someone.parquet")]
+
+    monkeypatch.setattr(lake_module, "lake_files", listing_with_a_deleted_file)
+    with pytest.raises(LakeError, match=r"a file vanished while no compaction ran .*part-deleted-by-someone") as info:
+        read_keys(tmp_path, "f")
+    assert "\n" not in str(info.value)

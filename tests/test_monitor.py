@@ -266,3 +266,40 @@ def test_devices_without_windows_are_judged_from_their_summaries(
     assert report.verdict == "fault" and report.fault_devices == ["node-0008"] and report.alert_devices == ["node-0008"]
     assert "| node-0008 | fault | summary | 40 |" in report.to_markdown()
     assert report.metrics()["fleet.summaries_used"] == 10.0
+
+
+@pytest.mark.mlflow
+@pytest.mark.prefect
+def test_monitor_command_judges_the_fleet_with_the_registered_champion(
+    lake: Path, sim_bundle: ModelBundle, prefect_harness: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+    from typer.testing import CliRunner
+
+    from registry.models import register_bundle
+    from registry.promotion import promote
+    from registry.store import configure_from_settings
+    from registry.tracking import log_training_run
+    from tinymlops.cli import app
+    from tinymlops.settings import get_settings, reset_settings
+
+    monkeypatch.setenv("TINYMLOPS_DATA_DIR", str(lake.parent))  # the lake is <data_dir>/lake
+    reset_settings()
+    previous = mlflow.get_tracking_uri()
+    try:
+        run_id = log_training_run(configure_from_settings(get_settings()), params={}, metrics={},
+                                  dataset_fingerprint="sim", lake_selection={})  # fmt: skip
+        version = register_bundle(sim_bundle, run_id, gates_passed=True)
+        promote(version.name, version.version, candidate_eval=None, champion_eval=None, actor="test")
+        args = ["monitor", "--fleet", FLEET, "--until", FAULT_WINDOW[1].isoformat(), "--minutes", "10", "--no-events"]
+        result = CliRunner().invoke(app, [*args, "--json"])
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.output.strip().splitlines()[-1])
+        assert report["verdict"] == "fault" and report["alert_devices"] == [FAULTY] and report["events"] == []
+        assert report["model"] == f"{version.name}/{version.version}"
+        table = CliRunner().invoke(app, args)
+        assert table.exit_code == 0 and "fault" in table.output and FAULTY in table.output
+    finally:
+        reset_settings()
+        mlflow.set_tracking_uri(previous)
+        mlflow.set_registry_uri(previous)

@@ -14,6 +14,7 @@ from tasks.train import (
     TrainingData,
     TrainingDataError,
     calibrate_threshold,
+    calibrated_false_alarm_rate,
     check_features,
     dense_macs,
     dense_params,
@@ -193,19 +194,37 @@ def test_reconstruction_error_is_row_mse() -> None:
         reconstruction_error(lambda v: v[:, :1], x)
 
 
-def test_threshold_is_the_requested_percentile() -> None:
+def test_threshold_is_the_conformal_order_statistic_of_the_calibration_errors() -> None:
     errors = np.arange(1, 1001, dtype=np.float32)
     threshold = calibrate_threshold(errors, 99.5)
-    assert threshold == pytest.approx(np.percentile(errors, 99.5))
-    assert np.mean(errors > threshold) == pytest.approx(0.005, abs=0.001)
-    assert calibrate_threshold(np.arange(11), 90) == pytest.approx(9.0)
+    assert threshold == 996.0  # ceil(1001 * 0.995) = 996th smallest
+    assert np.mean(errors > threshold) == pytest.approx(0.004)
+    assert calibrated_false_alarm_rate(1000, 99.5) == pytest.approx(5 / 1001)
+    assert calibrate_threshold(np.arange(11), 90) == 10.0  # ceil(12 * 0.9) = 11th: the largest
+    assert calibrated_false_alarm_rate(11, 90) == pytest.approx(1 / 12)
     assert calibrate_threshold([4.0, 1.0, 3.0], 100) == pytest.approx(4.0)
     with pytest.raises(ValueError, match="percentile"):
         calibrate_threshold(errors, 0)
+    with pytest.raises(ValueError, match="calibration windows"):
+        calibrated_false_alarm_rate(0, 99)
     with pytest.raises(TrainingDataError, match="NaN"):
         calibrate_threshold([1.0, np.nan], 99)
     with pytest.raises(TrainingDataError, match="no calibration errors"):
         calibrate_threshold([], 99)
+
+
+@pytest.mark.parametrize("n_calibration", [20, 64, 400])
+def test_calibrated_rate_is_what_new_normal_windows_exceed(n_calibration: int) -> None:
+    # 4,000 draws of a calibration set: new normal errors exceed the threshold at the promised rate
+    # on average (64 windows at the 99.5th percentile promise 1/65, not 0.5%, and deliver it)
+    rng = np.random.default_rng(3)
+    calibrations = rng.gamma(2.0, size=(4000, n_calibration))
+    thresholds = np.array([calibrate_threshold(c, 99.5) for c in calibrations])
+    exceed = np.mean(rng.gamma(2.0, size=(4000, 200)) > thresholds[:, None])
+    promised = calibrated_false_alarm_rate(n_calibration, 99.5)
+    assert exceed == pytest.approx(promised, rel=0.1)
+    # at most 1 - p once the calibration set is large enough, else the largest error is the threshold
+    assert promised <= 0.005 or np.array_equal(thresholds, calibrations.max(axis=1))
 
 
 # --- training ----------------------------------------------------------------------------------
@@ -243,6 +262,6 @@ def test_threshold_from_trained_model_flags_the_requested_share_of_calibration()
     trained = train_autoencoder(split.train, split.validation, tiny_config(epochs=3))
     errors = reconstruction_error(trained.model, split.calibration)
     threshold = calibrate_threshold(errors, 99.0)
-    assert int(np.sum(errors > threshold)) == 3  # 1% of 300 calibration rows
+    assert int(np.sum(errors > threshold)) == 2  # the 298th of 300 (ceil(301 x 0.99)): 2 above
     shifted = x[:50] + 4.0
     assert np.mean(reconstruction_error(trained.model, shifted) > threshold) > 0.9

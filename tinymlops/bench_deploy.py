@@ -36,7 +36,13 @@ from firmware.signing import KeyRing, ManifestSigner, generate_keypair
 from firmware.tflm import measure_arena, tflite_predict
 from tasks.compress import to_tflite_int8
 from tasks.deploy import DeployableModel, DeploymentSession
-from tasks.train import TrainingConfig, calibrate_threshold, reconstruction_error, train_autoencoder
+from tasks.train import (
+    TrainingConfig,
+    calibrate_threshold,
+    calibrated_false_alarm_rate,
+    reconstruction_error,
+    train_autoencoder,
+)
 from tinymlops.bench import machine_description
 from tinymlops.errors import TinyMLOpsError
 from tinymlops.mqtt import BrokerAddress, MosquittoBroker, connect, make_client
@@ -72,9 +78,10 @@ def bench_model(settings: Settings, *, seed: int = 0) -> DeployableModel:
     arena = measure_arena(model).smallest_working_bytes
     # The TFLite interpreter, not TFLite Micro: the device's first load must still probe the arena (reported apart).
     errors = reconstruction_error(lambda x: tflite_predict(model, x), features[300:])
-    threshold = calibrate_threshold(errors, 100 * (1 - _EXPECTED_ANOMALY_RATE))
+    percentile = 100 * (1 - _EXPECTED_ANOMALY_RATE)
+    threshold = calibrate_threshold(errors, percentile)
     return DeployableModel("bench-ae", PROFILE, model, spec, threshold, arena,
-                           expected_anomaly_rate=_EXPECTED_ANOMALY_RATE)  # fmt: skip
+                           expected_anomaly_rate=calibrated_false_alarm_rate(len(errors), percentile))  # fmt: skip
 
 
 def _percentile(values: list[float], q: float) -> float:

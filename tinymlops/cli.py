@@ -25,7 +25,6 @@ from typing import Annotated, Any, NoReturn
 
 import pydantic
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from tinymlops.cli_deploy import deploy_command, keys_app, require_broker, require_prefect_api
@@ -36,6 +35,7 @@ from tinymlops.cli_security import security_app
 from tinymlops.errors import ConfigError, LakeError, TinyMLOpsError
 from tinymlops.runtime import configure_logging, configure_prefect_env
 from tinymlops.settings import Settings, get_settings, settings_reference_markdown
+from tinymlops.terminal import make_console
 
 app = typer.Typer(
     name="tinymlops",
@@ -58,8 +58,8 @@ app.add_typer(firmware_app, name="firmware")
 app.add_typer(keys_app, name="keys")
 app.command("deploy")(deploy_command)
 
-console = Console()
-err_console = Console(stderr=True)
+console = make_console()
+err_console = make_console(stderr=True)
 _state = {"debug": False}
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,9 @@ def simulate(
     fault: Annotated[
         list[str] | None, typer.Option(help="Inject KIND:SEVERITY[:DEVICE,...], e.g. inner_race:0.8:node-0001.")
     ] = None,
-    broker: Annotated[str | None, typer.Option(help="Broker URL (default from settings).")] = None,
+    broker: Annotated[
+        str | None, typer.Option(help="Broker URL (default: settings, else the one `tinymlops broker` announced).")
+    ] = None,
 ) -> None:
     """Run a virtual fleet of sensor nodes that publish vibration windows over MQTT."""
     settings = _settings()
@@ -255,7 +257,7 @@ def simulate(
     from firmware.boot import next_boot_epoch
     from firmware.fleet import VirtualFleet
     from firmware.sensor import FaultSpec
-    from tinymlops.mqtt import broker_for
+    from tinymlops.mqtt import broker_to_publish_to
 
     name = fleet or settings.fleet
     # Every run is a new boot of the nodes: seqs restart at 0 in a new epoch, kept in a counter file.
@@ -278,7 +280,7 @@ def simulate(
             raise typer.BadParameter(f"invalid fault {spec!r}: {exc}", param_hint="--fault") from None
         sim.inject_fault(fault_spec, targets.split(",") if targets else None)
     mqtt_settings = settings.mqtt.model_copy(update={"url": broker or settings.mqtt.url})
-    with broker_for(mqtt_settings) as address:
+    with broker_to_publish_to(mqtt_settings, settings.data_dir) as address:
         stats = sim.run(address, interval_s=interval, duration_s=seconds, windows_per_device=windows)
     console.print(
         f"published {stats.published} windows from {devices} nodes in {stats.seconds:.1f} s (boot epoch {boot_epoch})"
@@ -349,11 +351,14 @@ def evaluate(
         str, typer.Option(help="Lake selector fleet=NAME[,device=A|B][,since=ISO][,until=ISO], or a lake directory.")
     ],
     output: Annotated[Path | None, typer.Option(help="Also write the evaluation JSON to this file.")] = None,
+    holdout: Annotated[
+        bool, typer.Option(help="Only normal windows the model did not train on (outside each device's trained span).")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the evaluation as JSON instead of a table.")] = False,
 ) -> None:
     """Evaluate a model (float, int8 TFLite, int8 TFLite Micro) on labelled lake windows at its threshold."""
     settings = _settings()
-    from tasks.datasets import LakeSelection, load_labelled, parse_selector
+    from tasks.datasets import LakeSelection, load_labelled, outside_spans, parse_selector
     from tasks.evaluate import evaluate_bundle
 
     bundle = _load_model(model)
@@ -365,19 +370,34 @@ def evaluate(
     labelled = load_labelled(
         lake_root, selection, window_samples=settings.sensor.window_samples, max_abs_g=settings.sensor.max_abs_g
     )
+    normal = labelled.normal
+    if holdout:
+        spans = bundle.metadata.trained_span_us
+        if not spans:
+            raise ConfigError(f"{model} records no trained windows (a bundle from before the record): no --holdout")
+        normal = normal.select(outside_spans(normal, spans))
+        if not len(normal):
+            raise ConfigError(f"no normal windows of {data} lie outside what {model} trained on")
     comparison = evaluate_bundle(
         bundle,
-        labelled.normal.samples,
+        normal.samples,
         labelled.faults,
         window_seconds=settings.sensor.window_samples / labelled.normal.sample_rate_hz,
     )
-    report = {"model": model, "data": data, "threshold": bundle.metadata.threshold, "evaluations": comparison.to_dict()}
+    report = {
+        "model": model,
+        "data": data,
+        "holdout": holdout,
+        "threshold": bundle.metadata.threshold,
+        "evaluations": comparison.to_dict(),
+    }
     if output is not None:
         output.write_text(json.dumps(report, indent=2))
     if as_json:
         print(json.dumps(report))
         return
-    title = f"{bundle.metadata.model_name} on {data} (threshold {bundle.metadata.threshold:.4g})"
+    scope = "held-out windows of " if holdout else ""
+    title = f"{bundle.metadata.model_name} on {scope}{data} (threshold {bundle.metadata.threshold:.4g})"
     evaluations = comparison.evaluations
     _print_table(
         title,
@@ -389,11 +409,14 @@ def evaluate(
                 "recall": e.recall,
                 "f1": e.f1,
                 "false alarms/h": e.false_alarms_per_hour,
+                "false alarm rate": e.false_alarm_rate,
+                "normal windows": e.n_normal,
             }
             for name, e in evaluations.items()
         ],
     )
     _print_table("ROC-AUC per fault class", [{"model": name, **e.auc_by_fault} for name, e in evaluations.items()])
+    _print_table("Detected per fault class", [{"model": name, **e.recall_by_fault} for name, e in evaluations.items()])
 
 
 def _load_model(ref: str) -> Any:
@@ -409,6 +432,54 @@ def _load_model(ref: str) -> Any:
 
     configure_from_settings(get_settings())
     return resolve(ref).bundle
+
+
+@app.command()
+def monitor(
+    fleet: Annotated[str | None, typer.Option(help="Fleet to judge (default from settings).")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="The model its devices run, NAME@alias (default: the first target's champion).")
+    ] = None,
+    minutes: Annotated[
+        float | None, typer.Option(min=0.05, help="How far back to look (default: drift.window_minutes).")
+    ] = None,
+    until: Annotated[str | None, typer.Option(help="End of the window, ISO time (default: now).")] = None,
+    events: Annotated[bool, typer.Option(help="Emit the drift and alert events (retraining may follow).")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the whole report as JSON.")] = False,
+) -> None:
+    """Judge a fleet's last minutes of live windows: ok, fault (alert) or data drift (the monitor flow)."""
+    settings = _settings()
+    end = _parse_time(until, "--until")
+    _check_fleet(fleet)
+    from registry.store import check_tracking
+
+    check_tracking(settings.mlflow_tracking_uri)
+    require_prefect_api(settings)
+    from flows.monitor import monitor_flow
+
+    report = monitor_flow(fleet=fleet, model_ref=model, window_minutes=minutes, until=end, emit_events=events)
+    if as_json:
+        print(json.dumps(report))
+        return
+    assessment = report["assessment"]
+    console.print(f"fleet {report['fleet']}: [bold]{report['verdict']}[/] ({report['windows_live']} live windows, "
+                  f"model {report['model']}, threshold {report['threshold']:.4g})")  # fmt: skip
+    for reason in assessment["reasons"]:
+        console.print(f"  {reason}")
+    _print_table(
+        "Devices",
+        [
+            {
+                "device": d["device"],
+                "verdict": d["verdict"],
+                "windows": d["n_windows"],
+                "anomaly rate": d["anomaly_rate"],
+                "limit": d["anomaly_rate_limit"],
+            }
+            for d in assessment["devices"]
+        ],
+    )
+    console.print(f"events: {', '.join(report['events']) or 'none'}")
 
 
 @app.command()
@@ -452,13 +523,21 @@ def import_files(
     label: Annotated[str | None, typer.Option(help="Label: normal, or a fault type such as inner_race.")] = None,
     var: Annotated[str | None, typer.Option(help="Variable/column to read when a file has several.")] = None,
     fleet: Annotated[str | None, typer.Option(help="Fleet (default from settings).")] = None,
+    start: Annotated[
+        str | None, typer.Option(help="ISO time of the first file's first sample (UTC if no zone; default now).")
+    ] = None,
 ) -> None:
-    """Import recorded vibration files into the lake, resampled to the fleet's sensor rate."""
+    """Import recorded vibration files into the lake, resampled to the fleet's sensor rate.
+
+    The files of one call are one recording in the order given: each starts where the one before ended.
+    """
     settings = _settings()
+    next_start = _parse_time(start, "--start")
     _check_fleet(fleet)
     _writable_dir(settings.lake_root, "lake")
-    from tasks.importers import import_file
+    from tasks.importers import ImportLimits, import_file
 
+    limits = ImportLimits(settings.lake.import_max_samples, settings.lake.import_max_mat_mb * 2**20)
     rows = []
     for path in paths:
         result = import_file(
@@ -472,7 +551,10 @@ def import_files(
             target_rate_hz=settings.sensor.sample_rate_hz,
             window_samples=settings.sensor.window_samples,
             max_abs_g=settings.sensor.max_abs_g,
+            limits=limits,
+            start=next_start,
         )
+        next_start = result.end or next_start
         rows.append(
             {
                 "file": str(path),
@@ -485,6 +567,50 @@ def import_files(
     _print_table("Imported", rows)
 
 
+@app.command()
+def replay(
+    path: Annotated[Path, typer.Argument(help="Recording: .npz, .mat, .csv or .parquet.")],
+    device: Annotated[str, typer.Option(help="Device id the windows are published as.")],
+    fs: Annotated[float | None, typer.Option(help="Sampling rate in Hz (if the file has none).")] = None,
+    var: Annotated[str | None, typer.Option(help="Variable/column to read when the file has several.")] = None,
+    speed: Annotated[float, typer.Option(min=0.0, help="Playback speed, x real time; 0: as fast as possible.")] = 1.0,
+    fleet: Annotated[str | None, typer.Option(help="Fleet (default from settings).")] = None,
+    broker: Annotated[
+        str | None, typer.Option(help="Broker URL (default: settings, else the one `tinymlops broker` announced).")
+    ] = None,
+) -> None:
+    """Publish a recording over MQTT as a live sensor would, for the ingest and the monitor to judge it."""
+    settings = _settings()
+    _check_fleet(fleet)
+    from firmware.boot import next_boot_epoch
+    from firmware.ota import OtaTopics
+    from firmware.replay import replay as replay_recording
+    from tasks.importers import ImportLimits, load_recording
+    from tinymlops.mqtt import broker_to_publish_to
+
+    name = fleet or settings.fleet
+    topic = OtaTopics(name, settings.mqtt.topic_root).vibration(device)  # checks the device id
+    limits = ImportLimits(settings.lake.import_max_samples, settings.lake.import_max_mat_mb * 2**20)
+    signal = load_recording(path, target_rate_hz=settings.sensor.sample_rate_hz, var=var, fs=fs, limits=limits)
+    mqtt_settings = settings.mqtt.model_copy(update={"url": broker or settings.mqtt.url})
+    with broker_to_publish_to(mqtt_settings, settings.data_dir) as address:
+        stats = replay_recording(
+            signal,
+            address,
+            topic=topic,
+            device_id=device,
+            sample_rate_hz=settings.sensor.sample_rate_hz,
+            window_samples=settings.sensor.window_samples,
+            speed=speed,
+            # Every replay is a new boot of the sensor: its seqs restart at 0 in a new epoch.
+            boot_epoch=next_boot_epoch(settings.data_dir / "simulate" / f"{name}.boot-epoch", sender=device),
+        )
+    console.print(
+        f"replayed {stats.windows} windows of {path} as {name}/{device} to {address.url} in {stats.seconds:.1f} s "
+        f"(full scale {stats.full_scale_g:.3g} g)"
+    )
+
+
 @app.command("import-cwru")
 def import_cwru_command(
     directory: Annotated[Path | None, typer.Argument(help="CWRU directory (default: settings.cwru_dir).")] = None,
@@ -494,7 +620,7 @@ def import_cwru_command(
     settings = _settings()
     _check_fleet(fleet)
     _writable_dir(settings.lake_root, "lake")
-    from tasks.importers import import_cwru
+    from tasks.importers import ImportLimits, import_cwru
 
     results = import_cwru(
         directory or settings.cwru_dir,
@@ -503,6 +629,7 @@ def import_cwru_command(
         target_rate_hz=settings.sensor.sample_rate_hz,
         window_samples=settings.sensor.window_samples,
         max_abs_g=settings.sensor.max_abs_g,
+        limits=ImportLimits(settings.lake.import_max_samples, settings.lake.import_max_mat_mb * 2**20),
     )
     _print_table(
         "Imported",
@@ -589,11 +716,14 @@ def serve(
 
 @app.command()
 def broker() -> None:
-    """Start the embedded MQTT broker (Mosquitto if installed, else amqtt) and keep it up until Ctrl-C."""
-    settings = _settings()
-    from tinymlops.mqtt import broker_for
+    """Start the embedded MQTT broker (Mosquitto if installed, else amqtt) and keep it up until Ctrl-C.
 
-    with broker_for(settings.mqtt.model_copy(update={"url": None})) as address:
+    It is announced in the data directory, so `simulate` and `device run` started later publish to it.
+    """
+    settings = _settings()
+    from tinymlops.mqtt import announced, broker_for
+
+    with broker_for(settings.mqtt.model_copy(update={"url": None})) as address, announced(address, settings.data_dir):
         console.print(f"MQTT broker listening on [bold]{address.url}[/]; Ctrl-C stops it")
         with contextlib.suppress(KeyboardInterrupt):
             threading.Event().wait()
@@ -603,11 +733,11 @@ def broker() -> None:
 def show_config(
     reference: Annotated[bool, typer.Option(help="Print the reference of every setting as markdown.")] = False,
 ) -> None:
-    """Print the effective settings (secrets masked), or the reference of all settings."""
+    """Print the effective settings, derived defaults resolved and secrets masked, or the reference of all settings."""
     if reference:
         print(settings_reference_markdown(), end="")
         return
-    console.print_json(get_settings().model_dump_json())
+    console.print_json(json.dumps(get_settings().resolved()))
 
 
 @bench_app.callback()

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from tinymlops.errors import BrokerError, ConfigError
 from tinymlops.runtime import configure_prefect_env
 from tinymlops.settings import Settings, get_settings
+from tinymlops.terminal import make_console
 
 if TYPE_CHECKING:
     from tasks.deploy import KeyStore
@@ -32,7 +32,7 @@ keys_app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-console = Console()
+console = make_console()
 PROBE_TIMEOUT_S = 5.0
 
 

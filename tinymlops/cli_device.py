@@ -15,16 +15,16 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from tinymlops.errors import ConfigError
 from tinymlops.settings import get_settings
+from tinymlops.terminal import make_console
 
 device_app = typer.Typer(
     help="Simulated MCU devices: signed OTA model updates over MQTT, TFLite Micro scoring.", no_args_is_help=True
 )
-console = Console()
+console = make_console()
 log = logging.getLogger(__name__)
 
 
@@ -37,7 +37,9 @@ def run(
     profile: Annotated[str, typer.Option(help="MCU profile of the devices (catalog key).")] = "nrf52840",
     group: Annotated[str | None, typer.Option(help="Group whose manifests the devices also follow.")] = None,
     seconds: Annotated[float | None, typer.Option(min=0, help="Run this long (default: until Ctrl-C).")] = None,
-    broker: Annotated[str | None, typer.Option(help="Broker URL (default: settings, else embedded).")] = None,
+    broker: Annotated[
+        str | None, typer.Option(help="Broker URL (default: settings, else the one `tinymlops broker` announced).")
+    ] = None,
     interval: Annotated[float, typer.Option(min=0.01, help="Seconds between two scored windows of a device.")] = 1.0,
     keyring: Annotated[Path | None, typer.Option(help="Key ring JSON (default <data_dir>/keys/).")] = None,
     seed: Annotated[int, typer.Option(help="Base seed of the machines.")] = 0,
@@ -54,7 +56,7 @@ def run(
     from firmware.device_fleet import DeviceFleet
     from firmware.ota import check_name
     from firmware.signing import KeyRing, default_keyring_path
-    from tinymlops.mqtt import broker_for
+    from tinymlops.mqtt import broker_to_publish_to
     from tinymlops.targets import get_target
 
     n_simulated = devices if devices is not None else (0 if emulated else 10)
@@ -74,7 +76,7 @@ def run(
     )
     mqtt_settings = settings.mqtt.model_copy(update={"url": broker or settings.mqtt.url})
     rows: list[tuple[str, str, str, str, int, int]] = []
-    with broker_for(mqtt_settings) as address, contextlib.ExitStack() as running:
+    with broker_to_publish_to(mqtt_settings, settings.data_dir) as address, contextlib.ExitStack() as running:
         started = time.monotonic()
         if n_simulated:
             sim = DeviceFleet(name, n_simulated, target, ring, address, group=group, seed=seed,

@@ -12,13 +12,14 @@ from dataclasses import asdict
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
+
+from tinymlops.terminal import make_console
 
 firmware_app = typer.Typer(
     help="Cortex-M firmware images for the emulated boards (QEMU): build and size.", no_args_is_help=True
 )
-console = Console()
+console = make_console()
 
 
 @firmware_app.command("build")

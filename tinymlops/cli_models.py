@@ -16,15 +16,15 @@ import json
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from tinymlops.settings import get_settings
+from tinymlops.terminal import make_console
 
 models_app = typer.Typer(
     help="Registered models in MLflow: list, show, promote, roll back.", no_args_is_help=True, add_completion=False
 )
-console = Console()
+console = make_console()
 
 _ActorOption = Annotated[str | None, typer.Option(help="Who acts (recorded; default the OS user).")]
 

@@ -13,17 +13,17 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from tinymlops.errors import ConfigError
 from tinymlops.settings import get_settings
+from tinymlops.terminal import make_console
 
 security_app = typer.Typer(
     help="MQTT secure profile: CA and certificates, per-device passwords and ACL, device provisioning files.",
     no_args_is_help=True,
 )
-console = Console()
+console = make_console()
 
 MaterialDir = Annotated[Path, typer.Argument(help="Material directory written by `security init`.")]
 

@@ -107,7 +107,7 @@ def _phase(console: Console, text: str) -> None:
 
 def run_demo(config: DemoConfig, console: Console) -> DemoSummary:
     """Run the demo; services are stopped at the end unless ``config.keep_running``."""
-    from tinymlops.mqtt import broker_for
+    from tinymlops.mqtt import announced, broker_for
     from tinymlops.services import mlflow_ui, prefect_server
 
     started = time.monotonic()
@@ -120,6 +120,7 @@ def run_demo(config: DemoConfig, console: Console) -> DemoSummary:
     try:
         _phase(console, "1. Services")
         address = stack.enter_context(broker_for(base.mqtt))
+        stack.enter_context(announced(address, base.data_dir))  # `tinymlops simulate` elsewhere publishes to it
         prefect = prefect_server(demo_dir / "prefect", demo_dir / "logs").start()
         stack.callback(prefect.stop)
         env = {

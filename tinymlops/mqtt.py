@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -409,3 +410,61 @@ def broker_for(settings: MqttSettings) -> Iterator[BrokerAddress]:
         yield broker.address
     finally:
         broker.stop()
+
+
+BROKER_FILE = "broker.json"
+
+
+@contextmanager
+def announced(address: BrokerAddress, data_dir: Path) -> Iterator[Path]:
+    """Announce a running broker in ``data_dir/broker.json`` for the block, so clients started later find it.
+
+    The file names the URL and this process; it is removed on exit if it is still this process's.
+    """
+    from tinymlops.files import write_file_atomic
+
+    path = data_dir / BROKER_FILE
+    data_dir.mkdir(parents=True, exist_ok=True)
+    record = {"url": address.url, "pid": os.getpid(), "started": time.time()}
+    write_file_atomic(path, json.dumps(record).encode(), 0o644)
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(path.read_text()).get("pid") == os.getpid():
+                path.unlink()
+
+
+def find_announced_broker(data_dir: Path) -> BrokerAddress | None:
+    """The broker a running ``tinymlops broker`` or demo announced in ``data_dir``, if it still answers."""
+    path = data_dir / BROKER_FILE
+    try:
+        record = json.loads(path.read_text())
+        address = parse_broker_url(str(record["url"]))
+        os.kill(int(record["pid"]), 0)  # its process is alive (ProcessLookupError otherwise)
+        with socket.create_connection((address.host, address.port), timeout=2.0):
+            return address
+    except (OSError, ValueError, KeyError, TypeError, BrokerError):
+        return None
+
+
+@contextmanager
+def broker_to_publish_to(settings: MqttSettings, data_dir: Path) -> Iterator[BrokerAddress]:
+    """The broker a client that publishes must reach: the configured one, else the one announced in ``data_dir``.
+
+    A private broker would take the messages and hand them to nobody, so none is started.
+
+    Raises:
+        BrokerError: No broker is configured and none is announced; the message says what to start.
+    """
+    if settings.url:
+        yield parse_broker_url(settings.url)
+        return
+    address = find_announced_broker(data_dir)
+    if address is None:
+        raise BrokerError(
+            f"no MQTT broker to publish to: none configured and none announced in {data_dir / BROKER_FILE}; "
+            "start `tinymlops broker` (or `tinymlops demo --keep-running`) first, or give --broker"
+        )
+    log.info("publishing to the broker announced in %s: %s", data_dir / BROKER_FILE, address.url)
+    yield address

@@ -20,6 +20,7 @@ def configure_prefect_env(settings: Settings) -> None:
     os.environ.setdefault("PREFECT_HOME", str(home))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(settings.prefect.startup_timeout_s))
     if settings.prefect.api_url:
         os.environ.setdefault("PREFECT_API_URL", settings.prefect.api_url)
 

@@ -69,6 +69,11 @@ class BundleMetadata(BaseModel):
     sparsity: float
     budget_passed: bool
     dataset_fingerprint: str = Field(description="sha256 over the training windows and the lake selection.")
+    trained_span_us: dict[str, tuple[int, int]] = Field(
+        default_factory=dict,
+        description="Per device, the first and last timestamp (us) of the windows it trained on (train, "
+        "validation and calibration): windows outside are held out (`evaluate --holdout`).",
+    )
     created_at: str = Field(default_factory=lambda: dt.datetime.now(tz=dt.UTC).isoformat())
     metrics: dict[str, float] = Field(default_factory=dict, description="Evaluation and size figures.")
     lineage: dict[str, str] = Field(default_factory=dict, description="Run ids, flow run ids, lake selection.")

@@ -8,8 +8,10 @@ SQLite file, Prefect without a server, everything under ``data/``.
 from __future__ import annotations
 
 import functools
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -43,6 +45,8 @@ class MqttSettings(BaseModel):
 
 
 DEFAULT_MAX_ABS_G = 2000.0
+DEFAULT_IMPORT_MAX_SAMPLES = 1 << 25  # 22 min at 25.6 kHz; 256 MiB as float64, of which the import holds a few copies
+DEFAULT_IMPORT_MAX_MAT_MB = 256
 """Largest |sample x scale| in g a real vibration sensor reports (see :attr:`SensorSettings.max_abs_g`)."""
 
 
@@ -96,6 +100,16 @@ class LakeSettings(BaseModel):
     compact_after_minutes: int = Field(
         default=60, ge=0, description="Compact an hour partition's files into one this long after the hour ends."
     )
+    import_max_samples: int = Field(
+        default=DEFAULT_IMPORT_MAX_SAMPLES,
+        ge=1,
+        description="Refuse to import a recording longer than this many samples (the import holds it in memory).",
+    )
+    import_max_mat_mb: int = Field(
+        default=DEFAULT_IMPORT_MAX_MAT_MB,
+        ge=1,
+        description="Refuse to import a .mat file larger than this (MiB): .mat files are read whole, not in chunks.",
+    )
 
 
 class IngestSettings(BaseModel):
@@ -118,6 +132,12 @@ class PrefectSettings(BaseModel):
 
     api_url: str | None = Field(default=None, description="Prefect API URL; unset runs flows without a server.")
     home: Path | None = Field(default=None, description="PREFECT_HOME; default <data_dir>/prefect.")
+    startup_timeout_s: int = Field(
+        default=180,
+        ge=1,
+        description="Wait this long for the ephemeral Prefect server a command starts without api_url "
+        "(Prefect's 20 s is missed on a loaded 2-core machine).",
+    )
 
 
 class TargetSettings(BaseModel):
@@ -201,6 +221,28 @@ class Settings(BaseSettings):
     def prefect_home(self) -> Path:
         """Resolved PREFECT_HOME."""
         return self.prefect.home or self.data_dir / "prefect"
+
+    @property
+    def resolved_keys_dir(self) -> Path:
+        """Where the OTA signing key lives: ``keys_dir``, else ``$XDG_CONFIG_HOME/tinymlops/keys`` (~/.config)."""
+        if self.keys_dir is not None:
+            return self.keys_dir.expanduser()
+        config_home = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+        return Path(config_home).expanduser() / "tinymlops" / "keys"
+
+    def resolved(self) -> dict[str, Any]:
+        """Every setting as JSON values, with the defaults that derive from others filled in; secrets masked."""
+        values: dict[str, Any] = json.loads(self.model_dump_json())
+        values["keys_dir"] = str(self.resolved_keys_dir)
+        values["lake"].update(root=str(self.lake_root), quarantine=str(self.quarantine_root))
+        values["mlflow"].update(tracking_uri=self.mlflow_tracking_uri, artifact_root=self.mlflow_artifact_root)
+        values["prefect"]["home"] = str(self.prefect_home)
+        values["prefect"]["api_url"] = self.prefect.api_url or os.environ.get(
+            "PREFECT_API_URL", "none: each command starts a temporary Prefect server"
+        )
+        if not self.mqtt.url:
+            values["mqtt"]["url"] = f"none: an embedded {self.mqtt.embedded_broker} broker, or the announced one"
+        return values
 
 
 @functools.cache
