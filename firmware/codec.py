@@ -1,22 +1,26 @@
-"""Vibration window wire format, version 1 (see firmware/VIBRATION_FORMAT.md).
+"""Vibration window wire format, version 2 (see firmware/VIBRATION_FORMAT.md); version 1 is still read.
 
-All integers little-endian. A message is::
+All integers little-endian. A version-2 message is::
 
     offset  size  field
     0       2     magic b"TV"
-    2       1     header version (1)
+    2       1     header version (2)
     3       1     flags (0; reserved)
-    4       4     seq            u32, per-device sequence number
-    8       8     timestamp_us   u64, UNIX time of the first sample, microseconds
-    16      4     sample_rate_hz u32
-    20      4     scale          f32, physical units (g) per LSB
-    24      2     n_samples      u16
-    26      1     id_len         u8, length of device id
-    27      id_len device id (UTF-8, 1..64 bytes)
+    4       4     boot_epoch     u32, the device's boot counter: a new value on every start
+    8       4     seq            u32, sequence number within the boot epoch
+    12      8     timestamp_us   u64, UNIX time of the first sample, microseconds
+    20      4     sample_rate_hz u32
+    24      4     scale          f32, physical units (g) per LSB
+    28      2     n_samples      u16
+    30      1     id_len         u8, length of device id
+    31      id_len device id (UTF-8, 1..64 bytes)
     ...     2*n   samples        i16[n_samples]
     ...     4     crc32          u32, zlib CRC-32 of every byte before it
 
-Decoding raises :class:`DecodeError` with one line naming what is wrong, and nothing else.
+Version 1 is the same without ``boot_epoch`` (a 27-byte header); it decodes with boot epoch 0. A
+window is identified by (device, boot_epoch, seq): a device that restarts its seq at 0 on every
+start stays unique as long as its epoch changes. Decoding raises :class:`DecodeError` with one line
+naming what is wrong, and nothing else.
 """
 
 from __future__ import annotations
@@ -32,9 +36,12 @@ import numpy.typing as npt
 from tinymlops.errors import DecodeError
 
 MAGIC = b"TV"
-HEADER_VERSION = 1
-_HEADER = struct.Struct("<2sBBIQIfHB")
+HEADER_VERSION = 2
+_HEADERS = {1: struct.Struct("<2sBBIQIfHB"), 2: struct.Struct("<2sBBIIQIfHB")}
+_HEADER = _HEADERS[HEADER_VERSION]
 HEADER_SIZE = _HEADER.size
+_MIN_HEADER_SIZE = min(h.size for h in _HEADERS.values())
+MAX_EPOCH = 2**32 - 1
 CRC_SIZE = 4
 MAX_DEVICE_ID_BYTES = 64
 MAX_SAMPLES = 16_384
@@ -51,6 +58,8 @@ class VibrationWindow:
     sample_rate_hz: int
     scale: float
     samples: npt.NDArray[np.int16]
+    epoch: int = 0
+    """The device's boot epoch (0: a version-1 sender, or a device without a boot counter)."""
 
     def physical(self) -> npt.NDArray[np.float32]:
         """Return the samples in physical units (g)."""
@@ -58,7 +67,7 @@ class VibrationWindow:
 
 
 def encode(window: VibrationWindow) -> bytes:
-    """Encode a window into the version-1 wire format.
+    """Encode a window into the version-2 wire format.
 
     Args:
         window: The window to encode.
@@ -72,10 +81,13 @@ def encode(window: VibrationWindow) -> bytes:
     samples = np.ascontiguousarray(window.samples, dtype="<i2")
     if samples.ndim != 1 or not 1 <= samples.size <= MAX_SAMPLES:
         raise ValueError(f"samples must be 1-D with 1..{MAX_SAMPLES} values, got shape {samples.shape}")
+    if not 0 <= window.epoch <= MAX_EPOCH:
+        raise ValueError(f"boot epoch must be 0..{MAX_EPOCH}, got {window.epoch}")
     header = _HEADER.pack(
         MAGIC,
         HEADER_VERSION,
         0,
+        window.epoch,
         window.seq,
         window.timestamp_us,
         window.sample_rate_hz,
@@ -88,7 +100,7 @@ def encode(window: VibrationWindow) -> bytes:
 
 
 def decode(payload: bytes) -> VibrationWindow:
-    """Decode and integrity-check a version-1 message.
+    """Decode and integrity-check a version-2 (or version-1) message.
 
     Args:
         payload: The raw MQTT payload.
@@ -97,19 +109,29 @@ def decode(payload: bytes) -> VibrationWindow:
         The decoded window.
 
     Raises:
-        DecodeError: The bytes are not a valid version-1 message; the message says why.
+        DecodeError: The bytes are not a valid message; the message says why.
     """
     size = len(payload)
     if size > MAX_MESSAGE_BYTES:
         raise DecodeError(f"oversized message: {size} bytes, at most {MAX_MESSAGE_BYTES}")
-    if size < HEADER_SIZE + CRC_SIZE:
-        raise DecodeError(f"truncated message: {size} bytes, a header and CRC need {HEADER_SIZE + CRC_SIZE}")
-    magic, version, _flags, seq, ts_us, fs, scale, n, id_len = _HEADER.unpack_from(payload)
+    if size < _MIN_HEADER_SIZE + CRC_SIZE:
+        raise DecodeError(f"truncated message: {size} bytes, a header and CRC need {_MIN_HEADER_SIZE + CRC_SIZE}")
+    magic, version = bytes(payload[:2]), payload[2]
     if magic != MAGIC:
         raise DecodeError(f"bad magic {magic!r}, expected {MAGIC!r}")
-    if version != HEADER_VERSION:
-        raise DecodeError(f"unsupported header version {version}, this decoder reads {HEADER_VERSION}")
-    expected = HEADER_SIZE + id_len + 2 * n + CRC_SIZE
+    header = _HEADERS.get(version)
+    if header is None:
+        raise DecodeError(f"unsupported header version {version}, this decoder reads {sorted(_HEADERS)}")
+    if size < header.size + CRC_SIZE:
+        raise DecodeError(f"truncated message: {size} bytes, a version-{version} header and CRC need "
+                          f"{header.size + CRC_SIZE}")  # fmt: skip
+    if version == 1:
+        _, _, _flags, seq, ts_us, fs, scale, n, id_len = header.unpack_from(payload)
+        epoch = 0
+    else:
+        _, _, _flags, epoch, seq, ts_us, fs, scale, n, id_len = header.unpack_from(payload)
+    start = header.size
+    expected = start + id_len + 2 * n + CRC_SIZE
     if size != expected:
         kind = "truncated" if size < expected else "oversized"
         raise DecodeError(f"{kind} message: {size} bytes, header announces {expected} ({n} samples)")
@@ -125,10 +147,10 @@ def decode(payload: bytes) -> VibrationWindow:
             f"{n} samples (at most {MAX_SAMPLES})"
         )
     try:
-        device = bytes(payload[HEADER_SIZE : HEADER_SIZE + id_len]).decode("utf-8")
+        device = bytes(payload[start : start + id_len]).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise DecodeError(f"device id is not UTF-8: {exc.reason}") from None
     if not math.isfinite(scale) or scale <= 0:
         raise DecodeError(f"invalid scale {scale}: must be a finite positive number")
-    samples = np.frombuffer(payload, dtype="<i2", count=n, offset=HEADER_SIZE + id_len)
-    return VibrationWindow(device, seq, ts_us, fs, float(scale), samples)
+    samples = np.frombuffer(payload, dtype="<i2", count=n, offset=start + id_len)
+    return VibrationWindow(device, seq, ts_us, fs, float(scale), samples, epoch)

@@ -45,6 +45,7 @@ import numpy as np
 import numpy.typing as npt
 import paho.mqtt.client as mqtt
 
+from firmware.boot import next_boot_epoch
 from firmware.codec import VibrationWindow, encode
 from firmware.dsp import DSP_SPEC_VERSION, DspSpec, extract_features
 from firmware.ota import (
@@ -302,6 +303,8 @@ class DeviceRuntime:
         simulator: Its machine; default one seeded from the device id.
         config: Behaviour; defaults to :class:`DeviceConfig`.
         mqtt_settings: MQTT credentials and TLS for :meth:`start`.
+        boot_epoch: Boot epoch of its windows (default :func:`firmware.boot.next_boot_epoch`): every
+            device object is a new boot, its window seqs start at 0 again in a new epoch.
     """
 
     def __init__(
@@ -316,6 +319,7 @@ class DeviceRuntime:
         simulator: VibrationSource | None = None,
         config: DeviceConfig | None = None,
         mqtt_settings: MqttSettings | None = None,
+        boot_epoch: int | None = None,
     ) -> None:
         self.device_id = check_name(device_id, "device id")
         self.group = check_name(group, "group") if group is not None else None
@@ -342,6 +346,7 @@ class DeviceRuntime:
         self._transfer: _Transfer | None = None
         self._status: DeviceStatus | None = None
         self._status_seq = 0
+        self.boot_epoch = next_boot_epoch(sender=self.device_id) if boot_epoch is None else boot_epoch
         self._window_seq = 0
         self.windows_scored = 0
         self.anomalies = 0
@@ -633,7 +638,7 @@ class DeviceRuntime:
         """Take the next window from the sensor (int16 as the ADC gives it), publish it if configured."""
         samples, scale = quantize(self.simulator.next_window(), self.config.full_scale_g)
         window = VibrationWindow(self.device_id, self._window_seq, time.time_ns() // 1000,
-                                 self.simulator.sample_rate_hz, scale, samples)  # fmt: skip
+                                 self.simulator.sample_rate_hz, scale, samples, self.boot_epoch)  # fmt: skip
         self._window_seq += 1
         if self.config.publish_windows:
             self._publish(self.topics.vibration(self.device_id), encode(window), qos=1)

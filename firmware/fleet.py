@@ -1,7 +1,8 @@
 """A virtual fleet: many simulated sensor nodes in one process, publishing windows over MQTT.
 
-Each node owns a :class:`MachineSimulator` (its machine's physics) and a sequence counter; the
-fleet shares one MQTT connection so hundreds of nodes fit in one process.
+Each node owns a :class:`MachineSimulator` (its machine's physics) and a sequence counter that
+starts at 0 in a new boot epoch on every start; the fleet shares one MQTT connection so hundreds of
+nodes fit in one process.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
 
+from firmware.boot import next_boot_epoch
 from firmware.codec import VibrationWindow, encode
 from firmware.sensor import DriftSpec, FaultSpec, MachineSimulator, OperatingPoint, VibrationSource, quantize
 from tinymlops.mqtt import BrokerAddress, connect, make_client
@@ -22,19 +24,24 @@ log = logging.getLogger(__name__)
 
 
 class SensorNode:
-    """One simulated sensor: a machine, a sequence counter and a topic."""
+    """One simulated sensor: a machine, a boot epoch, a sequence counter within it, and a topic."""
 
-    def __init__(self, device_id: str, simulator: VibrationSource, topic: str, full_scale_g: float = 16.0) -> None:
+    def __init__(
+        self, device_id: str, simulator: VibrationSource, topic: str, full_scale_g: float = 16.0, epoch: int = 0
+    ) -> None:
         self.device_id = device_id
         self.simulator = simulator
         self.topic = topic
         self.full_scale_g = full_scale_g
+        self.epoch = epoch
         self.seq = 0
 
     def next_window(self, timestamp_us: int) -> VibrationWindow:
         """Simulate the next window and advance the sequence number."""
         samples, scale = quantize(self.simulator.next_window(), self.full_scale_g)
-        window = VibrationWindow(self.device_id, self.seq, timestamp_us, self.simulator.sample_rate_hz, scale, samples)
+        window = VibrationWindow(
+            self.device_id, self.seq, timestamp_us, self.simulator.sample_rate_hz, scale, samples, self.epoch
+        )
         self.seq += 1
         return window
 
@@ -59,6 +66,8 @@ class VirtualFleet:
         topic_root: First topic level.
         device_prefix: Device ids are ``<prefix>-<nnnn>``.
         rpm: Nominal shaft speed; each machine gets a small seeded offset.
+        boot_epoch: Boot epoch of every node (default :func:`firmware.boot.next_boot_epoch`: a new
+            one for every fleet started), so their seqs, restarting at 0, never repeat a key.
     """
 
     def __init__(
@@ -72,8 +81,10 @@ class VirtualFleet:
         topic_root: str = "tinymlops",
         device_prefix: str = "node",
         rpm: float = 1797.0,
+        boot_epoch: int | None = None,
     ) -> None:
         self.fleet = fleet
+        self.boot_epoch = next_boot_epoch(sender=f"fleet {fleet}") if boot_epoch is None else boot_epoch
         self.nodes: list[SensorNode] = []
         for i in range(n_devices):
             device_id = f"{device_prefix}-{i:04d}"
@@ -83,7 +94,8 @@ class VirtualFleet:
                 window_samples=window_samples,
                 operating_point=OperatingPoint(rpm=rpm * (1 + 0.01 * ((i % 5) - 2)), load=0.5),
             )
-            self.nodes.append(SensorNode(device_id, simulator, f"{topic_root}/{fleet}/{device_id}/vibration"))
+            topic = f"{topic_root}/{fleet}/{device_id}/vibration"
+            self.nodes.append(SensorNode(device_id, simulator, topic, epoch=self.boot_epoch))
 
     @property
     def device_ids(self) -> list[str]:

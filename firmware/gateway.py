@@ -39,6 +39,7 @@ from typing import Any, Protocol, Self
 
 import paho.mqtt.client as mqtt
 
+from firmware.boot import next_boot_epoch
 from firmware.codec import VibrationWindow, encode
 from firmware.frames import (
     COUNTER_NAMES,
@@ -261,6 +262,8 @@ class UartGateway:
         config: Behaviour.
         mqtt_settings: MQTT credentials and TLS.
         first_status_seq: Status seq to continue from (a restarted device keeps its order).
+        boot_epoch: Boot epoch of the windows it publishes for the device (default
+            :func:`firmware.boot.next_boot_epoch`): every gateway is a new boot, window seqs restart at 0.
     """
 
     def __init__(
@@ -276,6 +279,7 @@ class UartGateway:
         config: GatewayConfig | None = None,
         mqtt_settings: MqttSettings | None = None,
         first_status_seq: int = 0,
+        boot_epoch: int | None = None,
     ) -> None:
         self.device_id = check_name(device_id, "device id")
         self.group = check_name(group, "group") if group is not None else None
@@ -315,6 +319,7 @@ class UartGateway:
         self._download_ms: dict[int, float] = {}
         self._retained: dict[str, bytes] = {}
         self._pongs: dict[int, float] = {}
+        self.boot_epoch = next_boot_epoch(sender=self.device_id) if boot_epoch is None else boot_epoch
         self._window_seq = 0
         self._next_window_at: float | None = None
         self._summary_start = time.time()
@@ -548,7 +553,7 @@ class UartGateway:
         self._window_seq += 1
         rate = self.simulator.sample_rate_hz
         if self.config.publish_windows:
-            window = VibrationWindow(self.device_id, seq, time.time_ns() // 1000, rate, scale, samples)
+            window = VibrationWindow(self.device_id, seq, time.time_ns() // 1000, rate, scale, samples, self.boot_epoch)
             self._publish(self.topics.vibration(self.device_id), encode(window), 1)
         return WindowFrame(seq, scale, rate, tuple(samples.tolist()))
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from firmware.boot import next_boot_epoch
 from firmware.codec import VibrationWindow, encode
 from firmware.sensor import quantize
 from tinymlops.mqtt import BrokerAddress, connect, make_client
@@ -49,6 +50,7 @@ def replay(
     window_samples: int,
     speed: float = 1.0,
     stop: threading.Event | None = None,
+    boot_epoch: int | None = None,
 ) -> ReplayStats:
     """Publish a recording as consecutive windows of one sensor, paced at ``speed`` x real time.
 
@@ -61,6 +63,8 @@ def replay(
         window_samples: Samples per window.
         speed: Playback speed; 0 publishes as fast as the broker takes them.
         stop: Stop early when set.
+        boot_epoch: Boot epoch of the windows (default :func:`firmware.boot.next_boot_epoch`): every
+            replay is a new boot of the sensor, its seqs start at 0 again without reusing a key.
 
     Raises:
         ValueError: ``speed`` is negative or the recording is shorter than one window.
@@ -73,6 +77,7 @@ def replay(
         raise ValueError(f"the recording has {samples.size} samples, one window needs {window_samples}")
     full_scale_g = max(MIN_FULL_SCALE_G, float(np.abs(samples).max()) * 1.05)
     window_s = window_samples / sample_rate_hz
+    epoch = next_boot_epoch(sender=device_id) if boot_epoch is None else boot_epoch
     client = make_client(address, f"tinymlops-replay-{device_id}")
     connect(client, address)
     started = time.monotonic()
@@ -82,7 +87,7 @@ def replay(
             if stop is not None and stop.is_set():
                 break
             counts, scale = quantize(samples[seq * window_samples : (seq + 1) * window_samples], full_scale_g)
-            window = VibrationWindow(device_id, seq, time.time_ns() // 1000, sample_rate_hz, scale, counts)
+            window = VibrationWindow(device_id, seq, time.time_ns() // 1000, sample_rate_hz, scale, counts, epoch)
             client.publish(topic, encode(window), qos=1).wait_for_publish(timeout=60)
             published += 1
             if speed > 0:

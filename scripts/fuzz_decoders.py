@@ -101,7 +101,9 @@ def load_targets() -> dict[str, Target]:
             raise AssertionError(f"accepted {payload!r} re-encodes as {decoded.encode()!r}")
 
     def same_window(payload: bytes, decoded: Any) -> None:
-        canonical = fix_crc(payload[:3] + b"\x00" + payload[4:])  # flags are reserved: decode ignores them
+        # flags are reserved (decode ignores them); a version-1 window re-encodes as version 2 with epoch 0
+        rest = payload[4:] if payload[2] == 2 else bytes(4) + payload[4:]
+        canonical = fix_crc(payload[:2] + b"\x02\x00" + rest)
         if codec.encode(decoded) != canonical:
             raise AssertionError(f"accepted window {payload!r} re-encodes differently")
 
@@ -131,8 +133,8 @@ def load_targets() -> dict[str, Target]:
     rng = np.random.default_rng(0)
     windows = [
         codec.encode(codec.VibrationWindow("node-0001", 42, 1_790_000_000_000_000, 25_600, 0.001,
-                                           rng.integers(-2000, 2000, size, dtype=np.int16)))
-        for size in (8, 1024)
+                                           rng.integers(-2000, 2000, size, dtype=np.int16), epoch))
+        for size, epoch in ((8, 0), (1024, 1_790_000_000))
     ]  # fmt: skip
     tag = hashlib.sha256(model).digest()[:8]
     ref = ModelRef(name="vibration-ae-nrf52840", version=7, sha256=hashlib.sha256(model).hexdigest())

@@ -40,7 +40,7 @@ import scipy.io
 from scipy.signal import resample_poly
 
 from firmware.codec import MAX_DEVICE_ID_BYTES, MAX_SAMPLES, VibrationWindow
-from tasks.lake import WindowBatch, import_lock, known_seqs, known_sources, write_windows
+from tasks.lake import WindowBatch, import_lock, known_sources, last_seq, write_windows
 from tinymlops.errors import DataImportError
 from tinymlops.settings import DEFAULT_IMPORT_MAX_MAT_MB, DEFAULT_IMPORT_MAX_SAMPLES, DEFAULT_MAX_ABS_G
 
@@ -60,8 +60,6 @@ _CSV_FIRST_LINE_BYTES = 1 << 16
 _CSV_PROBE_ROWS = 1000
 _CSV_CHUNK_ROWS = 1 << 16
 _ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")  # a local file header; an empty archive
-# known_seqs looks back this many days: far enough to cover every window ever written.
-_ALL_DAYS = 100_000
 _NAME_OK = re.compile(rf"^[A-Za-z0-9_-]{{1,{MAX_DEVICE_ID_BYTES}}}$")
 _NAME_BAD_RUN = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -250,8 +248,8 @@ def import_file(
             )
         quantised, scale = _quantise(frames)
 
-        last_seq = known_seqs(lake_root, fleet, horizon_days=_ALL_DAYS).last(device_id)
-        first_seq = 0 if last_seq is None else last_seq + 1
+        last = last_seq(lake_root, fleet, device_id)  # imports number their windows in boot epoch 0
+        first_seq = 0 if last is None else last + 1
         start_us = _timestamp_us(start or dt.datetime.now(tz=dt.UTC))
         batch = WindowBatch()
         for i in range(n_windows):

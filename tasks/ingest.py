@@ -26,21 +26,26 @@ from firmware.codec import VibrationWindow, decode
 from tasks.lake import (
     CompactionReport,
     QuarantineRecord,
+    Seen,
     WindowBatch,
     compact_lake,
     ingest_lease,
-    known_seqs,
+    load_dedupe_index,
     range_problem,
+    save_key_snapshot,
+    window_digest,
     write_quarantine,
     write_windows,
 )
-from tinymlops.errors import DecodeError, TinyMLOpsError, ValidationError
+from tinymlops.errors import DecodeError, LakeError, TinyMLOpsError, ValidationError
 from tinymlops.mqtt import BrokerAddress, connect, make_client, parse_broker_url
 from tinymlops.settings import MqttSettings, SensorSettings, Settings, get_settings
 
 log = logging.getLogger(__name__)
 
 FULL_SCALE = (np.int16(-32768), np.int16(32767))
+# A continuous ingest saves its dedupe keys this often, so a restart after a kill reads few files.
+_KEY_SNAPSHOT_INTERVAL_S = 600.0
 
 
 def vibration_topic(topic_root: str, fleet: str, device: str) -> str:
@@ -147,7 +152,8 @@ class IngestConfig:
     mqtt: MqttSettings
     batch_windows: int = 2000
     flush_interval_s: float = 1.0
-    dedupe_horizon_days: int = 2
+    dedupe_horizon_days: float = 2
+    dedupe_digests_per_stream: int = 8192
 
 
 class Ingestor:
@@ -156,14 +162,41 @@ class Ingestor:
     def __init__(self, config: IngestConfig) -> None:
         self.config = config
         self.stats = IngestStats()
-        self._seen = known_seqs(config.lake_root, config.fleet, config.dedupe_horizon_days)
+        self._seen = load_dedupe_index(
+            config.lake_root,
+            config.fleet,
+            config.dedupe_horizon_days,
+            # A crash leaves at most one batch unacknowledged: its redeliveries must all find their digest.
+            digests_per_stream=max(config.dedupe_digests_per_stream, config.batch_windows),
+        )
+
+    def save_keys(self) -> None:
+        """Persist the index's keys so the next start reads only the files written since (a failure only costs time)."""
+        try:
+            save_key_snapshot(self.config.lake_root, self.config.fleet, self._seen)
+        except LakeError as exc:
+            log.warning("%s; the next ingest start reads the lake's keys from the previous snapshot", exc)
+
+    def _repeat_reason(self, seen: Seen, window: VibrationWindow) -> str | None:
+        """The quarantine reason for a window whose key the lake may already hold (None: new or a redelivery)."""
+        key = f"device {window.device_id} boot epoch {window.epoch} seq {window.seq}"
+        if seen is Seen.CONFLICT:
+            return f"seq reused with different content: {key} is already stored with other samples or metadata"
+        if seen is Seen.UNVERIFIABLE:
+            cfg = self.config
+            return (
+                f"cannot deduplicate: {key} may already be stored, and its content is beyond the dedupe index "
+                f"(digests of the last {cfg.dedupe_horizon_days:g} days of arrivals, "
+                f"{max(cfg.dedupe_digests_per_stream, cfg.batch_windows)} seqs per boot epoch)"
+            )
+        return None
 
     def process(self, messages: list[_Received]) -> None:
         """Validate, deduplicate and durably write one batch; raises if the lake cannot be written."""
         cfg = self.config
         batch = WindowBatch()
         rejected: list[QuarantineRecord] = []
-        batch_keys: set[tuple[str, int]] = set()
+        batch_keys: dict[tuple[str, int, int], int] = {}  # key -> content digest
         now_s = time.time()
         for msg in messages:
             try:
@@ -179,17 +212,28 @@ class Ingestor:
                 rejected.append(QuarantineRecord(msg.received_at_us, msg.topic, str(exc), msg.payload))
                 self.stats.reject_reasons[str(exc).split(":")[0]] += 1
                 continue
-            key = (window.device_id, window.seq)
-            if key in self._seen or key in batch_keys:
+            key = (window.device_id, window.epoch, window.seq)
+            digest = window_digest(window)
+            pending = batch_keys.get(key)
+            if pending is not None:
+                seen = Seen.DUPLICATE if pending == digest else Seen.CONFLICT
+            else:
+                seen = self._seen.check(*key, digest)
+            if seen is Seen.DUPLICATE:
                 self.stats.duplicates += 1
                 continue
-            batch_keys.add(key)
-            batch.append(cfg.fleet, window)
+            reason = self._repeat_reason(seen, window)
+            if reason is not None:
+                rejected.append(QuarantineRecord(msg.received_at_us, msg.topic, reason, msg.payload))
+                self.stats.reject_reasons[reason.split(":")[0]] += 1
+                continue
+            batch_keys[key] = digest
+            batch.append(cfg.fleet, window, digest=digest)
         files = write_windows(cfg.lake_root, batch) if len(batch) else []
         quarantined = write_quarantine(cfg.quarantine_root, rejected)
         # Only now, with both written, is the batch safe to acknowledge.
-        for device, seq in sorted(batch_keys):  # in order: each extends its device's last range
-            self._seen.add(device, seq)
+        for key, digest in sorted(batch_keys.items()):  # in order: each extends its stream's last range
+            self._seen.add(*key, digest)
         self.stats.received += len(messages)
         self.stats.accepted += len(batch)
         self.stats.rejected += len(rejected)
@@ -270,7 +314,7 @@ def _ingest_holding_lease(
     client.subscribe(topic, qos=1)
     log.info("ingesting %s from %s into %s", topic, address.url, config.lake_root)
     start = time.monotonic()
-    last_arrival = start
+    last_arrival = last_snapshot = start
     try:
         while True:
             if len(inbox) < batch_target():
@@ -285,6 +329,9 @@ def _ingest_holding_lease(
                 for msg in messages:
                     client.ack(msg.mid, msg.qos)
                 last_arrival = time.monotonic()
+                if last_arrival - last_snapshot > _KEY_SNAPSHOT_INTERVAL_S:
+                    ingestor.save_keys()
+                    last_snapshot = last_arrival
             elapsed = time.monotonic() - start
             if max_windows is not None and ingestor.stats.accepted >= max_windows:
                 break
@@ -305,6 +352,7 @@ def _ingest_holding_lease(
         ingestor.stats.seconds = time.monotonic() - start
         client.disconnect()
         client.loop_stop()
+        ingestor.save_keys()
     log.info("ingest done: %s", ingestor.stats.to_dict())
     return ingestor.stats
 
@@ -320,6 +368,7 @@ def ingest_config(settings: Settings, fleet: str | None = None) -> IngestConfig:
         batch_windows=settings.ingest.batch_windows,
         flush_interval_s=settings.ingest.flush_interval_s,
         dedupe_horizon_days=settings.lake.dedupe_horizon_days,
+        dedupe_digests_per_stream=settings.lake.dedupe_digests_per_stream,
     )
 
 

@@ -7,6 +7,7 @@ Layout::
     <lake>/vibration/.ingest-client-<sha256>.lock    (the lease of an ingest's MQTT client id)
     <lake>/vibration/fleet=<fleet>/.ingest.lock       (the fleet's ingest lease, see ingest_lease)
     <lake>/vibration/fleet=<fleet>/.import.lock       (one import of the fleet at a time, see import_lock)
+    <lake>/vibration/fleet=<fleet>/.dedupe-keys.parquet  (the dedupe index's keys, see save_key_snapshot)
     <quarantine>/date=<YYYY-MM-DD>/part-<utc>-<uuid>.parquet
 
 One ingest flush writes one file per fleet and UTC hour (rows sorted by device, then seq), so the
@@ -22,12 +23,15 @@ import bisect
 import contextlib
 import ctypes
 import datetime as dt
+import enum
 import fcntl
 import hashlib
 import json
 import logging
 import os
+import re
 import socket
+import struct
 import time
 import uuid
 from collections import defaultdict
@@ -67,6 +71,10 @@ WINDOW_SCHEMA = pa.schema(
         ("label", pa.string()),
         ("source", pa.string()),
         ("ingested_at", pa.timestamp("us", tz="UTC")),
+        # The sender's boot epoch (0 for version-1 senders and imports; null in files written before it).
+        ("epoch", pa.int64()),
+        # window_digest() of the content, so a repeated (device, epoch, seq) is compared, not trusted.
+        ("digest", pa.int64()),
     ]
 )
 PARTITION_SCHEMA = pa.schema([("fleet", pa.string()), ("date", pa.string()), ("hour", pa.string())])
@@ -84,6 +92,18 @@ QUARANTINE_SCHEMA = pa.schema(
         ("payload", pa.binary()),
     ]
 )
+
+
+def window_digest(window: VibrationWindow) -> int:
+    """Return a 64-bit digest of everything a window carries besides its key (device, epoch, seq).
+
+    Two windows with one key and one digest are one window sent twice; with two digests, the key
+    was reused for other content. BLAKE2b over 2 KiB costs about 2 µs, once per received window.
+    """
+    digest = hashlib.blake2b(digest_size=8)
+    digest.update(struct.pack("<QIf", window.timestamp_us, window.sample_rate_hz, window.scale))
+    digest.update(np.ascontiguousarray(window.samples, dtype="<i2").data)
+    return int.from_bytes(digest.digest(), "little", signed=True)
 
 
 def utc_date(timestamp_us: int) -> str:
@@ -179,6 +199,7 @@ class WindowBatch:
 
     fleet: list[str] = field(default_factory=list)
     device: list[str] = field(default_factory=list)
+    epoch: list[int] = field(default_factory=list)
     seq: list[int] = field(default_factory=list)
     timestamp_us: list[int] = field(default_factory=list)
     sample_rate_hz: list[int] = field(default_factory=list)
@@ -186,14 +207,24 @@ class WindowBatch:
     samples: list[npt.NDArray[np.int16]] = field(default_factory=list)
     label: list[str | None] = field(default_factory=list)
     source: list[str] = field(default_factory=list)
+    digest: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.seq)
 
-    def append(self, fleet: str, window: VibrationWindow, *, label: str | None = None, source: str = "mqtt") -> None:
-        """Add one window."""
+    def append(
+        self,
+        fleet: str,
+        window: VibrationWindow,
+        *,
+        label: str | None = None,
+        source: str = "mqtt",
+        digest: int | None = None,
+    ) -> None:
+        """Add one window (``digest``: its :func:`window_digest`, when the caller already computed it)."""
         self.fleet.append(fleet)
         self.device.append(window.device_id)
+        self.epoch.append(window.epoch)
         self.seq.append(window.seq)
         self.timestamp_us.append(window.timestamp_us)
         self.sample_rate_hz.append(window.sample_rate_hz)
@@ -201,21 +232,24 @@ class WindowBatch:
         self.samples.append(window.samples)
         self.label.append(label)
         self.source.append(source)
+        self.digest.append(window_digest(window) if digest is None else digest)
 
     def partitions(self) -> dict[tuple[str, str, str], pa.Table]:
-        """Group the rows by (fleet, UTC date, UTC hour); one Arrow table per partition, sorted by device and seq."""
+        """Group the rows by (fleet, UTC date, UTC hour): one Arrow table each, sorted by device, epoch, seq."""
         hours = np.asarray(self.timestamp_us, dtype=np.int64) // _HOUR_US
         groups: dict[tuple[str, int], list[int]] = defaultdict(list)
         for i, key in enumerate(zip(self.fleet, hours.tolist(), strict=True)):
             groups[key].append(i)
         ingested = pa.scalar(_now_us(), pa.int64()).cast(pa.timestamp("us", tz="UTC"))
         seq = np.asarray(self.seq, dtype=np.int64)
+        epoch = np.asarray(self.epoch, dtype=np.int64)
+        digest = np.asarray(self.digest, dtype=np.int64)
         ts = np.asarray(self.timestamp_us, dtype=np.int64)
         rate = np.asarray(self.sample_rate_hz, dtype=np.int32)
         scale = np.asarray(self.scale, dtype=np.float32)
         tables = {}
         for (fleet, hour), members in groups.items():
-            rows = sorted(members, key=lambda i: (self.device[i], self.seq[i]))
+            rows = sorted(members, key=lambda i: (self.device[i], self.epoch[i], self.seq[i]))
             index = np.asarray(rows)
             arrays = [self.samples[i] for i in rows]
             offsets = np.zeros(len(rows) + 1, dtype=np.int32)
@@ -233,10 +267,21 @@ class WindowBatch:
                     pa.array([self.label[i] for i in rows], pa.string()),
                     pa.array([self.source[i] for i in rows], pa.string()),
                     pa.repeat(ingested, len(rows)),
+                    pa.array(epoch[index]),
+                    pa.array(digest[index]),
                 ],
                 schema=WINDOW_SCHEMA,
             )
         return tables
+
+
+def conform_to_window_schema(table: pa.Table) -> pa.Table:
+    """Return a lake file's table in :data:`WINDOW_SCHEMA`; columns a file written before them lacks are null."""
+    columns = [
+        table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+        for f in WINDOW_SCHEMA
+    ]
+    return pa.table(columns, schema=WINDOW_SCHEMA)
 
 
 def fleet_dir(lake_root: Path, fleet: str) -> Path:
@@ -483,6 +528,7 @@ def _read_lake(
     fleet: str | None = None,
     start: dt.datetime | None = None,
     end: dt.datetime | None = None,
+    select: Callable[[Path], bool] | None = None,
 ) -> _Read | None:
     """Read the visible files as one snapshot, even while a compaction deletes the files it merged.
 
@@ -499,6 +545,7 @@ def _read_lake(
         fleet: Only this fleet (all fleets if None).
         start: Only hours that end after this time.
         end: Only hours that start at or before this time.
+        select: Only the files it keeps.
 
     Returns:
         What ``read`` returned, or None when no file is visible.
@@ -508,7 +555,7 @@ def _read_lake(
     """
 
     def read_once() -> _Read | None:
-        dataset = _vibration_dataset(lake_root, fleet=fleet, start=start, end=end)
+        dataset = _vibration_dataset(lake_root, fleet=fleet, start=start, end=end, select=select)
         return None if dataset is None else read(dataset)
 
     try:
@@ -541,9 +588,14 @@ def _compaction_held_off(lake_root: Path) -> Iterator[None]:
 
 
 def _vibration_dataset(
-    lake_root: Path, *, fleet: str | None = None, start: dt.datetime | None = None, end: dt.datetime | None = None
+    lake_root: Path,
+    *,
+    fleet: str | None = None,
+    start: dt.datetime | None = None,
+    end: dt.datetime | None = None,
+    select: Callable[[Path], bool] | None = None,
 ) -> ds.Dataset | None:
-    files = lake_files(lake_root, fleet=fleet, start=start, end=end)
+    files = [f for f in lake_files(lake_root, fleet=fleet, start=start, end=end) if select is None or select(f)]
     if not files:
         return None
     root = lake_root / VIBRATION_TABLE
@@ -561,41 +613,51 @@ def _vibration_dataset(
         raise LakeError(f"cannot open lake at {root}: {exc}") from exc
 
 
-class SeqIndex:
-    """The (device, seq) pairs stored in the lake, as sorted disjoint seq ranges per device.
+Stream = tuple[str, int]
+"""A device's boot epoch: (device, epoch); its seqs count its windows from 0."""
 
-    A device numbers its windows one by one and keeps the count across reboots, so its stored
-    seqs form a few long runs: memory grows with the gaps in a device's stream (windows sampled
-    offline, lost on the way), not with the number of windows. A device with more than
-    ``max_ranges_per_device`` gaps forgets its oldest ranges, so memory stays bounded even for a
-    device whose seqs are never contiguous; a redelivery that old would be written again.
+
+class SeqIndex:
+    """The (device, epoch, seq) keys stored in the lake, as sorted disjoint seq ranges per (device, epoch).
+
+    A device numbers the windows of a boot epoch one by one, so their stored seqs form a few long
+    runs: memory grows with the gaps in a stream (windows sampled offline, lost on the way), not
+    with the number of windows. A stream with more than ``max_ranges_per_stream`` gaps forgets its
+    oldest ranges, so memory stays bounded even when its seqs are never contiguous; the index then
+    no longer vouches for the seqs below what it forgot (:meth:`vouches`).
     """
 
-    def __init__(self, max_ranges_per_device: int = 4096) -> None:
-        self.max_ranges_per_device = max_ranges_per_device
-        self._starts: dict[str, list[int]] = {}
-        self._ends: dict[str, list[int]] = {}  # inclusive
+    def __init__(self, max_ranges_per_stream: int = 4096) -> None:
+        self.max_ranges_per_stream = max_ranges_per_stream
+        self._starts: dict[Stream, list[int]] = {}
+        self._ends: dict[Stream, list[int]] = {}  # inclusive
+        self._floor: dict[Stream, int] = {}  # seqs below were forgotten
 
-    def __contains__(self, key: tuple[str, int]) -> bool:
-        device, seq = key
-        starts = self._starts.get(device)
+    def contains(self, device: str, epoch: int, seq: int) -> bool:
+        """Whether the window (device, epoch, seq) is recorded."""
+        starts = self._starts.get((device, epoch))
         if not starts:
             return False
         i = bisect.bisect_right(starts, seq) - 1
-        return i >= 0 and seq <= self._ends[device][i]
+        return i >= 0 and seq <= self._ends[(device, epoch)][i]
 
-    def add(self, device: str, seq: int) -> None:
+    def vouches(self, device: str, epoch: int, seq: int) -> bool:
+        """Whether the index knows if this key is stored (False: below the ranges it forgot)."""
+        return seq >= self._floor.get((device, epoch), 0)
+
+    def add(self, device: str, epoch: int, seq: int) -> None:
         """Record one stored window."""
-        self.add_range(device, seq, seq)
+        self.add_range(device, epoch, seq, seq)
 
-    def add_range(self, device: str, low: int, high: int) -> None:
-        """Record the stored windows ``low..high`` (inclusive) of one device."""
-        starts = self._starts.setdefault(device, [])
-        ends = self._ends.setdefault(device, [])
+    def add_range(self, device: str, epoch: int, low: int, high: int) -> None:
+        """Record the stored windows ``low..high`` (inclusive) of one device's boot epoch."""
+        stream = (device, epoch)
+        starts = self._starts.setdefault(stream, [])
+        ends = self._ends.setdefault(stream, [])
         if not starts or low > ends[-1] + 1:  # the stream goes on after a gap
             starts.append(low)
             ends.append(high)
-            self._bound(starts, ends)
+            self._bound(stream, starts, ends)
             return
         if low >= starts[-1]:  # the commonest case: the stream goes on without a gap
             ends[-1] = max(ends[-1], high)
@@ -606,61 +668,307 @@ class SeqIndex:
             low, high = min(low, starts[first]), max(high, ends[stop - 1])
         starts[first:stop] = [low]
         ends[first:stop] = [high]
-        self._bound(starts, ends)
+        self._bound(stream, starts, ends)
 
-    def _bound(self, starts: list[int], ends: list[int]) -> None:
-        excess = len(starts) - self.max_ranges_per_device
+    def _bound(self, stream: Stream, starts: list[int], ends: list[int]) -> None:
+        excess = len(starts) - self.max_ranges_per_stream
         if excess > 0:
+            self._floor[stream] = max(self._floor.get(stream, 0), ends[excess - 1] + 1)
             del starts[:excess], ends[:excess]
 
-    def update(self, devices: Sequence[str], seqs: npt.NDArray[np.int64]) -> None:
+    def update(self, devices: Sequence[str], epochs: npt.NDArray[np.int64], seqs: npt.NDArray[np.int64]) -> None:
         """Record many stored windows at once (any order, duplicates allowed)."""
         if len(seqs) == 0:
             return
         names, codes = np.unique(np.asarray(devices, dtype=object).astype(str), return_inverse=True)
-        order = np.lexsort((seqs, codes))
-        codes, sorted_seqs = codes[order], np.asarray(seqs, dtype=np.int64)[order]
-        breaks = np.flatnonzero((np.diff(codes) != 0) | (np.diff(sorted_seqs) > 1)) + 1
-        for run_start, run_stop in zip(np.r_[0, breaks], np.r_[breaks, len(codes)], strict=True):
-            self.add_range(str(names[codes[run_start]]), int(sorted_seqs[run_start]), int(sorted_seqs[run_stop - 1]))
+        epochs, seqs = np.asarray(epochs, dtype=np.int64), np.asarray(seqs, dtype=np.int64)
+        order = np.lexsort((seqs, epochs, codes))
+        codes, epochs, seqs = codes[order], epochs[order], seqs[order]
+        breaks = np.flatnonzero((np.diff(codes) != 0) | (np.diff(epochs) != 0) | (np.diff(seqs) > 1)) + 1
+        for start, stop in zip(np.r_[0, breaks], np.r_[breaks, len(codes)], strict=True):
+            self.add_range(str(names[codes[start]]), int(epochs[start]), int(seqs[start]), int(seqs[stop - 1]))
 
-    def last(self, device: str) -> int | None:
-        """Return the highest stored seq of a device, or None."""
-        ends = self._ends.get(device)
+    def last(self, device: str, epoch: int) -> int | None:
+        """Return the highest stored seq of a device's boot epoch, or None."""
+        ends = self._ends.get((device, epoch))
         return ends[-1] if ends else None
 
     def ranges(self) -> int:
         """Return how many ranges the index holds (its memory is proportional)."""
         return sum(len(starts) for starts in self._starts.values())
 
+    def range_rows(self) -> Iterator[tuple[str, int, int, int, int]]:
+        """Yield every range as (device, epoch, first seq, last seq, the stream's forgotten-below seq)."""
+        for stream, starts in self._starts.items():
+            floor = self._floor.get(stream, 0)
+            for start, end in zip(starts, self._ends[stream], strict=True):
+                yield stream[0], stream[1], start, end, floor
 
-def known_seqs(lake_root: Path, fleet: str, horizon_days: int, today: dt.date | None = None) -> SeqIndex:
-    """Return the index of (device, seq) pairs already in the lake for a fleet over the last days.
+    def forget_below(self, device: str, epoch: int, floor: int) -> None:
+        """No longer vouch for the seqs of a stream below ``floor`` (restoring a saved index)."""
+        if floor > self._floor.get((device, epoch), 0):
+            self._floor[(device, epoch)] = floor
+
+
+class Seen(enum.Enum):
+    """What the dedupe index says of a received window."""
+
+    NEW = "new"
+    DUPLICATE = "duplicate"  # the key is stored with the same content: a redelivery
+    CONFLICT = "conflict"  # the key is stored with other content: a reused seq
+    UNVERIFIABLE = "unverifiable"  # the key may be stored, and its content is beyond the index
+
+
+class _DigestRing:
+    """The content digests of one stream's most recent seqs, in two fixed arrays (slot = seq mod size)."""
+
+    def __init__(self, size: int) -> None:
+        self.seqs = np.full(size, -1, np.int64)
+        self.digests = np.zeros(size, np.int64)
+
+    def get(self, seq: int) -> int | None:
+        slot = seq % len(self.seqs)
+        return int(self.digests[slot]) if self.seqs[slot] == seq else None
+
+    def put(self, seq: int, digest: int) -> None:
+        slot = seq % len(self.seqs)
+        self.seqs[slot] = seq
+        self.digests[slot] = digest
+
+    def put_many(self, seqs: npt.NDArray[np.int64], digests: npt.NDArray[np.int64]) -> None:
+        slots = seqs % len(self.seqs)
+        self.seqs[slots] = seqs
+        self.digests[slots] = digests
+
+
+class DedupeIndex:
+    """Every key in the lake, and the content digests of the recent ones: the ingest's exactly-once check.
+
+    The keys (device, epoch, seq) of the whole lake are held as seq ranges (:class:`SeqIndex`), so a
+    window stored at any time, whatever date its sender's clock gave it, is recognised. The content
+    digest of each stream's ``digests_per_stream`` most recent seqs (of the
+    ``digest_streams_per_device`` boot epochs of a device that appeared last) is held beside them,
+    in fixed arrays: a repeated key is a redelivery only if its digest matches. A repeated key whose digest is no
+    longer held cannot be told apart from a reused one, and neither can a seq below what a
+    stream's range bound forgot: both are :attr:`Seen.UNVERIFIABLE`, for the quarantine.
+    """
+
+    def __init__(
+        self, *, max_ranges_per_stream: int = 4096, digests_per_stream: int = 4096, digest_streams_per_device: int = 4
+    ) -> None:
+        self.keys = SeqIndex(max_ranges_per_stream)
+        # Every lake file written before this time is in the index (see save_key_snapshot).
+        self.covers_before_us = 0
+        self.digests_per_stream = digests_per_stream
+        self.digest_streams_per_device = digest_streams_per_device
+        self._rings: dict[str, dict[int, _DigestRing]] = {}
+
+    def check(self, device: str, epoch: int, seq: int, digest: int) -> Seen:
+        """Say whether a received window is new, a redelivery, a reused key or beyond the index."""
+        if not self.keys.vouches(device, epoch, seq):
+            return Seen.UNVERIFIABLE
+        if not self.keys.contains(device, epoch, seq):
+            return Seen.NEW
+        ring = self._rings.get(device, {}).get(epoch)
+        stored = ring.get(seq) if ring is not None else None
+        if stored is None:
+            return Seen.UNVERIFIABLE
+        return Seen.DUPLICATE if stored == digest else Seen.CONFLICT
+
+    def add(self, device: str, epoch: int, seq: int, digest: int) -> None:
+        """Record one stored window and its digest."""
+        self.keys.add(device, epoch, seq)
+        self._ring(device, epoch).put(seq, digest)
+
+    def update(
+        self,
+        devices: Sequence[str],
+        epochs: npt.NDArray[np.int64],
+        seqs: npt.NDArray[np.int64],
+        digests: npt.NDArray[np.int64],
+        with_digest: npt.NDArray[np.bool_],
+    ) -> None:
+        """Record many stored windows; the digests of the rows ``with_digest``, in row order (later wins)."""
+        self.keys.update(devices, epochs, seqs)
+        rows = np.flatnonzero(with_digest)
+        if len(rows) == 0:
+            return
+        names, codes = np.unique(np.asarray(devices, dtype=object)[rows].astype(str), return_inverse=True)
+        row_epochs = np.asarray(epochs, dtype=np.int64)[rows]
+        order = np.lexsort((row_epochs, codes))  # stable: row order is kept within a stream
+        rows, codes, row_epochs = rows[order], codes[order], row_epochs[order]
+        breaks = np.flatnonzero((np.diff(codes) != 0) | (np.diff(row_epochs) != 0)) + 1
+        seqs, digests = np.asarray(seqs, dtype=np.int64), np.asarray(digests, dtype=np.int64)
+        for start, stop in zip(np.r_[0, breaks], np.r_[breaks, len(rows)], strict=True):
+            members = rows[start:stop]
+            self._ring(str(names[codes[start]]), int(row_epochs[start])).put_many(seqs[members], digests[members])
+
+    def _ring(self, device: str, epoch: int) -> _DigestRing:
+        rings = self._rings.get(device)
+        if rings is None:
+            rings = self._rings[device] = {}
+        ring = rings.get(epoch)
+        if ring is None:
+            ring = rings[epoch] = _DigestRing(self.digests_per_stream)
+            if len(rings) > self.digest_streams_per_device:  # forget the epoch first written longest ago
+                del rings[next(iter(rings))]
+        return ring
+
+
+KEY_SNAPSHOT = ".dedupe-keys.parquet"
+# A file renamed into place after the index listed the lake carries a stamp at most this old.
+_SNAPSHOT_MARGIN = dt.timedelta(hours=1)
+_FILE_STAMP = re.compile(r"^(?:part|compact)-(\d{8}T\d{12})-")
+_KEY_SNAPSHOT_SCHEMA = pa.schema(
+    [("device", pa.string()), ("epoch", pa.int64()), ("start", pa.int64()), ("end", pa.int64()),
+     ("floor", pa.int64())]
+)  # fmt: skip
+
+
+def _file_stamp_us(path: Path) -> int | None:
+    """The UTC time a lake file was written (its name says it: ``part-<stamp>-…``), or None."""
+    match = _FILE_STAMP.match(path.name)
+    if match is None:
+        return None
+    written = dt.datetime.strptime(match.group(1), "%Y%m%dT%H%M%S%f").replace(tzinfo=dt.UTC)
+    return int(written.timestamp() * 1e6)
+
+
+def save_key_snapshot(lake_root: Path, fleet: str, index: DedupeIndex) -> Path:
+    """Persist the index's keys (seq ranges, a few rows per device) so the next start reads only newer files.
+
+    The snapshot covers every file written before ``index.covers_before_us``: the next
+    :func:`load_dedupe_index` reads it and then only the files written since.
+
+    Raises:
+        LakeError: The snapshot cannot be written (the previous one stays).
+    """
+    rows = list(index.keys.range_rows())
+    table = pa.table([list(column) for column in zip(*rows, strict=True)] if rows else [[]] * 5,
+                     schema=_KEY_SNAPSHOT_SCHEMA)  # fmt: skip
+    table = table.replace_schema_metadata({"covers_before_us": str(index.covers_before_us)})
+    target = fleet_dir(lake_root, fleet) / KEY_SNAPSHOT
+    temporary = target.with_name(f".tmp-{uuid.uuid4().hex[:12]}{KEY_SNAPSHOT}")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(temporary, "wb") as handle:
+            pq.write_table(table, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, target)
+        _fsync_path(target.parent)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise LakeError(f"cannot write the dedupe key snapshot {target}: {exc.strerror or exc}") from exc
+    return target
+
+
+def _read_key_snapshot(lake_root: Path, fleet: str) -> tuple[pa.Table, int] | None:
+    """Return the fleet's keys snapshot and the time before which it covers every file (None: none usable)."""
+    path = fleet_dir(lake_root, fleet) / KEY_SNAPSHOT
+    if not path.exists():
+        return None
+    try:
+        table = pq.read_table(path)
+        return table, int((table.schema.metadata or {})[b"covers_before_us"])
+    except (OSError, pa.ArrowInvalid, KeyError, ValueError) as exc:  # read the whole lake instead
+        log.warning("ignoring the dedupe key snapshot %s: %s", path, exc)
+        return None
+
+
+def _restore_keys(keys: SeqIndex, snapshot: pa.Table) -> None:
+    """Record a snapshot's ranges (see :func:`save_key_snapshot`) in ``keys``."""
+    for device, epoch, start, end, floor in zip(*(snapshot[c].to_pylist() for c in snapshot.column_names), strict=True):
+        keys.add_range(device, epoch, start, end)
+        keys.forget_below(device, epoch, floor)
+
+
+def load_dedupe_index(
+    lake_root: Path, fleet: str, horizon_days: float, *, now: dt.datetime | None = None, **limits: int
+) -> DedupeIndex:
+    """Read a fleet's keys, and the digests of the windows that arrived within the horizon, into an index.
+
+    Every key of the fleet is loaded, whatever the windows' own timestamps: the keys snapshot
+    (:func:`save_key_snapshot`) and then every file written since it (a file's name carries its
+    write time), or every file when there is no snapshot. Digests come from the files written
+    within the horizon, for the rows that arrived (``ingested_at``) within it: a horizon of arrival,
+    never of the sender's clock. Only narrow columns are read; rows written before the ``epoch``
+    column count as epoch 0, and before the ``digest`` column as content unknown.
 
     Args:
         lake_root: Lake root.
         fleet: Fleet name.
-        horizon_days: How many past days (besides today) to look at; redeliveries come within minutes.
-        today: Reference date, default the current UTC date.
-    """
-    today = today or dt.datetime.now(tz=dt.UTC).date()
-    since = dt.datetime.combine(today - dt.timedelta(days=horizon_days), dt.time(), tzinfo=dt.UTC)
+        horizon_days: Load the digests of the windows ingested in the last this many days.
+        now: Reference time, default the current time.
+        **limits: :class:`DedupeIndex` bounds.
 
-    def read(dataset: ds.Dataset) -> SeqIndex:
-        index = SeqIndex()
-        for batch in dataset.to_batches(columns=["device", "seq"]):
-            index.update(batch.column("device").to_pylist(), batch.column("seq").to_numpy())
+    Raises:
+        LakeError: The lake cannot be read.
+    """
+    now = now or dt.datetime.now(tz=dt.UTC)
+    since_us = int((now - dt.timedelta(days=horizon_days)).timestamp() * 1e6)
+    covers_before_us = int((dt.datetime.now(tz=dt.UTC) - _SNAPSHOT_MARGIN).timestamp() * 1e6)
+    snapshot = _read_key_snapshot(lake_root, fleet)
+
+    def fresh_index() -> DedupeIndex:
+        index = DedupeIndex(**limits)
+        index.covers_before_us = covers_before_us
+        if snapshot is not None:
+            _restore_keys(index.keys, snapshot[0])
         return index
 
-    return _read_lake(lake_root, read, fleet=fleet, start=since) or SeqIndex()
+    def needed(path: Path) -> bool:
+        stamp = _file_stamp_us(path)
+        return snapshot is None or stamp is None or stamp >= min(snapshot[1], since_us)
+
+    def read(dataset: ds.Dataset) -> DedupeIndex:
+        index = fresh_index()  # from scratch: _read_lake reads again after a compaction deleted a file
+        try:
+            for batch in dataset.to_batches(columns=["device", "epoch", "seq", "digest", "ingested_at"]):
+                digest = batch.column("digest")
+                arrived = batch.column("ingested_at").cast(pa.int64()).fill_null(0).to_numpy()
+                with_digest = digest.is_valid().to_numpy(zero_copy_only=False) & (arrived >= since_us)
+                index.update(
+                    batch.column("device").to_pylist(),
+                    batch.column("epoch").fill_null(0).to_numpy(),
+                    batch.column("seq").to_numpy(),
+                    digest.fill_null(0).to_numpy(),
+                    with_digest,
+                )
+        except FileNotFoundError:
+            raise
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise LakeError(f"cannot read the keys of fleet {fleet} from {lake_root}: {exc}") from exc
+        return index
+
+    return _read_lake(lake_root, read, fleet=fleet, select=needed) or fresh_index()
+
+
+def last_seq(lake_root: Path, fleet: str, device: str, epoch: int = 0) -> int | None:
+    """Return the highest seq stored for a device's boot epoch (rows without an epoch count as 0), or None."""
+    table = _read_lake(
+        lake_root,
+        lambda dataset: dataset.to_table(columns=["epoch", "seq"], filter=pc.field("device") == device),
+        fleet=fleet,
+    )
+    if table is None:
+        return None
+    mask = pc.equal(pc.fill_null(table["epoch"], 0), epoch)
+    return pc.max(pc.filter(table["seq"], mask)).as_py()
 
 
 def read_keys(lake_root: Path, fleet: str) -> pa.Table:
-    """Return the ``device`` and ``seq`` of every window of a fleet (one row per stored window, duplicates kept)."""
-    table = _read_lake(lake_root, lambda dataset: dataset.to_table(columns=["device", "seq"]), fleet=fleet)
+    """Return the ``device``, ``epoch`` and ``seq`` of every window of a fleet (one row per stored window)."""
+    table = _read_lake(lake_root, lambda dataset: dataset.to_table(columns=["device", "epoch", "seq"]), fleet=fleet)
     if table is None:
-        return pa.table({"device": pa.array([], pa.string()), "seq": pa.array([], pa.int64())})
-    return table
+        return pa.table(
+            {
+                "device": pa.array([], pa.string()),
+                "epoch": pa.array([], pa.int64()),
+                "seq": pa.array([], pa.int64()),
+            }
+        )
+    return table.set_column(1, "epoch", pc.fill_null(table["epoch"], 0))
 
 
 def known_sources(lake_root: Path, fleet: str, device: str) -> set[str]:
@@ -971,7 +1279,7 @@ def _compact_hour(hour_dir: Path, files: list[Path]) -> int:
         ) as writer:
             for path in files:
                 current = path
-                table = pq.ParquetFile(path).read().cast(WINDOW_SCHEMA)
+                table = conform_to_window_schema(pq.ParquetFile(path).read())
                 expected += table.num_rows
                 pending.append(table)
                 pending_bytes += table.nbytes

@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import urllib.request
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,6 +32,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 from prefect import flow
+from typer.testing import CliRunner
 
 from firmware.codec import VibrationWindow, encode
 from firmware.device import DeviceConfig
@@ -47,14 +49,15 @@ from registry.store import configure_mlflow
 from registry.tracking import log_training_run
 from tasks.deploy import DeployableModel, DeploymentReport, DeploymentSession
 from tasks.ingest import IngestConfig, IngestStats, ensure_subscription, run_ingest
-from tasks.lake import read_quarantine, read_windows
+from tasks.lake import read_keys, read_quarantine, read_windows
 from tasks.registration import register_bundle_task
 from tests.fault_ledger import FaultRecord, record, tally_lake, unreadable_files
 from tests.int8_model import int8_autoencoder
 from tests.test_registry import FINGERPRINT, catalog_target, make_bundle
+from tinymlops.cli import app as cli_app
 from tinymlops.mqtt import BrokerAddress, MosquittoBroker, connect, free_port, make_client
 from tinymlops.schemas import load_bundle, registered_model_name
-from tinymlops.settings import REPO_ROOT, MqttSettings, SensorSettings
+from tinymlops.settings import REPO_ROOT, MqttSettings, SensorSettings, reset_settings
 from tinymlops.targets import get_target
 
 pytestmark = pytest.mark.faults
@@ -110,6 +113,18 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> No
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
         time.sleep(0.05)
+
+
+def publish_all(address: BrokerAddress, payloads: list[Payload], *, retain: bool = False) -> None:
+    """Publish at QoS 1 and wait for every PUBACK."""
+    client = make_client(address, "fault-publish-all")
+    connect(client, address)
+    try:
+        for info in [client.publish(t, p, qos=1, retain=retain) for t, p in payloads]:
+            info.wait_for_publish(timeout=30)
+    finally:
+        client.disconnect()
+        client.loop_stop()
 
 
 def lake_rows(lake: Path) -> int:
@@ -608,6 +623,82 @@ def test_flood_of_malformed_messages_among_good_ones(tmp_path: Path, mosquitto: 
     assert (stats.received, stats.accepted, stats.rejected, stats.duplicates) == (len(flood), 2000, 5000, 200)
     assert quarantined == Counter(kinds)
     assert wrong_reason == [], wrong_reason[:5]
+
+
+def as_version_1(payload: bytes) -> bytes:
+    """A version-2 message as a device without a boot counter sends it: the v1 header, no epoch."""
+    body = payload[:2] + b"\x01" + payload[3:4] + payload[8:-4]
+    return body + zlib.crc32(body).to_bytes(4, "little")
+
+
+@pytest.mark.mqtt
+def test_device_restart_reusing_seqs_from_zero(
+    tmp_path: Path, mosquitto: MosquittoBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``tinymlops simulate --windows 5`` twice: every node starts again at seq 0, the second run with a fault."""
+    data = tmp_path / "data"
+    config = ingest_config(tmp_path, "fault-restart", lake=data / "lake")
+    ensure_subscription(mosquitto.address, config)
+    monkeypatch.setenv("TINYMLOPS_DATA_DIR", str(data))
+    reset_settings()
+    simulate = ["simulate", "--fleet", FLEET, "--devices", "2", "--windows", "5", "--broker", mosquitto.address.url]
+    try:
+        for extra in ([], ["--fault", "inner_race:0.8:node-0001"]):  # the CLI in this process: no start-up cost
+            run = CliRunner().invoke(cli_app, [*simulate, *extra])
+            assert run.exit_code == 0, run.output
+    finally:
+        reset_settings()
+    # A device without a boot counter (version-1 header) restarting at seq 0 with other samples.
+    legacy = [(vibration_topic("legacy-01"), as_version_1(encode(window("legacy-01", s % 5, samples=np.full(
+        SENSOR.window_samples, s, np.int16))))) for s in range(10)]  # fmt: skip
+    publish_all(mosquitto.address, legacy)
+    stats = run_ingest(mosquitto.address, config, seconds=60, idle_timeout_s=1.0)
+    keys = read_keys(config.lake_root, FLEET).to_pylist()
+    simulated = Counter((k["device"], k["epoch"], k["seq"]) for k in keys if k["device"] != "legacy-01")
+    epochs = sorted({epoch for _, epoch, _ in simulated})
+    reasons = Counter(r.split(":")[0] for r in read_quarantine(config.quarantine_root)["reason"].to_pylist())
+    expected = {(f"node-{d:04d}", e, s) for d in range(2) for e in epochs for s in range(5)}
+    per_epoch = " + ".join(str(sum(n for (_, e, _), n in simulated.items() if e == epoch)) for epoch in epochs)
+    record(
+        FaultRecord(
+            "device restart reusing seq 0-4 (`simulate --windows 5` x2)", 20, sum(simulated.values()),
+            sum(simulated.values()) - len(simulated), len(expected - simulated.keys()),
+            notes=f"`tinymlops simulate --devices 2 --windows 5` twice (the second with a fault): {len(epochs)} boot "
+            f"epochs from the counter file, {per_epoch} in the lake; a version-1 device (no epoch) restarting at "
+            f"seq 0: {len(keys) - sum(simulated.values())} of 10 in the lake, "
+            f"{reasons['seq reused with different content']} quarantined as `seq reused with different content`. "
+            "Before: 10 of 20 in the lake, the second run dropped silently as duplicates",
+        )
+    )  # fmt: skip
+    assert len(epochs) == 2 and simulated.keys() == expected and set(simulated.values()) == {1}
+    assert (data / "simulate" / f"{FLEET}.boot-epoch").read_text().strip() == str(epochs[-1])
+    assert (stats.accepted, stats.duplicates, stats.rejected) == (25, 0, 5)
+    assert reasons == Counter({"seq reused with different content": 5})
+
+
+@pytest.mark.mqtt
+def test_retained_window_dated_2021_redelivered_to_the_next_ingest(tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+    """A retained window with a 2021 timestamp reaches every ingest run that subscribes; it is stored once."""
+    config = ingest_config(tmp_path, "fault-retained")
+    ensure_subscription(mosquitto.address, config)
+    dated_2021 = window("node-0007", 0, timestamp_us=1_620_000_000_000_000)
+    fresh = [(vibration_topic("node-0007"), encode(window("node-0007", s))) for s in range(1, 10)]
+    publish_all(mosquitto.address, [(vibration_topic("node-0007"), encode(dated_2021))], retain=True)
+    publish_all(mosquitto.address, fresh)
+    runs = [run_ingest(mosquitto.address, config, seconds=30, idle_timeout_s=1.5) for _ in range(2)]
+    tally = tally_lake(config.lake_root, FLEET, [("node-0007", s) for s in range(10)])
+    record(
+        FaultRecord(
+            "retained window dated 2021, redelivered to the next ingest run", 10, tally.rows, tally.duplicates,
+            tally.lost, notes=f"the second run received the retained copy again ({runs[1].received} message) and "
+            f"dropped it as a duplicate ({runs[1].duplicates}); the index holds the keys of the whole lake, "
+            "whatever date the sender gave. Before: 11 rows, the 2021 window stored twice (its partition was "
+            "outside the 2-day index)",
+        )
+    )  # fmt: skip
+    assert runs[1].received >= 1, "the second run must see the retained window again"
+    assert (tally.rows, tally.duplicates, tally.lost, tally.unexpected) == (10, 0, 0, 0)
+    assert (runs[1].accepted, runs[1].rejected) == (0, 0)
 
 
 # --- OTA: signed models, devices, the deployment session -----------------------------------------------------

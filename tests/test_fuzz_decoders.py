@@ -85,7 +85,7 @@ def windows(draw: st.DrawFn, max_samples: int = codec.MAX_SAMPLES) -> codec.Vibr
     n = draw(st.one_of(st.integers(1, min(64, max_samples)), st.integers(1, max_samples)))
     seed = draw(U32)  # samples from a seeded generator: fast for 16k values, still reproducible
     samples = np.random.default_rng(seed).integers(-(2**15), 2**15, n, dtype=np.int16)
-    return codec.VibrationWindow(device, draw(U32), draw(U64), draw(U32), draw(F32_POSITIVE), samples)
+    return codec.VibrationWindow(device, draw(U32), draw(U64), draw(U32), draw(F32_POSITIVE), samples, draw(U32))
 
 
 @st.composite
@@ -235,8 +235,12 @@ json_values = st.recursive(
 
 
 def _codec_canonical(payload: bytes) -> bytes:
-    """What ``encode`` writes for an accepted window: the reserved flags byte is 0 (decode ignores it)."""
-    body = payload[:3] + b"\x00" + payload[4:-4]
+    """What ``encode`` writes for an accepted window: version 2, the reserved flags byte 0 (decode ignores it).
+
+    A version-1 message becomes the version-2 one with boot epoch 0 (the 4 bytes after the flags).
+    """
+    rest = payload[4:-4] if payload[2] == 2 else bytes(4) + payload[4:-4]
+    body = payload[:2] + b"\x02\x00" + rest
     return body + struct.pack("<I", zlib.crc32(body))
 
 
@@ -262,8 +266,8 @@ def assert_binary_accepted_is_valid(kind: str, payload: bytes, decoded: Any) -> 
 
 
 def assert_same_window(a: codec.VibrationWindow, b: codec.VibrationWindow) -> None:
-    assert (a.device_id, a.seq, a.timestamp_us, a.sample_rate_hz, a.scale) == (
-        b.device_id, b.seq, b.timestamp_us, b.sample_rate_hz, b.scale,
+    assert (a.device_id, a.epoch, a.seq, a.timestamp_us, a.sample_rate_hz, a.scale) == (
+        b.device_id, b.epoch, b.seq, b.timestamp_us, b.sample_rate_hz, b.scale,
     )  # fmt: skip
     assert b.samples.dtype == np.int16 and np.array_equal(a.samples, b.samples)
 
@@ -297,7 +301,7 @@ def decode_json_or_documented_error(kind: type[JsonMessage], payload: bytes) -> 
 @FAST
 @given(data=st.data(), kind=st.sampled_from(sorted(BINARY)))
 def test_binary_decoders_take_any_bytes(data: st.DataObject, kind: str) -> None:
-    prefix = {"vibration": b"TV\x01", "manifest": b"TO\x01\x01", "chunk": b"TO\x01\x02", "request": b"TO\x01\x03"}
+    prefix = {"vibration": b"TV\x02", "manifest": b"TO\x01\x01", "chunk": b"TO\x01\x02", "request": b"TO\x01\x03"}
     # raw bytes rarely pass the magic: also start from the right header, or from a real message's header
     valid = encode_any(data.draw(BINARY[kind][1], label="message"))
     start = data.draw(st.sampled_from([b"", prefix[kind], valid[: len(valid) // 2]]), label="start")
@@ -387,16 +391,21 @@ def with_crc(body: bytes) -> bytes:
     n=st.integers(0, 3) | st.integers(codec.MAX_SAMPLES - 2, codec.MAX_SAMPLES + 12),
     scale=st.floats(width=32),
     flags=st.integers(0, 255),
-    fields=st.tuples(U32, U64, U32),
+    fields=st.tuples(U32, U32, U64, U32),
+    version=st.sampled_from([1, 2]),
 )
 def test_vibration_decoder_accepts_exactly_the_documented_format(
-    device: bytes, n: int, scale: float, flags: int, fields: tuple[int, int, int]
+    device: bytes, n: int, scale: float, flags: int, fields: tuple[int, int, int, int], version: int
 ) -> None:
-    # Built field by field from VIBRATION_FORMAT.md, lengths consistent and CRC valid, any value in every
-    # field: accepted if and only if the id is 1..64 bytes of UTF-8, 1..16384 samples, scale finite and > 0.
-    # (Atheris found 65..255-byte ids accepted; this property pins the limits.)
-    seq, timestamp_us, rate = fields
-    header = struct.pack("<2sBBIQIfHB", b"TV", 1, flags, seq, timestamp_us, rate, scale, n, len(device))
+    # Built field by field from VIBRATION_FORMAT.md (version 2, or version 1 without the boot epoch), lengths
+    # consistent and CRC valid, any value in every field: accepted if and only if the id is 1..64 bytes of
+    # UTF-8, 1..16384 samples, scale finite and > 0. (Atheris found 65..255-byte ids accepted; this property
+    # pins the limits.)
+    epoch, seq, timestamp_us, rate = fields
+    if version == 2:
+        header = struct.pack("<2sBBIIQIfHB", b"TV", 2, flags, epoch, seq, timestamp_us, rate, scale, n, len(device))
+    else:
+        header = struct.pack("<2sBBIQIfHB", b"TV", 1, flags, seq, timestamp_us, rate, scale, n, len(device))
     payload = with_crc(header + device + bytes(range(256)) * (2 * n // 256) + bytes(2 * n % 256))
     try:
         device.decode()
@@ -406,7 +415,9 @@ def test_vibration_decoder_accepts_exactly_the_documented_format(
     valid = 1 <= len(device) <= codec.MAX_DEVICE_ID_BYTES and utf8 and 1 <= n <= codec.MAX_SAMPLES
     valid = valid and math.isfinite(scale) and scale > 0
     if valid:
-        assert codec.encode(codec.decode(payload)) == _codec_canonical(payload)
+        decoded = codec.decode(payload)
+        assert (decoded.epoch, decoded.seq) == (epoch if version == 2 else 0, seq)
+        assert codec.encode(decoded) == _codec_canonical(payload)
     else:
         with pytest.raises(DecodeError):
             codec.decode(payload)
@@ -478,7 +489,7 @@ def test_json_round_trip(data: st.DataObject, kind: type[JsonMessage]) -> None:
 
 def test_largest_messages_round_trip() -> None:
     window = codec.VibrationWindow("x" * 64, 2**32 - 1, 2**64 - 1, 2**32 - 1, 1.0,
-                                   np.full(codec.MAX_SAMPLES, -(2**15), np.int16))  # fmt: skip
+                                   np.full(codec.MAX_SAMPLES, -(2**15), np.int16), 2**32 - 1)  # fmt: skip
     assert len(codec.encode(window)) == codec.MAX_MESSAGE_BYTES
     assert_same_window(window, codec.decode(codec.encode(window)))
     chunk = Chunk(2**32 - 1, b"\xff" * TAG_BYTES, MAX_CHUNKS - 1, MAX_CHUNKS, b"\xa5" * MAX_CHUNK_SIZE)

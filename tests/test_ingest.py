@@ -12,9 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from firmware.boot import next_boot_epoch
 from firmware.codec import VibrationWindow, encode
+from firmware.fleet import VirtualFleet
 from tasks.ingest import IngestConfig, Ingestor, _Received, ensure_subscription, run_ingest, validate_message
-from tasks.lake import ingest_lease, read_quarantine, read_windows
+from tasks.lake import ingest_lease, read_keys, read_quarantine, read_windows
 from tests.conftest import cli_env
 from tinymlops.errors import DecodeError, ValidationError
 from tinymlops.mqtt import AmqttBroker, BrokerAddress, MosquittoBroker, connect, make_client
@@ -76,14 +78,14 @@ def test_corrupt_bytes_are_rejected_with_reason() -> None:
     flipped = bytearray(good)
     flipped[100] ^= 0xFF
     wrong_version = bytearray(good)
-    wrong_version[2] = 2
+    wrong_version[2] = 3
     cases = {
         b"": "truncated message: 0 bytes",
         good[:-10]: "truncated message",
         good + b"\x00" * 8: "oversized message",
         b"\x00" * 80_000: "oversized message: 80000 bytes",
         bytes(flipped): "bad CRC",
-        bytes(wrong_version): "unsupported header version 2",
+        bytes(wrong_version): "unsupported header version 3",
         b"XX" + good[2:]: "bad magic",
     }
     for payload, reason in cases.items():
@@ -126,6 +128,79 @@ def test_duplicates_inside_one_batch_are_dropped(tmp_path: Path) -> None:
     ingestor = Ingestor(config_for(tmp_path))
     ingestor.process(received([make_window(seq=1), make_window(seq=1), make_window(seq=2)]))
     assert (ingestor.stats.accepted, ingestor.stats.duplicates) == (2, 1)
+
+
+def test_a_redelivered_window_dated_years_ago_is_stored_once(tmp_path: Path) -> None:
+    """The dedupe index does not follow the sender's clock: a 2021 window redelivered on the next run is dropped."""
+    dated_2021 = received([make_window(seq=s, timestamp_us=1_620_000_000_000_000 + s) for s in range(3)])
+    Ingestor(config_for(tmp_path)).process(dated_2021)
+    restarted = Ingestor(config_for(tmp_path))
+    restarted.process(dated_2021)
+    assert (restarted.stats.accepted, restarted.stats.duplicates, restarted.stats.rejected) == (0, 3, 0)
+    assert sorted(read_windows(tmp_path / "lake", fleet="f1").seq.tolist()) == [0, 1, 2]
+
+
+def test_a_reused_seq_with_other_content_is_quarantined_with_its_reason(tmp_path: Path) -> None:
+    """A device restarting at seq 0 without a new boot epoch: the second window 0 is quarantined, not dropped."""
+    first_boot = make_window(seq=0)
+    second_boot = make_window(seq=0, samples=make_window(seq=1).samples)
+    Ingestor(config_for(tmp_path)).process(received([first_boot]))
+    restarted = Ingestor(config_for(tmp_path))
+    restarted.process(received([second_boot, second_boot]))  # its redelivery too
+    assert (restarted.stats.accepted, restarted.stats.duplicates, restarted.stats.rejected) == (0, 0, 2)
+    in_one_batch = Ingestor(config_for(tmp_path, quarantine_root=tmp_path / "q2"))
+    in_one_batch.process(received([make_window(seq=7), make_window(seq=7, scale=8 / 32767)]))
+    assert (in_one_batch.stats.accepted, in_one_batch.stats.rejected) == (1, 1)
+    reasons = read_quarantine(tmp_path / "quarantine")["reason"].to_pylist()
+    reasons += read_quarantine(tmp_path / "q2")["reason"].to_pylist()
+    assert reasons == [
+        "seq reused with different content: device node-0001 boot epoch 0 seq 0 is already stored with other "
+        "samples or metadata",
+    ] * 2 + [
+        "seq reused with different content: device node-0001 boot epoch 0 seq 7 is already stored with other "
+        "samples or metadata"
+    ]
+    lake = read_windows(tmp_path / "lake", fleet="f1")
+    assert sorted(lake.seq.tolist()) == [0, 7]
+    assert np.array_equal(lake.samples[lake.seq == 0][0], first_boot.physical())
+
+
+def test_a_restarted_device_in_a_new_boot_epoch_keeps_every_window(tmp_path: Path) -> None:
+    """seq 0..4 in boot epoch 1, then 0..4 again in epoch 2: ten windows, each once, redeliveries dropped."""
+    boots = [make_window(seq=s, epoch=e, samples=make_window(seq=10 * e + s).samples) for e in (1, 2) for s in range(5)]
+    Ingestor(config_for(tmp_path)).process(received(boots[:5]))
+    restarted = Ingestor(config_for(tmp_path))
+    restarted.process(received(boots[5:] + boots))
+    assert (restarted.stats.accepted, restarted.stats.duplicates, restarted.stats.rejected) == (5, 10, 0)
+    keys = read_keys(tmp_path / "lake", "f1")
+    assert sorted(zip(keys["epoch"].to_pylist(), keys["seq"].to_pylist(), strict=True)) == [
+        (e, s) for e in (1, 2) for s in range(5)
+    ]
+
+
+def test_boot_epochs_grow_on_every_start_in_a_process_and_across_processes(tmp_path: Path) -> None:
+    counter = tmp_path / "simulate" / "f1.boot-epoch"
+    counter.parent.mkdir()
+    counter.write_text(f"{2**31}\n")  # a previous start far ahead of the clock: the counter file wins
+    assert [next_boot_epoch(counter) for _ in range(3)] == [2**31 + 1, 2**31 + 2, 2**31 + 3]
+    assert counter.read_text() == f"{2**31 + 3}\n"
+    fleets = [VirtualFleet("f1", 1), VirtualFleet("f1", 1)]  # two starts within one second still differ
+    assert fleets[0].boot_epoch < fleets[1].boot_epoch
+    windows = [fleet.nodes[0].next_window(NOW_US) for fleet in fleets]
+    assert [(w.epoch, w.seq) for w in windows] == [(fleets[0].boot_epoch, 0), (fleets[1].boot_epoch, 0)]
+
+
+def test_a_key_whose_content_the_index_no_longer_holds_is_quarantined_not_stored_twice(tmp_path: Path) -> None:
+    """Stored before the digest horizon: the redelivery cannot be compared, so it goes to the quarantine."""
+    window = received([make_window(seq=3)])
+    Ingestor(config_for(tmp_path)).process(window)
+    time.sleep(0.01)  # the horizon below ends after the first write (a sleep as a clock step, not as a wait)
+    later = Ingestor(config_for(tmp_path, dedupe_horizon_days=0.001 / 86_400))
+    later.process(window)
+    assert (later.stats.accepted, later.stats.duplicates, later.stats.rejected) == (0, 0, 1)
+    (reason,) = read_quarantine(tmp_path / "quarantine")["reason"].to_pylist()
+    assert reason.startswith("cannot deduplicate: device node-0001 boot epoch 0 seq 3 may already be stored")
+    assert len(read_windows(tmp_path / "lake", fleet="f1")) == 1
 
 
 def publish_all(address: BrokerAddress, payloads: list[tuple[str, bytes]]) -> None:

@@ -23,14 +23,17 @@ from hypothesis import strategies as st
 from firmware.codec import VibrationWindow
 from tasks import lake as lake_module
 from tasks.lake import (
+    Seen,
     SeqIndex,
     WindowBatch,
     compact_lake,
-    known_seqs,
     lake_files,
+    load_dedupe_index,
     partition_dir,
     read_keys,
     read_windows,
+    save_key_snapshot,
+    window_digest,
     write_windows,
 )
 from tests.conftest import cli_env
@@ -45,14 +48,18 @@ def at(us: int) -> dt.datetime:
     return dt.datetime.fromtimestamp(us / 1e6, tz=dt.UTC)
 
 
+def flushed(device: int, seq: int, hour: int, value: int | None = None) -> VibrationWindow:
+    """The window :func:`flush` writes (other samples with ``value``)."""
+    samples = np.full(64, seq % 1000 if value is None else value, np.int16)
+    return VibrationWindow(f"d{device:03d}", seq, T0 + hour * HOUR_US + seq * 1000, 25_600, 1.0, samples)
+
+
 def flush(lake: Path, devices: int, seqs: range, hour: int, fleet: str = "f") -> None:
     """One ingest flush: every device's windows ``seqs``, all in hour ``hour`` after T0."""
     batch = WindowBatch()
     for device in reversed(range(devices)):  # arrival order is not lake order
         for seq in seqs:
-            timestamp = T0 + hour * HOUR_US + seq * 1000
-            window = VibrationWindow(f"d{device:03d}", seq, timestamp, 25_600, 1.0, np.full(64, seq % 1000, np.int16))
-            batch.append(fleet, window)
+            batch.append(fleet, flushed(device, seq, hour))
     write_windows(lake, batch)
 
 
@@ -93,42 +100,88 @@ def test_a_time_range_reads_only_the_hours_it_touches(tmp_path: Path) -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from("abc"), st.integers(0, 200)), max_size=300), st.integers(0, 200))
-def test_seq_index_answers_exactly_as_a_set(keys: list[tuple[str, int]], probe: int) -> None:
+@given(
+    st.lists(st.tuples(st.sampled_from("abc"), st.integers(0, 1), st.integers(0, 200)), max_size=300),
+    st.integers(0, 200),
+)
+def test_seq_index_answers_exactly_as_a_set(keys: list[tuple[str, int, int]], probe: int) -> None:
     one_by_one, at_once = SeqIndex(), SeqIndex()
-    for device, seq in keys:
-        one_by_one.add(device, seq)
-    at_once.update([d for d, _ in keys], np.asarray([s for _, s in keys], np.int64))
+    for device, epoch, seq in keys:
+        one_by_one.add(device, epoch, seq)
+    at_once.update([d for d, _, _ in keys], np.asarray([e for _, e, _ in keys]), np.asarray([s for *_, s in keys]))
     expected = set(keys)
     for device in "abc":
-        for seq in (probe, probe - 1, probe + 1):
-            assert ((device, seq) in one_by_one) == ((device, seq) in expected)
-            assert ((device, seq) in at_once) == ((device, seq) in expected)
-        seqs = [s for d, s in keys if d == device]
-        assert one_by_one.last(device) == (max(seqs) if seqs else None)
+        for epoch in (0, 1):
+            for seq in (probe, probe - 1, probe + 1):
+                assert one_by_one.contains(device, epoch, seq) == ((device, epoch, seq) in expected)
+                assert at_once.contains(device, epoch, seq) == ((device, epoch, seq) in expected)
+            seqs = [s for d, e, s in keys if (d, e) == (device, epoch)]
+            assert one_by_one.last(device, epoch) == (max(seqs) if seqs else None)
     assert one_by_one.ranges() == at_once.ranges()
 
 
 def test_seq_index_memory_grows_with_gaps_not_windows() -> None:
-    index = SeqIndex(max_ranges_per_device=100)
+    index = SeqIndex(max_ranges_per_stream=100)
     for seq in range(200_000):
         for device in ("a", "b", "c", "d", "e"):
-            index.add(device, seq)
+            index.add(device, 7, seq)
     assert index.ranges() == 5  # a million windows, one range per device
     for seq in range(0, 10_000, 2):  # a pathological device: every other seq missing
-        index.add("sparse", 10_000_000 + seq)
+        index.add("sparse", 7, 10_000_000 + seq)
     assert index.ranges() == 5 + 100
-    assert ("sparse", 10_000_000 + 9_998) in index and ("sparse", 10_000_000) not in index
+    assert index.contains("sparse", 7, 10_000_000 + 9_998) and not index.contains("sparse", 7, 10_000_000)
+    # what it forgot, it no longer vouches for: a key there may be stored
+    assert not index.vouches("sparse", 7, 10_000_000) and index.vouches("sparse", 7, 10_000_000 + 9_801)
+    assert index.vouches("sparse", 8, 0) and index.vouches("a", 7, 0)
 
 
-def test_known_seqs_reads_the_horizon_into_the_index(tmp_path: Path) -> None:
-    flush(tmp_path, devices=2, seqs=range(0, 50), hour=0)
+def test_the_dedupe_index_holds_every_key_whatever_its_date_and_recent_digests_by_arrival(tmp_path: Path) -> None:
+    years_ago = -5 * 365 * 24
+    flush(tmp_path, devices=2, seqs=range(0, 50), hour=years_ago)  # windows their sender dated 2021
     flush(tmp_path, devices=2, seqs=range(60, 70), hour=0)
-    index = known_seqs(tmp_path, "f", horizon_days=2, today=at(T0).date())
-    assert ("d001", 49) in index and ("d001", 55) not in index and ("d000", 69) in index
-    assert index.ranges() == 4
-    too_late = known_seqs(tmp_path, "f", horizon_days=2, today=at(T0).date() + dt.timedelta(days=3))
-    assert too_late.ranges() == 0
+    now = dt.datetime.now(tz=dt.UTC)
+    index = load_dedupe_index(tmp_path, "f", horizon_days=2, now=now)
+    assert index.keys.ranges() == 4
+    stored, other = flushed(1, 49, years_ago), flushed(1, 49, years_ago, value=7)
+    assert index.check("d001", 0, 49, window_digest(stored)) is Seen.DUPLICATE
+    assert index.check("d001", 0, 49, window_digest(other)) is Seen.CONFLICT
+    assert index.check("d001", 0, 55, window_digest(other)) is Seen.NEW
+    assert index.check("d001", 1, 49, window_digest(other)) is Seen.NEW  # another boot epoch
+    # three days later: every key is still known, their content no longer
+    later = load_dedupe_index(tmp_path, "f", horizon_days=2, now=now + dt.timedelta(days=3))
+    assert later.keys.ranges() == 4
+    assert later.check("d001", 0, 49, window_digest(stored)) is Seen.UNVERIFIABLE
+    assert later.check("d001", 0, 55, window_digest(other)) is Seen.NEW
+
+
+def test_files_written_before_the_epoch_and_digest_columns_read_as_epoch_0_content_unknown(tmp_path: Path) -> None:
+    flush(tmp_path, devices=1, seqs=range(0, 5), hour=0)
+    (old,) = lake_files(tmp_path, fleet="f")
+    pq.write_table(pq.read_table(old).drop_columns(["epoch", "digest"]), old)
+    flush(tmp_path, devices=1, seqs=range(5, 10), hour=0)
+    assert keys_of(tmp_path) == [("d000", s) for s in range(10)]
+    assert set(read_keys(tmp_path, "f")["epoch"].to_pylist()) == {0}
+    index = load_dedupe_index(tmp_path, "f", horizon_days=2)
+    assert index.check("d000", 0, 3, window_digest(flushed(0, 3, 0))) is Seen.UNVERIFIABLE
+    assert index.check("d000", 0, 7, window_digest(flushed(0, 7, 0))) is Seen.DUPLICATE
+    report = compact_lake(tmp_path, fleet="f", closed_before=at(T0 + HOUR_US))
+    assert (report.files_before, report.files_after, report.rows) == (2, 1, 10)
+    assert keys_of(tmp_path) == [("d000", s) for s in range(10)]
+
+
+def test_the_key_snapshot_spares_a_restart_the_files_it_covers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lake_module, "_SNAPSHOT_MARGIN", dt.timedelta(0))
+    flush(tmp_path, devices=2, seqs=range(0, 50), hour=0)
+    covered = lake_files(tmp_path, fleet="f")
+    save_key_snapshot(tmp_path, "f", load_dedupe_index(tmp_path, "f", horizon_days=2))
+    flush(tmp_path, devices=2, seqs=range(50, 60), hour=1)  # written after the snapshot: read again
+    for path in covered:  # a covered file is not read any more: its keys come from the snapshot
+        path.write_bytes(b"not parquet")
+    index = load_dedupe_index(tmp_path, "f", horizon_days=1e-9)
+    assert index.keys.ranges() == 2 and index.keys.last("d001", 0) == 59 and index.keys.contains("d000", 0, 0)
+    (tmp_path / "vibration" / "fleet=f" / ".dedupe-keys.parquet").write_bytes(b"torn")
+    with pytest.raises(LakeError, match="cannot read the keys of fleet f"):  # no snapshot: every file is read
+        load_dedupe_index(tmp_path, "f", horizon_days=2)
 
 
 def lake_with_closed_and_open_hours(lake: Path) -> list[tuple[str, int]]:
@@ -244,7 +297,7 @@ def test_readers_see_every_window_exactly_once_while_compaction_deletes_files(
     """A compaction deletes the files it merged; readers at that moment must neither fail nor double-count.
 
     A writer-compactor thread adds one file to each of four closed hours and compacts them, round
-    after round; the readers (``read_windows``, ``read_keys``, ``known_seqs``) read in a loop in
+    after round; the readers (``read_windows``, ``read_keys``, ``load_dedupe_index``) read in a loop in
     the meantime. Each round waits for three more reads, so reads and compactions overlap by count.
     Every read must hold each window at most once, every window committed before it began, and
     none beyond what was being written when it ended.
@@ -289,7 +342,7 @@ def test_readers_see_every_window_exactly_once_while_compaction_deletes_files(
         while compactor.is_alive():
             with progress:
                 lower = _round_keys(committed)
-            kind = ("read_windows", "read_keys", "known_seqs")[reads % 3]
+            kind = ("read_windows", "read_keys", "load_dedupe_index")[reads % 3]
             try:
                 keys = _read_keys_with(kind, tmp_path, lower)
             except Exception as exc:  # counted, so the ledger shows how many reads failed
@@ -316,9 +369,9 @@ def test_readers_see_every_window_exactly_once_while_compaction_deletes_files(
             in_lake=len(stored),
             duplicates=len(stored) - len(set(stored)),
             lost=len(_round_keys(READERS_ROUNDS) - set(stored)),
-            notes=f"{reads} reads (read_windows, read_keys, known_seqs in turn) during {READERS_ROUNDS} compaction "
-            f"passes of {READERS_HOURS} hours; {failed} reads failed, {wrong} saw a window twice or missed one; "
-            f"{again} reads listed a file the compaction then deleted and read again with compaction held off",
+            notes=f"{reads} reads (read_windows, read_keys, load_dedupe_index in turn) during {READERS_ROUNDS} "
+            f"compaction passes of {READERS_HOURS} hours; {failed} reads failed, {wrong} saw a window twice or missed "
+            f"one; {again} reads listed a file the compaction then deleted and read again with compaction held off",
         )
     )
     assert reads >= 3 * READERS_ROUNDS
@@ -334,9 +387,9 @@ def _read_keys_with(kind: str, lake: Path, committed: set[tuple[str, int]]) -> l
     if kind == "read_keys":
         table = read_keys(lake, "f")
         return list(zip(table["device"].to_pylist(), table["seq"].to_pylist(), strict=True))
-    index = known_seqs(lake, "f", horizon_days=100_000)
-    keys = [key for key in committed if key in index]
-    return keys + [(d, s) for d in ("d000", "d001") if (s := index.last(d)) is not None and (d, s) not in committed]
+    index = load_dedupe_index(lake, "f", horizon_days=2).keys
+    keys = [(d, s) for d, s in committed if index.contains(d, 0, s)]
+    return keys + [(d, s) for d in ("d000", "d001") if (s := index.last(d, 0)) is not None and (d, s) not in committed]
 
 
 def test_a_file_vanishing_with_compaction_held_off_is_one_lake_error(

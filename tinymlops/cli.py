@@ -261,11 +261,16 @@ def simulate(
     """Run a virtual fleet of sensor nodes that publish vibration windows over MQTT."""
     settings = _settings()
     _check_fleet(fleet)
+    if seconds is None and windows is None:
+        raise typer.BadParameter("give --seconds or --windows", param_hint="--seconds")
+    from firmware.boot import next_boot_epoch
     from firmware.fleet import VirtualFleet
     from firmware.sensor import FaultSpec
     from tinymlops.mqtt import broker_to_publish_to
 
     name = fleet or settings.fleet
+    # Every run is a new boot of the nodes: seqs restart at 0 in a new epoch, kept in a counter file.
+    boot_epoch = next_boot_epoch(settings.data_dir / "simulate" / f"{name}.boot-epoch", sender=f"fleet {name}")
     sim = VirtualFleet(
         name,
         devices,
@@ -273,6 +278,7 @@ def simulate(
         sample_rate_hz=settings.sensor.sample_rate_hz,
         window_samples=settings.sensor.window_samples,
         topic_root=settings.mqtt.topic_root,
+        boot_epoch=boot_epoch,
     )
     for spec in fault or []:
         kind, _, rest = spec.partition(":")
@@ -282,12 +288,12 @@ def simulate(
         except (ValueError, TypeError) as exc:
             raise typer.BadParameter(f"invalid fault {spec!r}: {exc}", param_hint="--fault") from None
         sim.inject_fault(fault_spec, targets.split(",") if targets else None)
-    if seconds is None and windows is None:
-        raise typer.BadParameter("give --seconds or --windows", param_hint="--seconds")
     mqtt_settings = settings.mqtt.model_copy(update={"url": broker or settings.mqtt.url})
     with broker_to_publish_to(mqtt_settings, settings.data_dir) as address:
         stats = sim.run(address, interval_s=interval, duration_s=seconds, windows_per_device=windows)
-    console.print(f"published {stats.published} windows from {devices} nodes in {stats.seconds:.1f} s")
+    console.print(
+        f"published {stats.published} windows from {devices} nodes in {stats.seconds:.1f} s (boot epoch {boot_epoch})"
+    )
 
 
 @app.command()
@@ -585,6 +591,7 @@ def replay(
     """Publish a recording over MQTT as a live sensor would, for the ingest and the monitor to judge it."""
     settings = _settings()
     _check_fleet(fleet)
+    from firmware.boot import next_boot_epoch
     from firmware.ota import OtaTopics
     from firmware.replay import replay as replay_recording
     from tasks.importers import ImportLimits, load_recording
@@ -604,6 +611,8 @@ def replay(
             sample_rate_hz=settings.sensor.sample_rate_hz,
             window_samples=settings.sensor.window_samples,
             speed=speed,
+            # Every replay is a new boot of the sensor: its seqs restart at 0 in a new epoch.
+            boot_epoch=next_boot_epoch(settings.data_dir / "simulate" / f"{name}.boot-epoch", sender=device),
         )
     console.print(
         f"replayed {stats.windows} windows of {path} as {name}/{device} to {address.url} in {stats.seconds:.1f} s "

@@ -81,7 +81,22 @@ class LakeSettings(BaseModel):
 
     root: Path | None = Field(default=None, description="Lake root; default <data_dir>/lake.")
     quarantine: Path | None = Field(default=None, description="Quarantine root; default <data_dir>/quarantine.")
-    dedupe_horizon_days: int = Field(default=2, ge=1, description="Days of lake history checked for duplicate windows.")
+    dedupe_horizon_days: float = Field(
+        default=2,
+        gt=0,
+        description=(
+            "Days of arrivals (ingest time, not the window's timestamp) whose content digests the ingest loads "
+            "at start; the keys of the whole lake are always loaded."
+        ),
+    )
+    dedupe_digests_per_stream: int = Field(
+        default=8192,
+        ge=16,
+        description=(
+            "Content digests held per device boot epoch (its most recent seqs; 128 KiB each); at least "
+            "ingest.batch_windows are held, the most a crash leaves to redeliver."
+        ),
+    )
     compact_after_minutes: int = Field(
         default=60, ge=0, description="Compact an hour partition's files into one this long after the hour ends."
     )
