@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -168,7 +169,8 @@ def test_ingest_writes_exactly_the_windows_sent(tmp_path: Path, mosquitto: Mosqu
         "sample rate 1000 Hz, fleet expects 25600 Hz",
         "truncated message",
     ]
-    assert b"garbage" in quarantine["payload"]
+    assert b"garbage" in quarantine["payload_prefix"]
+    assert hashlib.sha256(b"garbage").hexdigest() in quarantine["payload_sha256"]
 
 
 @pytest.mark.mqtt
