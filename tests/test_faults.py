@@ -257,7 +257,7 @@ def ingest_process(
     )
 
 
-def finish(process: subprocess.Popen[str], timeout_s: float = 120) -> tuple[int, dict[str, Any], str]:
+def finish(process: subprocess.Popen[str], timeout_s: float = 180) -> tuple[int, dict[str, Any], str]:
     """Wait for an ingest process: exit code, its stats (empty if it failed) and its stderr."""
     out, err = process.communicate(timeout=timeout_s)
     lines = out.strip().splitlines()
@@ -299,7 +299,7 @@ def test_broker_killed_and_restarted_during_ingestion(tmp_path: Path) -> None:
     restarted: MosquittoBroker | None = None
     try:
         publisher.publish(payloads[:400])
-        wait_until(lambda: lake_rows(config.lake_root) > 0, 30, "the first batch in the lake")
+        wait_until(lambda: lake_rows(config.lake_root) > 0, 120, "the first batch in the lake")
         publisher.publish(payloads[400:800])
         unacked_at_kill = publisher.unacked
         in_lake_at_kill = lake_rows(config.lake_root)
@@ -307,8 +307,8 @@ def test_broker_killed_and_restarted_during_ingestion(tmp_path: Path) -> None:
         time.sleep(0.5)
         restarted = MosquittoBroker(port=broker.port, extra_config=options).start()
         publisher.publish(payloads[800:])
-        publisher.wait_acked(60)
-        wait_until(lambda: lake_rows(config.lake_root) >= len(keys), 60, "every window in the lake")
+        publisher.wait_acked(120)
+        wait_until(lambda: lake_rows(config.lake_root) >= len(keys), 180, "every window in the lake")
         time.sleep(0.5)  # anything redelivered late must be dropped, not written
         stats = ingest.stop()
     finally:
@@ -413,10 +413,17 @@ def test_ingest_process_killed_repeatedly_while_windows_stream(tmp_path: Path, m
     payloads, keys = good_payloads(8, 150)
     publisher = Publisher(mosquitto.address)
 
-    def stream() -> None:  # about 10 s of windows, so both kills land while they arrive
-        for i in range(0, len(payloads), 30):
-            publisher.publish(payloads[i : i + 30])
-            time.sleep(0.25)
+    thirds = [payloads[i * len(payloads) // 3 : (i + 1) * len(payloads) // 3] for i in range(3)]
+    killed = [threading.Event(), threading.Event()]
+
+    def stream() -> None:
+        """Bursts of 30 windows every 0.25 s; each third after the next kill, so both land mid-stream however slow."""
+        for third, gate in zip(thirds, [None, *killed], strict=True):
+            if gate is not None:
+                gate.wait(300)
+            for i in range(0, len(third), 30):
+                publisher.publish(third[i : i + 30])
+                time.sleep(0.25)
 
     streamer = threading.Thread(target=stream)
     rng = random.Random(7)
@@ -424,17 +431,18 @@ def test_ingest_process_killed_repeatedly_while_windows_stream(tmp_path: Path, m
     victim = ingest_process(mosquitto.address, config)
     try:
         streamer.start()
-        for _ in range(2):
+        for gate in killed:
             wait_until(
-                grew_past(config.lake_root, kills[-1] if kills else 0), 60, "a batch written since the last kill"
+                grew_past(config.lake_root, kills[-1] if kills else 0), 180, "a batch written since the last kill"
             )
             time.sleep(rng.uniform(0.0, 0.4))
             os.kill(victim.pid, signal.SIGKILL)
             victim.wait()
             kills.append(lake_rows(config.lake_root))
+            gate.set()
             victim = ingest_process(mosquitto.address, config)
-        streamer.join(60)
-        publisher.wait_acked(60)
+        streamer.join(300)
+        publisher.wait_acked(120)
         code, stats, err = stop_when(victim, holds(config.lake_root, len(keys)), "every window in the lake")
     finally:
         publisher.stop()
@@ -474,7 +482,7 @@ def test_second_ingest_of_the_fleet_started_mid_stream(tmp_path: Path, mosquitto
     second: subprocess.Popen[str] | None = None
     try:
         streamer.start()
-        wait_until(grew_past(config.lake_root, 0), 60, "the first ingest's first batch")
+        wait_until(grew_past(config.lake_root, 0), 180, "the first ingest's first batch")
         started = time.monotonic()
         second = ingest_process(mosquitto.address, config)
         second_code, _, second_err = finish(second)
