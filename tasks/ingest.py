@@ -437,6 +437,8 @@ def ingest_report_markdown(fleet: str, stats: IngestStats, window_samples: int) 
         ("windows accepted", stats.accepted),
         ("duplicates dropped", stats.duplicates),
         ("rejected to quarantine", stats.rejected),
+        ("oldest quarantine files deleted (over its cap)", stats.quarantine_files_removed),
+        ("peak bytes received and not yet written", f"{stats.peak_queued_bytes:,}"),
         ("files written", stats.files_written),
         ("seconds", f"{stats.seconds:.1f}"),
         ("samples/s into the lake", f"{rate:,.0f}"),
