@@ -4,6 +4,11 @@ The subscriber keeps a persistent session (clean_session=False) at QoS 1 and ack
 message manually once the batch holding it is durably in the lake (or in the quarantine). A crash
 between receive and write therefore loses nothing: the broker redelivers every unacknowledged
 message to the same client id, and the (device, seq) index drops what was already written.
+
+Memory stays bounded under any flood: a payload over ``mqtt.max_message_bytes`` is reduced on
+arrival to its quarantine record (size, sha256, first bytes), and received messages wait in an
+inbox of at most ``ingest.max_queued_bytes``; while it is full the network thread stops reading,
+so the broker keeps the rest of the stream, unacknowledged, until the ingest catches up.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from tasks.lake import (
     ingest_lease,
     load_dedupe_index,
     range_problem,
+    rotate_quarantine,
     save_key_snapshot,
     window_digest,
     write_quarantine,
@@ -110,6 +116,8 @@ class IngestStats:
     rejected: int = 0
     batches: int = 0
     files_written: int = 0
+    quarantine_files_removed: int = 0
+    peak_queued_bytes: int = 0
     seconds: float = 0.0
     reject_reasons: Counter[str] = field(default_factory=Counter)
 
@@ -127,18 +135,97 @@ class IngestStats:
             "rejected": self.rejected,
             "batches": self.batches,
             "files_written": self.files_written,
+            "quarantine_files_removed": self.quarantine_files_removed,
+            "peak_queued_bytes": self.peak_queued_bytes,
             "seconds": round(self.seconds, 3),
             "reject_reasons": dict(self.reject_reasons),
         }
 
 
+# Bytes a queued message takes beyond its payload (the object, its topic string): counted against the inbox's bound.
+_MESSAGE_OVERHEAD_BYTES = 256
+
+
 @dataclass(frozen=True)
 class _Received:
+    """A message as received; an oversized one arrives already reduced to its quarantine record."""
+
     mid: int
     qos: int
     topic: str
     payload: bytes
     received_at_us: int
+    oversized: QuarantineRecord | None = None
+
+    @property
+    def queued_bytes(self) -> int:
+        """What it costs the inbox."""
+        kept = self.oversized.payload_prefix if self.oversized is not None else self.payload
+        return len(kept) + _MESSAGE_OVERHEAD_BYTES
+
+
+class _Inbox:
+    """Received messages waiting to be written: a FIFO bounded in bytes.
+
+    ``put`` runs in paho's network thread and blocks while the inbox is full, so paho stops reading
+    the socket and the broker holds the rest of the stream (unacknowledged, in the persistent
+    session). An empty inbox always takes a message, so one message larger than the bound passes.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
+        self._items: deque[_Received] = deque()
+        self._bytes = 0
+        self.peak_bytes = 0
+        self._lock = threading.Lock()
+        self._not_full = threading.Condition(self._lock)
+        self._ready = threading.Condition(self._lock)
+        self._wanted = 1
+        self._producer_waiting = False
+        self._closed = False
+        self.last_put = time.monotonic()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, message: _Received) -> bool:
+        """Queue a message, waiting while the inbox is full; False once closed (the message stays unacknowledged)."""
+        size = message.queued_bytes
+        with self._lock:
+            while self._items and self._bytes + size > self._max_bytes and not self._closed:
+                self._producer_waiting = True
+                self._ready.notify()  # a full inbox is a batch to write now
+                self._not_full.wait()
+            self._producer_waiting = False
+            if self._closed:
+                return False
+            self._items.append(message)
+            self._bytes += size
+            self.peak_bytes = max(self.peak_bytes, self._bytes)
+            self.last_put = time.monotonic()
+            if len(self._items) >= self._wanted:
+                self._ready.notify()
+            return True
+
+    def wait_ready(self, count: int, timeout_s: float) -> None:
+        """Wait until ``count`` messages are queued, the inbox is full, or ``timeout_s`` passed."""
+        with self._lock:
+            self._wanted = count
+            self._ready.wait_for(lambda: len(self._items) >= count or self._producer_waiting, timeout_s)
+
+    def take(self, count: int) -> list[_Received]:
+        """Remove and return up to ``count`` messages, oldest first."""
+        with self._lock:
+            taken = [self._items.popleft() for _ in range(min(count, len(self._items)))]
+            self._bytes -= sum(message.queued_bytes for message in taken)
+            self._not_full.notify_all()
+            return taken
+
+    def close(self) -> None:
+        """Refuse further messages and release a waiting network thread."""
+        with self._lock:
+            self._closed = True
+            self._not_full.notify_all()
 
 
 @dataclass
@@ -154,6 +241,9 @@ class IngestConfig:
     flush_interval_s: float = 1.0
     dedupe_horizon_days: float = 2
     dedupe_digests_per_stream: int = 8192
+    max_queued_bytes: int = 64 * 1024 * 1024
+    quarantine_prefix_bytes: int = 4096
+    quarantine_max_bytes: int = 256 * 1024 * 1024
 
 
 class Ingestor:
@@ -199,6 +289,10 @@ class Ingestor:
         batch_keys: dict[tuple[str, int, int], int] = {}  # key -> content digest
         now_s = time.time()
         for msg in messages:
+            if msg.oversized is not None:
+                rejected.append(msg.oversized)
+                self.stats.reject_reasons["message too large"] += 1
+                continue
             try:
                 window = validate_message(
                     msg.topic,
@@ -209,7 +303,11 @@ class Ingestor:
                     now_s=now_s,
                 )
             except (DecodeError, ValidationError) as exc:
-                rejected.append(QuarantineRecord(msg.received_at_us, msg.topic, str(exc), msg.payload))
+                rejected.append(
+                    QuarantineRecord.of(
+                        msg.received_at_us, msg.topic, str(exc), msg.payload, cfg.quarantine_prefix_bytes
+                    )
+                )
                 self.stats.reject_reasons[str(exc).split(":")[0]] += 1
                 continue
             key = (window.device_id, window.epoch, window.seq)
@@ -224,13 +322,17 @@ class Ingestor:
                 continue
             reason = self._repeat_reason(seen, window)
             if reason is not None:
-                rejected.append(QuarantineRecord(msg.received_at_us, msg.topic, reason, msg.payload))
+                rejected.append(
+                    QuarantineRecord.of(msg.received_at_us, msg.topic, reason, msg.payload, cfg.quarantine_prefix_bytes)
+                )
                 self.stats.reject_reasons[reason.split(":")[0]] += 1
                 continue
             batch_keys[key] = digest
             batch.append(cfg.fleet, window, digest=digest)
         files = write_windows(cfg.lake_root, batch) if len(batch) else []
         quarantined = write_quarantine(cfg.quarantine_root, rejected)
+        if quarantined is not None:
+            self.stats.quarantine_files_removed += len(rotate_quarantine(cfg.quarantine_root, cfg.quarantine_max_bytes))
         # Only now, with both written, is the batch safe to acknowledge.
         for key, digest in sorted(batch_keys.items()):  # in order: each extends its stream's last range
             self._seen.add(*key, digest)
@@ -287,8 +389,8 @@ def _ingest_holding_lease(
 ) -> IngestStats:
     """:func:`run_ingest` once the fleet's lease is held."""
     ingestor = Ingestor(config)
-    inbox: deque[_Received] = deque()
-    arrived = threading.Event()
+    inbox = _Inbox(config.max_queued_bytes)
+    max_bytes = config.mqtt.max_message_bytes
 
     def batch_target() -> int:
         """Windows that make a full batch: fewer when max_windows is nearly reached."""
@@ -297,9 +399,14 @@ def _ingest_holding_lease(
         return max(1, min(config.batch_windows, max_windows - ingestor.stats.accepted))
 
     def on_message(_client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        inbox.append(_Received(msg.mid, msg.qos, msg.topic, bytes(msg.payload), time.time_ns() // 1000))
-        if len(inbox) >= batch_target():
-            arrived.set()
+        received_at_us = time.time_ns() // 1000
+        if len(msg.payload) > max_bytes:
+            # Keep only its record: a flood of large payloads must not fill memory or the quarantine.
+            reason = f"message too large: {len(msg.payload):,} bytes, limit {max_bytes:,}"
+            record = QuarantineRecord.of(received_at_us, msg.topic, reason, msg.payload, config.quarantine_prefix_bytes)
+            inbox.put(_Received(msg.mid, msg.qos, msg.topic, b"", received_at_us, record))
+            return
+        inbox.put(_Received(msg.mid, msg.qos, msg.topic, bytes(msg.payload), received_at_us))
 
     topic = vibration_topic(config.mqtt.topic_root, config.fleet, "+")
 
@@ -313,25 +420,19 @@ def _ingest_holding_lease(
     client.on_connect = on_connect
     client.subscribe(topic, qos=1)
     log.info("ingesting %s from %s into %s", topic, address.url, config.lake_root)
-    start = time.monotonic()
-    last_arrival = last_snapshot = start
+    start = last_written = last_snapshot = time.monotonic()
     try:
         while True:
-            if len(inbox) < batch_target():
-                # Clear first, then look again, so a batch completed in between still wakes us.
-                arrived.clear()
-                if len(inbox) < batch_target():
-                    arrived.wait(config.flush_interval_s)
-            take = min(len(inbox), batch_target())
-            if take:
-                messages = [inbox.popleft() for _ in range(take)]
+            inbox.wait_ready(batch_target(), config.flush_interval_s)
+            messages = inbox.take(batch_target())
+            if messages:
                 ingestor.process(messages)
                 for msg in messages:
                     client.ack(msg.mid, msg.qos)
-                last_arrival = time.monotonic()
-                if last_arrival - last_snapshot > _KEY_SNAPSHOT_INTERVAL_S:
+                last_written = time.monotonic()
+                if last_written - last_snapshot > _KEY_SNAPSHOT_INTERVAL_S:
                     ingestor.save_keys()
-                    last_snapshot = last_arrival
+                    last_snapshot = last_written
             elapsed = time.monotonic() - start
             if max_windows is not None and ingestor.stats.accepted >= max_windows:
                 break
@@ -339,10 +440,12 @@ def _ingest_holding_lease(
                 break
             if stop is not None and stop.is_set():
                 break
+            # Idle means nothing arrived for a while and nothing waits to be written, however slow the machine.
             if (
                 idle_timeout_s is not None
                 and ingestor.stats.received
-                and time.monotonic() - last_arrival > idle_timeout_s
+                and not len(inbox)
+                and time.monotonic() - max(inbox.last_put, last_written) > idle_timeout_s
             ):
                 break
     except TinyMLOpsError:
@@ -350,6 +453,8 @@ def _ingest_holding_lease(
         raise
     finally:
         ingestor.stats.seconds = time.monotonic() - start
+        ingestor.stats.peak_queued_bytes = inbox.peak_bytes
+        inbox.close()  # a network thread waiting for room drops its message: the broker keeps it
         client.disconnect()
         client.loop_stop()
         ingestor.save_keys()
@@ -369,6 +474,9 @@ def ingest_config(settings: Settings, fleet: str | None = None) -> IngestConfig:
         flush_interval_s=settings.ingest.flush_interval_s,
         dedupe_horizon_days=settings.lake.dedupe_horizon_days,
         dedupe_digests_per_stream=settings.lake.dedupe_digests_per_stream,
+        max_queued_bytes=settings.ingest.max_queued_bytes,
+        quarantine_prefix_bytes=settings.lake.quarantine_prefix_bytes,
+        quarantine_max_bytes=settings.lake.quarantine_max_bytes,
     )
 
 
@@ -380,6 +488,8 @@ def ingest_report_markdown(fleet: str, stats: IngestStats, window_samples: int) 
         ("windows accepted", stats.accepted),
         ("duplicates dropped", stats.duplicates),
         ("rejected to quarantine", stats.rejected),
+        ("oldest quarantine files deleted (over its cap)", stats.quarantine_files_removed),
+        ("peak bytes received and not yet written", f"{stats.peak_queued_bytes:,}"),
         ("files written", stats.files_written),
         ("seconds", f"{stats.seconds:.1f}"),
         ("samples/s into the lake", f"{rate:,.0f}"),

@@ -89,7 +89,9 @@ QUARANTINE_SCHEMA = pa.schema(
         ("received_at", pa.timestamp("us", tz="UTC")),
         ("topic", pa.string()),
         ("reason", pa.string()),
-        ("payload", pa.binary()),
+        ("payload_bytes", pa.int64()),
+        ("payload_sha256", pa.string()),
+        ("payload_prefix", pa.binary()),
     ]
 )
 
@@ -420,12 +422,22 @@ def write_windows(lake_root: Path, batch: WindowBatch) -> list[Path]:
 
 @dataclass(frozen=True)
 class QuarantineRecord:
-    """A rejected message and why it was rejected."""
+    """A rejected message: why, and enough of it to recognise it (its size, sha256 and first bytes)."""
 
     received_at_us: int
     topic: str
     reason: str
-    payload: bytes
+    payload_bytes: int
+    payload_sha256: str
+    payload_prefix: bytes
+
+    @classmethod
+    def of(
+        cls, received_at_us: int, topic: str, reason: str, payload: bytes | bytearray, prefix_bytes: int
+    ) -> QuarantineRecord:
+        """The record of ``payload``, keeping only its first ``prefix_bytes`` bytes."""
+        digest = hashlib.sha256(payload).hexdigest()
+        return cls(received_at_us, topic, reason, len(payload), digest, bytes(payload[:prefix_bytes]))
 
 
 def write_quarantine(quarantine_root: Path, records: Sequence[QuarantineRecord]) -> Path | None:
@@ -437,18 +449,51 @@ def write_quarantine(quarantine_root: Path, records: Sequence[QuarantineRecord])
             pa.array([r.received_at_us for r in records], pa.int64()).cast(pa.timestamp("us", tz="UTC")),
             pa.array([r.topic for r in records], pa.string()),
             pa.array([r.reason for r in records], pa.string()),
-            pa.array([r.payload for r in records], pa.binary()),
+            pa.array([r.payload_bytes for r in records], pa.int64()),
+            pa.array([r.payload_sha256 for r in records], pa.string()),
+            pa.array([r.payload_prefix for r in records], pa.binary()),
         ],
         schema=QUARANTINE_SCHEMA,
     )
     return write_parquet_atomic(table, quarantine_root / f"date={utc_date(records[0].received_at_us)}")
 
 
+def quarantine_files(quarantine_root: Path) -> list[Path]:
+    """The quarantine's files, oldest first (their names start with the UTC time they were written)."""
+    if not quarantine_root.exists():
+        return []
+    return sorted(quarantine_root.glob("date=*/part-*.parquet"), key=lambda path: path.name)
+
+
+def rotate_quarantine(quarantine_root: Path, max_bytes: int) -> list[Path]:
+    """Delete the oldest quarantine files until the rest take at most ``max_bytes``; the newest always stays.
+
+    Returns:
+        The deleted files.
+    """
+    files = quarantine_files(quarantine_root)
+    sizes = [path.stat().st_size for path in files]
+    total = sum(sizes)
+    removed: list[Path] = []
+    for path, size in zip(files[:-1], sizes[:-1], strict=True):
+        if total <= max_bytes:
+            break
+        path.unlink(missing_ok=True)
+        total -= size
+        removed.append(path)
+        with contextlib.suppress(OSError):  # the date directory, once its last file is gone
+            path.parent.rmdir()
+    if removed:
+        log.warning("quarantine over %d bytes: deleted its %d oldest files", max_bytes, len(removed))
+    return removed
+
+
 def read_quarantine(quarantine_root: Path) -> pa.Table:
     """Return every quarantined message (empty table if there are none)."""
-    if not quarantine_root.exists() or not any(quarantine_root.rglob("*.parquet")):
+    files = quarantine_files(quarantine_root)
+    if not files:
         return QUARANTINE_SCHEMA.empty_table()
-    return ds.dataset(quarantine_root, format="parquet", partitioning="hive").to_table()
+    return ds.dataset(files, schema=QUARANTINE_SCHEMA, format="parquet").to_table()
 
 
 def _hour_range(start: dt.datetime | None, end: dt.datetime | None) -> tuple[str, str]:

@@ -10,6 +10,7 @@ the table is printed at the end of the pytest run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -212,7 +213,7 @@ def persistent_broker_config(directory: Path) -> str:
 
 
 INGEST_PROCESS = """
-import json, resource, sys
+import dataclasses, json, resource, signal, sys, threading
 from pathlib import Path
 from tasks.ingest import IngestConfig, run_ingest
 from tinymlops.errors import TinyMLOpsError
@@ -221,26 +222,47 @@ from tinymlops.settings import MqttSettings, SensorSettings
 args = json.loads(sys.argv[1])
 if args.get("fsize_limit"):
     resource.setrlimit(resource.RLIMIT_FSIZE, (args["fsize_limit"], args["fsize_limit"]))
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: stop.set())
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+rss_before, rss_peak = rss(), [0]
+def sample_rss():
+    while not stop.wait(0.005):
+        rss_peak[0] = max(rss_peak[0], rss())
+threading.Thread(target=sample_rss, daemon=True).start()
+known = {f.name for f in dataclasses.fields(IngestConfig)}
 config = IngestConfig(fleet=args["fleet"], lake_root=Path(args["lake"]), quarantine_root=Path(args["quarantine"]),
-                      sensor=SensorSettings(), mqtt=MqttSettings(client_id=args["client_id"]),
-                      batch_windows=args["batch"], flush_interval_s=args["flush_s"])
+                      sensor=SensorSettings(), mqtt=MqttSettings(client_id=args["client_id"], **args["mqtt"]),
+                      **{k: v for k, v in args["config"].items() if k in known})
 try:
-    stats = run_ingest(parse_broker_url(args["broker"]), config, seconds=120, idle_timeout_s=args["idle_s"])
+    stats = run_ingest(parse_broker_url(args["broker"]), config, seconds=180, idle_timeout_s=args["idle_s"], stop=stop)
 except TinyMLOpsError as exc:
     print(f"INGEST FAILED {type(exc).__name__}: {exc}", file=sys.stderr)
     sys.exit(3)
-print(json.dumps(stats.to_dict()))
+print(json.dumps({**stats.to_dict(), "peak_rss_growth_bytes": max(0, rss_peak[0] - rss_before)}))
 """
 
 
 def ingest_process(
-    address: BrokerAddress, config: IngestConfig, *, idle_s: float = 3.0, fsize_limit: int | None = None
+    address: BrokerAddress, config: IngestConfig, *, idle_s: float | None = None, fsize_limit: int | None = None
 ) -> subprocess.Popen[str]:
-    """The ingest as its own process (as deployed), printing its stats as JSON when it ends."""
+    """The ingest as its own process (as deployed), printing its stats as JSON when it ends.
+
+    It runs until SIGTERM (:func:`stop_when`), a lake error, or ``idle_s`` without a message.
+    """
+    options = (
+        "batch_windows",
+        "flush_interval_s",
+        "max_queued_bytes",
+        "quarantine_prefix_bytes",
+        "quarantine_max_bytes",
+    )
     args = {"broker": address.url, "fleet": config.fleet, "lake": str(config.lake_root),
             "quarantine": str(config.quarantine_root), "client_id": config.mqtt.client_id,
-            "batch": config.batch_windows, "flush_s": config.flush_interval_s, "idle_s": idle_s,
-            "fsize_limit": fsize_limit}  # fmt: skip
+            "mqtt": {"max_message_bytes": config.mqtt.max_message_bytes},
+            "config": {name: getattr(config, name) for name in options},
+            "idle_s": idle_s, "fsize_limit": fsize_limit}  # fmt: skip
     return subprocess.Popen(
         [sys.executable, "-c", INGEST_PROCESS, json.dumps(args)],
         cwd=REPO_ROOT,
@@ -250,11 +272,28 @@ def ingest_process(
     )
 
 
-def finish(process: subprocess.Popen[str], timeout_s: float = 120) -> tuple[int, dict[str, Any], str]:
+def finish(process: subprocess.Popen[str], timeout_s: float = 180) -> tuple[int, dict[str, Any], str]:
     """Wait for an ingest process: exit code, its stats (empty if it failed) and its stderr."""
     out, err = process.communicate(timeout=timeout_s)
     lines = out.strip().splitlines()
     return process.returncode, json.loads(lines[-1]) if process.returncode == 0 and lines else {}, err
+
+
+def stop_when(
+    process: subprocess.Popen[str], condition: Callable[[], bool], what: str, timeout_s: float = 180
+) -> tuple[int, dict[str, Any], str]:
+    """Stop an ingest process (SIGTERM: it finishes its batch and exits 0) once ``condition`` holds.
+
+    The condition is a count in the lake, so the run ends when the work is done however slow the
+    machine is, not after an idle timeout that a loaded machine can trip mid-stream.
+    """
+    wait_until(lambda: condition() or process.poll() is not None, timeout_s, what)
+    process.send_signal(signal.SIGTERM)
+    return finish(process)
+
+
+def holds(lake: Path, rows: int) -> Callable[[], bool]:
+    return lambda: lake_rows(lake) >= rows
 
 
 # --- 1. broker killed during ingestion ------------------------------------------------------------------
@@ -275,7 +314,7 @@ def test_broker_killed_and_restarted_during_ingestion(tmp_path: Path) -> None:
     restarted: MosquittoBroker | None = None
     try:
         publisher.publish(payloads[:400])
-        wait_until(lambda: lake_rows(config.lake_root) > 0, 30, "the first batch in the lake")
+        wait_until(lambda: lake_rows(config.lake_root) > 0, 120, "the first batch in the lake")
         publisher.publish(payloads[400:800])
         unacked_at_kill = publisher.unacked
         in_lake_at_kill = lake_rows(config.lake_root)
@@ -283,8 +322,8 @@ def test_broker_killed_and_restarted_during_ingestion(tmp_path: Path) -> None:
         time.sleep(0.5)
         restarted = MosquittoBroker(port=broker.port, extra_config=options).start()
         publisher.publish(payloads[800:])
-        publisher.wait_acked(60)
-        wait_until(lambda: lake_rows(config.lake_root) >= len(keys), 60, "every window in the lake")
+        publisher.wait_acked(120)
+        wait_until(lambda: lake_rows(config.lake_root) >= len(keys), 180, "every window in the lake")
         time.sleep(0.5)  # anything redelivered late must be dropped, not written
         stats = ingest.stop()
     finally:
@@ -342,7 +381,8 @@ def queued_then_crash(root: Path, client_id: str, store: Path | None) -> tuple[i
     broker.kill()  # every window acknowledged, none delivered yet
     restarted = MosquittoBroker(port=broker.port, extra_config=options).start()
     try:
-        stats = run_ingest(restarted.address, config, seconds=6, max_windows=len(keys))
+        # With the snapshot every window comes (max_windows ends the run); without it none may, within 6 s.
+        stats = run_ingest(restarted.address, config, seconds=120 if store else 6, max_windows=len(keys))
     finally:
         restarted.stop()
     return len(read_windows(config.lake_root, fleet=FLEET)), keys, stats
@@ -388,10 +428,17 @@ def test_ingest_process_killed_repeatedly_while_windows_stream(tmp_path: Path, m
     payloads, keys = good_payloads(8, 150)
     publisher = Publisher(mosquitto.address)
 
-    def stream() -> None:  # about 10 s of windows, so both kills land while they arrive
-        for i in range(0, len(payloads), 30):
-            publisher.publish(payloads[i : i + 30])
-            time.sleep(0.25)
+    thirds = [payloads[i * len(payloads) // 3 : (i + 1) * len(payloads) // 3] for i in range(3)]
+    killed = [threading.Event(), threading.Event()]
+
+    def stream() -> None:
+        """Bursts of 30 windows every 0.25 s; each third after the next kill, so both land mid-stream however slow."""
+        for third, gate in zip(thirds, [None, *killed], strict=True):
+            if gate is not None:
+                gate.wait(300)
+            for i in range(0, len(third), 30):
+                publisher.publish(third[i : i + 30])
+                time.sleep(0.25)
 
     streamer = threading.Thread(target=stream)
     rng = random.Random(7)
@@ -399,18 +446,19 @@ def test_ingest_process_killed_repeatedly_while_windows_stream(tmp_path: Path, m
     victim = ingest_process(mosquitto.address, config)
     try:
         streamer.start()
-        for _ in range(2):
+        for gate in killed:
             wait_until(
-                grew_past(config.lake_root, kills[-1] if kills else 0), 60, "a batch written since the last kill"
+                grew_past(config.lake_root, kills[-1] if kills else 0), 180, "a batch written since the last kill"
             )
             time.sleep(rng.uniform(0.0, 0.4))
             os.kill(victim.pid, signal.SIGKILL)
             victim.wait()
             kills.append(lake_rows(config.lake_root))
+            gate.set()
             victim = ingest_process(mosquitto.address, config)
-        streamer.join(60)
-        publisher.wait_acked(60)
-        code, stats, err = finish(victim)
+        streamer.join(300)
+        publisher.wait_acked(120)
+        code, stats, err = stop_when(victim, holds(config.lake_root, len(keys)), "every window in the lake")
     finally:
         publisher.stop()
         with contextlib.suppress(ProcessLookupError):
@@ -449,14 +497,14 @@ def test_second_ingest_of_the_fleet_started_mid_stream(tmp_path: Path, mosquitto
     second: subprocess.Popen[str] | None = None
     try:
         streamer.start()
-        wait_until(grew_past(config.lake_root, 0), 60, "the first ingest's first batch")
+        wait_until(grew_past(config.lake_root, 0), 180, "the first ingest's first batch")
         started = time.monotonic()
         second = ingest_process(mosquitto.address, config)
         second_code, _, second_err = finish(second)
         second_s = time.monotonic() - started
         streamer.join(60)
         publisher.wait_acked(60)
-        code, stats, err = finish(first)
+        code, stats, err = stop_when(first, holds(config.lake_root, len(keys)), "every window in the lake")
     finally:
         publisher.stop()
         for process in (first, second):
@@ -526,7 +574,9 @@ def test_disk_full_under_the_lake_loses_nothing_acknowledged(tmp_path: Path, mos
         torn = unreadable_files(lake)
         leftovers = [p for p in lake.rglob(".tmp-*")]
         filler.unlink(missing_ok=True)  # free the space
-        code_after, stats_after, err_after = finish(ingest_process(mosquitto.address, config))
+        code_after, stats_after, err_after = stop_when(
+            ingest_process(mosquitto.address, config), holds(config.lake_root, len(keys)), "every window in the lake"
+        )
         final = tally_lake(config.lake_root, FLEET, keys)
     how = "8 MiB tmpfs, ENOSPC" if mounted else "RLIMIT_FSIZE 16 kB, EFBIG (tmpfs not mountable)"
     record(
@@ -583,34 +633,54 @@ def malformed(kind: str, i: int, rng: np.random.Generator) -> Payload:
     return topic, encode(window(device, seq, **changes[kind]))
 
 
+def sha256_of(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()
+
+
 @pytest.mark.mqtt
 def test_flood_of_malformed_messages_among_good_ones(tmp_path: Path, mosquitto: MosquittoBroker) -> None:
-    """5,000 bad messages of 8 kinds interleaved with 2,000 good windows and 200 redelivered ones."""
+    """5,000 bad messages of 8 kinds interleaved with 2,000 good windows and 200 redelivered ones.
+
+    One good window is held back and published after the broker acknowledged all the rest: the
+    broker delivers one session's messages in order, so once the lake holds all 2,000 windows the
+    ingest has handled every message. No idle timeout decides when it is done.
+    """
     rng = np.random.default_rng(11)
     good, keys = good_payloads(4, 500)
     kinds = [kind for kind in MALFORMED_REASONS for _ in range(625)]
     bad = [malformed(kind, i, rng) for i, kind in enumerate(kinds)]
-    resent = [good[int(i)] for i in rng.choice(len(good), 200, replace=False)]
-    flood = good + bad + resent
+    resent_at = rng.choice(len(good) - 1, 200, replace=False)  # never the last window, which is sent last
+    flood = good[:-1] + bad + [good[int(i)] for i in resent_at]
     order = rng.permutation(len(flood))
     config = ingest_config(tmp_path, "fault-ingest-flood", batch=2000)
     ensure_subscription(mosquitto.address, config)
-    ingest = IngestThread(mosquitto.address, config, idle_s=2.0)
+    ingest = IngestThread(mosquitto.address, config)
     publisher = Publisher(mosquitto.address)
     try:
         publisher.publish([flood[int(i)] for i in order])
-        publisher.wait_acked(120)
+        publisher.wait_acked(180)
+        publisher.publish(good[-1:])
+        publisher.wait_acked(60)
+        wait_until(lambda: lake_rows(config.lake_root) >= len(keys), 180, "every good window in the lake")
     finally:
         publisher.stop()
-    stats = ingest.stop(wait_for_idle=True)
+        stats = ingest.stop()
     tally = tally_lake(config.lake_root, FLEET, keys)
     quarantine = read_quarantine(config.quarantine_root).to_pydict()
-    kind_of = {payload: kind for kind, (_, payload) in zip(kinds, bad, strict=True)}
-    quarantined = Counter(kind_of.get(p, "not sent as bad") for p in quarantine["payload"])
+    sent_bad = {sha256_of(payload): (kind, payload) for kind, (_, payload) in zip(kinds, bad, strict=True)}
+    kind_of = {digest: kind for digest, (kind, _) in sent_bad.items()}
+    quarantined = Counter(kind_of.get(digest, "not sent as bad") for digest in quarantine["payload_sha256"])
     wrong_reason = [
-        (kind_of.get(p), r)
-        for p, r in zip(quarantine["payload"], quarantine["reason"], strict=True)
-        if not any(reason in r for reason in MALFORMED_REASONS.get(kind_of.get(p, ""), ()))
+        (kind_of.get(digest), reason)
+        for digest, reason in zip(quarantine["payload_sha256"], quarantine["reason"], strict=True)
+        if not any(expected in reason for expected in MALFORMED_REASONS.get(kind_of.get(digest, ""), ()))
+    ]
+    wrong_record = [
+        digest
+        for digest, size, prefix in zip(
+            quarantine["payload_sha256"], quarantine["payload_bytes"], quarantine["payload_prefix"], strict=True
+        )
+        if digest in sent_bad and (size, prefix) != (len(sent_bad[digest][1]), sent_bad[digest][1][:4096])
     ]
     record(
         FaultRecord(
@@ -620,9 +690,88 @@ def test_flood_of_malformed_messages_among_good_ones(tmp_path: Path, mosquitto: 
         )
     )  # fmt: skip
     assert (tally.rows, tally.duplicates, tally.lost, tally.unexpected) == (len(keys), 0, 0, 0)
-    assert (stats.received, stats.accepted, stats.rejected, stats.duplicates) == (len(flood), 2000, 5000, 200)
+    assert (stats.received, stats.accepted, stats.rejected, stats.duplicates) == (len(flood) + 1, 2000, 5000, 200)
     assert quarantined == Counter(kinds)
     assert wrong_reason == [], wrong_reason[:5]
+    assert wrong_record == [], wrong_record[:5]
+
+
+# --- 8. a flood of oversized payloads ---------------------------------------------------------------------------
+
+MiB = 1024 * 1024
+
+
+@pytest.mark.mqtt
+def test_flood_of_oversized_payloads_keeps_memory_and_quarantine_bounded(tmp_path: Path) -> None:
+    """Payloads of 4 and 10 MiB among good windows: memory, inbox and quarantine stay bounded, no window lost.
+
+    The broker here drops publishes over 8 MiB (``message_size_limit``), as a deployment's broker
+    with a looser limit than the ingest's would; the 4 MiB ones reach the ingest, which keeps of
+    each only a record (reason, size, sha256, 256 bytes) in a quarantine capped at 12 KiB, and holds
+    at most 64 KiB of received messages (the rest wait, unacknowledged, on the broker).
+    """
+    rng = np.random.default_rng(13)
+    good, keys = good_payloads(4, 100)
+    large = [(vibration_topic(f"node-{i % 4:04d}"), rng.bytes(4 * MiB)) for i in range(10)]
+    huge = [(vibration_topic(f"node-{i % 4:04d}"), rng.bytes(10 * MiB)) for i in range(3)]
+    stream: list[Payload] = []
+    for i, payload in enumerate(good[:-1]):  # a large payload every 40 windows, a huge one every 130
+        stream += [payload, *([large[i // 40]] if i % 40 == 20 else []), *([huge[i // 130]] if i % 130 == 60 else [])]
+    config = dataclasses.replace(
+        ingest_config(tmp_path, "fault-ingest-oversized", batch=50),
+        max_queued_bytes=64 * 1024,
+        quarantine_prefix_bytes=256,
+        quarantine_max_bytes=12 * 1024,
+    )
+    broker = MosquittoBroker(max_message_bytes=8 * MiB).start()
+    publisher: Publisher | None = None
+    ingest: subprocess.Popen[str] | None = None
+    try:
+        ensure_subscription(broker.address, config)
+        publisher = Publisher(broker.address)
+        publisher.publish(stream)
+        publisher.wait_acked(120)  # the broker acknowledges the huge ones too, and drops them
+        publisher.publish(good[-1:])  # the broker keeps one session's order: when it is in the lake, all came
+        publisher.wait_acked(60)
+        ingest = ingest_process(broker.address, config)
+        code, stats, err = stop_when(ingest, holds(config.lake_root, len(keys)), "every good window in the lake")
+    finally:
+        if publisher is not None:
+            publisher.stop()
+        if ingest is not None:
+            with contextlib.suppress(ProcessLookupError):
+                ingest.kill()
+        broker.stop()
+    assert code == 0, err[-2000:]
+    tally = tally_lake(config.lake_root, FLEET, keys)
+    quarantine = read_quarantine(config.quarantine_root).to_pydict()
+    quarantine_bytes = sum(path.stat().st_size for path in config.quarantine_root.rglob("*.parquet"))
+    order = [sha256_of(payload) for _, payload in large]
+    kept = quarantine["payload_sha256"]
+    growth = stats["peak_rss_growth_bytes"]
+    record(
+        FaultRecord(
+            "flood of oversized payloads", len(keys), tally.rows, tally.duplicates, tally.lost,
+            notes=f"10 x 4 MiB and 3 x 10 MiB payloads among the windows; the broker (limit 8 MiB) acknowledged "
+            f"and dropped the 10 MiB ones; the ingest (limit 256 KiB) quarantined {stats['rejected']} records of "
+            f"256 bytes + sha256; quarantine {quarantine_bytes:,} bytes (cap 12 KiB, {len(kept)} records left, "
+            f"{stats['quarantine_files_removed']} oldest files deleted); inbox peak {stats['peak_queued_bytes']:,} "
+            f"bytes (cap 64 KiB); ingest peak RSS +{growth / MiB:.1f} MiB for 40 MiB received",
+        )
+    )  # fmt: skip
+    assert (tally.rows, tally.duplicates, tally.lost, tally.unexpected) == (len(keys), 0, 0, 0)
+    assert (stats["received"], stats["accepted"], stats["rejected"]) == (len(keys) + len(large), len(keys), len(large))
+    assert stats["reject_reasons"] == {"message too large": len(large)}
+    assert all(reason.startswith("message too large: 4,194,304 bytes") for reason in quarantine["reason"])
+    assert set(quarantine["payload_bytes"]) == {4 * MiB}
+    assert [prefix for prefix in quarantine["payload_prefix"]] == [
+        large[order.index(digest)][1][:256] for digest in kept
+    ]
+    assert quarantine_bytes <= 12 * 1024 and stats["quarantine_files_removed"] > 0
+    assert kept == order[len(order) - len(kept) :], "rotation deletes the oldest records first"
+    assert stats["peak_queued_bytes"] <= 64 * 1024
+    # Holding what it received would take more than the 40 MiB of payloads (main: +235 MiB, 73 MB quarantine).
+    assert growth < 40 * MiB, f"ingest peak RSS grew {growth / MiB:.1f} MiB"
 
 
 def as_version_1(payload: bytes) -> bytes:

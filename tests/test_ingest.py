@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -243,7 +244,8 @@ def test_ingest_writes_exactly_the_windows_sent(tmp_path: Path, mosquitto: Mosqu
         "sample rate 1000 Hz, fleet expects 25600 Hz",
         "truncated message",
     ]
-    assert b"garbage" in quarantine["payload"]
+    assert b"garbage" in quarantine["payload_prefix"]
+    assert hashlib.sha256(b"garbage").hexdigest() in quarantine["payload_sha256"]
 
 
 @pytest.mark.mqtt
@@ -339,7 +341,7 @@ def test_window_beyond_the_physical_full_scale_is_quarantined_not_stored(
 
 
 LEASE_PROCESS = """
-import sys
+import signal, sys, threading
 from pathlib import Path
 from tasks.ingest import IngestConfig, run_ingest
 from tinymlops.errors import TinyMLOpsError
@@ -349,8 +351,10 @@ url, root, fleet, seconds, idle = sys.argv[1], Path(sys.argv[2]), sys.argv[3], f
 config = IngestConfig(fleet=fleet, lake_root=root / "lake", quarantine_root=root / "quarantine",
                       sensor=SensorSettings(), mqtt=MqttSettings(client_id=sys.argv[6]), batch_windows=50,
                       flush_interval_s=0.2)
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: stop.set())
 try:
-    run_ingest(parse_broker_url(url), config, seconds=seconds, idle_timeout_s=idle or None)
+    run_ingest(parse_broker_url(url), config, seconds=seconds, idle_timeout_s=idle or None, stop=stop)
 except TinyMLOpsError as exc:
     sys.exit(str(exc))
 """
@@ -359,13 +363,13 @@ except TinyMLOpsError as exc:
 def start_ingest(
     address: BrokerAddress, root: Path, fleet: str, seconds: float, idle: float, client_id: str | None = None
 ) -> subprocess.Popen[str]:
-    """An ingest of ``fleet`` in its own process (client id ``lease-<fleet>`` unless given)."""
+    """An ingest of ``fleet`` in its own process (client id ``lease-<fleet>`` unless given); SIGTERM ends it cleanly."""
     client = client_id or f"lease-{fleet}"
     args = [sys.executable, "-c", LEASE_PROCESS, address.url, str(root), fleet, str(seconds), str(idle), client]
     return subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for_lease(root: Path, fleet: str, pid: int, timeout_s: float = 20.0) -> str:
+def wait_for_lease(root: Path, fleet: str, pid: int, timeout_s: float = 90.0) -> str:
     """Wait until ``pid`` holds the fleet's ingest lease; returns the lock file's text."""
     lock = root / "lake" / "vibration" / f"fleet={fleet}" / ".ingest.lock"
     deadline = time.monotonic() + timeout_s
@@ -382,13 +386,26 @@ def lake_keys(root: Path, fleet: str) -> list[tuple[str, int]]:
     return list(zip(windows.device.tolist(), windows.seq.tolist(), strict=True))
 
 
+def stop_with(process: subprocess.Popen[str], root: Path, fleet: str, windows: int, timeout_s: float = 120) -> str:
+    """Stop an ingest process (SIGTERM) once the lake holds ``windows`` of its fleet; returns its stderr.
+
+    A count, not an idle timeout, ends the run: on a loaded machine a second process can take
+    longer to start than any idle timeout short enough for a test.
+    """
+    deadline = time.monotonic() + timeout_s
+    while len(lake_keys(root, fleet)) < windows and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    return process.communicate(timeout=60)[1]
+
+
 @pytest.mark.mqtt
 def test_second_ingest_of_a_fleet_refuses_and_nothing_is_duplicated(tmp_path: Path, mosquitto: MosquittoBroker) -> None:
     """Two ingests of one fleet shared (and stole) one MQTT session and wrote most windows twice."""
     ensure_subscription(mosquitto.address, config_for(tmp_path, client_id="lease-f1"))
     payloads = fleet_payloads(10, 40)
     publish_all(mosquitto.address, payloads[:200])
-    holder = start_ingest(mosquitto.address, tmp_path, "f1", 20, 3.0)
+    holder = start_ingest(mosquitto.address, tmp_path, "f1", 180, 0)
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not any((tmp_path / "lake").rglob("*.parquet")):
@@ -396,7 +413,8 @@ def test_second_ingest_of_a_fleet_refuses_and_nothing_is_duplicated(tmp_path: Pa
         second = start_ingest(mosquitto.address, tmp_path, "f1", 20, 3.0)
         publish_all(mosquitto.address, payloads[200:])
         _, refusal = second.communicate(timeout=60)
-        holder_status = holder.wait(timeout=60)
+        stop_with(holder, tmp_path, "f1", len(payloads))
+        holder_status = holder.returncode
     finally:
         holder.kill()
     keys = lake_keys(tmp_path, "f1")
@@ -420,9 +438,9 @@ def test_killed_lease_holder_does_not_block_the_next_ingest(tmp_path: Path, mosq
     holder.wait()
     payloads = fleet_payloads(5, 20)
     publish_all(mosquitto.address, payloads)
-    successor = start_ingest(mosquitto.address, tmp_path, "f1", 60, 1.5)
-    assert f'"pid": {successor.pid}' in wait_for_lease(tmp_path, "f1", successor.pid, timeout_s=10)
-    _, errors = successor.communicate(timeout=90)
+    successor = start_ingest(mosquitto.address, tmp_path, "f1", 180, 0)
+    assert f'"pid": {successor.pid}' in wait_for_lease(tmp_path, "f1", successor.pid)
+    errors = stop_with(successor, tmp_path, "f1", len(payloads))
     assert successor.returncode == 0, errors
     keys = lake_keys(tmp_path, "f1")
     assert len(keys) == len(set(keys)) == len(payloads)
@@ -434,7 +452,7 @@ def test_ingests_of_different_fleets_run_side_by_side(tmp_path: Path, mosquitto:
     fleets = ("f1", "f2")
     for fleet in fleets:
         ensure_subscription(mosquitto.address, config_for(tmp_path, client_id=f"lease-{fleet}", fleet=fleet))
-    processes = {fleet: start_ingest(mosquitto.address, tmp_path, fleet, 60, 2.0) for fleet in fleets}
+    processes = {fleet: start_ingest(mosquitto.address, tmp_path, fleet, 180, 0) for fleet in fleets}
     try:
         for fleet, process in processes.items():
             wait_for_lease(tmp_path, fleet, process.pid)  # both hold their fleet's lease at once
@@ -445,8 +463,8 @@ def test_ingests_of_different_fleets_run_side_by_side(tmp_path: Path, mosquitto:
             for d in range(4)
         ]
         publish_all(mosquitto.address, payloads)
-        for process in processes.values():
-            _, errors = process.communicate(timeout=90)
+        for fleet, process in processes.items():
+            errors = stop_with(process, tmp_path, fleet, 4 * 30)
             assert process.returncode == 0, errors
     finally:
         for process in processes.values():
@@ -462,7 +480,7 @@ def test_ingests_of_two_fleets_under_one_client_id_refuse(tmp_path: Path, mosqui
     ensure_subscription(mosquitto.address, config_for(tmp_path, client_id="shared"))
     payloads = fleet_payloads(4, 25)
     publish_all(mosquitto.address, payloads[:40])
-    holder = start_ingest(mosquitto.address, tmp_path, "f1", 20, 6.0, client_id="shared")
+    holder = start_ingest(mosquitto.address, tmp_path, "f1", 180, 0, client_id="shared")
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not any((tmp_path / "lake").rglob("*.parquet")):
@@ -471,7 +489,8 @@ def test_ingests_of_two_fleets_under_one_client_id_refuse(tmp_path: Path, mosqui
         time.sleep(3.0)  # the second is connected or has refused
         publish_all(mosquitto.address, payloads[40:])
         _, refusal = second.communicate(timeout=60)
-        holder_status = holder.wait(timeout=60)
+        stop_with(holder, tmp_path, "f1", len(payloads))
+        holder_status = holder.returncode
     finally:
         holder.kill()
     assert len(read_quarantine(tmp_path / "quarantine")) == 0, "f1 windows quarantined by the f2 ingest"

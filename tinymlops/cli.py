@@ -692,7 +692,13 @@ def lake_quarantine_command(limit: Annotated[int, typer.Option(min=1)] = 20) -> 
 
     table = read_quarantine(settings.quarantine_root).sort_by([("received_at", "descending")])
     rows = [
-        {"received_at": str(r["received_at"]), "topic": r["topic"], "reason": r["reason"], "bytes": len(r["payload"])}
+        {
+            "received_at": str(r["received_at"]),
+            "topic": r["topic"],
+            "reason": r["reason"],
+            "bytes": r["payload_bytes"],
+            "sha256": (r["payload_sha256"] or "")[:16],
+        }
         for r in table.slice(0, limit).to_pylist()
     ]
     _print_table(f"Quarantine ({table.num_rows} messages)", rows)

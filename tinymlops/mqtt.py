@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 import paho.mqtt.client as mqtt
 
 from tinymlops.errors import BrokerError
-from tinymlops.settings import MqttSettings
+from tinymlops.settings import DEFAULT_MAX_MESSAGE_BYTES, MqttSettings
 
 if TYPE_CHECKING:
     from tinymlops.mqtt_security import SecureBrokerMaterial
@@ -203,6 +203,7 @@ class MosquittoBroker:
         extra_config: Further configuration lines.
         listener_config: Options of the listener: authentication, ACL, TLS (default: anonymous).
         tls: Whether the listener speaks TLS (its address is then mqtts://).
+        max_message_bytes: Largest payload the broker accepts (``message_size_limit``); None for no limit.
     """
 
     def __init__(
@@ -212,9 +213,11 @@ class MosquittoBroker:
         *,
         listener_config: str = ANONYMOUS_LISTENER,
         tls: bool = False,
+        max_message_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self.port = port or free_port()
         self._extra = extra_config
+        self._max_message_bytes = max_message_bytes
         self._listener = listener_config
         self._tls = tls
         self._dir = Path(tempfile.mkdtemp(prefix="tinymlops-mosquitto-"))
@@ -285,6 +288,9 @@ class MosquittoBroker:
             "max_inflight_messages 0\n"
             "max_queued_messages 1000000\n"
             "max_queued_bytes 0\n"
+            # A larger publish is acknowledged and dropped, so its publisher goes on with its next message;
+            # max_packet_size would disconnect it instead, and paho would send the same packet again forever.
+            f"message_size_limit {self._max_message_bytes or 0}\n"
             f"{self._extra}\n"
         )
         log_file = open(self.log_file, "wb")  # noqa: SIM115 - owned by the process
@@ -403,7 +409,10 @@ def broker_for(settings: MqttSettings) -> Iterator[BrokerAddress]:
     choice = settings.embedded_broker
     if choice == "auto":
         choice = "mosquitto" if MosquittoBroker.executable() else "amqtt"
-    broker: MosquittoBroker | AmqttBroker = MosquittoBroker() if choice == "mosquitto" else AmqttBroker()
+    # amqtt has no payload limit: there the ingest's own limit (settings.max_message_bytes) bounds what it keeps.
+    broker: MosquittoBroker | AmqttBroker = (
+        MosquittoBroker(max_message_bytes=settings.max_message_bytes) if choice == "mosquitto" else AmqttBroker()
+    )
     broker.start()
     log.info("no broker configured: started embedded %s on %s", choice, broker.address.url)
     try:

@@ -19,6 +19,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024
+"""Largest MQTT payload by default: 8x the largest vibration window (16,384 samples), 64x an OTA chunk."""
+
+
 class MqttSettings(BaseModel):
     """MQTT broker connection. With no ``url`` an embedded broker is started on loopback."""
 
@@ -41,6 +45,15 @@ class MqttSettings(BaseModel):
     topic_root: str = Field(default="tinymlops", description="First topic level of every topic.")
     embedded_broker: str = Field(
         default="auto", pattern="^(auto|mosquitto|amqtt)$", description="Embedded broker: auto, mosquitto or amqtt."
+    )
+    max_message_bytes: int = Field(
+        default=DEFAULT_MAX_MESSAGE_BYTES,
+        ge=1024,
+        le=268_435_455,
+        description=(
+            "Largest MQTT payload: the embedded Mosquitto drops larger publishes (message_size_limit) and the "
+            "ingest quarantines only a bounded record of larger ones a broker without the limit delivers."
+        ),
     )
 
 
@@ -110,6 +123,12 @@ class LakeSettings(BaseModel):
         ge=1,
         description="Refuse to import a .mat file larger than this (MiB): .mat files are read whole, not in chunks.",
     )
+    quarantine_prefix_bytes: int = Field(
+        default=4096, ge=0, description="Bytes of a rejected payload kept in the quarantine (with its size and sha256)."
+    )
+    quarantine_max_bytes: int = Field(
+        default=256 * 1024 * 1024, ge=1, description="Total size of the quarantine's files; the oldest go past it."
+    )
 
 
 class IngestSettings(BaseModel):
@@ -117,6 +136,14 @@ class IngestSettings(BaseModel):
 
     batch_windows: int = Field(default=5000, ge=1, description="Write a batch once it holds this many windows.")
     flush_interval_s: float = Field(default=1.0, gt=0, description="Write a batch at least this often.")
+    max_queued_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1024,
+        description=(
+            "Bytes of received messages held before they are written; past it the ingest stops reading from the "
+            "broker, which keeps the rest unacknowledged."
+        ),
+    )
 
 
 class MlflowSettings(BaseModel):
