@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from firmware.ota import OtaTopics
@@ -15,6 +15,7 @@ from tasks.deploy import (
     DeployError,
     DeploymentReport,
     DeploymentSession,
+    DeviceOutcome,
     deploy_wave_task,
     held_outcomes,
     judge_canary_task,
@@ -85,9 +86,30 @@ def deploy_flow(
         duration_s=time.monotonic() - started,
     )  # fmt: skip
     run_id = log_deployment_task(report, str(flow_run.id or "") or None)
-    create_markdown_artifact(
-        report.to_markdown(),
-        key=re.sub(r"[^a-z0-9-]", "-", f"deployment-{fleet}-{model.target}".lower()),
-        description=f"Deployment of {model.label} to fleet {fleet}: {report.outcome}",
-    )
+    key = re.sub(r"[^a-z0-9-]", "-", f"deployment-{fleet}-{model.target}".lower())
+    description = f"Deployment of {model.label} to fleet {fleet}: {report.outcome}"
+    create_markdown_artifact(report.to_markdown(), key=key, description=description)
+    create_table_artifact(device_rows(outcomes), key=f"{key}-devices", description=f"{description}; one row per device")
     return {**report.to_dict(), "mlflow_run_id": run_id}
+
+
+def device_rows(outcomes: list[DeviceOutcome]) -> list[dict[str, Any]]:
+    """One row per device of a deployment: what it did and how long it took (the table artifact)."""
+    return [
+        {
+            "device": o.device,
+            "profile": o.profile,
+            "role": o.role,
+            "model": o.model,
+            "manifest": o.manifest_version,
+            "state": o.state,
+            "running now": o.running,
+            "chunks": o.chunks,
+            **{
+                f"{name} ms": round(o.latency_ms[name], 1) if name in o.latency_ms else None
+                for name in ("deploy", "load")
+            },
+            "detail": o.detail,
+        }
+        for o in outcomes
+    ]

@@ -1,13 +1,16 @@
 """The deployments ``tinymlops serve`` runs in one process: schedules, the drift trigger, concurrency.
 
-They mirror ``prefect.yaml`` (which creates the same deployments for a work pool and workers);
-serving needs only a Prefect server.
+They mirror ``prefect.yaml`` (which creates the same deployments for a work pool and workers) and take
+their descriptions, tags and the drift trigger's name and description from it, so the UI describes both
+alike; serving needs only a Prefect server.
 """
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
+import yaml
 from prefect import serve
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.events import DeploymentEventTrigger
@@ -19,6 +22,9 @@ from flows.monitor import monitor_flow
 from flows.retrain import retrain_flow
 from flows.train import train_flow
 from tasks.monitor import DRIFT_EVENT
+from tinymlops.settings import REPO_ROOT
+
+PREFECT_YAML = REPO_ROOT / "prefect.yaml"
 
 # Single-expression templates keep their JSON type (lists stay lists) when Prefect fills them in.
 DRIFT_TRIGGER_PARAMETERS = {
@@ -32,10 +38,24 @@ SCHEDULE_EVERY_10_MIN = "*/10 * * * *"
 NAMES = ("ingest", "monitor", "retrain", "train", "deploy", "full-loop")
 
 
+@cache
+def deployment_texts() -> dict[str, dict[str, Any]]:
+    """``prefect.yaml``'s deployments by name: what the UI shows of them (description, tags, triggers)."""
+    with open(PREFECT_YAML, encoding="utf-8") as file:
+        return {d["name"]: d for d in yaml.safe_load(file)["deployments"]}
+
+
+def _described(name: str) -> dict[str, Any]:
+    text = deployment_texts()[name]
+    return {"name": name, "description": text["description"], "tags": list(text["tags"])}
+
+
 def drift_trigger() -> DeploymentEventTrigger:
     """Run the retraining deployment for any fleet whose monitor emits a drift event."""
+    (trigger,) = deployment_texts()["retrain-on-drift"]["triggers"]
     return DeploymentEventTrigger(
-        name="retrain-on-drift",
+        name=trigger["name"],
+        description=trigger["description"],
         expect={DRIFT_EVENT},
         match={"prefect.resource.id": "tinymlops.fleet.*"},
         parameters=DRIFT_TRIGGER_PARAMETERS,
@@ -47,18 +67,18 @@ def runner_deployments(only: set[str] | None = None) -> list[Any]:
     one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
     factories = {
         "ingest": lambda: ingest_flow.to_deployment(
-            name="ingest-scheduled",
+            **_described("ingest-scheduled"),
             cron=SCHEDULE_EVERY_10_MIN,
             parameters={"seconds": 540.0},
             concurrency_limit=one_at_a_time,
         ),
-        "monitor": lambda: monitor_flow.to_deployment(name="monitor-scheduled", cron=SCHEDULE_EVERY_10_MIN),
+        "monitor": lambda: monitor_flow.to_deployment(**_described("monitor-scheduled"), cron=SCHEDULE_EVERY_10_MIN),
         "retrain": lambda: retrain_flow.to_deployment(
-            name="retrain-on-drift", triggers=[drift_trigger()], concurrency_limit=one_at_a_time
+            **_described("retrain-on-drift"), triggers=[drift_trigger()], concurrency_limit=one_at_a_time
         ),
-        "train": lambda: train_flow.to_deployment(name="train-manual"),
-        "deploy": lambda: deploy_flow.to_deployment(name="deploy-manual"),
-        "full-loop": lambda: loop_flow.to_deployment(name="full-loop-manual"),
+        "train": lambda: train_flow.to_deployment(**_described("train-manual")),
+        "deploy": lambda: deploy_flow.to_deployment(**_described("deploy-manual")),
+        "full-loop": lambda: loop_flow.to_deployment(**_described("full-loop-manual")),
     }
     return [factory() for name, factory in factories.items() if only is None or name in only]
 

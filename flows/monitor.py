@@ -10,7 +10,7 @@ import datetime as dt
 from typing import Any
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.events import emit_event
 from prefect.runtime import flow_run
 
@@ -55,6 +55,11 @@ def monitor_flow(
         settings.lake_root, fleet, champion.bundle, since=since, until=until, settings=settings.drift
     )
     create_markdown_artifact(report.to_markdown(), key=f"monitor-{fleet}".lower(), description=f"Monitor {fleet}")
+    create_table_artifact(
+        report.device_table(),
+        key=f"monitor-devices-{fleet}".lower(),
+        description=f"Monitor {fleet}: verdict {report.verdict}, one row per device",
+    )
     mlflow_run_id = log_monitoring_task(report, champion, str(flow_run.id or ""))
     emitted = []
     if emit_events and report.drift_detected:

@@ -7,7 +7,7 @@ import uuid
 from typing import Any
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from firmware.dsp import DspSpec
@@ -160,6 +160,11 @@ def train_flow(
         ),
         key=f"training-report-{fleet}".lower(),
         description=f"Training run {run_name}",
+    )
+    create_table_artifact(
+        comparison.to_table(),
+        key=f"training-quality-{fleet}".lower(),
+        description=f"Training run {run_name}: quality on held-out windows, one row per interpreter",
     )
     enforce_some_target_fits(packaged)
     return {

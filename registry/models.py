@@ -1,11 +1,12 @@
 """The model registry: one registered model per MCU target profile, a version per deployable bundle.
 
 A version is the bundle logged as a pyfunc model (:mod:`registry.pyfunc_model`) in the training
-run, registered under :func:`tinymlops.schemas.registered_model_name` of its target. Its tags hold
-what a reviewer or a device-side deployer needs without downloading anything: the target, the
-budget verdict, every measured figure (``metric.*``), arena, MACs, the ``.tflite`` sha256, the DSP
-spec version, the dataset fingerprint and the lineage (``lineage.*``: training run, logged model,
-flow run, lake selection).
+run, registered under :func:`tinymlops.schemas.registered_model_name` of its target. Its tags are
+the handful a reviewer or a device-side deployer reads at a glance: the target and fleet, the budget
+and gate verdicts (``budget`` names each check's verdict), the ``.tflite`` and bundle sha256, the
+dataset fingerprint and the lineage (``lineage.*``: training run, logged model, flow run).
+Every measured figure (quality per interpreter, budget checks, MACs) is a metric of the logged model
+(:attr:`RegisteredVersion.metrics`), its settings (quantization, threshold, DSP spec) its params.
 
 Aliases (see ``registry/PROMOTION.md``): ``candidate`` is the newest version that passed every
 gate, ``champion`` is what devices of that target run, ``previous`` the champion before it.
@@ -23,6 +24,7 @@ import logging
 import re
 import tempfile
 import warnings
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,9 +55,9 @@ TAG_BUDGET_PASSED = "budget_passed"
 TAG_GATES_PASSED = "gates_passed"
 TAG_SHA256 = "tflite_sha256"
 TAG_BUNDLE_DIGEST = "bundle_sha256"
-METRIC_TAG_PREFIX = "metric."
+TAG_BUDGET = "budget"
+METRIC_TAG_PREFIX = "metric."  # versions registered before the figures moved to the logged model
 LINEAGE_TAG_PREFIX = "lineage."
-BUDGET_TAG_PREFIX = "budget."
 
 _MAX_TAG_VALUE = 5000
 _TAG_KEY_BAD_CHARS = re.compile(r"[^\w.\-/ :]")
@@ -107,6 +109,7 @@ class RegisteredVersion:
     description: str
     status: str
     created_at: str
+    metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def uri(self) -> str:
@@ -122,18 +125,6 @@ class RegisteredVersion:
     def gates_passed(self) -> bool:
         """Whether the version passed the budget gate and every other gate at registration."""
         return self.tags.get(TAG_GATES_PASSED) == "true" and self.tags.get(TAG_BUDGET_PASSED) == "true"
-
-    @property
-    def metrics(self) -> dict[str, float]:
-        """The measured figures recorded as ``metric.*`` tags."""
-        out = {}
-        for key, value in self.tags.items():
-            if key.startswith(METRIC_TAG_PREFIX):
-                try:
-                    out[key.removeprefix(METRIC_TAG_PREFIX)] = float(value)
-                except ValueError:
-                    continue
-        return out
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-serialisable dict."""
@@ -178,40 +169,53 @@ def _number(value: float) -> str:
 
 
 def _to_registered(mv: ModelVersion, client: MlflowClient) -> RegisteredVersion:
+    tags = dict(mv.tags or {})
     return RegisteredVersion(
         name=mv.name,
         version=str(mv.version),
         aliases=tuple(sorted(mv.aliases or ())),
-        tags=dict(mv.tags or {}),
+        tags=tags,
         run_id=mv.run_id,
         source=mv.source or "",
         artifact_uri=client.get_model_version_download_uri(mv.name, str(mv.version)),
         description=mv.description or "",
         status=str(mv.status),
         created_at=_iso(mv.creation_timestamp),
+        metrics=_figures(client, tags),
     )
+
+
+def _figures(client: MlflowClient, tags: dict[str, str]) -> dict[str, float]:
+    """A version's measured figures: its logged model's metrics (older versions: ``metric.*`` tags)."""
+    from mlflow.exceptions import MlflowException
+
+    figures = {}
+    for key, value in tags.items():
+        if key.startswith(METRIC_TAG_PREFIX):
+            with suppress(ValueError):
+                figures[key.removeprefix(METRIC_TAG_PREFIX)] = float(value)
+    model_id, prefix = tags.get(LINEAGE_TAG_PREFIX + "logged_model_id"), f"{tags.get(TAG_TARGET)}/"
+    if model_id:
+        try:
+            metrics = client.get_logged_model(model_id).metrics or ()
+            figures |= {m.key.removeprefix(prefix): float(m.value) for m in metrics if m.key.startswith(prefix)}
+        except MlflowException as exc:
+            log.warning("cannot read the figures of logged model %s: %s", model_id, first_line(exc))
+    return figures
 
 
 def _error_code(exc: Exception) -> str:
     return str(getattr(exc, "error_code", ""))
 
 
-def _budget_tags(bundle: ModelBundle) -> dict[str, str]:
-    """``budget.<check>`` = ``measured / limit unit`` from the bundle's budget report, where it has checks."""
+def _budget_checks(bundle: ModelBundle) -> list[dict[str, Any]]:
+    """The checks of the bundle's budget report (empty where it has none)."""
     try:
         report = bundle.budget()
     except (OSError, ValueError):
-        return {}
-    tags = {}
-    for check in report.get("checks", []) if isinstance(report, dict) else []:
-        try:
-            verdict = "pass" if check["passed"] else "FAIL"
-            tags[_tag_key(BUDGET_TAG_PREFIX + str(check["name"]))] = (
-                f"{_number(check['measured'])} / {_number(check['limit'])} {check.get('unit', '')} {verdict}"
-            )
-        except (KeyError, TypeError, ValueError):
-            continue
-    return tags
+        return []
+    checks = report.get("checks", []) if isinstance(report, dict) else []
+    return [c for c in checks if isinstance(c, dict) and {"name", "passed", "measured", "limit"} <= c.keys()]
 
 
 def version_tags(bundle: ModelBundle, run_id: str, model_id: str, *, gates_passed: bool) -> dict[str, str]:
@@ -219,32 +223,53 @@ def version_tags(bundle: ModelBundle, run_id: str, model_id: str, *, gates_passe
     from registry.pyfunc_model import bundle_digest
 
     meta = bundle.metadata
+    checks = _budget_checks(bundle)
     tags = {
         TAG_TARGET: meta.target,
         "fleet": meta.fleet,
         TAG_BUDGET_PASSED: str(meta.budget_passed).lower(),
         TAG_GATES_PASSED: str(gates_passed and meta.budget_passed).lower(),
+        TAG_BUDGET: ", ".join(f"{c['name']} {'pass' if c['passed'] else 'FAIL'}" for c in checks) or "no checks",
         TAG_SHA256: meta.tflite_sha256,
         TAG_BUNDLE_DIGEST: bundle_digest(bundle.directory),
-        "tflite_bytes": str(meta.tflite_bytes),
-        "arena_bytes": str(meta.arena_bytes),
-        "macs": str(meta.macs),
-        "n_features": str(meta.n_features),
-        "quantization": meta.quantization,
-        "sparsity": _number(meta.sparsity),
-        "threshold": _number(meta.threshold),
-        "threshold_percentile": _number(meta.threshold_percentile),
-        "dsp_spec_version": str(meta.dsp_spec_version),
         "dataset_fingerprint": meta.dataset_fingerprint,
-        "bundle_format_version": str(meta.format_version),
-        "bundle_created_at": meta.created_at,
     }
-    tags.update({_tag_key(METRIC_TAG_PREFIX + k): _number(v) for k, v in meta.metrics.items()})
     tags.update({_tag_key(LINEAGE_TAG_PREFIX + k): str(v)[:_MAX_TAG_VALUE] for k, v in meta.lineage.items()})
     tags[LINEAGE_TAG_PREFIX + "mlflow_run_id"] = run_id
     tags[LINEAGE_TAG_PREFIX + "logged_model_id"] = model_id
-    tags.update(_budget_tags(bundle))
     return tags
+
+
+def log_figures(client: MlflowClient, bundle: ModelBundle, run_id: str, model_id: str) -> None:
+    """Record the bundle's figures on its logged model: measured values as metrics, settings as params.
+
+    The metrics are keyed ``<target>/<figure>``: they land in the training run too, which holds a bundle
+    per target, and the MLflow UI groups them by target there.
+    """
+    from mlflow.entities import Metric
+
+    meta = bundle.metadata
+    stamp = int(dt.datetime.now(tz=dt.UTC).timestamp() * 1000)
+    figures = {**meta.metrics, "tflite_bytes": meta.tflite_bytes, "arena_bytes": meta.arena_bytes, "macs": meta.macs}
+    metrics = [
+        Metric(_tag_key(f"{meta.target}/{key}"), float(value), stamp, 0, model_id=model_id, run_id=run_id)
+        for key, value in figures.items()
+    ]
+    for start in range(0, len(metrics), 1000):  # MLflow's batch limit
+        client.log_batch(run_id, metrics=metrics[start : start + 1000], synchronous=True)
+    client.log_model_params(
+        model_id,
+        {
+            "quantization": meta.quantization,
+            "sparsity": _number(meta.sparsity),
+            "threshold": _number(meta.threshold),
+            "threshold_percentile": _number(meta.threshold_percentile),
+            "n_features": str(meta.n_features),
+            "dsp_spec_version": str(meta.dsp_spec_version),
+            "bundle_format_version": str(meta.format_version),
+            "bundle_created_at": meta.created_at,
+        },
+    )
 
 
 def _requirements() -> list[str]:
@@ -342,6 +367,7 @@ def register_bundle(bundle: ModelBundle, run_id: str, *, gates_passed: bool) -> 
         )
         model_id = logged.model_id
         _log_pyfunc(bundle, run_id, model_id)
+        log_figures(client, bundle, run_id, model_id)
         try:
             client.create_registered_model(
                 name,

@@ -27,6 +27,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 5.0
+# MLflow keeps an experiment's description in this tag (the UI's "Description" box).
+EXPERIMENT_DESCRIPTION_TAG = "mlflow.note.content"
+TRAINING_EXPERIMENT_DESCRIPTION = (
+    "Training runs of the vibration anomaly autoencoder: the data selection, quality per interpreter "
+    "(float, int8 TFLite, TFLite Micro), sizes and each MCU target's budget; each run logs one bundle "
+    "per target, registered as vibration-ae-<target>."
+)
 # Bounded HTTP behaviour for the MLflow client; environment values set by the user are kept.
 _MLFLOW_ENV_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
@@ -99,6 +106,7 @@ def configure_mlflow(
     experiment: str,
     *,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    description: str = "",
 ) -> str:
     """Point MLflow at a tracking store and make sure the experiment exists.
 
@@ -110,6 +118,7 @@ def configure_mlflow(
             choose, which is right for an ``mlflow server`` that serves artifacts itself.
         experiment: Experiment name; created if missing.
         timeout_s: How long a tracking server may take to answer the health probe.
+        description: What the experiment holds (the MLflow UI shows it), set where it has none yet.
 
     Returns:
         The experiment id, also made the active experiment of the fluent API.
@@ -151,6 +160,8 @@ def configure_mlflow(
             )
         else:
             experiment_id = found.experiment_id
+        if description and (found is None or not found.tags.get(EXPERIMENT_DESCRIPTION_TAG)):
+            client.set_experiment_tag(experiment_id, EXPERIMENT_DESCRIPTION_TAG, description)
         mlflow.set_experiment(experiment_id=experiment_id)
     except MlflowException as exc:
         raise RegistryUnavailableError(f"MLflow store {tracking_uri} is unusable: {first_line(exc)}") from exc
@@ -169,10 +180,14 @@ def configure_from_settings(settings: Settings | None = None, *, timeout_s: floa
         settings = get_settings()
     uri = settings.mlflow_tracking_uri
     artifact_root = settings.mlflow.artifact_root if is_http_uri(uri) else settings.mlflow_artifact_root
-    return configure_mlflow(uri, artifact_root, settings.mlflow.experiment, timeout_s=timeout_s)
+    return configure_mlflow(
+        uri, artifact_root, settings.mlflow.experiment, timeout_s=timeout_s, description=TRAINING_EXPERIMENT_DESCRIPTION
+    )
 
 
-def configure_experiment(name: str, settings: Settings | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> str:
+def configure_experiment(
+    name: str, settings: Settings | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S, description: str = ""
+) -> str:
     """Like :func:`configure_from_settings`, for another experiment (monitoring, deployments)."""
     if settings is None:
         from tinymlops.settings import get_settings
@@ -180,7 +195,7 @@ def configure_experiment(name: str, settings: Settings | None = None, *, timeout
         settings = get_settings()
     uri = settings.mlflow_tracking_uri
     artifact_root = settings.mlflow.artifact_root if is_http_uri(uri) else settings.mlflow_artifact_root
-    return configure_mlflow(uri, artifact_root, name, timeout_s=timeout_s)
+    return configure_mlflow(uri, artifact_root, name, timeout_s=timeout_s, description=description)
 
 
 def mlflow_client() -> MlflowClient:

@@ -107,6 +107,7 @@ KEYS_DIR_ENV = "TINYMLOPS_KEYS_DIR"
 SIGNING_KEY_FILE = "signing_key.pem"
 KEYRING_FILE = "keyring.json"
 DEPLOY_EXPERIMENT = "tinymlops-deployments"
+DEPLOY_DESCRIPTION = "Over-the-air deployments: one run per model rollout to a fleet, with per-device outcomes."
 DEPLOY_ACTOR = "deploy-flow"
 FINAL_STATES = frozenset({"active", "failed", "ignored", "cancelled"})
 # Confidence of the one-sided bound on the canary anomaly rate: one false alarm in a short watch is not a verdict.
@@ -1310,7 +1311,7 @@ def log_deployment_run(report: DeploymentReport, *, flow_run_id: str | None, set
     settings = settings or get_settings()
     uri = settings.mlflow_tracking_uri
     artifact_root = settings.mlflow.artifact_root if is_http_uri(uri) else settings.mlflow_artifact_root
-    experiment_id = configure_mlflow(uri, artifact_root, DEPLOY_EXPERIMENT)
+    experiment_id = configure_mlflow(uri, artifact_root, DEPLOY_EXPERIMENT, description=DEPLOY_DESCRIPTION)
     client = mlflow_client()
     tags = {"outcome": report.outcome, "model_sha256": report.sha256, "target": report.target}
     if flow_run_id:

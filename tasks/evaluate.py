@@ -183,13 +183,17 @@ class ModelComparison:
         return rows
 
     def to_markdown(self) -> str:
-        """Return :meth:`to_table` as a markdown table."""
+        """Return :meth:`to_table` as a markdown table, one column per model and one row per figure.
+
+        Transposed so that it stays readable at a normal width: a figure per fault class would make
+        one row per model wider than a page.
+        """
         rows = self.to_table()
         if not rows:
             return ""
-        header = list(rows[0])
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(str(row.get(column, "")) for column in header) + " |" for row in rows]
+        figures = [column for column in rows[0] if column != "model"]
+        lines = ["| figure | " + " | ".join(str(row["model"]) for row in rows) + " |", "|" + "---|" * (len(rows) + 1)]
+        lines += ["| " + " | ".join([figure, *(str(row.get(figure, "")) for row in rows)]) + " |" for figure in figures]
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:

@@ -58,6 +58,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MONITORING_EXPERIMENT = "tinymlops-monitoring"
+MONITORING_DESCRIPTION = (
+    "Monitor runs: a fleet's last minutes of live data scored by its champion; the fleet verdict "
+    "(ok, fault, drift), per-device anomaly rates and error shifts, pooled feature drift."
+)
 DRIFT_EVENT = "tinymlops.drift.detected"
 ALERT_EVENT = "tinymlops.anomaly.alert"
 LIVE_SOURCES = ("mqtt",)
@@ -303,6 +307,24 @@ class MonitorReport:
                 metrics[f"pooled.psi.{name}"] = float(psi)
                 metrics[f"pooled.ks.{name}"] = float(ks)
         return metrics
+
+    def device_table(self) -> list[dict[str, Any]]:
+        """One row per device: its verdict and the figures behind it (a table artifact in the Prefect UI)."""
+        return [
+            {
+                "device": d.device,
+                "verdict": d.verdict,
+                "source": d.source,
+                "windows": d.n_windows,
+                "anomaly rate": round(d.anomaly_rate, 4),
+                "limit": round(d.anomaly_rate_limit, 4),
+                "error KS": round(d.error_shift.ks, 3) if d.error_shift else None,
+                "error median ratio": round(d.error_shift.median_ratio, 3) if d.error_shift else None,
+                "waveform shape": d.shape.kind if d.shape else None,
+                "features off reference": f"{d.features.n_drifted}/{len(d.features.names)}" if d.features else None,
+            }
+            for d in self.devices
+        ]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form of the whole report."""
@@ -675,7 +697,7 @@ def log_monitoring(report: MonitorReport, champion: ResolvedModel, flow_run_id: 
     """Log one monitor run to the MLflow experiment ``tinymlops-monitoring``; returns the run id."""
     import matplotlib.pyplot as plt
 
-    experiment_id = configure_experiment(MONITORING_EXPERIMENT, get_settings())
+    experiment_id = configure_experiment(MONITORING_EXPERIMENT, get_settings(), description=MONITORING_DESCRIPTION)
     figure = plot(report)
     try:
         return log_report_run(

@@ -17,6 +17,13 @@ from tinymlops.settings import REPO_ROOT, Settings, get_settings, reset_settings
 REQUIRE_CWRU_ENV = "TINYMLOPS_REQUIRE_CWRU"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """As the CLI does before Prefect is first imported: the project's log lines go to the Prefect runs."""
+    from tinymlops.runtime import route_project_logs_to_prefect
+
+    route_project_logs_to_prefect()
+
+
 @pytest.fixture
 def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
     """Settings whose data directory is a fresh temporary directory."""

@@ -25,6 +25,8 @@ def test_demo_closes_the_loop_and_reports_what_happened(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
+    # every service it reports answered: the MLflow UI, awaited in the background, was up by the summary
+    assert set(summary["urls"]) == {"MQTT broker", "Prefect UI", "MLflow UI"}
 
     # a fault on one machine: an alert naming it, no retraining
     (fault,) = summary["alerts"]

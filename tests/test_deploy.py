@@ -8,6 +8,7 @@ own MCU profile name (a copy of a catalog target), hence its own registered mode
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import hashlib
@@ -578,6 +579,23 @@ def test_flow_deploys_the_champion_to_its_profile_only_and_logs_the_run(
     assert run.data.tags["prefect.flow_run_id"] and run.data.tags["outcome"] == "deployed"
     report = Path(client.download_artifacts(run.info.run_id, "deployment_report.md")).read_text()
     assert report.count("| nrf-000") == 3 and "| stm-0000 | stm_flow |" in report
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.note.content"].startswith("Over-the-air")
+    # per device, a table the Prefect UI shows as one (not only markdown)
+    table = latest_artifact(f"deployment-{FLEET}-nrf-flow-devices")
+    assert table.type == "table"
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert sorted((row["device"], row["state"]) for row in rows) == [(d, "active") for d in sorted(ids(mine))]
+
+
+def latest_artifact(key: str) -> Any:
+    """The latest Prefect artifact under ``key``."""
+    from prefect.client.orchestration import get_client
+
+    async def read() -> Any:
+        async with get_client() as client:
+            return next(a for a in await client.read_latest_artifacts() if a.key == key)
+
+    return asyncio.run(read())
 
 
 @pytest.mark.prefect

@@ -99,7 +99,9 @@ def test_evaluate_predictors_calibrates_each_model_and_serialises() -> None:
     table = comparison.to_table()
     assert [row["model"] for row in table] == ["projector", "zeros"]
     assert table[0]["auc_fault"] == 1.0
-    assert "| projector | 1.0 |" in comparison.to_markdown()
+    markdown = comparison.to_markdown()
+    assert markdown.startswith("| figure | projector | zeros |")  # a column per model: narrow with many faults
+    assert f"| auc_fault | 1.0 | {table[1]['auc_fault']} |" in markdown
     assert json.loads(comparison.to_json())["zeros"]["auc"] == pytest.approx(comparison["zeros"].auc)
     assert ModelComparison({}).to_markdown() == ""
 

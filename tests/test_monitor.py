@@ -265,6 +265,9 @@ def test_devices_without_windows_are_judged_from_their_summaries(
     assert all(d.n_windows == MONITOR_WINDOWS for d in report.devices)
     assert report.verdict == "fault" and report.fault_devices == ["node-0008"] and report.alert_devices == ["node-0008"]
     assert "| node-0008 | fault | summary | 40 |" in report.to_markdown()
+    table = {row["device"]: row for row in report.device_table()}  # the monitor flow's table artifact
+    assert set(table) == set(sources) and table["node-0008"]["verdict"] == "fault"
+    assert table["node-0008"]["source"] == "summary" and table["node-0008"]["windows"] == MONITOR_WINDOWS
     assert report.metrics()["fleet.summaries_used"] == 10.0
 
 

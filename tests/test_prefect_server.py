@@ -67,6 +67,17 @@ def test_prefect_yaml_deploys_every_deployment_and_the_trigger_runs_retraining(s
         assert retrain.global_concurrency_limit is not None and retrain.global_concurrency_limit.limit == 1
         assert retrain.concurrency_options.collision_strategy == "CANCEL_NEW"
         assert retrain.entrypoint == "flows/retrain.py:retrain_flow"
+        # what the UI shows: each described and tagged by its step and how it runs; the trigger named and described
+        assert all(d.description for d in found.values())
+        assert set(ingest.tags) == {"tinymlops", "ingest", "scheduled"}
+        assert set(retrain.tags) == {"tinymlops", "retrain", "event-triggered"}
+
+        async def drift_automation() -> list[object]:
+            async with get_client() as client:
+                return list(await client.read_automations_by_name("retrain-on-drift"))
+
+        (automation,) = asyncio.run(drift_automation())
+        assert "retrain that fleet on its drifted devices" in automation.description  # type: ignore[attr-defined]
 
         time.sleep(2)  # the automation is loaded by the server's triggers service
         # From its own process, as the monitor flow does: Prefect's events worker is a per-process

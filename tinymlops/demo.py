@@ -33,6 +33,8 @@ FAULT_DEVICE_INDEX = 2
 DRIFT_GAIN = 0.3
 RETRAIN_DEPLOYMENT = "retrain-and-redeploy/retrain-on-drift"
 QUICK_TRAINING_CONFIG = REPO_ROOT / "data" / "training_quick.yaml"
+# A loaded 2-core machine took over 90 s for `mlflow ui` to answer while the demo ran beside it.
+MLFLOW_UI_DEADLINE_S = 900.0
 
 
 class DemoError(TinyMLOpsError):
@@ -121,8 +123,7 @@ def run_demo(config: DemoConfig, console: Console) -> DemoSummary:
         _phase(console, "1. Services")
         address = stack.enter_context(broker_for(base.mqtt))
         stack.enter_context(announced(address, base.data_dir))  # `tinymlops simulate` elsewhere publishes to it
-        prefect = prefect_server(demo_dir / "prefect", demo_dir / "logs").start()
-        stack.callback(prefect.stop)
+        prefect = prefect_server(demo_dir / "prefect", demo_dir / "logs")
         env = {
             "TINYMLOPS_DATA_DIR": str(demo_dir),
             "TINYMLOPS_MQTT__URL": address.url,
@@ -133,13 +134,16 @@ def run_demo(config: DemoConfig, console: Console) -> DemoSummary:
         }
         stack.enter_context(environment(env))
         settings = get_settings()
-        ui = mlflow_ui(settings.mlflow_tracking_uri, settings.mlflow_artifact_root, demo_dir / "logs")
-        ui_thread = threading.Thread(target=_start_quietly, args=(ui,), daemon=True)
-        ui_thread.start()
+        # The MLflow UI first, awaited in the background: on a loaded machine it takes minutes to answer.
+        ui = mlflow_ui(settings.mlflow_tracking_uri, settings.mlflow_artifact_root, demo_dir / "logs").launch()
         stack.callback(ui.stop)
-        summary.urls = {"MQTT broker": address.url, "Prefect UI": prefect.url, "MLflow UI": ui.url}
+        threading.Thread(target=_await_quietly, args=(ui, MLFLOW_UI_DEADLINE_S), daemon=True).start()
+        prefect.start()
+        stack.callback(prefect.stop)
+        summary.urls = {"MQTT broker": address.url, "Prefect UI": prefect.url}
         for name, url in summary.urls.items():
             console.print(f"  {name}: [bold]{url}[/]")
+        console.print(f"  MLflow UI: starting (its URL is logged and summarised once it answers; log {ui.log_file})")
 
         _phase(
             console, f"2. Virtual fleet: {config.devices_per_profile} devices on each of {', '.join(config.profiles)}"
@@ -212,6 +216,8 @@ def run_demo(config: DemoConfig, console: Console) -> DemoSummary:
         summary.models = _model_table(config.profiles)
         summary.devices = _device_table(fleets, emulated)
         summary.seconds = round(time.monotonic() - started, 1)
+        if ui.healthy:  # a URL that does not answer is not worth printing
+            summary.urls["MLflow UI"] = ui.url
         if config.keep_running:
             console.print("services left running (--keep-running); Ctrl-C stops them")
             _wait_for_interrupt()
@@ -220,9 +226,12 @@ def run_demo(config: DemoConfig, console: Console) -> DemoSummary:
         stack.close()
 
 
-def _start_quietly(service: Any) -> None:
+def _await_quietly(service: Any, timeout_s: float) -> None:
+    """Wait for a launched service; log why when it exits or does not answer, and leave it running."""
     try:
-        service.start()
+        if not service.wait_healthy(timeout_s):
+            log.warning("%s did not answer on %s in %.0f s; see %s", service.name, service.url, timeout_s,
+                        service.log_file)  # fmt: skip
     except TinyMLOpsError as exc:
         log.warning("%s", exc)
 

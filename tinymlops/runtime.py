@@ -7,6 +7,9 @@ import os
 
 from tinymlops.settings import Settings
 
+# The project's top-level packages: their log lines (AUC, budgets, ingest counts, deploy outcomes) also go
+# to the Prefect run they are logged in, so the Prefect UI shows them beside Prefect's own.
+PROJECT_LOGGERS = ("flows", "tasks", "registry", "tinymlops", "firmware")
 _NOISY_LOGGERS = ("amqtt", "transitions", "mlflow", "alembic", "urllib3", "httpx", "tensorflow", "absl")
 
 
@@ -23,6 +26,17 @@ def configure_prefect_env(settings: Settings) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(settings.prefect.startup_timeout_s))
     if settings.prefect.api_url:
         os.environ.setdefault("PREFECT_API_URL", settings.prefect.api_url)
+    route_project_logs_to_prefect()
+
+
+def route_project_logs_to_prefect() -> None:
+    """Send the project's log records to the Prefect flow or task run they are logged in.
+
+    Prefect attaches its API handler to these loggers when it is first imported; outside a run the
+    records only reach the terminal (and Prefect is told not to warn about them).
+    """
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", ",".join(PROJECT_LOGGERS))
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 
 def configure_logging(level: int = logging.INFO) -> None:

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -54,6 +55,7 @@ class LocalService:
         self._env = {**os.environ, **env}
         self.log_file = log_file
         self._process: subprocess.Popen[bytes] | None = None
+        self._healthy = threading.Event()
 
     @property
     def url(self) -> str:
@@ -61,18 +63,14 @@ class LocalService:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 90.0) -> LocalService:
-        """Start and wait until the health endpoint answers.
+        """Launch and wait until the health endpoint answers.
 
         Raises:
-            ServiceError: It exited or did not answer in time; the message points at its log.
+            ServiceError: It exited or did not answer in time (it is stopped); the message points at its log.
         """
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_file, "wb") as out:
-            self._process = subprocess.Popen(
-                self._command, stdout=out, stderr=subprocess.STDOUT, env=self._env, start_new_session=True
-            )
+        self.launch()
         try:
-            if self._wait_healthy(self._process, timeout_s):
+            if self.wait_healthy(timeout_s):
                 return self
         except BaseException:  # a stop signal while waiting: the caller has no handle to stop it yet
             self.stop()
@@ -82,12 +80,29 @@ class LocalService:
             f"{self.name} did not answer on {self.url}{self._health} in {timeout_s:.0f} s; see {self.log_file}"
         )
 
-    def _wait_healthy(self, process: subprocess.Popen[bytes], timeout_s: float) -> bool:
-        """Poll the health endpoint until it answers 200 (True) or ``timeout_s`` passes (False).
+    def launch(self) -> LocalService:
+        """Start the process without waiting for it (await it with :meth:`wait_healthy`)."""
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_file, "wb") as out:
+            self._process = subprocess.Popen(
+                self._command, stdout=out, stderr=subprocess.STDOUT, env=self._env, start_new_session=True
+            )
+        return self
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the health endpoint answered 200 (set by :meth:`wait_healthy`)."""
+        return self._healthy.is_set()
+
+    def wait_healthy(self, timeout_s: float) -> bool:
+        """Poll the health endpoint until it answers 200 (True) or ``timeout_s`` passes (False; it keeps running).
 
         Raises:
-            ServiceError: The process exited.
+            ServiceError: It was not launched, or the process exited.
         """
+        process = self._process
+        if process is None:
+            raise ServiceError(f"{self.name} is not running")
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if process.poll() is not None:
@@ -95,7 +110,9 @@ class LocalService:
             try:
                 with urllib.request.urlopen(self.url + self._health, timeout=2) as response:
                     if response.status == 200:
-                        log.info("%s is up at %s (pid %d)", self.name, self.url, process.pid)
+                        if not self._healthy.is_set():
+                            log.info("%s is up at %s (pid %d)", self.name, self.url, process.pid)
+                        self._healthy.set()
                         return True
             except (urllib.error.URLError, OSError):
                 pass
@@ -105,6 +122,7 @@ class LocalService:
     def stop(self, timeout_s: float = 15.0) -> None:
         """Stop the whole process group: SIGINT (graceful), then SIGTERM, then SIGKILL."""
         process, self._process = self._process, None
+        self._healthy.clear()
         if process is None or process.poll() is not None:
             return
         for sig, wait_s in ((signal.SIGINT, timeout_s), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
@@ -119,12 +137,31 @@ class LocalService:
                 continue
 
 
-def prefect_server(home: Path, log_dir: Path, port: int | None = None, database_url: str | None = None) -> LocalService:
-    """A Prefect server (API and UI): its database under ``home``, or ``database_url`` (PostgreSQL for teams)."""
-    env = {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "true"}
+def prefect_server(
+    home: Path,
+    log_dir: Path,
+    port: int | None = None,
+    database_url: str | None = None,
+    *,
+    run_services: bool = True,
+) -> LocalService:
+    """A Prefect server (API and UI): its database under ``home``, or ``database_url`` (PostgreSQL for teams).
+
+    The UI is told the server's own address: left alone it calls ``127.0.0.1:4200`` and shows nothing.
+    ``run_services=False`` serves only the API and UI (a second view of a database another server runs).
+    """
+    port = port or free_port()
+    env = {
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_UI_ENABLED": "true",
+        "PREFECT_SERVER_UI_API_URL": f"http://127.0.0.1:{port}/api",
+    }
     if database_url:
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
-    command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", "{port}"]
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    if not run_services:
+        command.append("--no-services")
     return LocalService("Prefect server", command, "/api/health", env, log_dir / "prefect-server.log", port)
 
 
