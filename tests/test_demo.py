@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import json
+import queue
+import signal
 import subprocess
 import sys
+import threading
+import time
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,19 +20,59 @@ from tests.conftest import cli_env, using_data_dir
 pytestmark = [pytest.mark.slow, pytest.mark.prefect, pytest.mark.mqtt, pytest.mark.mlflow]
 
 
+def _summary_line(process: subprocess.Popen[str], deadline_s: float) -> dict[str, Any]:
+    """The --json summary line the demo prints once its loop is done (it then keeps running)."""
+    lines: queue.Queue[str] = queue.Queue()
+    stdout = process.stdout
+    assert stdout is not None
+
+    def pump() -> None:
+        for line in stdout:
+            lines.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + deadline_s
+    seen: list[str] = []
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=1.0)
+        except queue.Empty:
+            assert process.poll() is None, "".join(seen[-40:])
+            continue
+        seen.append(line)
+        if line.startswith("{"):
+            return dict(json.loads(line))
+    raise AssertionError("no summary within the deadline:\n" + "".join(seen[-40:]))
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
 def test_demo_closes_the_loop_and_reports_what_happened(tmp_path: Path) -> None:
     env = cli_env(tmp_path / "data", TINYMLOPS_KEYS_DIR=str(tmp_path / "keys"))
-    result = subprocess.run(
-        [sys.executable, "-m", "tinymlops", "demo", "--quick", "--devices", "3", "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
-    # every service it reports answered: the MLflow UI, awaited in the background, was up by the summary
-    assert set(summary["urls"]) == {"MQTT broker", "Prefect UI", "MLflow UI"}
+    with (tmp_path / "stderr.log").open("w") as errors:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tinymlops", "demo", "--quick", "--devices", "3", "--json", "--keep-running"],
+            env=env, stdout=subprocess.PIPE, stderr=errors, text=True,
+        )  # fmt: skip
+        try:
+            summary = _summary_line(process, 900)
+            # --keep-running: the summary comes once the loop is done, and every service it names still answers
+            assert set(summary["urls"]) == {"MQTT broker", "Prefect UI", "MLflow UI"}
+            assert _answers(summary["urls"]["Prefect UI"] + "/api/health")
+            assert _answers(summary["urls"]["MLflow UI"] + "/health")
+            process.send_signal(signal.SIGINT)  # Ctrl-C stops them
+            assert process.wait(120) in (0, 130)
+            assert not _answers(summary["urls"]["MLflow UI"] + "/health")
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
 
     # a fault on one machine: an alert naming it, no retraining
     (fault,) = summary["alerts"]

@@ -197,7 +197,10 @@ def demo(
         ingest_s=20.0 if quick else 40.0,
         monitor_s=15.0 if quick else 25.0,
     )
-    summary = run_demo(config, console)
+    run_demo(config, console, report=lambda summary: _print_demo_summary(summary, as_json))
+
+
+def _print_demo_summary(summary: Any, as_json: bool) -> None:
     console.rule("[bold]Summary")
     _print_table("Models per MCU profile (champion)", summary.models)
     _print_table("Devices: what they run and the Tiny-MLOps latencies", summary.devices)

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,8 +107,11 @@ def _phase(console: Console, text: str) -> None:
     console.rule(f"[bold]{text}")
 
 
-def run_demo(config: DemoConfig, console: Console) -> DemoSummary:
-    """Run the demo; services are stopped at the end unless ``config.keep_running``."""
+def run_demo(config: DemoConfig, console: Console, report: Callable[[DemoSummary], None] | None = None) -> DemoSummary:
+    """Run the demo; services are stopped at the end unless ``config.keep_running``.
+
+    ``report`` gets the summary once the loop is done, before ``--keep-running`` waits for Ctrl-C.
+    """
     from tinymlops.mqtt import announced, broker_for
     from tinymlops.services import mlflow_ui, prefect_server
 
@@ -206,7 +209,9 @@ def run_demo(config: DemoConfig, console: Console) -> DemoSummary:
         console.print(f"  verdict: [bold]{drift_report['verdict']}[/], events: {drift_report['events']}")
         if "tinymlops.drift.detected" in drift_report["events"]:
             console.print("  waiting for the event-triggered retraining (Prefect automation -> served deployment)")
-            summary.retrainings.append(await_retraining(config.retrain_timeout_s))
+            summary.retrainings.append(
+                await_retraining(config.retrain_timeout_s, lambda line: console.print(f"  {line}"))
+            )
 
         _phase(console, "6. Monitoring after the retraining")
         after = ingest_and_monitor(settings, config)
@@ -218,6 +223,8 @@ def run_demo(config: DemoConfig, console: Console) -> DemoSummary:
         summary.seconds = round(time.monotonic() - started, 1)
         if ui.healthy:  # a URL that does not answer is not worth printing
             summary.urls["MLflow UI"] = ui.url
+        if report is not None:
+            report(summary)
         if config.keep_running:
             console.print("services left running (--keep-running); Ctrl-C stops them")
             _wait_for_interrupt()
@@ -389,8 +396,13 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
             os.killpg(process.pid, 9)
 
 
-def await_retraining(timeout_s: float) -> dict[str, Any]:
-    """Wait for the retraining flow run the drift event triggered, and return its outcome."""
+def await_retraining(
+    timeout_s: float, progress: Callable[[str], None] | None = None, every_s: float = 30.0
+) -> dict[str, Any]:
+    """Wait for the retraining flow run the drift event triggered, and return its outcome.
+
+    ``progress`` gets a line every ``every_s`` seconds: how long it has waited, and the run's state.
+    """
     import asyncio
 
     from prefect.client.orchestration import get_client
@@ -403,9 +415,17 @@ def await_retraining(timeout_s: float) -> dict[str, Any]:
             )
             return runs
 
-    deadline = time.monotonic() + timeout_s
+    started = time.monotonic()
+    deadline, next_line = started + timeout_s, started + every_s
     while time.monotonic() < deadline:
         runs = asyncio.run(latest())
+        if progress is not None and time.monotonic() >= next_line:
+            waited = f"{time.monotonic() - started:.0f} s"
+            if runs and runs[0].state is not None:
+                progress(f"{waited}: retraining run {runs[0].name} is {runs[0].state.name}")
+            else:
+                progress(f"{waited}: the served deployment has not picked up the drift event yet")
+            next_line += every_s
         final = [r for r in runs if r.state is not None and r.state.is_final()]
         if final:
             run = final[0]
