@@ -29,7 +29,7 @@ import typer
 from rich.table import Table
 
 from tinymlops.cli_deploy import deploy_command, keys_app, ota_app, require_broker, require_prefect_api
-from tinymlops.cli_device import device_app
+from tinymlops.cli_device import PublishBrokerOption, device_app
 from tinymlops.cli_firmware import firmware_app
 from tinymlops.cli_models import models_app
 from tinymlops.cli_security import security_app
@@ -257,9 +257,7 @@ def simulate(
     fault: Annotated[
         list[str] | None, typer.Option(help="Inject KIND:SEVERITY[:DEVICE,...], e.g. inner_race:0.8:node-0001.")
     ] = None,
-    broker: Annotated[
-        str | None, typer.Option(help="Broker URL (default: settings, else the one `tinymlops broker` announced).")
-    ] = None,
+    broker: PublishBrokerOption = None,
 ) -> None:
     """Run a virtual fleet of sensor nodes that publish vibration windows over MQTT."""
     settings = _settings()
@@ -587,9 +585,7 @@ def replay(
     var: Annotated[str | None, typer.Option(help="Variable/column to read when the file has several.")] = None,
     speed: Annotated[float, typer.Option(min=0.0, help="Playback speed, x real time; 0: as fast as possible.")] = 1.0,
     fleet: Annotated[str | None, typer.Option(help="Fleet (default from settings).")] = None,
-    broker: Annotated[
-        str | None, typer.Option(help="Broker URL (default: settings, else the one `tinymlops broker` announced).")
-    ] = None,
+    broker: PublishBrokerOption = None,
 ) -> None:
     """Publish a recording over MQTT as a live sensor would, for the ingest and the monitor to judge it."""
     settings = _settings()

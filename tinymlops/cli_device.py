@@ -25,6 +25,10 @@ device_app = typer.Typer(
     help="Simulated MCU devices: signed OTA model updates over MQTT, TFLite Micro scoring.", no_args_is_help=True
 )
 console = make_console()
+# Commands that only publish never start a private broker (see tinymlops.mqtt.broker_to_publish_to).
+PublishBrokerOption = Annotated[
+    str | None, typer.Option(help="Broker URL (default: settings, else the one `tinymlops broker` announced).")
+]
 log = logging.getLogger(__name__)
 
 
@@ -37,9 +41,7 @@ def run(
     profile: Annotated[str, typer.Option(help="MCU profile of the devices (catalog key).")] = "nrf52840",
     group: Annotated[str | None, typer.Option(help="Group whose manifests the devices also follow.")] = None,
     seconds: Annotated[float | None, typer.Option(min=0, help="Run this long (default: until Ctrl-C).")] = None,
-    broker: Annotated[
-        str | None, typer.Option(help="Broker URL (default: settings, else the one `tinymlops broker` announced).")
-    ] = None,
+    broker: PublishBrokerOption = None,
     interval: Annotated[float, typer.Option(min=0.01, help="Seconds between two scored windows of a device.")] = 1.0,
     keyring: Annotated[Path | None, typer.Option(help="Key ring JSON (default <data_dir>/keys/).")] = None,
     seed: Annotated[int, typer.Option(help="Base seed of the machines.")] = 0,
