@@ -47,7 +47,7 @@ import paho.mqtt.client as mqtt
 
 from firmware.boot import next_boot_epoch
 from firmware.codec import VibrationWindow, encode
-from firmware.dsp import DSP_SPEC_VERSION, DspSpec, extract_features
+from firmware.dsp import READABLE_VERSIONS, DspSpec, extract_features
 from firmware.ota import (
     MAX_CHUNK_SIZE,
     SCORE_EDGES_REL,
@@ -448,7 +448,7 @@ class DeviceRuntime:
         return Announcement(
             device=self.device_id, fleet=self.fleet, group=self.group, firmware=self.config.firmware_version,
             profile=self.profile.name, flash_free=self.budget.flash_free, slot_bytes=self.budget.slot_bytes,
-            ram_free=self.budget.ram_free, max_chunk=MAX_CHUNK_SIZE, dsp_versions=[DSP_SPEC_VERSION],
+            ram_free=self.budget.ram_free, max_chunk=MAX_CHUNK_SIZE, dsp_versions=list(READABLE_VERSIONS),
             key_ids=self.keyring.key_ids, model=self._active.ref if self._active else None, ts=time.time(),
         )  # fmt: skip
 

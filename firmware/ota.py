@@ -37,7 +37,7 @@ import paho.mqtt.client as mqtt
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
-from firmware.dsp import DSP_SPEC_VERSION, DspSpec
+from firmware.dsp import READABLE_VERSIONS, DspSpec
 from firmware.signing import (
     BadSignatureError,
     KeyRing,
@@ -88,6 +88,7 @@ _MANIFEST_HEADER = struct.Struct("<2sBBIIHHIf32sBBBBHH")
 _CHUNK_HEADER = struct.Struct("<2sBBI8sHHH")
 _REQUEST_HEADER = struct.Struct("<2sBBI8sH")
 _DSP_HEADER = struct.Struct("<HIHHfH")
+_DSP_SPEED = struct.Struct("<3f")  # version 2: reference rpm, valid rpm low, valid rpm high
 _REFERENCE_HEADER = struct.Struct("<BBBHH")
 _CRC = struct.Struct("<I")
 MANIFEST_HEADER_SIZE = _MANIFEST_HEADER.size
@@ -320,7 +321,11 @@ def group_audience(group: str) -> str:
 
 
 def encode_dsp_block(spec: DspSpec) -> bytes:
-    """The DSP spec as the manifest carries it (version 1): parameters and float32 normalisation stats.
+    """The DSP spec as the manifest carries it: parameters and float32 normalisation stats.
+
+    Version 1: header, mean[n], std[n]. Version 2 adds the speed trend the device applies per window:
+    reference rpm, valid rpm low and high (f32 each), slope[n] (zeros when the spec has no trend).
+    The covered speed intervals stay on the server (the monitor judges them).
 
     Raises:
         OtaError: The spec has no normalisation statistics.
@@ -329,23 +334,32 @@ def encode_dsp_block(spec: DspSpec) -> bytes:
         raise OtaError("a deployed DSP spec needs normalisation statistics; fit it first")
     n = spec.n_features
     header = _DSP_HEADER.pack(spec.version, spec.sample_rate_hz, spec.window_samples, spec.n_bands, spec.f_min_hz, n)
-    return header + struct.pack(f"<{n}f", *spec.mean) + struct.pack(f"<{n}f", *spec.std)
+    block = header + struct.pack(f"<{n}f", *spec.mean) + struct.pack(f"<{n}f", *spec.std)
+    if spec.version == 1:
+        return block
+    slope = spec.speed_slope or (0.0,) * n
+    return block + _DSP_SPEED.pack(spec.speed_reference_rpm, *spec.speed_valid_rpm) + struct.pack(f"<{n}f", *slope)
+
+
+def _dsp_block_size(version: int, n: int) -> int:
+    return DSP_HEADER_SIZE + 8 * n + (0 if version == 1 else _DSP_SPEED.size + 4 * n)
 
 
 def decode_dsp_block(block: bytes) -> DspSpec:
-    """Parse a version-1 DSP block into a :class:`DspSpec`.
+    """Parse a version-1 or version-2 DSP block into a :class:`DspSpec`.
 
     Raises:
-        OtaDecodeError: Not a valid version-1 block.
+        OtaDecodeError: Not a valid block.
     """
     if len(block) < DSP_HEADER_SIZE:
         raise OtaDecodeError(RxStatus.ERR_FIELD, f"DSP block of {len(block)} bytes is shorter than its header")
     version, rate, window, n_bands, f_min, n = _DSP_HEADER.unpack_from(block)
-    if version != DSP_SPEC_VERSION:
-        raise OtaDecodeError(RxStatus.ERR_DSP_VERSION, f"DSP spec version {version} is not {DSP_SPEC_VERSION}")
-    if len(block) != DSP_HEADER_SIZE + 8 * n:
+    if version not in READABLE_VERSIONS:
+        raise OtaDecodeError(RxStatus.ERR_DSP_VERSION, f"DSP spec version {version} is not {list(READABLE_VERSIONS)}")
+    needed = _dsp_block_size(version, n)
+    if len(block) != needed:
         raise OtaDecodeError(
-            RxStatus.ERR_FIELD, f"DSP block is {len(block)} bytes, {n} statistics need {DSP_HEADER_SIZE + 8 * n}"
+            RxStatus.ERR_FIELD, f"DSP block is {len(block)} bytes, version {version} with {n} statistics needs {needed}"
         )
     if rate < 1 or not 16 <= window <= 16_384 or window & (window - 1):
         raise OtaDecodeError(RxStatus.ERR_FIELD, f"DSP rate {rate} Hz / window {window}: window not a power of two")
@@ -357,7 +371,18 @@ def decode_dsp_block(block: bytes) -> DspSpec:
         raise OtaDecodeError(RxStatus.ERR_FIELD, "DSP f_min or a feature mean is not finite")
     if not all(math.isfinite(s) and s > 0 for s in std):
         raise OtaDecodeError(RxStatus.ERR_FIELD, "a DSP feature std is not finite and > 0")
-    return DspSpec(rate, window, n_bands, f_min, version, mean, std)
+    if version == 1:
+        return DspSpec(rate, window, n_bands, f_min, version, mean, std)
+    reference, low, high = _DSP_SPEED.unpack_from(block, DSP_HEADER_SIZE + 8 * n)
+    slope = struct.unpack_from(f"<{n}f", block, DSP_HEADER_SIZE + 8 * n + _DSP_SPEED.size)
+    reference_ok = low <= reference <= high or (reference == 0 and not any(slope))  # 0: no speed data
+    if not (all(map(math.isfinite, (reference, low, high, *slope))) and 0 < low < high and reference_ok):
+        raise OtaDecodeError(
+            RxStatus.ERR_FIELD, f"DSP speed reference {reference} rpm, valid {low}..{high} rpm or a slope is invalid"
+        )
+    has_trend = any(slope)
+    return DspSpec(rate, window, n_bands, f_min, version, mean, std, reference, slope if has_trend else (), (),
+                   (low, high))  # fmt: skip
 
 
 # --- reference block -----------------------------------------------------------------------
@@ -666,7 +691,7 @@ def _manifest_field_problem(m: Manifest) -> str | None:
         return f"key id {m.key_id!r} must be 1-{MAX_KEY_ID_BYTES} characters of A-Z a-z 0-9 . _ -"
     if not 2 <= len(m.dsp_block) <= MAX_DSP_BLOCK_BYTES:
         return f"DSP block of {len(m.dsp_block)} bytes is outside 2..{MAX_DSP_BLOCK_BYTES}"
-    if m.dsp_version == DSP_SPEC_VERSION:
+    if m.dsp_version in READABLE_VERSIONS:
         try:
             decode_dsp_block(m.dsp_block)
         except OtaDecodeError as exc:
@@ -1044,7 +1069,7 @@ class ReceiverConfig:
     slot_bytes: int
     ram_bytes: int
     group: str | None = None
-    dsp_versions: frozenset[int] = frozenset({DSP_SPEC_VERSION})
+    dsp_versions: frozenset[int] = frozenset(READABLE_VERSIONS)
 
 
 @dataclass

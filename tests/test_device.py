@@ -249,7 +249,7 @@ def test_announce_deploy_verify_load_activate_and_score(
     budget = MemoryBudget.of(nrf)
     assert (announce.profile, announce.slot_bytes, announce.ram_free) == ("nrf52840", budget.slot_bytes, 131_072)
     assert announce.flash_free == 1_048_576 - 458_752 - 65_536 and announce.model is None
-    assert announce.key_ids == ["ops-2026"] and announce.dsp_versions == [1]
+    assert announce.key_ids == ["ops-2026"] and announce.dsp_versions == [1, 2]
 
     manifest = deploy(publisher, model, spec, arena, 1, threshold=2.0)
     final = settle(device, 1)

@@ -349,9 +349,8 @@ def test_fleet_wide_changes_are_data_drift(champion: Champion, drift: DriftSpec)
     assessment = judge(champion, fleet)
     assert assessment.verdict == "data_drift", assessment.reasons
     assert assessment.drift_detected and assessment.fault_devices == [] and assessment.alert_devices == []
-    if drift.kind == "speed":  # the model still reconstructs: the pooled features show the move
-        assert assessment.pooled is not None and assessment.pooled.n_drifted >= SETTINGS.min_drifted_features
-        assert {"band_00", "log_rms"} & set(assessment.pooled.drifted_names())
+    if drift.kind == "speed":  # a faster machine is louder in every band: most devices drift on their own
+        assert len(assessment.drift_devices) >= 0.8 * len(fleet.nodes), assessment.reasons
     else:
         assert assessment.drift_devices == [node.device_id for node in fleet.nodes]
 

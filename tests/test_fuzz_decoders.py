@@ -16,6 +16,7 @@ JSON messages ``Announcement``, ``DeviceStatus``, ``ScoreBatch``, ``DriftSummary
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -30,7 +31,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from firmware import codec
-from firmware.dsp import DSP_SPEC_VERSION, DspSpec
+from firmware.dsp import READABLE_VERSIONS, DspSpec
 from firmware.ota import (
     MAX_CHUNK_SIZE,
     MAX_CHUNKS,
@@ -91,15 +92,17 @@ def windows(draw: st.DrawFn, max_samples: int = codec.MAX_SAMPLES) -> codec.Vibr
 @st.composite
 def opaque_dsp_blocks(draw: st.DrawFn) -> bytes:
     """A DSP block of another version: the manifest carries it, the device refuses it."""
-    version = draw(U16.filter(lambda v: v != DSP_SPEC_VERSION))
+    version = draw(U16.filter(lambda v: v not in READABLE_VERSIONS))
     size = draw(st.integers(0, MAX_DSP_BLOCK_BYTES - 2))
     return struct.pack("<H", version) + np.random.default_rng(draw(U32)).bytes(size)
 
 
 @st.composite
 def fitted_dsp_blocks(draw: st.DrawFn) -> bytes:
-    """A version-1 DSP block of a fitted spec: any rate, window, band count and statistics in range."""
-    n_bands = draw(st.integers(1, MAX_DSP_BANDS))
+    """A DSP block of a fitted spec: any version, rate, window, band count and statistics in range."""
+    version = draw(st.sampled_from(READABLE_VERSIONS))
+    # a version-2 block also carries a slope per feature: at most 80 bands fit the manifest's 1,024 bytes
+    n_bands = draw(st.integers(1, MAX_DSP_BANDS if version == 1 else 80))
     n = n_bands + 3
     # Up to 246 statistics: a seeded generator fills them, hypothesis places a few extreme values.
     rng = np.random.default_rng(draw(U32))
@@ -113,9 +116,14 @@ def fitted_dsp_blocks(draw: st.DrawFn) -> bytes:
         window_samples=2 ** draw(st.integers(4, 14)),
         n_bands=n_bands,
         f_min_hz=draw(st.floats(width=32, min_value=0.0, allow_infinity=False)),
+        version=version,
         mean=tuple(mean),
         std=tuple(std),
     )
+    if version == 2:
+        reference = float(np.float32(rng.uniform(60.0, 60_000.0)))
+        slope = tuple(rng.normal(0.0, 2.0, n).astype(np.float32).tolist())
+        spec = dataclasses.replace(spec, speed_reference_rpm=reference, speed_slope=slope)
     return encode_dsp_block(spec)
 
 
@@ -370,10 +378,14 @@ def test_json_decoders_refuse_numbers_json_cannot_carry(kind: type[JsonMessage],
 @FAST
 @given(data=st.data())
 def test_dsp_block_decoder_takes_any_bytes(data: st.DataObject) -> None:
-    # random bytes, random bytes behind the version-1 field, or a valid block with one mutation
-    version_one = st.binary(max_size=MAX_DSP_BLOCK_BYTES).map(lambda b: struct.pack("<H", DSP_SPEC_VERSION) + b)
+    # random bytes, random bytes behind a readable version field, or a valid block with one mutation
+    readable = st.builds(
+        lambda v, b: struct.pack("<H", v) + b,
+        st.sampled_from(READABLE_VERSIONS),
+        st.binary(max_size=MAX_DSP_BLOCK_BYTES),
+    )
     mutated = fitted_dsp_blocks().flatmap(mutations)
-    payload = data.draw(st.binary(max_size=MAX_DSP_BLOCK_BYTES + 8) | version_one | mutated, label="payload")
+    payload = data.draw(st.binary(max_size=MAX_DSP_BLOCK_BYTES + 8) | readable | mutated, label="payload")
     try:
         spec = decode_dsp_block(payload)
     except OtaDecodeError:
@@ -469,7 +481,7 @@ def test_manifest_round_trip_keeps_a_valid_signature(manifest: Manifest) -> None
     decoded = decode_manifest(manifest.encode())
     assert decoded == manifest
     KeyRing({manifest.key_id: PUBLIC_KEY}).verify(decoded.key_id, decoded.signed_bytes(), decoded.signature)
-    if decoded.dsp_version == DSP_SPEC_VERSION:
+    if decoded.dsp_version in READABLE_VERSIONS:
         assert encode_dsp_block(decoded.dsp_spec()) == manifest.dsp_block
 
 

@@ -49,7 +49,7 @@ MODEL = hashlib.shake_256(b"test model").digest(5000)
 SIGNER = ManifestSigner(private_key_from_seed(bytes(32)), "test-key")
 RING = KeyRing({"test-key": SIGNER.public_key})
 N = DspSpec().n_features
-SPEC = DspSpec(mean=tuple(0.1 * i for i in range(N)), std=tuple(1 + 0.01 * i for i in range(N)))
+SPEC = DspSpec(version=1, mean=tuple(0.1 * i for i in range(N)), std=tuple(1 + 0.01 * i for i in range(N)))
 CONFIG = ReceiverConfig("node-0001", "nrf52840", slot_bytes=262_144, ram_bytes=131_072, group="line-1")
 REFERENCES = ReferenceSet((bytes(range(N)), bytes(N)), (bytes(range(1, N + 1)), bytes([5]) * N))
 
@@ -91,12 +91,12 @@ def test_largest_manifest_has_the_documented_size() -> None:
         model_name="n" * 64,
         target="t" * 32,
         audience=device_audience("d" * 64),
-        dsp_block=struct.pack("<H", 2) + bytes(1022),  # another DSP version travels as an opaque block
+        dsp_block=struct.pack("<H", 3) + bytes(1022),  # another DSP version travels as an opaque block
         reference_block=ReferenceSet((bytes(170),) * 3, (bytes(169),) * 3).encode(),  # 7 + 3 x 339 = 1024 bytes
     ).signed(ManifestSigner(private_key_from_seed(bytes(32)), "k" * 32))
     payload = largest.encode()
     assert len(payload) == MAX_MANIFEST_BYTES and decode_manifest(payload) == largest
-    assert largest.dsp_version == 2
+    assert largest.dsp_version == 3
 
 
 def test_signature_covers_every_field() -> None:
@@ -210,8 +210,33 @@ def test_invalid_dsp_blocks_are_rejected(mutate: Any, message: str) -> None:
     with pytest.raises(OtaDecodeError, match=message):
         decode_dsp_block(mutate(block))
     with pytest.raises(OtaDecodeError) as exc:
-        decode_dsp_block(struct.pack("<H", 2) + block[2:])
+        decode_dsp_block(struct.pack("<H", 3) + block[2:])
     assert exc.value.code == RxStatus.ERR_DSP_VERSION
+
+
+SPEED_SPEC = dataclasses.replace(
+    SPEC, version=2, speed_reference_rpm=1200.0, speed_slope=tuple(0.5 - 0.125 * i for i in range(N))
+)
+
+
+def test_speed_aware_dsp_block_round_trips_what_the_device_needs() -> None:
+    decoded = decode_dsp_block(encode_dsp_block(SPEED_SPEC))
+    assert decoded.version == 2 and decoded.speed_reference_rpm == 1200.0
+    assert decoded.speed_slope == SPEED_SPEC.speed_slope and decoded.speed_valid_rpm == SPEED_SPEC.speed_valid_rpm
+    assert decode_dsp_block(encode_dsp_block(dataclasses.replace(SPEC, version=2))).speed_aware is False
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda b: b[:-4], "version 2 with 35 statistics needs"),
+        (lambda b: b[: 16 + 8 * N] + struct.pack("<f", 50.0) + b[20 + 8 * N :], "speed reference"),
+        (lambda b: b[:-4] + struct.pack("<f", float("inf")), "slope"),
+    ],
+)
+def test_invalid_speed_aware_dsp_blocks_are_rejected(mutate: Any, message: str) -> None:
+    with pytest.raises(OtaDecodeError, match=message):
+        decode_dsp_block(mutate(encode_dsp_block(SPEED_SPEC)))
 
 
 @pytest.mark.parametrize(
