@@ -28,6 +28,16 @@ Why the rule looks the way it does (measured on the simulator, see ``tests/test_
   when its kurtosis or crest lies beyond the reference's 1st/99th percentile; a device has a
   **fault signature** when most (>= 50%) of its windows are changed that way.
 
+Operating points (a speed-aware champion, ``firmware.dsp`` spec version 2): each window is scored at
+its own shaft speed. A window whose speed is unusable (missing, not finite, outside the spec's valid
+range) is normalised at the reference speed (the documented fallback), judged like the others and
+counted. A window at a usable speed outside the intervals the champion trained on
+(``firmware.dsp.covered``, 5 % margin) is *uncovered*: the model has never seen the machine there, so
+its anomalies say nothing about the machine. When more than half (:data:`NEW_OPERATING_POINT_FRACTION`)
+of a device's windows are uncovered, the device is ``drift`` of kind ``new operating point`` (never a
+fault alert: it is the fleet's data that moved); otherwise its uncovered windows are left out and the
+device is judged on the rest by the rule below.
+
 Device verdict: ``insufficient_data`` with fewer than ``min_windows`` windows; ``fault`` when
 abnormal with a fault signature; ``drift`` when abnormal without one (levels or spectrum moved,
 shape kept); ``ok`` otherwise (its features may differ from the pool, which is reported, not judged).
@@ -37,10 +47,15 @@ of them (and at least two, unless the fleet has one device) are ``drift`` device
 pooled windows of the ``ok`` devices, covering at least ``fleet_fraction`` of the fleet, have at
 least ``min_drifted_features`` features with PSI > ``psi_threshold`` and KS > ``ks_threshold``
 (the whole operating point moved while the model still reconstructs it, e.g. a speed change).
-Then the verdict is ``data_drift``, or ``mixed`` when some devices also show a fault signature
-(retrain without them, alert about them). Otherwise abnormal devices are a minority: ``fault``
-(device-level problems, faulty machines or a sensor that changed on its own: alert, no
-retraining). Else ``ok``; ``insufficient_data`` when no device could be judged.
+The fleet's data also drifted when any judged device is at a new operating point: its tachometer,
+not a statistic, says so, and the retraining must add that speed. The drift's kind is ``new
+operating point`` when devices at new operating points are its only cause (the devices drifted at
+covered speeds are below the quorum on their own and the pooled features did not move); the drifted
+devices at covered speeds are then device-level problems, alerted like faults. Otherwise the kind is
+``data drift``. Then the verdict is ``data_drift``, or ``mixed`` when some devices are also alerted
+(a fault signature; retrain without them, alert about them). Otherwise abnormal devices are a
+minority: ``fault`` (device-level problems, faulty machines or a sensor that changed on its own:
+alert, no retraining). Else ``ok``; ``insufficient_data`` when no device could be judged.
 
 Devices that publish drift summaries instead of raw windows (window and anomaly counts, a score
 histogram, feature means and variances) are judged by the same rule: the anomaly count is
@@ -65,6 +80,7 @@ from tinymlops.schemas import DriftReference
 from tinymlops.settings import DriftSettings, get_settings
 
 DeviceVerdict = Literal["ok", "drift", "fault", "insufficient_data"]
+DriftKind = Literal["new operating point", "data drift"]
 FleetVerdict = Literal["ok", "data_drift", "fault", "mixed", "insufficient_data"]
 EvidenceSource = Literal["windows", "summary"]
 FloatArray = npt.NDArray[np.float64]
@@ -84,6 +100,11 @@ ERROR_SHIFT_ALPHA = 1e-3
 SHAPE_QUANTILES = (0.01, 0.99)
 # ... and a device has a fault signature when at least this share of its windows changed shape.
 SHAPE_FRACTION = 0.5
+# A device whose windows are mostly (more than this share) at speeds its champion never trained on
+# is at a new operating point: drift to train on, not a machine to alert about.
+NEW_OPERATING_POINT_FRACTION = 0.5
+NEW_OPERATING_POINT: DriftKind = "new operating point"
+DATA_DRIFT: DriftKind = "data drift"
 
 
 class DriftError(TinyMLOpsError):
@@ -348,6 +369,9 @@ class DeviceAssessment:
         features: Feature drift against the pooled reference (None without windows).
         shape: Waveform shape change (None without windows).
         source: ``windows`` (every window scored here) or ``summary`` (the device's own summaries).
+        speed_fallback: Windows without a usable speed, normalised at the champion's reference speed.
+        speed_uncovered: Windows at usable speeds outside the champion's covered intervals.
+        drift_kind: ``new operating point`` or ``data drift`` for a ``drift`` device, else None.
     """
 
     device: str
@@ -362,6 +386,14 @@ class DeviceAssessment:
     features: FeatureDrift | None
     shape: ShapeChange | None
     source: EvidenceSource = "windows"
+    speed_fallback: int = 0
+    speed_uncovered: int = 0
+    drift_kind: DriftKind | None = None
+
+    @property
+    def new_operating_point(self) -> bool:
+        """Whether the device runs mostly at speeds its champion never trained on."""
+        return self.drift_kind == NEW_OPERATING_POINT
 
     @property
     def judged(self) -> bool:
@@ -388,6 +420,9 @@ class DeviceAssessment:
             "error_shift": self.error_shift.to_dict() if self.error_shift else None,
             "features": self.features.to_dict() if self.features else None,
             "shape": self.shape.to_dict() if self.shape else None,
+            "speed_fallback": self.speed_fallback,
+            "speed_uncovered": self.speed_uncovered,
+            "drift_kind": self.drift_kind,
         }
 
 
@@ -399,6 +434,9 @@ def assess_device(
     threshold: float,
     settings: DriftSettings,
     fleet_size: int = 1,
+    *,
+    uncovered: npt.ArrayLike | None = None,
+    fallback: npt.ArrayLike | None = None,
 ) -> DeviceAssessment:
     """Judge one device's windows against the champion's reference (rule in the module docstring).
 
@@ -410,26 +448,99 @@ def assess_device(
         threshold: The champion's anomaly threshold.
         settings: Drift thresholds.
         fleet_size: Devices judged in the same run; the tests' significance is split over them.
+        uncovered: Per row, whether its speed is usable but outside the champion's covered
+            intervals (None: every row covered, a speed-unaware champion).
+        fallback: Per row, whether it had no usable speed and was normalised at the reference
+            speed (counted only).
 
     Raises:
-        DriftError: Features and errors disagree in length or width, or are not finite.
+        DriftError: Features, errors and masks disagree in length or width, or are not finite.
     """
     ref = _matrix(reference.features, "reference features")
     x = _matrix(features, f"features of {device}", ref.shape[1])
     e = np.asarray(errors, dtype=np.float64).ravel()
     if e.size != len(x):
         raise DriftError(f"{device}: {len(x)} feature rows but {e.size} errors")
+    off = _mask(uncovered, len(x), f"{device}: uncovered")
+    n_fallback = int(_mask(fallback, len(x), f"{device}: fallback").sum())
+    n_off = int(off.sum())
+    speed = (n_fallback, n_off)
+    if len(x) >= settings.min_windows and n_off > NEW_OPERATING_POINT_FRACTION * len(x):
+        return _new_operating_point(device, x, e, threshold, reference, settings, speed)
+    x, e = x[~off], e[~off]
     if len(x) == 0:
-        return _no_windows(device, reference, settings)
+        return _no_windows(device, reference, settings, speed)
     anomalies = int(np.sum(_values(e, f"errors of {device}") > threshold))
     evidence = (error_shift(reference.errors, e), feature_drift(ref, x, settings), shape_change(ref, x))
-    return _judge(device, len(x), anomalies, evidence, reference, settings, "windows", fleet_size)
+    return _judge(device, len(x), anomalies, evidence, reference, settings, "windows", fleet_size, speed)
 
 
-def _no_windows(device: str, reference: DriftReference, settings: DriftSettings) -> DeviceAssessment:
+def _mask(values: npt.ArrayLike | None, n: int, name: str) -> npt.NDArray[np.bool_]:
+    if values is None:
+        return np.zeros(n, dtype=bool)
+    mask = np.asarray(values, dtype=bool).ravel()
+    if mask.size != n:
+        raise DriftError(f"{name} has {mask.size} flags for {n} windows")
+    return mask
+
+
+def _speed_reason(n: int, speed: tuple[int, int]) -> str:
+    fallback, uncovered = speed
+    return (
+        f"speed: {uncovered}/{n} windows outside the champion's covered speeds (new operating point when more "
+        f"than {NEW_OPERATING_POINT_FRACTION:.0%}; otherwise left out of the judgement), {fallback} without a "
+        "usable speed (scored at the reference speed)"
+    )
+
+
+def _new_operating_point(
+    device: str,
+    x: FloatArray,
+    e: FloatArray,
+    threshold: float,
+    reference: DriftReference,
+    settings: DriftSettings,
+    speed: tuple[int, int],
+) -> DeviceAssessment:
+    """A device mostly at uncovered speeds: ``drift`` of kind new operating point, its figures reported."""
+    n = len(x)
+    anomalies = int(np.sum(_values(e, f"errors of {device}") > threshold))
     limit = settings.anomaly_rate_factor * reference.expected_anomaly_rate
-    reason = f"0 windows < minimum {settings.min_windows}"
-    return DeviceAssessment(device, "insufficient_data", (reason,), 0, 0, 0.0, 0.0, limit, None, None, None)
+    ref = _matrix(reference.features, "reference features")
+    shape = shape_change(ref, x)
+    reasons = (
+        _speed_reason(n, speed),
+        f"new operating point: the champion never trained at these speeds, so its anomaly rate "
+        f"{anomalies / n:.1%} (limit {limit:.1%}) and waveform shape {shape.kind} are not evidence about the machine",
+    )
+    return DeviceAssessment(
+        device,
+        "drift",
+        reasons,
+        n,
+        anomalies,
+        anomalies / n,
+        rate_lower_bound(anomalies, n),
+        limit,
+        error_shift(reference.errors, e),
+        feature_drift(ref, x, settings),
+        shape,
+        "windows",
+        *speed,
+        NEW_OPERATING_POINT,
+    )
+
+
+def _no_windows(
+    device: str, reference: DriftReference, settings: DriftSettings, speed: tuple[int, int] = (0, 0)
+) -> DeviceAssessment:
+    limit = settings.anomaly_rate_factor * reference.expected_anomaly_rate
+    reasons = (f"0 windows < minimum {settings.min_windows}",) + (
+        (_speed_reason(sum(speed), speed),) if any(speed) else ()
+    )
+    return DeviceAssessment(
+        device, "insufficient_data", reasons, 0, 0, 0.0, 0.0, limit, None, None, None, "windows", *speed
+    )
 
 
 def _judge(
@@ -441,6 +552,7 @@ def _judge(
     settings: DriftSettings,
     source: EvidenceSource,
     fleet_size: int,
+    speed: tuple[int, int] = (0, 0),
 ) -> DeviceAssessment:
     """The device rule of the module docstring, with one reason line per check."""
     if fleet_size < 1:
@@ -465,6 +577,8 @@ def _judge(
         f"(PSI > {settings.psi_threshold:g} and KS > {settings.ks_threshold:g})"
         + (f": {drift.summary()}" if drift.n_drifted else ""),
     ]
+    if any(speed):
+        reasons.append(_speed_reason(n + speed[1], speed))
     verdict: DeviceVerdict
     if n < settings.min_windows:
         verdict = "insufficient_data"
@@ -475,8 +589,9 @@ def _judge(
         verdict = "drift"
     else:
         verdict = "ok"
+    kind = DATA_DRIFT if verdict == "drift" else None
     return DeviceAssessment(
-        device, verdict, tuple(reasons), n, anomalies, rate, lower, limit, shift, drift, shape, source
+        device, verdict, tuple(reasons), n, anomalies, rate, lower, limit, shift, drift, shape, source, *speed, kind
     )
 
 
@@ -686,12 +801,15 @@ class FleetAssessment:
         reasons: One line per fleet-level check: measured value against its limit.
         devices: Every device's assessment.
         pooled: Feature drift of the pooled ``ok`` devices (None when too few).
+        kind: What drifted when the fleet's data did: ``new operating point`` (only devices at
+            speeds the champion never trained on) or ``data drift``; None otherwise.
     """
 
     verdict: FleetVerdict
     reasons: tuple[str, ...]
     devices: tuple[DeviceAssessment, ...]
     pooled: FeatureDrift | None
+    kind: DriftKind | None = None
 
     def _with(self, *verdicts: str) -> list[str]:
         return [a.device for a in self.devices if a.verdict in verdicts]
@@ -712,6 +830,11 @@ class FleetAssessment:
         return self._with("fault")
 
     @property
+    def new_operating_point_devices(self) -> list[str]:
+        """Devices judged ``drift`` because they run mostly at speeds the champion never trained on."""
+        return [a.device for a in self.devices if a.new_operating_point]
+
+    @property
     def insufficient_devices(self) -> list[str]:
         """Devices with too few windows."""
         return self._with("insufficient_data")
@@ -723,9 +846,16 @@ class FleetAssessment:
 
     @property
     def alert_devices(self) -> list[str]:
-        """Devices to alert about: every abnormal device when the fleet did not drift, else the faulty ones."""
+        """Devices to alert about, never one at a new operating point.
+
+        Every abnormal device when the fleet did not drift; the faulty ones when it did; with a drift
+        of kind new operating point, also the devices drifted at covered speeds (too few to be the
+        fleet's drift).
+        """
         if self.verdict == "fault":
             return self._with("drift", "fault")
+        if self.kind == NEW_OPERATING_POINT:
+            return [a.device for a in self.devices if a.abnormal and not a.new_operating_point]
         if self.verdict == "mixed":
             return self.fault_devices
         return []
@@ -734,8 +864,10 @@ class FleetAssessment:
         """JSON-serialisable form."""
         return {
             "verdict": self.verdict,
+            "kind": self.kind,
             "reasons": list(self.reasons),
             "drift_devices": self.drift_devices,
+            "new_operating_point_devices": self.new_operating_point_devices,
             "fault_devices": self.fault_devices,
             "insufficient_devices": self.insufficient_devices,
             "alert_devices": self.alert_devices,
@@ -757,6 +889,7 @@ def assess_fleet(
     devices = tuple(assessments)
     judged = [a for a in devices if a.judged]
     n_drift = sum(a.verdict == "drift" for a in judged)
+    n_new_point = sum(a.new_operating_point for a in judged)
     n_fault = sum(a.verdict == "fault" for a in judged)
     if not judged:
         reason = f"no device of {len(devices)} had {settings.min_windows} windows to judge"
@@ -764,11 +897,17 @@ def assess_fleet(
 
     need = _quorum(len(judged), len(devices), settings.fleet_fraction)
     vote = n_drift >= need
+    covered_vote = n_drift - n_new_point >= need
     moved = pooled is not None and pooled.n_drifted >= settings.min_drifted_features
     reasons = [
         f"{n_drift}/{len(judged)} judged devices drifted {'>=' if vote else '<'} {need} needed "
-        f"(fleet fraction {settings.fleet_fraction:g}); {n_fault} with a fault signature"
+        f"(fleet fraction {settings.fleet_fraction:g}); {n_fault} with a fault signature",
     ]
+    if n_new_point:
+        reasons.append(
+            f"{n_new_point} judged devices at a new operating point (more than {NEW_OPERATING_POINT_FRACTION:.0%} "
+            "of their windows at speeds the champion never trained on): the fleet's data drifted"
+        )
     if pooled is None:
         reasons.append("pooled features: too few ok devices to compare the fleet's operating point")
     else:
@@ -779,11 +918,18 @@ def assess_fleet(
         )
     if len(judged) < len(devices):
         reasons.append(f"{len(devices) - len(judged)} devices not judged (fewer than {settings.min_windows} windows)")
+    fallback = sum(a.speed_fallback for a in devices)
+    if fallback:
+        reasons.append(f"{fallback} windows without a usable speed, scored at the champion's reference speed")
     verdict: FleetVerdict
-    if vote or moved:
-        verdict = "mixed" if n_fault else "data_drift"
+    kind: DriftKind | None = None
+    if vote or moved or n_new_point:
+        kind = DATA_DRIFT if covered_vote or moved else NEW_OPERATING_POINT
+        alerted = n_fault + (n_drift - n_new_point if kind == NEW_OPERATING_POINT else 0)
+        verdict = "mixed" if alerted else "data_drift"
+        reasons.append(f"drift of kind {kind}")
     elif n_fault or n_drift:
         verdict = "fault"
     else:
         verdict = "ok"
-    return FleetAssessment(verdict, tuple(reasons), devices, pooled)
+    return FleetAssessment(verdict, tuple(reasons), devices, pooled, kind)

@@ -28,7 +28,7 @@ import numpy.typing as npt
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from firmware.dsp import DspSpec, extract_features
+from firmware.dsp import DspSpec, covered, extract_features, resolve_speed
 from firmware.tflm import TflmRunner
 from registry.models import ResolvedModel, resolve
 from registry.store import configure_experiment, configure_from_settings
@@ -112,10 +112,27 @@ class Champion:
             )
         return cls(spec, runner, reference, meta.threshold, meta.model_name, meta.target, meta.tflite_sha256)
 
-    def score(self, samples: npt.ArrayLike) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-        """Normalised features and reconstruction errors of windows (n, window_samples) in physical units."""
-        features = extract_features(samples, self.spec)
+    def score(
+        self, samples: npt.ArrayLike, rpm: npt.ArrayLike | None = None
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        """Normalised features and reconstruction errors of windows (n, window_samples) in physical units.
+
+        Each window is normalised at its shaft speed ``rpm`` (NaN or None: not known, the spec's
+        reference speed); a speed-unaware spec ignores it.
+        """
+        features = extract_features(samples, self.spec, rpm)
         return features, reconstruction_error(self.runner.predict, features)
+
+    def speed_status(self, rpm: npt.ArrayLike | None, n: int) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+        """Per window: scored at the fallback (no usable speed), and at a usable speed the spec does not cover.
+
+        A speed-unaware spec uses no speed and covers every window.
+        """
+        fallback = resolve_speed(rpm, self.spec, n)[1]
+        if not (self.spec.speed_aware and self.spec.speed_coverage_rpm) or rpm is None:
+            return fallback, np.zeros(n, dtype=bool)
+        speeds = np.broadcast_to(np.asarray(rpm, dtype=np.float64), (n,))
+        return fallback, ~fallback & ~covered(speeds, self.spec)
 
     def feature_labels(self) -> dict[str, str]:
         """Feature name to a readable label: band frequency ranges in Hz."""
@@ -150,6 +167,7 @@ def assess_windows(
     champion: Champion,
     settings: DriftSettings,
     summaries_by_device: Mapping[str, SummaryStats] | None = None,
+    rpm_by_device: Mapping[str, npt.ArrayLike] | None = None,
 ) -> FleetAssessment:
     """Score each device's windows with the champion and judge devices and fleet (:mod:`tasks.drift`).
 
@@ -158,6 +176,8 @@ def assess_windows(
         champion: The deployed model.
         settings: Drift thresholds.
         summaries_by_device: Device id to its merged summaries; used for devices without windows.
+        rpm_by_device: Device id to the shaft speed of each of its windows (NaN: not known); a
+            device missing here has no speed for any window (scored at the fallback).
     """
     features: dict[str, npt.NDArray[np.float32] | SummaryStats] = {}
     assessments: list[DeviceAssessment] = []
@@ -171,9 +191,15 @@ def assess_windows(
             assessments.append(assess_device_summary(device, summaries[device], ref, threshold, settings, len(devices)))
             continue
         samples = np.asarray(samples_by_device[device], dtype=np.float32)
-        x, errors = champion.score(samples) if len(samples) else (empty, np.zeros(0, dtype=np.float32))
-        features[device] = x
-        assessments.append(assess_device(device, x, errors, ref, threshold, settings, len(devices)))
+        rpm = (rpm_by_device or {}).get(device)
+        x, errors = champion.score(samples, rpm) if len(samples) else (empty, np.zeros(0, dtype=np.float32))
+        fallback, uncovered = champion.speed_status(rpm, len(samples))
+        features[device] = x[~uncovered]  # the fleet's pooled features: at speeds the champion knows
+        assessments.append(
+            assess_device(
+                device, x, errors, ref, threshold, settings, len(devices), uncovered=uncovered, fallback=fallback
+            )
+        )
     pooled = pooled_feature_drift(ref.features, features, assessments, settings)
     return assess_fleet(assessments, settings, pooled=pooled)
 
@@ -203,6 +229,7 @@ class MonitorReport:
         summaries_ignored: Summaries left out: another model or threshold, outside the window, or
             of a device whose windows were scored.
         feature_labels: Feature name to readable label (band frequency ranges).
+        speed_coverage_rpm: Speed intervals the champion trained on (empty: a speed-unaware champion).
         scorer: The interpreter that computed the reconstruction errors.
         created_at: When the report was made (UTC, ISO 8601).
     """
@@ -222,6 +249,7 @@ class MonitorReport:
     summaries_used: int = 0
     summaries_ignored: int = 0
     feature_labels: dict[str, str] = field(default_factory=dict)
+    speed_coverage_rpm: tuple[tuple[float, float], ...] = ()
     scorer: str = SCORER
     created_at: str = field(default_factory=lambda: dt.datetime.now(tz=dt.UTC).isoformat())
 
@@ -258,6 +286,9 @@ class MonitorReport:
             "fleet.devices": float(len(devices)),
             "fleet.judged_devices": float(len(self.assessment.judged_devices)),
             "fleet.drift_devices": float(len(self.assessment.drift_devices)),
+            "fleet.new_operating_point_devices": float(len(self.assessment.new_operating_point_devices)),
+            "fleet.speed_fallback_windows": float(sum(a.speed_fallback for a in devices)),
+            "fleet.speed_uncovered_windows": float(sum(a.speed_uncovered for a in devices)),
             "fleet.fault_devices": float(len(self.fault_devices)),
             "fleet.insufficient_devices": float(len(self.assessment.insufficient_devices)),
             "fleet.windows": float(self.windows_live),
@@ -284,6 +315,9 @@ class MonitorReport:
             "anomaly_rate": device.anomaly_rate,
             "anomaly_rate_lower": device.anomaly_rate_lower,
             "abnormal": float(device.abnormal),
+            "speed_fallback": float(device.speed_fallback),
+            "speed_uncovered": float(device.speed_uncovered),
+            "new_operating_point": float(device.new_operating_point),
         }
         if device.error_shift is not None:
             metrics |= {"error_ks": device.error_shift.ks, "error_median_ratio": device.error_shift.median_ratio}
@@ -314,8 +348,11 @@ class MonitorReport:
             {
                 "device": d.device,
                 "verdict": d.verdict,
+                "drift kind": d.drift_kind,
                 "source": d.source,
                 "windows": d.n_windows,
+                "no usable speed": d.speed_fallback,
+                "uncovered speed": d.speed_uncovered,
                 "anomaly rate": round(d.anomaly_rate, 4),
                 "limit": round(d.anomaly_rate_limit, 4),
                 "error KS": round(d.error_shift.ks, 3) if d.error_shift else None,
@@ -344,6 +381,8 @@ class MonitorReport:
             "summaries_ignored": self.summaries_ignored,
             "created_at": self.created_at,
             "drift_detected": self.drift_detected,
+            "drift_kind": self.assessment.kind,
+            "speed_coverage_rpm": [list(interval) for interval in self.speed_coverage_rpm],
             "alert_devices": self.alert_devices,
             "settings": self.settings.model_dump(),
             "assessment": self.assessment.to_dict(),
@@ -366,7 +405,7 @@ class MonitorReport:
         ]
         lines += [f"- {reason}" for reason in a.reasons]
         if self.drift_detected:
-            lines.append("- the fleet's data drifted: retraining is due")
+            lines.append(f"- the fleet's data drifted ({a.kind}): retraining is due")
         if self.alert_devices:
             lines.append(f"- alert, no retraining for: {', '.join(self.alert_devices)}")
         lines += [
@@ -374,8 +413,9 @@ class MonitorReport:
             "## Devices",
             "",
             "| device | verdict | source | windows | anomaly rate (lower bound) | limit | error KS "
-            "| error median ratio | waveform shape | features off the fleet reference |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| error median ratio | waveform shape | features off the fleet reference | no usable speed "
+            "| uncovered speed |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for d in self.devices:
             ks = f"{d.error_shift.ks:.2f}" if d.error_shift else "-"
@@ -384,7 +424,8 @@ class MonitorReport:
             off = f"{d.features.n_drifted}/{len(d.features.names)}" if d.features else "-"
             lines.append(
                 f"| {d.device} | {d.verdict} | {d.source} | {d.n_windows} | {d.anomaly_rate:.1%} "
-                f"({d.anomaly_rate_lower:.1%}) | {d.anomaly_rate_limit:.1%} | {ks} | {ratio} | {shape} | {off} |"
+                f"({d.anomaly_rate_lower:.1%}) | {d.anomaly_rate_limit:.1%} | {ks} | {ratio} | {shape} | {off} "
+                f"| {d.speed_fallback} | {d.speed_uncovered} |"
             )
         lines += [
             "",
@@ -392,7 +433,16 @@ class MonitorReport:
             "limit: at most 1% of runs of a healthy fleet flag any device), its error shift "
             "and its waveform shape; features off the fleet reference are shown, not judged: one healthy "
             "machine is a sub-population of the pooled reference. Fleet-wide feature drift is judged on the "
-            "pooled ok devices.",
+            "pooled ok devices. "
+            + (
+                "Windows are scored at their shaft speed; speeds the champion trained on: "
+                + ", ".join(f"{low:.0f}-{high:.0f} rpm" for low, high in self.speed_coverage_rpm)
+                + " (5% margin). A device with more than half of its windows outside is at a new operating "
+                "point (drift, no alert); otherwise its uncovered windows are left out. Windows without a "
+                "usable speed are scored at the reference speed and counted."
+                if self.speed_coverage_rpm
+                else "The champion is speed-unaware: windows are scored without their shaft speed."
+            ),
         ]
         flagged = [d for d in self.devices if d.verdict != "ok"]
         if flagged:
@@ -473,6 +523,7 @@ def monitor_fleet(
             f"the champion's DSP spec at {champion.spec.sample_rate_hz} Hz"
         )
     samples = {str(device): live.samples[live.device == device] for device in np.unique(live.device)}
+    rpm = {str(device): live.rpm[live.device == device] for device in np.unique(live.device)}
     usable: dict[str, list[DriftSummary]] = {}
     for summary in summaries:
         if (
@@ -484,7 +535,7 @@ def monitor_fleet(
             usable.setdefault(summary.device, []).append(summary)
     used = sum(len(group) for group in usable.values())
     merged = {device: summary_stats(group) for device, group in usable.items()}
-    assessment = assess_windows(samples, champion, settings, merged)
+    assessment = assess_windows(samples, champion, settings, merged, rpm)
     report = MonitorReport(
         fleet=fleet,
         since=since,
@@ -501,6 +552,7 @@ def monitor_fleet(
         summaries_used=used,
         summaries_ignored=len(summaries) - used,
         feature_labels=champion.feature_labels(),
+        speed_coverage_rpm=champion.spec.speed_coverage_rpm,
     )
     log.info(
         "monitor %s %s..%s: %s (%d live windows, %d devices; drift %s, alert %s)",
@@ -611,8 +663,9 @@ def _related_model(report: MonitorReport, champion_version: str | None) -> dict[
 def drift_event(report: MonitorReport, champion_version: str | None) -> dict[str, Any]:
     """Keyword arguments of ``prefect.events.emit_event`` announcing the fleet's data drift.
 
-    The payload names the devices whose data a retraining should use (judged, not faulty) and the
-    faulty ones it must leave out.
+    The payload says the drift's ``kind`` (``new operating point`` or ``data drift``), names the
+    devices whose data a retraining should use (judged, not alerted about), the alerted ones it must
+    leave out, and the devices at new operating points.
 
     Raises:
         MonitorError: The report found no drift.
@@ -620,11 +673,13 @@ def drift_event(report: MonitorReport, champion_version: str | None) -> dict[str
     if not report.drift_detected:
         raise MonitorError(f"fleet {report.fleet} verdict is {report.verdict}: no drift to announce")
     a = report.assessment
-    faulty = set(a.fault_devices)
+    alerted = set(a.alert_devices)
     payload = _payload_base(report, champion_version) | {
-        "devices": [d for d in a.judged_devices if d not in faulty],
+        "kind": a.kind,
+        "devices": [d for d in a.judged_devices if d not in alerted],
         "drift_devices": a.drift_devices,
-        "exclude_devices": a.fault_devices,
+        "new_operating_point_devices": a.new_operating_point_devices,
+        "exclude_devices": a.alert_devices,
         "metrics": report.fleet_metrics(),
         "pooled_drifted_features": a.pooled.drifted_names() if a.pooled else [],
     }

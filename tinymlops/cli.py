@@ -481,10 +481,12 @@ def monitor(
         [
             {
                 "device": d["device"],
-                "verdict": d["verdict"],
+                "verdict": d["verdict"] + (f" ({d['drift_kind']})" if d["drift_kind"] else ""),
                 "windows": d["n_windows"],
                 "anomaly rate": d["anomaly_rate"],
                 "limit": d["anomaly_rate_limit"],
+                "no usable speed": d["speed_fallback"],
+                "uncovered speed": d["speed_uncovered"],
             }
             for d in assessment["devices"]
         ],
