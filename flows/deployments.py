@@ -32,6 +32,8 @@ DRIFT_TRIGGER_PARAMETERS = {
     "devices": "{{ event.payload.devices }}",
     "since": "{{ event.payload.since }}",
     "champion_version": "{{ event.payload.champion_version }}",
+    "model_name": "{{ event.payload.model_name }}",
+    "drift_kind": "{{ event.payload.kind }}",
     "reason": "drift detected by the monitor",
 }
 SCHEDULE_EVERY_10_MIN = "*/10 * * * *"

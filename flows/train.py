@@ -12,7 +12,7 @@ from prefect.runtime import flow_run
 
 from firmware.dsp import DspSpec
 from tasks.compress import compress_task
-from tasks.datasets import LakeSelection, load_dataset_task, skipped_summary
+from tasks.datasets import Accumulation, LakeSelection, load_dataset_task, skipped_summary
 from tasks.evaluate import enforce_quality, evaluate_fixed_point_task, evaluate_models_task, with_fixed_point
 from tasks.packaging import (
     build_drift_reference_task,
@@ -39,6 +39,7 @@ def train_flow(
     config_path: str | None = None,
     register_models: bool = True,
     promote: bool = True,
+    accumulate: Accumulation | None = None,
 ) -> dict[str, Any]:
     """Train, compress and validate a model for each target MCU, writing one bundle per target.
 
@@ -51,19 +52,25 @@ def train_flow(
         config_path: Training configuration (default ``data/training.yaml``).
         register_models: Log the run to MLflow and register every bundle that fits its target.
         promote: Promote a registered version to champion when the promotion rule allows it.
+        accumulate: Also train on the windows this champion trained on, balanced per operating
+            point and bounded (a retraining that adds to what the model covers).
 
     Returns:
-        Run id, bundle directories per target, budget verdicts, the evaluation figures, and the lake
-        windows skipped as unusable (a count and the first few, each with device, seq and reason).
+        Run id, bundle directories per target, budget verdicts, the evaluation figures, the lake
+        windows skipped as unusable (a count and the first few, each with device, seq and reason),
+        the lake selection (with the accumulation's champion, spans and speed intervals) and the
+        normal windows per operating point.
     """
     settings = get_settings()
     fleet = fleet or settings.fleet
     config = load_training_config(config_path)
     catalog = load_catalog(settings.targets.catalog)
     mcu_targets = [get_target(name, catalog) for name in targets or settings.targets.default]
-    selection = LakeSelection(fleet, tuple(devices) if devices else None, start, end)
+    selection = LakeSelection(fleet, tuple(devices) if devices else None, start, end, accumulate=accumulate)
     run_name = f"train-{dt.datetime.now(tz=dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     lineage = {"train_run": run_name, "prefect_flow_run_id": str(flow_run.id or "")}
+    if accumulate is not None:
+        lineage["accumulated_from"] = accumulate.champion
 
     dataset = load_dataset_task(
         settings.lake_root, selection, settings.sensor.window_samples, settings.sensor.max_abs_g
@@ -189,6 +196,8 @@ def train_flow(
         "arena_bytes": arena.smallest_working_bytes,
         "dataset_fingerprint": dataset.fingerprint,
         "counts": dataset.counts,
+        "selection": selection.to_dict(),
+        "operating_points": dataset.balance,
         "skipped_windows": skipped,
         "mlflow_run_id": mlflow_run_id,
         "registered": promotions,

@@ -201,6 +201,12 @@ class DriftSettings(BaseModel):
     min_windows: int = Field(default=30, ge=5, description="Fewest windows per device before it is judged.")
     window_minutes: float = Field(default=10.0, gt=0, description="How far back each monitor run looks.")
     cooldown_minutes: float = Field(default=30.0, ge=0, description="At most one retraining per fleet in this period.")
+    retrain_max_windows: int = Field(
+        default=4000,
+        ge=100,
+        description="Most normal windows a retraining trains on (its champion's and the new ones), an equal "
+        "share per operating point.",
+    )
 
 
 class Settings(BaseSettings):
