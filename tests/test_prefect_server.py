@@ -86,7 +86,8 @@ def test_prefect_yaml_deploys_every_deployment_and_the_trigger_runs_retraining(s
             "from prefect.events import emit_event\n"
             "emit_event(event='tinymlops.drift.detected', resource={'prefect.resource.id': 'tinymlops.fleet.plant-7'},"
             " payload={'fleet': 'plant-7', 'devices': ['nrf-0001', 'nrf-0004'],"
-            " 'since': '2026-11-23T06:00:00+00:00', 'champion_version': '3'})\n"
+            " 'since': '2026-11-23T06:00:00+00:00', 'champion_version': '3',"
+            " 'model_name': 'vibration-ae-nrf52840', 'kind': 'new operating point'})\n"
         )
         emitted = subprocess.run(
             [sys.executable, "-c", emitter],
@@ -115,3 +116,5 @@ def test_prefect_yaml_deploys_every_deployment_and_the_trigger_runs_retraining(s
         assert parameters["fleet"] == "plant-7"
         assert parameters["devices"] == ["nrf-0001", "nrf-0004"]
         assert parameters["champion_version"] == "3"
+        assert parameters["model_name"] == "vibration-ae-nrf52840"  # the champion whose windows it keeps
+        assert parameters["drift_kind"] == "new operating point"
