@@ -393,7 +393,14 @@ def load_labelled(
     fault_mask = ~is_normal & (labels != "")
     faults = {str(lbl): windows.samples[fault_mask & (labels == lbl)] for lbl in sorted(set(labels[fault_mask]))}
     used = windows.select(normal_mask | fault_mask)
-    return LabelledWindows(windows.select(normal_mask), faults, fingerprint(used, selection), skipped, points, balance)
+    return LabelledWindows(
+        windows.select(normal_mask),
+        faults,
+        fingerprint(used, selection),
+        skipped,
+        operating_point=points,
+        balance=balance,
+    )
 
 
 def load_dataset(

@@ -283,6 +283,7 @@ def test_monitor_command_judges_the_fleet_with_the_registered_champion(
     from registry.promotion import promote
     from registry.store import configure_from_settings
     from registry.tracking import log_training_run
+    from tasks.datasets import champion_accumulation
     from tinymlops.cli import app
     from tinymlops.settings import get_settings, reset_settings
 
@@ -302,6 +303,11 @@ def test_monitor_command_judges_the_fleet_with_the_registered_champion(
         assert report["model"] == f"{version.name}/{version.version}"
         table = CliRunner().invoke(app, args)
         assert table.exit_code == 0 and "fault" in table.output and FAULTY in table.output
+        # what a retraining keeps of this champion: its trained spans, from the registry's bundle
+        kept = champion_accumulation(f"{version.name}@champion", 1000)
+        assert kept is not None and kept.champion == f"{version.name}/{version.version}"
+        assert {d: (first, last) for d, first, last in kept.spans_us} == sim_bundle.metadata.trained_span_us
+        assert champion_accumulation("no-such-model@champion", 1000) is None  # retrains on the new windows alone
     finally:
         reset_settings()
         mlflow.set_tracking_uri(previous)
