@@ -69,13 +69,13 @@ def train_flow(
     selection = LakeSelection(fleet, tuple(devices) if devices else None, start, end, accumulate=accumulate)
     run_name = f"train-{dt.datetime.now(tz=dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     lineage = {"train_run": run_name, "prefect_flow_run_id": str(flow_run.id or "")}
-    if accumulate is not None:
-        lineage["accumulated_from"] = accumulate.champion
 
     dataset = load_dataset_task(
         settings.lake_root, selection, settings.sensor.window_samples, settings.sensor.max_abs_g
     )
     skipped = skipped_summary(dataset.skipped)
+    if accumulate is not None:
+        lineage |= accumulate.lineage(dataset.balance)
     spec = DspSpec(sample_rate_hz=dataset.sample_rate_hz, window_samples=settings.sensor.window_samples)
     features = build_feature_sets_task(dataset.train_normal, dataset.test_normal, dataset.faults, spec, config)
     window_seconds = spec.window_samples / spec.sample_rate_hz

@@ -86,6 +86,21 @@ class Accumulation:
         spans = tuple((str(d), int(first), int(last)) for d, (first, last) in sorted(trained_span_us.items()))
         return cls(champion, spans, spec.speed_coverage_rpm, max_windows)
 
+    def lineage(self, balance: Mapping[str, Mapping[str, int]]) -> dict[str, str]:
+        """Lineage entries of a model trained on this accumulation (bundle, registry tags ``lineage.*``).
+
+        Args:
+            balance: Per operating point, the windows available and kept (:attr:`DatasetSplit.balance`).
+        """
+        return {
+            "accumulated_from": self.champion,
+            "accumulated_coverage_rpm": ", ".join(f"{low:.0f}-{high:.0f}" for low, high in self.coverage_rpm) or "-",
+            "operating_points": "; ".join(
+                f"{name}: {point['kept']} kept of {point['new']} new and {point['champion']} the champion's"
+                for name, point in sorted(balance.items())
+            ),
+        }
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form, recorded as lineage."""
         return {

@@ -356,6 +356,12 @@ def test_an_accumulating_selection_keeps_the_champions_speeds_beside_the_new_one
     assert split.counts["operating_point 900-1500 rpm"] == split.counts["operating_point 2400-2400 rpm"] == 25
     assert split.counts["test_normal"] == 10  # the last 20 % of each device at each operating point
     assert split.balance == labelled.balance
+    assert accumulate.lineage(split.balance) == {  # the bundle's lineage: registry tags lineage.*
+        "accumulated_from": "vibration-ae-nrf52840/3",
+        "accumulated_coverage_rpm": "900-1500",
+        "operating_points": "2400-2400 rpm: 25 kept of 60 new and 0 the champion's; "
+        "900-1500 rpm: 25 kept of 0 new and 80 the champion's",
+    }
 
 
 def test_new_windows_supersede_the_champions_at_the_same_operating_point(tmp_path: Path) -> None:
