@@ -6,7 +6,8 @@ Training uses normal windows only. Evaluation needs labelled fault windows: impo
 operating point, clearly marked by its source.
 
 A retraining accumulates (:class:`Accumulation`): its normal windows are the union of the windows
-its champion trained on (per device, the champion's trained time span) and the new, drifted ones,
+its champion trained on (per device, the champion's trained time span at its covered speeds) and the
+new, drifted ones,
 so the operating points the champion covered stay covered. Per operating point (a speed interval;
 windows without a usable speed form one point) the new windows supersede the champion's where the
 point has any: they are the machine's present state there (a sensor gain change at the same speed
@@ -339,6 +340,8 @@ def accumulated(
     Per operating point (:func:`operating_points` of the champion's covered speeds), the new windows
     when the point has any (the machine's present state there), else the champion's windows there
     (a point the fleet did not visit lately stays covered); then :func:`balance_operating_points`.
+    The champion's windows are those of its trained span per device at its covered speeds (or
+    without a usable speed): a window of the span at a speed it does not cover was not trained on.
 
     Args:
         windows: The fleet's lake windows.
@@ -355,7 +358,10 @@ def accumulated(
     rows = np.flatnonzero(new | old)
     points = operating_points(windows.rpm[rows], accumulate.coverage_rpm)
     visited = set(points[new[rows]].tolist())
-    usable = new[rows] | ~np.isin(points, list(visited))
+    # the champion trained inside its covered intervals: a window of its span at another speed was not trained on
+    trained = [_interval_name(interval) for interval in accumulate.coverage_rpm] + [SPEED_NOT_KNOWN]
+    known = np.isin(points, trained) if accumulate.coverage_rpm else np.ones(rows.size, dtype=bool)
+    usable = new[rows] | (known & ~np.isin(points, list(visited)))
     rows, points = rows[usable], points[usable]
     device_rank = np.unique(windows.device[rows], return_inverse=True)[1].astype(np.int64)
     rank = np.empty(rows.size, dtype=np.int64)

@@ -371,6 +371,12 @@ def test_new_windows_supersede_the_champions_at_the_same_operating_point(tmp_pat
     labelled = load_labelled(lake, LakeSelection(FLEET, start=since, accumulate=same_speed), window_samples=1024)
     assert labelled.balance == {"900-2500 rpm": {"available": 60, "kept": 60, "champion": 0, "new": 60}}
     assert set(labelled.normal.rpm.tolist()) == {2400.0}
+    # a span holding windows at speeds the champion does not cover (it never trained on them): left out
+    everything = tuple((d, first, first + 89 * WINDOW_US) for d, (first, _) in spans.items())
+    narrow = Accumulation("m/1", everything, ((900.0, 1100.0),), 1000)
+    labelled = load_labelled(lake, LakeSelection(FLEET, start=since, accumulate=narrow), window_samples=1024)
+    assert set(labelled.balance) == {"900-1100 rpm", "2400-2400 rpm"}
+    assert labelled.normal.rpm[labelled.normal.rpm < 2000].max() <= 1100 * 1.05
 
 
 def test_operating_points_are_the_champions_intervals_then_groups_of_the_other_speeds() -> None:
