@@ -7,8 +7,7 @@ operating point, clearly marked by its source.
 
 A retraining accumulates (:class:`Accumulation`): its normal windows are the union of the windows
 its champion trained on (per device, the champion's trained time span at its covered speeds) and the
-new, drifted ones,
-so the operating points the champion covered stay covered. Per operating point (a speed interval;
+new, drifted ones, so the operating points the champion covered stay covered. Per operating point (a speed interval;
 windows without a usable speed form one point) the new windows supersede the champion's where the
 point has any: they are the machine's present state there (a sensor gain change at the same speed
 trains on the new data alone, as before). The union is balanced and bounded: each point gets an
