@@ -43,14 +43,14 @@ from tasks.datasets import (
     time_spans,
     write_reference_set,
 )
-from tasks.drift import NEW_OPERATING_POINT
+from tasks.drift import NEW_OPERATING_POINT, DeviceAssessment, DriftError, assess_device, assess_fleet
 from tasks.evaluate import enforce_quality, evaluate_models
 from tasks.lake import WindowBatch, write_windows
 from tasks.monitor import Champion, MonitorError, MonitorReport, alert_event, assess_windows, drift_event, monitor_fleet
 from tasks.packaging import build_drift_reference, package_for_target
 from tasks.train import FeatureSets, TrainingData, check_features, load_training_config, train_autoencoder
 from tests.fault_ledger import FaultRecord, record
-from tinymlops.schemas import ModelBundle
+from tinymlops.schemas import DriftReference, ModelBundle
 from tinymlops.settings import REPO_ROOT, DriftSettings
 from tinymlops.targets import get_target, load_catalog
 
@@ -297,6 +297,38 @@ def test_a_fault_at_a_covered_speed_is_still_alerted_beside_a_new_operating_poin
     assert a.verdict == "mixed" and a.kind == NEW_OPERATING_POINT, a.reasons
     assert a.fault_devices == [faulty] and a.alert_devices == [faulty]
     assert a.new_operating_point_devices == fleet.device_ids[:9]
+
+
+def test_the_new_operating_point_rule_on_hand_made_windows_and_devices() -> None:
+    """More than half of a device's windows uncovered: new operating point; else the uncovered ones are left out."""
+    rng = np.random.default_rng(0)
+    features, calibration_errors = rng.standard_normal((600, 8)), rng.lognormal(0, 0.3, 200)
+    reference = DriftReference(features.astype(np.float32), calibration_errors.astype(np.float32), 0.005)
+    x, errors = rng.standard_normal((60, 8)), 10 * rng.lognormal(0, 0.3, 60)  # every window far above threshold 3
+    moved = assess_device("a", x, errors, reference, 3.0, SETTINGS, uncovered=np.arange(60) < 31)
+    assert moved.verdict == "drift" and moved.new_operating_point and moved.speed_uncovered == 31
+    half = assess_device("a", x, errors, reference, 3.0, SETTINGS, uncovered=np.arange(60) < 30, fallback=x[:, 0] > 0)
+    assert half.drift_kind == "data drift" and half.n_windows == 30 and half.speed_fallback == int((x[:, 0] > 0).sum())
+    few = assess_device("a", x, errors, reference, 3.0, SETTINGS, uncovered=np.arange(60) < 25)
+    assert few.n_windows == 35 and few.verdict == "drift"
+    short = assess_device("a", x[:40], errors[:40], reference, 3.0, SETTINGS, uncovered=np.arange(40) < 15)
+    assert short.verdict == "insufficient_data" and short.reasons[0] == "25 windows < minimum 30"
+    with pytest.raises(DriftError, match="uncovered has 59 flags for 60 windows"):
+        assess_device("a", x, errors, reference, 3.0, SETTINGS, uncovered=np.zeros(59, dtype=bool))
+
+    def device(name: str, verdict: str, kind: str | None = None) -> DeviceAssessment:
+        return DeviceAssessment(name, verdict, (), 40, 0, 0.0, 0.0, 0.025, None, None, None, drift_kind=kind)  # type: ignore[arg-type]
+
+    one = assess_fleet(
+        [device("p", "drift", NEW_OPERATING_POINT)] + [device(f"d{i}", "ok") for i in range(9)], SETTINGS
+    )
+    assert one.verdict == "data_drift" and one.kind == NEW_OPERATING_POINT and one.alert_devices == []
+    odd = [device(f"p{i}", "drift", NEW_OPERATING_POINT) for i in range(6)] + [device("g", "drift", "data drift")]
+    beside = assess_fleet([*odd, device("f", "fault"), device("o1", "ok"), device("o2", "ok")], SETTINGS)
+    assert beside.verdict == "mixed" and beside.kind == NEW_OPERATING_POINT and beside.alert_devices == ["g", "f"]
+    gain = [device(f"g{i}", "drift", "data drift") for i in range(5)] + [device("p", "drift", NEW_OPERATING_POINT)]
+    both = assess_fleet(gain + [device(f"o{i}", "ok") for i in range(4)], SETTINGS)
+    assert both.verdict == "data_drift" and both.kind == "data drift" and both.alert_devices == []
 
 
 def small_lake(root: Path) -> tuple[Path, dict[str, tuple[int, int]], dt.datetime]:
