@@ -619,7 +619,7 @@ def malformed(kind: str, i: int, rng: np.random.Generator) -> Payload:
     good = encode(window(device, seq))
     if kind == "bit flip":
         flipped = bytearray(good)
-        flipped[int(rng.integers(40, len(good) - 8))] ^= 0xFF  # a sample byte: only the CRC can tell
+        flipped[int(rng.integers(48, len(good) - 8))] ^= 0xFF  # a sample byte: only the CRC can tell
         return topic, bytes(flipped)
     if kind == "truncated":
         return topic, good[: int(rng.integers(30, len(good) - 1))]
@@ -775,8 +775,8 @@ def test_flood_of_oversized_payloads_keeps_memory_and_quarantine_bounded(tmp_pat
 
 
 def as_version_1(payload: bytes) -> bytes:
-    """A version-2 message as a device without a boot counter sends it: the v1 header, no epoch."""
-    body = payload[:2] + b"\x01" + payload[3:4] + payload[8:-4]
+    """A version-3 message as a device without a boot counter sends it: the v1 header, no epoch, no rpm or load."""
+    body = payload[:2] + b"\x01" + payload[3:4] + payload[8:28] + payload[36:-4]
     return body + zlib.crc32(body).to_bytes(4, "little")
 
 

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,30 @@ def test_valid_message_passes() -> None:
     assert window.samples.size == SENSOR.window_samples
 
 
+def test_operating_condition_travels_in_version_3_and_older_versions_decode_without_it() -> None:
+    window = check(topic(), encode(make_window(rpm=1234.5, load=0.75)))
+    assert (window.rpm, window.load) == (1234.5, 0.75)
+    unknown = check(topic(), encode(make_window()))  # a device without a tachometer: 0.0 rpm, NaN load
+    assert (unknown.rpm, unknown.load) == (None, None)
+    v3 = encode(make_window(seq=5, epoch=9, rpm=900.0))
+    # the same window as version 2 (no rpm, load) and version 1 (no boot epoch either), CRC recomputed
+    for version, body in (
+        (2, v3[:2] + b"\x02" + v3[3:28] + v3[36:-4]),
+        (1, v3[:2] + b"\x01" + v3[3:4] + v3[8:28] + v3[36:-4]),
+    ):
+        old = check(topic(), body + zlib.crc32(body).to_bytes(4, "little"))
+        assert (old.seq, old.epoch, old.rpm, old.load) == (5, 9 if version == 2 else 0, None, None)
+        assert np.array_equal(old.samples, make_window(seq=5).samples)
+
+
+@pytest.mark.parametrize("rpm", [float("nan"), float("inf"), -1500.0, 1e9])
+def test_an_unusable_rpm_is_data_not_a_decode_error(rpm: float) -> None:
+    # a broken tachometer leaves the samples good: the window is accepted with the rpm as sent, for the scorer
+    window = check(topic(), encode(make_window(rpm=rpm, load=-2.0)))
+    assert window.rpm is not None and np.array_equal([window.rpm], [rpm], equal_nan=True)
+    assert window.load == -2.0
+
+
 @pytest.mark.parametrize(
     ("t", "window", "error", "reason"),
     [
@@ -79,14 +104,14 @@ def test_corrupt_bytes_are_rejected_with_reason() -> None:
     flipped = bytearray(good)
     flipped[100] ^= 0xFF
     wrong_version = bytearray(good)
-    wrong_version[2] = 3
+    wrong_version[2] = 4
     cases = {
         b"": "truncated message: 0 bytes",
         good[:-10]: "truncated message",
         good + b"\x00" * 8: "oversized message",
         b"\x00" * 80_000: "oversized message: 80000 bytes",
         bytes(flipped): "bad CRC",
-        bytes(wrong_version): "unsupported header version 3",
+        bytes(wrong_version): "unsupported header version 4",
         b"XX" + good[2:]: "bad magic",
     }
     for payload, reason in cases.items():
