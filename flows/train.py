@@ -22,7 +22,7 @@ from tasks.packaging import (
     training_report_markdown,
 )
 from tasks.registration import compare_and_promote_task, log_training_task, register_bundle_task
-from tasks.train import build_feature_sets_task, load_training_config, train_autoencoder_task
+from tasks.train import WindowSpeeds, build_feature_sets_task, load_training_config, train_autoencoder_task
 from tinymlops.settings import get_settings
 from tinymlops.targets import get_target, load_catalog
 
@@ -70,7 +70,8 @@ def train_flow(
     )
     skipped = skipped_summary(dataset.skipped)
     spec = DspSpec(sample_rate_hz=dataset.sample_rate_hz, window_samples=settings.sensor.window_samples)
-    features = build_feature_sets_task(dataset.train_normal, dataset.test_normal, dataset.faults, spec, config)
+    speeds = WindowSpeeds(train=dataset.train_rpm, test=dataset.test_rpm, faults=dataset.fault_rpm)
+    features = build_feature_sets_task(dataset.train_normal, dataset.test_normal, dataset.faults, spec, config, speeds)
     window_seconds = spec.window_samples / spec.sample_rate_hz
     trained = train_autoencoder_task(features, config)
     compression = compress_task(trained.model, features.parts.train, features.parts.validation, config)

@@ -30,6 +30,7 @@ from tasks.train import (
     FeatureSets,
     Predictor,
     QualityGateConfig,
+    WindowSpeeds,
     calibrate_threshold,
     check_features,
     reconstruction_error,
@@ -333,6 +334,7 @@ def evaluate_fixed_point(
     percentile: float,
     window_seconds: float,
     arena_bytes: int | None = None,
+    speeds: WindowSpeeds | None = None,
 ) -> Evaluation:
     """Score the deployed model in TFLite Micro on the fixed-point front end's features.
 
@@ -345,17 +347,19 @@ def evaluate_fixed_point(
         percentile: Threshold percentile of the calibration errors.
         window_seconds: Duration of one window.
         arena_bytes: TFLite Micro tensor arena.
+        speeds: Shaft speed of the normal (``test``) and fault windows, NaN where not known.
 
     Returns:
         The evaluation named :data:`FIXED_POINT_EVALUATION`.
     """
     from firmware.dsp_q15 import features_q15
 
+    speeds = speeds or WindowSpeeds()
     runner = TflmRunner(int8_model, arena_bytes)
     comparison = evaluate_predictors(
         {FIXED_POINT_EVALUATION: runner.predict},
-        features_q15(normal_windows, spec),
-        {name: features_q15(windows, spec) for name, windows in fault_windows.items()},
+        features_q15(normal_windows, spec, rpm=speeds.test),
+        {name: features_q15(windows, spec, rpm=speeds.faults.get(name)) for name, windows in fault_windows.items()},
         calibration,
         percentile=percentile,
         window_seconds=window_seconds,
@@ -395,6 +399,7 @@ def evaluate_fixed_point_task(
         percentile=percentile,
         window_seconds=window_seconds,
         arena_bytes=arena_bytes,
+        speeds=WindowSpeeds(test=dataset.test_rpm, faults=dataset.fault_rpm),
     )
 
 
@@ -429,6 +434,7 @@ def evaluate_bundle(
     faults: Mapping[str, npt.ArrayLike],
     *,
     window_seconds: float,
+    speeds: WindowSpeeds | None = None,
 ) -> ModelComparison:
     """Evaluate a bundle's models on labelled windows, at the threshold the bundle ships with.
 
@@ -440,10 +446,12 @@ def evaluate_bundle(
         normal: Normal windows (n, window_samples) in g.
         faults: Fault windows by class.
         window_seconds: Duration of one window.
+        speeds: Shaft speed of the normal (``test``) and fault windows, NaN where not known.
     """
+    speeds = speeds or WindowSpeeds()
     spec = DspSpec.from_json(bundle.dsp_spec_json())
-    x_normal = extract_features(normal, spec)
-    x_faults = {name: extract_features(rows, spec) for name, rows in faults.items()}
+    x_normal = extract_features(normal, spec, speeds.test)
+    x_faults = {name: extract_features(rows, spec, speeds.faults.get(name)) for name, rows in faults.items()}
     int8 = bundle.tflite()
     predictors: dict[str, Predictor] = {}
     float_model = bundle.float_tflite()

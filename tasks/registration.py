@@ -29,7 +29,7 @@ from tasks.compress import CompressionResult
 from tasks.datasets import DatasetSplit, LakeSelection
 from tasks.evaluate import ModelComparison, evaluate_bundle
 from tasks.packaging import PackagedTarget
-from tasks.train import FeatureSets, TrainedModel, TrainingConfig, reconstruction_error
+from tasks.train import FeatureSets, TrainedModel, TrainingConfig, WindowSpeeds, reconstruction_error
 from tinymlops.schemas import ModelBundle
 from tinymlops.settings import get_settings
 
@@ -171,8 +171,9 @@ def _figures(
     normal: npt.NDArray[np.float32],
     faults: dict[str, npt.NDArray[np.float32]],
     window_seconds: float,
+    speeds: WindowSpeeds,
 ) -> dict[str, float]:
-    deployed = evaluate_bundle(bundle, normal, faults, window_seconds=window_seconds)["int8_tflm"]
+    deployed = evaluate_bundle(bundle, normal, faults, window_seconds=window_seconds, speeds=speeds)["int8_tflm"]
     return {"auc_int8": deployed.auc, "false_alarms_per_hour": deployed.false_alarms_per_hour, "f1": deployed.f1}
 
 
@@ -194,7 +195,8 @@ def compare_and_promote(
         auto_promote: Promote when the rule allows; otherwise only record the comparison.
     """
     name = registered.name
-    candidate = _figures(bundle, dataset.test_normal, dataset.faults, window_seconds)
+    speeds = WindowSpeeds(test=dataset.test_rpm, faults=dataset.fault_rpm)
+    candidate = _figures(bundle, dataset.test_normal, dataset.faults, window_seconds, speeds)
     champion_version: str | None = None
     champion: dict[str, float] | None = None
     try:
@@ -203,7 +205,7 @@ def compare_and_promote(
         current = None
     if current is not None:
         champion_version = current.version.version
-        champion = _figures(current.bundle, dataset.test_normal, dataset.faults, window_seconds)
+        champion = _figures(current.bundle, dataset.test_normal, dataset.faults, window_seconds, speeds)
         record_comparison(
             name,
             registered.version,
