@@ -370,6 +370,7 @@ def evaluate(
     settings = _settings()
     from tasks.datasets import LakeSelection, load_labelled, outside_spans, parse_selector
     from tasks.evaluate import evaluate_bundle
+    from tasks.train import WindowSpeeds
 
     bundle = _load_model(model)
     lake_root, selection = settings.lake_root, None
@@ -393,6 +394,7 @@ def evaluate(
         normal.samples,
         labelled.faults,
         window_seconds=settings.sensor.window_samples / labelled.normal.sample_rate_hz,
+        speeds=WindowSpeeds(test=normal.rpm, faults=labelled.fault_rpm),
     )
     report = {
         "model": model,
@@ -786,7 +788,7 @@ def bench_all(
         bool, typer.Option(help="Only rewrite README.md's benchmark table from the existing figures file.")
     ] = False,
 ) -> None:
-    """Run the ingest, model, deploy, loop and firmware benchmarks and write one JSON file of all figures."""
+    """Run the ingest, model, quality, deploy, loop and firmware benchmarks and write one JSON file of all figures."""
     if ctx.invoked_subcommand is not None:
         return
     if render_readme:
@@ -805,7 +807,7 @@ def bench_all(
     from tinymlops.bench import machine_description
 
     figures: dict[str, Any] = {"quick": quick, **machine_description()}
-    for name in ("ingest", "model", "deploy", "loop", "firmware"):
+    for name in ("ingest", "model", "quality", "deploy", "loop", "firmware"):
         console.rule(f"bench {name}")
         # Each benchmark in its own process: Prefect binds its settings and events worker once per process.
         command = [sys.executable, "-m", "tinymlops", "bench", name, "--json", *(["--quick"] if quick else [])]
@@ -832,6 +834,21 @@ def bench_deploy_command(
 
     figures = bench_deploy(settings, quick=quick)
     _print_table("Deploy benchmark", [{"figure": k, "value": v} for k, v in figures.items()])
+    if as_json:
+        print(json.dumps(figures))
+
+
+@bench_app.command("quality")
+def bench_quality_command(
+    quick: Annotated[bool, typer.Option(help="Reduced run for CI.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON on the last line.")] = False,
+) -> None:
+    """False alarms at unseen shaft speeds and detection of the smallest faults: fixed vs speed-aware features."""
+    settings = _settings()
+    from tinymlops.bench_quality import bench_quality
+
+    figures = bench_quality(settings, quick=quick)
+    _print_table("Quality benchmark", [{"figure": k, "value": v} for k, v in figures.items()])
     if as_json:
         print(json.dumps(figures))
 
