@@ -653,7 +653,8 @@ def test_large_files_are_read_in_chunks_or_refused_before_reading(tmp_path: Path
             duplicates=0,
             lost=120_000 // WINDOW - windows,
             notes=f"{len(BAD_INPUTS)} bad or hostile files (values near 1e300 and 1e-300, a text signal column, "
-            "--fs 1e300, labels '', '../../etc/passwd' and 'normal\\nx', ...) each refused in one line, lake "
+            "--fs 1e300, labels '', '../../etc/passwd' and 'normal\\nx', rpm and load out of range, ...) each refused "
+            "in one line, lake "
             f"unchanged; traced peak memory: {sizes['huge.npz']:.0f} MiB non-archive .npz refused at "
             f"{no_archive_peak:.1f} MiB, {sizes['wide.csv']:.0f} MiB CSV imported at {wide_peak:.1f} MiB, "
             f"{sizes['long.csv']:.0f} MiB CSV over a 100,000-sample limit refused at {long_peak:.1f} MiB, "
