@@ -332,8 +332,9 @@ def write_reference_set(
         machine.inject_fault(FaultSpec(kind=kind, severity=severity))  # type: ignore[arg-type]
         step_us = int(window_samples / sample_rate_hz * 1e6)
         for seq in range(windows_per_fault):
+            speed = machine.current_rpm
             samples, scale = quantize(machine.next_window())
-            window = VibrationWindow(device, seq, start_us + seq * step_us, sample_rate_hz, scale, samples)
+            window = VibrationWindow(device, seq, start_us + seq * step_us, sample_rate_hz, scale, samples, rpm=speed)
             batch.append(fleet, window, label=kind, source=source)
     if len(batch):
         write_windows(lake_root, batch)

@@ -527,6 +527,14 @@ def _parse_time(value: str | None, option: str) -> dt.datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
+RpmOption = Annotated[
+    float | None,
+    typer.Option(
+        help="Shaft speed of the machine in rpm, (0, 60000] (default: the file's rpm field or column, if any)."
+    ),
+]
+
+
 @app.command("import")
 def import_files(
     paths: Annotated[list[Path], typer.Argument(help="Files: .npz, .mat, .csv or .parquet.")],
@@ -538,10 +546,16 @@ def import_files(
     start: Annotated[
         str | None, typer.Option(help="ISO time of the first file's first sample (UTC if no zone; default now).")
     ] = None,
+    rpm: RpmOption = None,
+    load: Annotated[
+        float | None, typer.Option(help="Load of the machine, fraction of rated 0..1 (default: the file's, if any).")
+    ] = None,
 ) -> None:
     """Import recorded vibration files into the lake, resampled to the fleet's sensor rate.
 
-    The files of one call are one recording in the order given: each starts where the one before ended.
+    The files of one call are one recording in the order given: each starts where the one before ended. The
+    machine's shaft speed and load are stored with every window: --rpm/--load, else the file's own (an rpm
+    field or column), else not known.
     """
     settings = _settings()
     next_start = _parse_time(start, "--start")
@@ -565,6 +579,8 @@ def import_files(
             max_abs_g=settings.sensor.max_abs_g,
             limits=limits,
             start=next_start,
+            rpm=rpm,
+            load=load,
         )
         next_start = result.end or next_start
         rows.append(
@@ -588,20 +604,28 @@ def replay(
     speed: Annotated[float, typer.Option(min=0.0, help="Playback speed, x real time; 0: as fast as possible.")] = 1.0,
     fleet: Annotated[str | None, typer.Option(help="Fleet (default from settings).")] = None,
     broker: PublishBrokerOption = None,
+    rpm: RpmOption = None,
 ) -> None:
-    """Publish a recording over MQTT as a live sensor would, for the ingest and the monitor to judge it."""
+    """Publish a recording over MQTT as a live sensor would, for the ingest and the monitor to judge it.
+
+    Each window carries the machine's shaft speed as its tachometer value: --rpm, else the file's own (an rpm
+    field or column), else none.
+    """
     settings = _settings()
     _check_fleet(fleet)
     from firmware.boot import next_boot_epoch
     from firmware.ota import OtaTopics
     from firmware.replay import replay as replay_recording
-    from tasks.importers import ImportLimits, load_recording
+    from tasks.importers import ImportLimits, load_recording_with_rpm
     from tinymlops.mqtt import broker_to_publish_to
 
     name = fleet or settings.fleet
     topic = OtaTopics(name, settings.mqtt.topic_root).vibration(device)  # checks the device id
     limits = ImportLimits(settings.lake.import_max_samples, settings.lake.import_max_mat_mb * 2**20)
-    signal = load_recording(path, target_rate_hz=settings.sensor.sample_rate_hz, var=var, fs=fs, limits=limits)
+    signal, rpms = load_recording_with_rpm(
+        path, target_rate_hz=settings.sensor.sample_rate_hz, window_samples=settings.sensor.window_samples, rpm=rpm,
+        var=var, fs=fs, limits=limits,
+    )  # fmt: skip
     mqtt_settings = settings.mqtt.model_copy(update={"url": broker or settings.mqtt.url})
     with broker_to_publish_to(mqtt_settings, settings.data_dir) as address:
         stats = replay_recording(
@@ -614,6 +638,7 @@ def replay(
             speed=speed,
             # Every replay is a new boot of the sensor: its seqs restart at 0 in a new epoch.
             boot_epoch=next_boot_epoch(settings.data_dir / "simulate" / f"{name}.boot-epoch", sender=device),
+            rpm=rpms,
         )
     console.print(
         f"replayed {stats.windows} windows of {path} as {name}/{device} to {address.url} in {stats.seconds:.1f} s "

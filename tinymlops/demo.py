@@ -265,7 +265,7 @@ def start_devices(
     )
     recordings = None
     if config.real_data:
-        from tasks.importers import load_cwru_recordings
+        from tasks.importers import CWRU_RPM, load_cwru_recordings
 
         recordings = load_cwru_recordings(settings.cwru_dir, target_rate_hz=settings.sensor.sample_rate_hz)
     fleets = {}
@@ -286,8 +286,9 @@ def start_devices(
 
             for j, (node, device) in enumerate(zip(fleet.sensors.nodes, fleet.devices, strict=True)):
                 node.simulator = device.simulator = RecordedMachine(
-                    recordings, settings.sensor.sample_rate_hz, settings.sensor.window_samples, seed=100 * i + j
-                )
+                    recordings, settings.sensor.sample_rate_hz, settings.sensor.window_samples, seed=100 * i + j,
+                    rpm=CWRU_RPM,
+                )  # fmt: skip
         fleet.start()
         stack.callback(fleet.stop)
         threading.Thread(target=fleet.run, daemon=True, name=f"devices-{profile}").start()
