@@ -48,7 +48,7 @@ def train_flow(
         devices: Only these devices' windows.
         start: Only windows from this time.
         end: Only windows before this time.
-        config_path: Training configuration (default ``data/training.yaml``).
+        config_path: Training configuration (default: the ``training_config`` setting, ``data/training.yaml``).
         register_models: Log the run to MLflow and register every bundle that fits its target.
         promote: Promote a registered version to champion when the promotion rule allows it.
 
