@@ -11,7 +11,7 @@ The rule (also in ``registry/PROMOTION.md``). A version of a target's registered
    champion's by more than :data:`AUC_TOLERANCE` (0.005), and false alarms per hour not higher
    than the champion's by more than :data:`FALSE_ALARM_RELATIVE_TOLERANCE` (10 %) or
    :data:`FALSE_ALARM_ABSOLUTE_TOLERANCE` (1 per hour), whichever is larger. With no champion
-   yet, (1) suffices;
+   yet, (2) does not apply;
 3. it meets the absolute gates configured for it (:class:`AbsoluteGates`, the training config's
    ``gates``), whatever the champion does: at least ``min_calibration_windows`` windows behind its
    threshold, and the one-sided upper confidence bound of its false-alarm rate on held-out normal
