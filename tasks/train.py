@@ -29,12 +29,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from firmware.dsp import DspSpec, extract_features, raw_features
 from tasks.lake import LakeWindows
 from tinymlops.errors import ConfigError, TinyMLOpsError
-from tinymlops.settings import REPO_ROOT
+from tinymlops.settings import get_settings
 from tinymlops.tfcompat import import_tf, quiet_tensorflow
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TRAINING_CONFIG = REPO_ROOT / "data" / "training.yaml"
 Float32Array = npt.NDArray[np.float32]
 Predictor = Callable[[Float32Array], Any]
 # TensorFlow's native (absl) log lines and converter chatter, which bypass TF_CPP_MIN_LOG_LEVEL.
@@ -79,13 +78,30 @@ class QuantizationConfig(BaseModel):
 
 
 class QualityGateConfig(BaseModel):
-    """Limits the evaluated model must meet before it is packaged for any target."""
+    """Limits of the evaluated model.
+
+    The AUC limits stop the flow before anything is packaged. The false-alarm limits are absolute
+    promotion gates: a model that misses them is registered but stays a candidate, with the reason
+    recorded (``registry/PROMOTION.md``), whatever the current champion does.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     min_auc_int8: float = Field(default=0.95, ge=0, le=1, description="Lowest ROC-AUC of the int8 model.")
     max_auc_loss_int8: float = Field(default=0.01, ge=0, le=1, description="Largest AUC drop from float to int8.")
     max_auc_gap_tflm: float = Field(default=0.01, ge=0, le=1, description="Largest AUC gap int8 TFLite vs TFLM.")
+    max_false_alarm_rate: float = Field(
+        default=0.02,
+        gt=0,
+        le=1,
+        description="Largest upper confidence bound of the false-alarm rate on held-out normal windows (1: no limit).",
+    )
+    false_alarm_confidence: float = Field(
+        default=0.95, gt=0, lt=1, description="Confidence of that one-sided (Clopper-Pearson) upper bound."
+    )
+    min_calibration_windows: int = Field(
+        default=199, ge=1, description="Fewest calibration windows behind the threshold of a model to promote."
+    )
 
 
 class TrainingConfig(BaseModel):
@@ -117,7 +133,7 @@ def load_training_config(path: Path | str | None = None) -> TrainingConfig:
     """Read and validate a training configuration file.
 
     Args:
-        path: YAML file; default ``data/training.yaml`` in the repository.
+        path: YAML file; default the ``training_config`` setting (``data/training.yaml``).
 
     Returns:
         The validated configuration.
@@ -126,7 +142,7 @@ def load_training_config(path: Path | str | None = None) -> TrainingConfig:
         ConfigError: The file is missing, is not YAML mapping, or a field is invalid (named in the message).
 
     """
-    path = Path(path) if path is not None else DEFAULT_TRAINING_CONFIG
+    path = Path(path) if path is not None else get_settings().training_config
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:

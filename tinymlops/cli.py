@@ -422,6 +422,7 @@ def evaluate(
                 "f1": e.f1,
                 "false alarms/h": e.false_alarms_per_hour,
                 "false alarm rate": e.false_alarm_rate,
+                f"upper bound ({e.confidence:.0%})": e.false_alarm_upper,
                 "normal windows": e.n_normal,
             }
             for name, e in evaluations.items()
