@@ -548,12 +548,14 @@ class UartGateway:
             return self._pongs.pop(nonce) - sent
 
     def _next_window(self) -> WindowFrame:
+        rpm = self.simulator.current_rpm  # the tachometer's speed of the window about to be produced
         samples, scale = quantize(self.simulator.next_window(), self.config.full_scale_g)
         seq = self._window_seq
         self._window_seq += 1
         rate = self.simulator.sample_rate_hz
         if self.config.publish_windows:
-            window = VibrationWindow(self.device_id, seq, time.time_ns() // 1000, rate, scale, samples, self.boot_epoch)
+            window = VibrationWindow(self.device_id, seq, time.time_ns() // 1000, rate, scale, samples, self.boot_epoch,
+                                     rpm)  # fmt: skip
             self._publish(self.topics.vibration(self.device_id), encode(window), 1)
         return WindowFrame(seq, scale, rate, tuple(samples.tolist()))
 

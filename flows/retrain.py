@@ -50,8 +50,9 @@ def retrain_flow(
         targets: MCU targets (default: settings).
         canary_fraction: Canary share of each deployment.
         broker_url: Broker of the fleet (default: settings).
-        config_path: Training configuration (default ``data/training.yaml``); checked before the
-            fleet's retraining slot is claimed, so a bad path does not start a cooldown.
+        config_path: Training configuration (default: the ``training_config`` setting,
+            ``data/training.yaml``); checked before the fleet's retraining slot is claimed, so a bad
+            path does not start a cooldown.
         model_name: Registered model the drift was measured against (with ``champion_version``,
             the champion whose training windows are kept; default: the first target's champion).
         drift_kind: What drifted (``new operating point`` or ``data drift``; recorded).

@@ -3,9 +3,9 @@
 
 The champion here is speed-aware (``firmware.dsp`` spec version 2): 10 simulated machines
 (``VirtualFleet`` seed 0, each at its nominal speed +/-2 %) visit 900, 1,000, ... 1,500 rpm in turn,
-8 windows at a time, 80 windows each, sent with their tachometer speed; the model trains on the
-first 80 % of each machine's windows (covered: 882-1,530 rpm). Monitor windows come from the same
-machines later. Measured with the default settings, 40 windows per device:
+8 windows at a time, 80 windows each, sent with their tachometer speed; the model trains on 80 % of
+each machine's windows (covered: 882-1,530 rpm), through the train flow's dataset and feature steps.
+Monitor windows come from the same machines later. Measured with the default settings, 40 windows per device:
 
 * a fleet spread over 1,000 / 1,200 / 1,400 rpm: every device ``ok`` (anomaly rates 0-5 %), pooled
   features 0 drifted, fleet ``ok``, no alert;
@@ -27,20 +27,18 @@ import numpy as np
 import pytest
 
 from firmware.codec import VibrationWindow
-from firmware.dsp import DspSpec, extract_features, raw_features
-from firmware.fleet import SensorNode, VirtualFleet
-from firmware.sensor import FaultSpec, MachineSimulator, OperatingPoint
+from firmware.dsp import DspSpec
+from firmware.fleet import VirtualFleet
+from firmware.sensor import FaultSpec, OperatingPoint
 from firmware.tflm import measure_arena
 from tasks.compress import compress
 from tasks.datasets import (
     SPEED_NOT_KNOWN,
     Accumulation,
     LakeSelection,
-    holdout_last,
     load_dataset,
     load_labelled,
     operating_points,
-    time_spans,
     write_reference_set,
 )
 from tasks.drift import NEW_OPERATING_POINT, DeviceAssessment, DriftError, assess_device, assess_fleet
@@ -48,7 +46,7 @@ from tasks.evaluate import enforce_quality, evaluate_models
 from tasks.lake import WindowBatch, write_windows
 from tasks.monitor import Champion, MonitorError, MonitorReport, alert_event, assess_windows, drift_event, monitor_fleet
 from tasks.packaging import build_drift_reference, package_for_target
-from tasks.train import FeatureSets, TrainingData, check_features, load_training_config, train_autoencoder
+from tasks.train import WindowSpeeds, build_feature_sets, load_training_config, train_autoencoder
 from tests.fault_ledger import FaultRecord, record
 from tinymlops.schemas import DriftReference, ModelBundle
 from tinymlops.settings import REPO_ROOT, DriftSettings
@@ -77,23 +75,12 @@ def run_at(fleet: VirtualFleet, speeds: list[float]) -> None:
         node.simulator.set_operating_point(OperatingPoint(rpm=rpm, load=0.5))
 
 
-def rpm_of(node: SensorNode) -> float:
-    """The machine's shaft speed: what its tachometer reports."""
-    assert isinstance(node.simulator, MachineSimulator)
-    return node.simulator.operating_point.rpm
-
-
-def with_tachometer(node_window: VibrationWindow, rpm: float) -> VibrationWindow:
-    return dataclasses.replace(node_window, rpm=rpm)
-
-
 def write_fleet(lake: Path, fleet: VirtualFleet, n: int, start: dt.datetime) -> None:
-    """``n`` windows per device from ``start`` on, each with its machine's speed, as the ingest writes them."""
+    """``n`` windows per device from ``start`` on, with their tachometer speed, as the ingest writes them."""
     batch = WindowBatch()
     for k in range(n):
         for node in fleet.nodes:
-            window = node.next_window(to_us(start) + k * WINDOW_US)
-            batch.append(FLEET, with_tachometer(window, rpm_of(node)))
+            batch.append(FLEET, node.next_window(to_us(start) + k * WINDOW_US))
     write_windows(lake, batch)
 
 
@@ -107,25 +94,12 @@ def train_fleet(lake: Path) -> VirtualFleet:
 
 
 def train_bundle(lake: Path, selection: LakeSelection, out: Path) -> ModelBundle:
-    """Train, compress, evaluate and package a speed-aware model on a selection (features at each window's speed)."""
-    labelled = load_labelled(lake, selection, window_samples=1024)
-    train, test = holdout_last(labelled.normal, 0.2, labelled.operating_point)
+    """Train, compress, evaluate and package a speed-aware model on a selection, as the train flow does."""
+    dataset = load_dataset(lake, selection, window_samples=1024)
     config = load_training_config(FAST_TRAINING_CONFIG)
-    parts = TrainingData.split(
-        np.arange(len(train)),
-        validation_fraction=config.validation_fraction,
-        calibration_fraction=config.calibration_fraction,
-        seed=config.seed,
-        min_windows=config.min_windows,
-    )
-    unfitted = DspSpec(sample_rate_hz=train.sample_rate_hz, window_samples=1024)
-    spec = unfitted.fitted(raw_features(train.samples[parts.train], unfitted), train.rpm[parts.train])
-    features = FeatureSets(
-        parts.map(lambda rows: check_features(extract_features(train.samples[rows], spec, train.rpm[rows]))),
-        check_features(extract_features(test.samples, spec, test.rpm)),
-        {name: extract_features(windows, spec) for name, windows in labelled.faults.items()},
-        spec,
-    )
+    spec = DspSpec(sample_rate_hz=dataset.sample_rate_hz, window_samples=1024)
+    speeds = WindowSpeeds(train=dataset.train_rpm, test=dataset.test_rpm, faults=dataset.fault_rpm)
+    features = build_feature_sets(dataset.train_normal, dataset.test_normal, dataset.faults, spec, config, speeds)
     trained = train_autoencoder(features.parts.train, features.parts.validation, config)
     compression = compress(trained.model, features.parts.train, features.parts.validation, config)
     arena = measure_arena(compression.deployable)
@@ -144,13 +118,13 @@ def train_bundle(lake: Path, selection: LakeSelection, out: Path) -> ModelBundle
         out,
         target=get_target("nrf52840", load_catalog(REPO_ROOT / "data" / "mcu_targets.yaml")),
         compression=compression,
-        spec=spec,
+        spec=features.spec,
         arena=arena,
         comparison=comparison,
         threshold_percentile=config.threshold_percentile,
         fleet=FLEET,
-        dataset_fingerprint=labelled.fingerprint,
-        trained_span_us=time_spans(train),
+        dataset_fingerprint=dataset.fingerprint,
+        trained_span_us=dataset.trained_span_us,
         parity_inputs=features.test_normal[:64],
         drift_reference=build_drift_reference(
             features, compression.deployable, arena.smallest_working_bytes, config.threshold_percentile
@@ -228,8 +202,9 @@ def test_windows_without_a_usable_speed_are_scored_at_the_fallback_and_counted(
     for k in range(MONITOR_WINDOWS):
         for i, node in enumerate(fleet.nodes):
             window = node.next_window(to_us(T0) + k * WINDOW_US)
-            rpm = unusable[k % len(unusable)] if i == 0 else rpm_of(node)
-            batch.append(FLEET, with_tachometer(window, rpm))  # type: ignore[arg-type]
+            if i == 0:  # a broken tachometer, or none
+                window = dataclasses.replace(window, rpm=unusable[k % len(unusable)])
+            batch.append(FLEET, window)
     write_windows(tmp_path / "lake", batch)
     report = monitor_fleet(
         tmp_path / "lake", FLEET, speed_bundle, since=T0, until=T0 + dt.timedelta(minutes=1), settings=SETTINGS
@@ -291,8 +266,9 @@ def test_a_fault_at_a_covered_speed_is_still_alerted_beside_a_new_operating_poin
     fleet.inject_fault(FaultSpec("inner_race", 0.6), [faulty])
     samples, rpm = {}, {}
     for node in fleet.nodes:
-        samples[node.device_id] = np.stack([node.next_window(0).physical() for _ in range(MONITOR_WINDOWS)])
-        rpm[node.device_id] = np.full(MONITOR_WINDOWS, rpm_of(node), np.float32)
+        windows = [node.next_window(0) for _ in range(MONITOR_WINDOWS)]
+        samples[node.device_id] = np.stack([w.physical() for w in windows])
+        rpm[node.device_id] = np.asarray([w.rpm for w in windows], np.float32)
     a = assess_windows(samples, champion, SETTINGS, rpm_by_device=rpm)
     assert a.verdict == "mixed" and a.kind == NEW_OPERATING_POINT, a.reasons
     assert a.fault_devices == [faulty] and a.alert_devices == [faulty]
