@@ -606,6 +606,7 @@ class SummaryStats:
         score_counts: Windows per bin.
         feature_mean: Mean of each normalised feature.
         feature_var: Variance of each normalised feature.
+        speed_fallback: Windows the device scored at the reference speed (theirs was unusable).
     """
 
     windows: int
@@ -614,6 +615,7 @@ class SummaryStats:
     score_counts: npt.NDArray[np.int64]
     feature_mean: FloatArray
     feature_var: FloatArray
+    speed_fallback: int = 0
 
     def __post_init__(self) -> None:
         if self.score_edges.shape != self.score_counts.shape or int(self.score_counts.sum()) != self.windows:
@@ -643,6 +645,7 @@ class SummaryStats:
             score_counts=np.sum([p.score_counts for p in parts], axis=0),
             feature_mean=np.asarray(mean, dtype=np.float64),
             feature_var=np.maximum(np.asarray(second, dtype=np.float64) - mean**2, 0.0),
+            speed_fallback=sum(p.speed_fallback for p in parts),
         )
 
     def cdf_below(self, j: int, x: FloatArray) -> FloatArray:
@@ -746,7 +749,10 @@ def assess_device_summary(
         _cdf_feature_drift(ref, [(1.0, summary.cdf_below)], summary.windows, settings),
         _normal_shape(ref, summary),
     )
-    return _judge(device, summary.windows, summary.anomalies, evidence, reference, settings, "summary", fleet_size)
+    speed = (summary.speed_fallback, 0)  # a summary says nothing of coverage: judged like covered windows
+    return _judge(
+        device, summary.windows, summary.anomalies, evidence, reference, settings, "summary", fleet_size, speed
+    )
 
 
 def _quorum(count: int, n_devices: int, fraction: float) -> int:

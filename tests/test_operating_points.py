@@ -41,7 +41,15 @@ from tasks.datasets import (
     operating_points,
     write_reference_set,
 )
-from tasks.drift import NEW_OPERATING_POINT, DeviceAssessment, DriftError, assess_device, assess_fleet
+from tasks.drift import (
+    NEW_OPERATING_POINT,
+    DeviceAssessment,
+    DriftError,
+    SummaryStats,
+    assess_device,
+    assess_device_summary,
+    assess_fleet,
+)
 from tasks.evaluate import enforce_quality, evaluate_models
 from tasks.lake import WindowBatch, write_windows
 from tasks.monitor import Champion, MonitorError, MonitorReport, alert_event, assess_windows, drift_event, monitor_fleet
@@ -305,6 +313,20 @@ def test_the_new_operating_point_rule_on_hand_made_windows_and_devices() -> None
     gain = [device(f"g{i}", "drift", "data drift") for i in range(5)] + [device("p", "drift", NEW_OPERATING_POINT)]
     both = assess_fleet(gain + [device(f"o{i}", "ok") for i in range(4)], SETTINGS)
     assert both.verdict == "data_drift" and both.kind == "data drift" and both.alert_devices == []
+
+
+def test_a_device_summary_counts_its_fallback_windows() -> None:
+    """A device that scores on board reports how many windows it scored at the reference speed."""
+    rng = np.random.default_rng(1)
+    features, calibration_errors = rng.standard_normal((600, 8)), rng.lognormal(0, 0.3, 200)
+    reference = DriftReference(features.astype(np.float32), calibration_errors.astype(np.float32), 0.005)
+    edges = np.array([0.0, 1.0, 2.0])
+    parts = [
+        SummaryStats(40, 0, edges, np.array([40, 0, 0]), np.zeros(8), np.ones(8), speed_fallback=k) for k in (3, 4)
+    ]
+    judged = assess_device_summary("s", SummaryStats.merge(parts), reference, 3.0, SETTINGS)
+    assert judged.speed_fallback == 7 and judged.source == "summary" and judged.speed_uncovered == 0
+    assert any("7 without a usable speed" in reason for reason in judged.reasons)
 
 
 def small_lake(root: Path) -> tuple[Path, dict[str, tuple[int, int]], dt.datetime]:
