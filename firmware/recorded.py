@@ -1,7 +1,8 @@
 """A sensor that replays recorded vibration (for example the CWRU test rig) instead of simulating it.
 
 It stands in for :class:`~firmware.sensor.MachineSimulator` wherever the fleet and the device
-runtime use one: ``next_window()``, ``sample_rate_hz``, ``window_samples``, faults and drift.
+runtime use one: ``next_window()``, ``sample_rate_hz``, ``window_samples``, faults and drift, and
+the recording's shaft speed as the tachometer value (``current_rpm``).
 A fault switches the replay to the recording of that fault class; sensor-gain drift scales the
 signal as the simulator does. Recordings are given already at the sensor's rate.
 """
@@ -27,10 +28,16 @@ class RecordedMachine:
         sample_rate_hz: Rate of the recordings (the fleet's sensor rate).
         window_samples: Samples per window.
         seed: Chooses where in each recording this machine starts, so machines differ.
+        rpm: Shaft speed the recordings were made at (None: not known), reported as the tachometer value.
     """
 
     def __init__(
-        self, recordings: Mapping[str, npt.ArrayLike], sample_rate_hz: int, window_samples: int, seed: int = 0
+        self,
+        recordings: Mapping[str, npt.ArrayLike],
+        sample_rate_hz: int,
+        window_samples: int,
+        seed: int = 0,
+        rpm: float | None = None,
     ) -> None:
         self._recordings = {name: np.asarray(x, dtype=np.float32).ravel() for name, x in recordings.items()}
         if NORMAL not in self._recordings:
@@ -45,6 +52,12 @@ class RecordedMachine:
         self._playing = NORMAL
         self._drifts: list[DriftSpec] = []
         self._n = 0
+        self._rpm = rpm
+
+    @property
+    def current_rpm(self) -> float | None:
+        """The speed the recordings were made at (a recording cannot change speed), None when not known."""
+        return self._rpm
 
     @property
     def time_s(self) -> float:

@@ -244,6 +244,11 @@ class VibrationSource(Protocol):
         """Change speed and load."""
         ...
 
+    @property
+    def current_rpm(self) -> float | None:
+        """The shaft speed a tachometer reports for the next window (None: the source cannot know it)."""
+        ...
+
 
 class MachineSimulator:
     """One machine with an accelerometer, producing contiguous windows in g.
@@ -325,6 +330,16 @@ class MachineSimulator:
     def drifts(self) -> tuple[DriftSpec, ...]:
         """Drifts added so far."""
         return tuple(self._drifts)
+
+    @property
+    def current_rpm(self) -> float:
+        """The shaft speed of the next window, as a tachometer reports it: read it before :meth:`next_window`.
+
+        The operating point's rpm times the speed drift in effect at the window's centre (a linear
+        ramp's mean over the window), so it follows ``set_operating_point`` and ``speed`` drift alike.
+        """
+        centre_s = np.asarray([(self._n + self.window_samples / 2) / self.sample_rate_hz])
+        return float(self.operating_point.rpm * (1 + np.sum(self._drift_level("speed", centre_s))))
 
     def set_operating_point(self, operating_point: OperatingPoint) -> None:
         """Change speed and load from the next window on; the shaft phase stays continuous."""
