@@ -128,6 +128,16 @@ int dsp_raw_features(const dsp_config_t *cfg, const int16_t *samples, float scal
     return DSP_OK;
 }
 
+int dsp_set_speed(dsp_config_t *cfg, float rpm) {
+    int usable = isfinite(rpm) && rpm >= cfg->valid_low_rpm && rpm <= cfg->valid_high_rpm;
+    cfg->speed_log10 = 0.0f; /* the reference speed: log10(1) */
+    if (!(cfg->reference_rpm > 0.0f)) return 0;
+    if (!usable) return 1;
+    /* in double, as numpy: log10(rpm / reference) rounded to float once */
+    cfg->speed_log10 = (float)log10((double)rpm / (double)cfg->reference_rpm);
+    return 0;
+}
+
 int dsp_features(const dsp_config_t *cfg, const int16_t *samples, float scale, float *work, float *features) {
     uint32_t i, n_features;
     int status = dsp_check_config(cfg);
@@ -139,6 +149,13 @@ int dsp_features(const dsp_config_t *cfg, const int16_t *samples, float scale, f
     }
     status = dsp_raw_features(cfg, samples, scale, work, features);
     if (status != DSP_OK) return status;
+    if (cfg->slope != NULL) {
+        for (i = 0; i < n_features; i++) {
+            float mean = cfg->mean[i] + cfg->speed_log10 * cfg->slope[i];
+            features[i] = (features[i] - mean) / cfg->std[i];
+        }
+        return DSP_OK;
+    }
     for (i = 0; i < n_features; i++) features[i] = (features[i] - cfg->mean[i]) / cfg->std[i];
     return DSP_OK;
 }
