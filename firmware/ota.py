@@ -1038,6 +1038,9 @@ class DriftSummary(_DeviceMessage):
     feature_mean: list[float]
     feature_var: list[float]
     latency_ms: dict[str, float] = Field(default_factory=dict)
+    speed_fallback: int = Field(
+        default=0, ge=0, description="Windows scored at the fallback (reference) speed: theirs was unusable."
+    )
 
     @pydantic.model_validator(mode="after")
     def _consistent(self) -> DriftSummary:
@@ -1045,6 +1048,8 @@ class DriftSummary(_DeviceMessage):
             raise ValueError("score histogram does not match its edges or the window count")
         if len(self.feature_mean) != len(self.feature_var) or self.anomalies > self.windows:
             raise ValueError("feature statistics or anomaly count are inconsistent")
+        if self.speed_fallback > self.windows:
+            raise ValueError(f"{self.speed_fallback} fallback-speed windows of {self.windows}")
         return self
 
 
