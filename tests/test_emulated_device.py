@@ -41,7 +41,7 @@ from firmware.ota import (
     decode_request,
     device_audience,
 )
-from firmware.sensor import MachineSimulator
+from firmware.sensor import MachineSimulator, OperatingPoint
 from firmware.signing import KeyRing, ManifestSigner, generate_keypair
 from firmware.tflm import measure_arena
 from tests.conftest import cli_env
@@ -76,9 +76,15 @@ def arena(model: bytes) -> int:
 
 @pytest.fixture(scope="module")
 def spec() -> DspSpec:
-    sim = MachineSimulator(seed=99)
-    windows = np.stack([sim.next_window() for _ in range(32)])
-    return DspSpec().fitted(raw_features(windows, DspSpec()))
+    """A speed-aware spec (version 2, trained across 900-1500 rpm): the gateway's windows carry the machine's speed."""
+    sim, speeds = MachineSimulator(seed=99), np.repeat([900.0, 1100.0, 1300.0, 1500.0], 8)
+    windows = []
+    for rpm in speeds:
+        sim.set_operating_point(OperatingPoint(rpm, 0.5))
+        windows.append(sim.next_window())
+    fitted = DspSpec().fitted(raw_features(np.stack(windows), DspSpec()), speeds)
+    assert fitted.version == 2 and fitted.speed_slope
+    return fitted
 
 
 @pytest.fixture(scope="module")
@@ -314,6 +320,7 @@ def test_signed_ota_scores_summary_and_the_same_json_as_a_simulated_device(
     assert all(np.isfinite(b.scores).all() for b in batches) and batches[0].first_seq == 1
     assert summary.version == 1 and summary.windows == 8 and len(summary.feature_mean) == spec.n_features
     assert summary.start_ts <= summary.end_ts and summary.latency_ms["inference_mean"] > 0
+    assert summary.speed_fallback == 0  # every window came with its machine's speed
 
     # a simulated device on the same broker publishes the same JSON keys
     config = DeviceConfig(score_batch=4)
