@@ -51,6 +51,8 @@ from firmware.ota import decode_dsp_block, encode_dsp_block
 from firmware.sensor import MachineSimulator, OperatingPoint, quantize
 from firmware.signing import private_key_from_seed, public_key_bytes
 from firmware.tflm import TflmRunner
+from tests.fault_ledger import FaultRecord
+from tests.fault_ledger import record as record_fault
 from tests.int8_model import int8_autoencoder
 
 C_DIR = Path(__file__).resolve().parents[1] / "firmware" / "c"
@@ -810,7 +812,21 @@ def test_device_scores_windows_as_device_py(tmp_path: Path) -> None:
     assert summary.windows == 10 and summary.model_version == 7
     np.testing.assert_allclose(summary.feature_mean, features.mean(axis=0), atol=1e-3)
     np.testing.assert_allclose(summary.score_mean, reference_scores.mean(), rtol=1e-4)
-    fallbacks = int(resolve_speed(np.array(on_wire, dtype=float), spec, len(rpms))[1].sum())
+    fell_back = resolve_speed(np.array(on_wire, dtype=float), spec, len(rpms))[1]
+    fallbacks = int(fell_back.sum())
+    dsp = np.array([item.dsp_instructions for item in scores.items])
+    record_fault(
+        FaultRecord(
+            "window without a usable speed (C firmware under QEMU)", broken_devices=0,
+            notes=f"{len(scores.items)} of {len(rpms)} windows scored over the UART (NaN, 0 and 70,000 rpm, and one "
+            f"without the rpm field, among 900-2,400 rpm); {summary.speed_fallback} at the reference speed, counted "
+            f"in the SUMMARY ({summary.speed_fallback}) and STATUS ({status.speed_fallback}) frames; scores against "
+            f"firmware.device.score_window: largest relative difference "
+            f"{float(np.max(np.abs(device_scores / reference_scores - 1))):.1g}; "
+            f"DSP {int(np.median(dsp[~fell_back])):,} instructions per window at a usable speed, "
+            f"{int(np.median(dsp[fell_back])):,} at the fallback",
+        )
+    )  # fmt: skip
     assert fallbacks == 4 and summary.speed_fallback == fallbacks and status.speed_fallback == fallbacks
 
 
