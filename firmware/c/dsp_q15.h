@@ -31,7 +31,8 @@
  * model load), dspq_set_speed takes the window's rpm (integers only: log2 from the float's bits, the range
  * check on the bits, which order like the values for positive floats) and dspq_features_int8 subtracts
  * slope x log10(rpm / reference) from the Q16 feature before the affine: one 32 x 32 -> 64 multiply per
- * feature and one log2 per window.
+ * feature and one log2 per window. Measured on the Cortex-M0 under QEMU -icount (35 features): 670
+ * instructions for dspq_set_speed, 1,950 for the subtraction, about 0.5 % of a 1024-sample window.
  *
  * Memory for a window of n samples (n = 1024):
  *   work    DSPQ_WORK_BYTES(n)    = 4 n bytes RAM (int32), caller-provided, overwritten (4096 B)
