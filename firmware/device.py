@@ -654,7 +654,7 @@ class DeviceRuntime:
         rpm = self.simulator.current_rpm  # the speed of the window about to be sampled
         samples, scale = quantize(self.simulator.next_window(), self.config.full_scale_g)
         window = VibrationWindow(self.device_id, self._window_seq, time.time_ns() // 1000,
-                                 self.simulator.sample_rate_hz, scale, samples, self.boot_epoch)  # fmt: skip
+                                 self.simulator.sample_rate_hz, scale, samples, self.boot_epoch, rpm)  # fmt: skip
         self._window_seq += 1
         if self.config.publish_windows:
             self._publish(self.topics.vibration(self.device_id), encode(window), qos=1)

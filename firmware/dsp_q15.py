@@ -346,15 +346,17 @@ def raw_features_q15(windows: npt.ArrayLike, spec: DspSpec, *, scale: float | No
     return Q15FrontEnd(spec).raw_features(samples, scales)
 
 
-def features_q15(windows: npt.ArrayLike, spec: DspSpec, *, scale: float | None = None) -> Float32Array:
-    """Normalised fixed-point features: the counterpart of :func:`firmware.dsp.extract_features`.
+def features_q15(
+    windows: npt.ArrayLike, spec: DspSpec, *, scale: float | None = None, rpm: npt.ArrayLike | None = None
+) -> Float32Array:
+    """Normalised fixed-point features at each window's speed: the counterpart of :func:`firmware.dsp.extract_features`.
 
     Raises:
         Q15DspError: As :func:`raw_features_q15`, or the spec is not fitted.
     """
     if not spec.is_fitted:
         raise Q15DspError("DSP spec has no normalisation statistics; fit it on training windows first")
-    return normalise(raw_features_q15(windows, spec, scale=scale), spec)
+    return normalise(raw_features_q15(windows, spec, scale=scale), spec, rpm)
 
 
 def features_int8_q15(

@@ -37,10 +37,11 @@ class SensorNode:
         self.seq = 0
 
     def next_window(self, timestamp_us: int) -> VibrationWindow:
-        """Simulate the next window and advance the sequence number."""
+        """Simulate the next window, with its speed as the tachometer value, and advance the sequence number."""
+        rpm = self.simulator.current_rpm  # the speed of the window about to be produced
         samples, scale = quantize(self.simulator.next_window(), self.full_scale_g)
         window = VibrationWindow(
-            self.device_id, self.seq, timestamp_us, self.simulator.sample_rate_hz, scale, samples, self.epoch
+            self.device_id, self.seq, timestamp_us, self.simulator.sample_rate_hz, scale, samples, self.epoch, rpm
         )
         self.seq += 1
         return window

@@ -554,7 +554,8 @@ class UartGateway:
         self._window_seq += 1
         rate = self.simulator.sample_rate_hz
         if self.config.publish_windows:
-            window = VibrationWindow(self.device_id, seq, time.time_ns() // 1000, rate, scale, samples, self.boot_epoch)
+            window = VibrationWindow(self.device_id, seq, time.time_ns() // 1000, rate, scale, samples, self.boot_epoch,
+                                     rpm)  # fmt: skip
             self._publish(self.topics.vibration(self.device_id), encode(window), 1)
         return WindowFrame(seq, scale, rate, tuple(samples.tolist()), self._window_rpm(rpm))
 

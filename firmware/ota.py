@@ -324,8 +324,9 @@ def encode_dsp_block(spec: DspSpec) -> bytes:
     """The DSP spec as the manifest carries it: parameters and float32 normalisation stats.
 
     Version 1: header, mean[n], std[n]. Version 2 adds the speed trend the device applies per window:
-    reference rpm, valid rpm low and high (f32 each), slope[n] (zeros when the spec has no trend).
-    The covered speed intervals stay on the server (the monitor judges them).
+    reference rpm, valid rpm low and high (f32 each), slope[n]. A spec without a trend travels as
+    version 1, so devices built before speed awareness take it; the covered speed intervals stay on
+    the server (the monitor judges them).
 
     Raises:
         OtaError: The spec has no normalisation statistics.
@@ -333,12 +334,13 @@ def encode_dsp_block(spec: DspSpec) -> bytes:
     if not spec.is_fitted:
         raise OtaError("a deployed DSP spec needs normalisation statistics; fit it first")
     n = spec.n_features
-    header = _DSP_HEADER.pack(spec.version, spec.sample_rate_hz, spec.window_samples, spec.n_bands, spec.f_min_hz, n)
+    version = 2 if spec.speed_slope else 1
+    header = _DSP_HEADER.pack(version, spec.sample_rate_hz, spec.window_samples, spec.n_bands, spec.f_min_hz, n)
     block = header + struct.pack(f"<{n}f", *spec.mean) + struct.pack(f"<{n}f", *spec.std)
-    if spec.version == 1:
+    if version == 1:
         return block
-    slope = spec.speed_slope or (0.0,) * n
-    return block + _DSP_SPEED.pack(spec.speed_reference_rpm, *spec.speed_valid_rpm) + struct.pack(f"<{n}f", *slope)
+    speed = _DSP_SPEED.pack(spec.speed_reference_rpm, *spec.speed_valid_rpm)
+    return block + speed + struct.pack(f"<{n}f", *spec.speed_slope)
 
 
 def _dsp_block_size(version: int, n: int) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,6 +52,7 @@ def replay(
     speed: float = 1.0,
     stop: threading.Event | None = None,
     boot_epoch: int | None = None,
+    rpm: float | Sequence[float | None] | None = None,
 ) -> ReplayStats:
     """Publish a recording as consecutive windows of one sensor, paced at ``speed`` x real time.
 
@@ -65,9 +67,12 @@ def replay(
         stop: Stop early when set.
         boot_epoch: Boot epoch of the windows (default :func:`firmware.boot.next_boot_epoch`): every
             replay is a new boot of the sensor, its seqs start at 0 again without reusing a key.
+        rpm: The machine's shaft speed, sent as the tachometer value: one for the recording, or one per
+            window (None: not known).
 
     Raises:
-        ValueError: ``speed`` is negative or the recording is shorter than one window.
+        ValueError: ``speed`` is negative, the recording is shorter than one window, or ``rpm`` gives
+            another number of windows.
     """
     if not speed >= 0:
         raise ValueError(f"speed must be >= 0, got {speed}")
@@ -75,6 +80,9 @@ def replay(
     n_windows = samples.size // window_samples
     if n_windows == 0:
         raise ValueError(f"the recording has {samples.size} samples, one window needs {window_samples}")
+    rpms = [rpm] * n_windows if rpm is None or isinstance(rpm, float | int) else list(rpm)
+    if len(rpms) != n_windows:
+        raise ValueError(f"{len(rpms)} rpm values for a recording of {n_windows} windows")
     full_scale_g = max(MIN_FULL_SCALE_G, float(np.abs(samples).max()) * 1.05)
     window_s = window_samples / sample_rate_hz
     epoch = next_boot_epoch(sender=device_id) if boot_epoch is None else boot_epoch
@@ -87,7 +95,9 @@ def replay(
             if stop is not None and stop.is_set():
                 break
             counts, scale = quantize(samples[seq * window_samples : (seq + 1) * window_samples], full_scale_g)
-            window = VibrationWindow(device_id, seq, time.time_ns() // 1000, sample_rate_hz, scale, counts, epoch)
+            window = VibrationWindow(
+                device_id, seq, time.time_ns() // 1000, sample_rate_hz, scale, counts, epoch, rpms[seq]
+            )
             client.publish(topic, encode(window), qos=1).wait_for_publish(timeout=60)
             published += 1
             if speed > 0:

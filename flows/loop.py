@@ -31,7 +31,7 @@ def loop_flow(
         ingest_seconds: How long to ingest before training.
         monitor_seconds: How long to ingest after deploying, for the monitor to judge.
         targets: MCU targets (default: settings).
-        config_path: Training configuration (default ``data/training.yaml``).
+        config_path: Training configuration (default: the ``training_config`` setting, ``data/training.yaml``).
         canary_fraction: Canary share of each deployment.
         broker_url: Broker of the fleet (default: settings).
     """

@@ -42,8 +42,9 @@ def retrain_flow(
         targets: MCU targets (default: settings).
         canary_fraction: Canary share of each deployment.
         broker_url: Broker of the fleet (default: settings).
-        config_path: Training configuration (default ``data/training.yaml``); checked before the
-            fleet's retraining slot is claimed, so a bad path does not start a cooldown.
+        config_path: Training configuration (default: the ``training_config`` setting,
+            ``data/training.yaml``); checked before the fleet's retraining slot is claimed, so a bad
+            path does not start a cooldown.
     """
     settings = get_settings()
     load_training_config(config_path)

@@ -22,7 +22,7 @@ from tasks.packaging import (
     training_report_markdown,
 )
 from tasks.registration import compare_and_promote_task, log_training_task, register_bundle_task
-from tasks.train import build_feature_sets_task, load_training_config, train_autoencoder_task
+from tasks.train import WindowSpeeds, build_feature_sets_task, load_training_config, train_autoencoder_task
 from tinymlops.settings import get_settings
 from tinymlops.targets import get_target, load_catalog
 
@@ -48,7 +48,7 @@ def train_flow(
         devices: Only these devices' windows.
         start: Only windows from this time.
         end: Only windows before this time.
-        config_path: Training configuration (default ``data/training.yaml``).
+        config_path: Training configuration (default: the ``training_config`` setting, ``data/training.yaml``).
         register_models: Log the run to MLflow and register every bundle that fits its target.
         promote: Promote a registered version to champion when the promotion rule allows it.
 
@@ -70,7 +70,8 @@ def train_flow(
     )
     skipped = skipped_summary(dataset.skipped)
     spec = DspSpec(sample_rate_hz=dataset.sample_rate_hz, window_samples=settings.sensor.window_samples)
-    features = build_feature_sets_task(dataset.train_normal, dataset.test_normal, dataset.faults, spec, config)
+    speeds = WindowSpeeds(train=dataset.train_rpm, test=dataset.test_rpm, faults=dataset.fault_rpm)
+    features = build_feature_sets_task(dataset.train_normal, dataset.test_normal, dataset.faults, spec, config, speeds)
     window_seconds = spec.window_samples / spec.sample_rate_hz
     trained = train_autoencoder_task(features, config)
     compression = compress_task(trained.model, features.parts.train, features.parts.validation, config)
@@ -87,6 +88,7 @@ def train_flow(
             "dynamic_range_tflite": compression.dynamic_range_model,
             "int8_unpruned_tflite": compression.int8_model,
         },
+        confidence=config.gates.false_alarm_confidence,
     )
     if any(target.dsp_arithmetic == "q15" for target in mcu_targets):
         fixed_point = evaluate_fixed_point_task(
@@ -140,22 +142,26 @@ def train_flow(
             if item.passed:
                 registered = register_bundle_task(item.bundle, mlflow_run_id, True)
                 promotions.append(
-                    compare_and_promote_task(registered, item.bundle, dataset, window_seconds, promote).to_dict()
+                    compare_and_promote_task(
+                        registered, item.bundle, dataset, window_seconds, promote, config.gates
+                    ).to_dict()
                 )
     create_markdown_artifact(
         training_report_markdown(
             fleet=fleet,
             counts=dataset.counts,
+            calibration_windows=len(features.parts.calibration),
+            gates=config.gates,
             comparison=comparison,
             compression=compression,
             arena=arena,
             packaged=packaged,
+            promotions=promotions,
             extra={
                 "run": run_name,
                 "bundles": str(run_dir),
                 "MLflow run id": mlflow_run_id,
                 **{f"skipped {w['device']} seq {w['seq']}": w["reason"] for w in skipped["first"]},
-                **{f"{p['model']} v{p['version']}": "champion" if p["promoted"] else "candidate" for p in promotions},
             },
         ),
         key=f"training-report-{fleet}".lower(),
@@ -179,6 +185,10 @@ def train_flow(
                 "f1": e.f1,
                 "false_alarms_per_hour": e.false_alarms_per_hour,
                 "false_alarm_rate": e.false_alarm_rate,
+                "false_alarm_upper": e.false_alarm_upper,
+                "confidence": e.confidence,
+                "false_positives": e.false_positives,
+                "n_normal": e.n_normal,
                 "threshold": e.threshold,
                 "auc_by_fault": e.auc_by_fault,
                 "recall_by_fault": e.recall_by_fault,

@@ -11,9 +11,14 @@ The rule (also in ``registry/PROMOTION.md``). A version of a target's registered
    champion's by more than :data:`AUC_TOLERANCE` (0.005), and false alarms per hour not higher
    than the champion's by more than :data:`FALSE_ALARM_RELATIVE_TOLERANCE` (10 %) or
    :data:`FALSE_ALARM_ABSOLUTE_TOLERANCE` (1 per hour), whichever is larger. With no champion
-   yet, (1) suffices;
+   yet, (2) does not apply;
+3. it meets the absolute gates configured for it (:class:`AbsoluteGates`, the training config's
+   ``gates``), whatever the champion does: at least ``min_calibration_windows`` windows behind its
+   threshold, and the one-sided upper confidence bound of its false-alarm rate on held-out normal
+   windows at most ``max_false_alarm_rate``. A version that misses them stays a candidate, with the
+   reason in the ``promotion_refused`` tag and a ``refuse`` record;
 
-unless forced, which needs a reason and is recorded as forced (condition 1 still holds).
+unless forced, which needs a reason and is recorded as forced (conditions 1 and 3 still hold).
 
 Promoting moves ``champion`` to the version, the old champion to ``previous``, and removes
 ``candidate`` if it pointed at the version. Rolling back moves ``champion`` to ``previous`` and
@@ -56,18 +61,59 @@ FALSE_ALARM_ABSOLUTE_TOLERANCE = 1.0
 EVAL_AUC = "auc_int8"
 EVAL_FALSE_ALARMS = "false_alarms_per_hour"
 EVAL_VERSION = "version"
+EVAL_FALSE_ALARM_UPPER = "false_alarm_upper"
+EVAL_FALSE_POSITIVES = "false_positives"
+EVAL_NORMAL_WINDOWS = "n_normal"
+EVAL_CONFIDENCE = "confidence"
+EVAL_CALIBRATION_WINDOWS = "calibration_windows"
+GATE_FIGURES = (EVAL_FALSE_ALARM_UPPER, EVAL_FALSE_POSITIVES, EVAL_NORMAL_WINDOWS, EVAL_CONFIDENCE,
+                EVAL_CALIBRATION_WINDOWS)  # fmt: skip
+"""The candidate's own figures the absolute gates judge (held-out normal windows, calibration size)."""
 EVAL_TAG_PREFIX = "eval."
 """Version tags in which the train flow records the same-run comparison with the champion."""
 HISTORY_TAG_PREFIX = "promotion."
 
 
 @dataclass(frozen=True)
+class AbsoluteGates:
+    """Limits a version must meet to be promoted, whatever the champion does (condition 3).
+
+    Attributes:
+        max_false_alarm_rate: Largest upper confidence bound of the false-alarm rate on held-out
+            normal windows.
+        min_calibration_windows: Fewest calibration windows behind the threshold.
+    """
+
+    max_false_alarm_rate: float
+    min_calibration_windows: int
+
+    def to_tags(self) -> dict[str, str]:
+        """The gates as ``eval.*`` version tags, so a later CLI promotion applies the same limits."""
+        return {f"{EVAL_TAG_PREFIX}{key}": str(value) for key, value in asdict(self).items()}
+
+    @classmethod
+    def from_tags(cls, tags: Mapping[str, str]) -> AbsoluteGates | None:
+        """Read :meth:`to_tags` back; None for a version registered before the gates existed."""
+        try:
+            return cls(
+                float(tags[f"{EVAL_TAG_PREFIX}max_false_alarm_rate"]),
+                int(tags[f"{EVAL_TAG_PREFIX}min_calibration_windows"]),
+            )
+        except (KeyError, ValueError):
+            return None
+
+
+@dataclass(frozen=True)
 class PromotionDecision:
-    """Whether the rule allows a promotion, with every check in words."""
+    """Whether the rule allows a promotion, with every check in words.
+
+    ``blocking`` are the failures that forcing cannot override (conditions 1 and 3).
+    """
 
     allowed: bool
     reasons: tuple[str, ...]
     failures: tuple[str, ...] = ()
+    blocking: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -108,29 +154,62 @@ def _figure(evaluation: Mapping[str, Any], key: str, who: str, failures: list[st
     return number
 
 
+def _absolute_checks(
+    candidate_eval: Mapping[str, Any] | None, gates: AbsoluteGates, reasons: list[str], failures: list[str]
+) -> None:
+    if candidate_eval is None:
+        failures.append("no held-out evaluation of the candidate to check the absolute gates with")
+        return
+    windows = _figure(candidate_eval, EVAL_CALIBRATION_WINDOWS, "candidate", failures)
+    if windows is not None:
+        minimum = gates.min_calibration_windows
+        if windows >= minimum:
+            reasons.append(f"{windows:.0f} calibration windows (minimum {minimum})")
+        else:
+            failures.append(f"too few calibration windows behind the threshold: {windows:.0f} < minimum {minimum}")
+    upper = _figure(candidate_eval, EVAL_FALSE_ALARM_UPPER, "candidate", failures)
+    if upper is not None:
+        seen = (
+            f"{candidate_eval.get(EVAL_FALSE_POSITIVES, '?')} of {candidate_eval.get(EVAL_NORMAL_WINDOWS, '?')} "
+            "held-out normal windows"
+        )
+        confidence = candidate_eval.get(EVAL_CONFIDENCE)
+        bound = f"upper bound {upper:.2%}" + (f" at {float(confidence):.0%} confidence" if confidence else "")
+        limit = gates.max_false_alarm_rate
+        if upper <= limit:
+            reasons.append(f"false alarms on {seen}: {bound} <= limit {limit:.2%}")
+        else:
+            failures.append(f"false-alarm rate above the limit: {seen} flagged, {bound} > limit {limit:.2%}")
+
+
 def decide_promotion(
     candidate_eval: Mapping[str, Any] | None,
     champion_eval: Mapping[str, Any] | None,
     budget_passed: bool,
+    gates: AbsoluteGates | None = None,
 ) -> PromotionDecision:
     """Apply the promotion rule to a candidate's and the current champion's same-run evaluations.
 
     Args:
-        candidate_eval: The candidate's figures: ``auc_int8`` and ``false_alarms_per_hour``.
+        candidate_eval: The candidate's figures: ``auc_int8`` and ``false_alarms_per_hour``, and
+            for the absolute gates those of :data:`GATE_FIGURES`.
         champion_eval: The current champion's figures on the same windows in the same run, or
             None when there is no champion.
         budget_passed: Whether the candidate passed the budget gate (and every other gate).
+        gates: The absolute gates (condition 3); None: not checked (a version registered before
+            the gates existed).
 
     Returns:
-        The decision; ``failures`` lists each violated condition.
+        The decision; ``failures`` lists each violated condition, ``blocking`` those of conditions 1 and 3.
 
     """
     reasons: list[str] = []
     failures: list[str] = []
+    blocking: list[str] = []
     if budget_passed:
         reasons.append("passed the budget gate")
     else:
-        failures.append("failed the budget gate")
+        blocking.append("failed the budget gate")
     if champion_eval is None:
         reasons.append("no current champion to compare with")
     elif candidate_eval is None:
@@ -147,7 +226,10 @@ def decide_promotion(
             allowed = champion_far + max(FALSE_ALARM_ABSOLUTE_TOLERANCE, FALSE_ALARM_RELATIVE_TOLERANCE * champion_far)
             text = f"false alarms {far:.2f}/h vs champion {champion_far:.2f}/h (at most {allowed:.2f}/h)"
             (reasons if far <= allowed else failures).append(text)
-    return PromotionDecision(not failures, tuple(reasons + failures), tuple(failures))
+    if gates is not None:
+        _absolute_checks(candidate_eval, gates, reasons, blocking)
+    failures += blocking
+    return PromotionDecision(not failures, tuple(reasons + failures), tuple(failures), tuple(blocking))
 
 
 def _now() -> str:
@@ -190,6 +272,7 @@ def promote(
     actor: str,
     reason: str = "",
     force: bool = False,
+    gates: AbsoluteGates | None = None,
 ) -> PromotionRecord:
     """Make a version the champion of its registered model, if the rule allows it (or forced).
 
@@ -201,15 +284,16 @@ def promote(
             ``version``, which must then be the current champion. Ignored when there is no champion.
         actor: Who promotes (user name, flow run).
         reason: Why; required when forced.
-        force: Override condition 2 of the rule (never condition 1).
+        force: Override condition 2 of the rule (never conditions 1 and 3).
+        gates: The absolute gates the version was registered under (condition 3); None: not checked.
 
     Returns:
         The record written to the registry.
 
     Raises:
         ModelNotFoundError: No such model or version.
-        PromotionError: The version failed a gate, is already champion, the rule refuses and it
-            is not forced, or it is forced without a reason.
+        PromotionError: The version failed a gate, misses an absolute gate, is already champion,
+            the rule refuses and it is not forced, or it is forced without a reason.
 
     """
     client = mlflow_client()
@@ -219,7 +303,11 @@ def promote(
     champion = aliases.get(CHAMPION)
     if champion == target.version:
         raise PromotionError(f"{name}/{target.version} is already the {CHAMPION}")
-    decision = decide_promotion(candidate_eval, champion_eval if champion else None, budget_passed=True)
+    decision = decide_promotion(candidate_eval, champion_eval if champion else None, budget_passed=True, gates=gates)
+    if decision.blocking:
+        raise PromotionError(
+            f"promotion of {name}/{target.version} refused: {'; '.join(decision.blocking)} (not even forced)"
+        )
     if champion is not None:
         extra = []
         if champion_eval is None:
@@ -262,6 +350,26 @@ def promote(
         "promoted_from": champion or "",
     }.items():
         client.set_model_version_tag(name, target.version, key, value)
+    _record(client, record)
+    return record
+
+
+def record_refusal(name: str, version: str, decision: PromotionDecision, *, actor: str) -> PromotionRecord:
+    """Record that the rule kept a version a candidate: the ``promotion_refused`` tag and a ``refuse`` record."""
+    client = mlflow_client()
+    record = PromotionRecord(
+        action="refuse",
+        name=name,
+        version=str(version),
+        from_version=aliases_of(name).get(CHAMPION),
+        actor=actor,
+        reason="; ".join(decision.failures),
+        forced=False,
+        rule_passed=False,
+        at=_now(),
+        checks=decision.reasons,
+    )
+    client.set_model_version_tag(name, record.version, "promotion_refused", record.reason[:5000])
     _record(client, record)
     return record
 
@@ -330,10 +438,17 @@ def record_comparison(
     candidate_eval: Mapping[str, Any],
     champion_eval: Mapping[str, Any] | None,
     champion_version: str | None,
+    gates: AbsoluteGates | None = None,
 ) -> None:
-    """Record on a version the same-run comparison with the champion (``eval.*`` tags), for a later CLI promotion."""
+    """Record on a version the same-run comparison with the champion (``eval.*`` tags), for a later CLI promotion.
+
+    The candidate's :data:`GATE_FIGURES` and the ``gates`` are recorded too, so that the CLI applies
+    the absolute gates the version was registered under.
+    """
     client = mlflow_client()
-    tags = {f"{EVAL_TAG_PREFIX}{key}": candidate_eval[key] for key in (EVAL_AUC, EVAL_FALSE_ALARMS)}
+    keys = (EVAL_AUC, EVAL_FALSE_ALARMS, *(key for key in GATE_FIGURES if key in candidate_eval))
+    tags: dict[str, Any] = {f"{EVAL_TAG_PREFIX}{key}": candidate_eval[key] for key in keys}
+    tags |= gates.to_tags() if gates is not None else {}
     if champion_eval is not None and champion_version is not None:
         tags[f"{EVAL_TAG_PREFIX}champion_version"] = champion_version
         tags.update({f"{EVAL_TAG_PREFIX}champion_{key}": champion_eval[key] for key in (EVAL_AUC, EVAL_FALSE_ALARMS)})
@@ -346,9 +461,10 @@ def recorded_comparison(version: RegisteredVersion) -> tuple[dict[str, Any] | No
     tags = version.tags
 
     def figures(prefix: str) -> dict[str, Any] | None:
-        keys = (EVAL_AUC, EVAL_FALSE_ALARMS)
+        keys: tuple[str, ...] = (EVAL_AUC, EVAL_FALSE_ALARMS)
         if not all(f"{EVAL_TAG_PREFIX}{prefix}{key}" in tags for key in keys):
             return None
+        keys += tuple(key for key in GATE_FIGURES if f"{EVAL_TAG_PREFIX}{prefix}{key}" in tags)
         return {key: tags[f"{EVAL_TAG_PREFIX}{prefix}{key}"] for key in keys}
 
     candidate = figures("")

@@ -34,6 +34,8 @@ BUNDLE_ARTIFACT = "bundle"
 ENTRY_FILE = Path(__file__).with_name("pyfunc_entry.py")
 """The models-from-code file MLflow logs and runs at load time."""
 OUTPUT_COLUMNS = ("reconstruction_error", "anomaly")
+RPM_COLUMN = "rpm"
+"""Optional input column: the shaft speed of each window (rpm)."""
 
 
 def bundle_digest(directory: Path) -> str:
@@ -170,6 +172,9 @@ class VibrationAnomalyModel(PythonModel):
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """Score windows (n, window_samples) in g: a DataFrame or a 2-D array (MLflow passes either through).
 
+        A DataFrame may carry each window's shaft speed in an ``rpm`` column: a speed-aware model
+        normalises each window at its speed; without it (or NaN) the model's reference speed is used.
+
         Returns:
             One row per window: ``reconstruction_error`` (float) and ``anomaly`` (error above the
             bundle's threshold).
@@ -178,8 +183,12 @@ class VibrationAnomalyModel(PythonModel):
             ModelInputError: The input does not have the spec's window length or is not finite.
 
         """
+        rpm = None
+        if isinstance(model_input, pd.DataFrame) and RPM_COLUMN in model_input.columns:
+            rpm = model_input[RPM_COLUMN].to_numpy(dtype=np.float64, na_value=np.nan)
+            model_input = model_input.drop(columns=[RPM_COLUMN])
         windows = windows_array(model_input, self.spec.window_samples)
-        features = extract_features(windows, self.spec)
+        features = extract_features(windows, self.spec, rpm)
         reconstruction = tflite_predict(self.model, features)
         errors = np.mean((features.astype(np.float64) - reconstruction) ** 2, axis=1)
         return pd.DataFrame({OUTPUT_COLUMNS[0]: errors, OUTPUT_COLUMNS[1]: errors > self.threshold})

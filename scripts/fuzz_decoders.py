@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import math
 import struct
 import sys
 import zlib
@@ -101,9 +102,17 @@ def load_targets() -> dict[str, Target]:
             raise AssertionError(f"accepted {payload!r} re-encodes as {decoded.encode()!r}")
 
     def same_window(payload: bytes, decoded: Any) -> None:
-        # flags are reserved (decode ignores them); a version-1 window re-encodes as version 2 with epoch 0
-        rest = payload[4:] if payload[2] == 2 else bytes(4) + payload[4:]
-        canonical = fix_crc(payload[:2] + b"\x02\x00" + rest)
+        # flags are reserved (decode ignores them); a version-1 window re-encodes as version 3 with epoch 0, a
+        # version-1/2 one with rpm 0.0 and load NaN (not known); a version-3 rpm of -0.0 as 0.0 (not known), a
+        # signalling NaN rpm as its quiet form, any NaN load as the NaN encode writes
+        rest = payload[4:] if payload[2] != 1 else bytes(4) + payload[4:]
+        if payload[2] == 3:
+            rpm, load = struct.unpack_from("<ff", rest, 24)
+            rest = rest[:24] + rest[32:]
+        else:
+            rpm, load = 0.0, math.nan
+        condition = struct.pack("<ff", 0.0 if rpm == 0 else rpm, math.nan if math.isnan(load) else load)
+        canonical = fix_crc(payload[:2] + b"\x03\x00" + rest[:24] + condition + rest[24:])
         if codec.encode(decoded) != canonical:
             raise AssertionError(f"accepted window {payload!r} re-encodes differently")
 
@@ -133,8 +142,8 @@ def load_targets() -> dict[str, Target]:
     rng = np.random.default_rng(0)
     windows = [
         codec.encode(codec.VibrationWindow("node-0001", 42, 1_790_000_000_000_000, 25_600, 0.001,
-                                           rng.integers(-2000, 2000, size, dtype=np.int16), epoch))
-        for size, epoch in ((8, 0), (1024, 1_790_000_000))
+                                           rng.integers(-2000, 2000, size, dtype=np.int16), epoch, rpm, load))
+        for size, epoch, rpm, load in ((8, 0, None, None), (1024, 1_790_000_000, 1797.0, 0.5))
     ]  # fmt: skip
     tag = hashlib.sha256(model).digest()[:8]
     ref = ModelRef(name="vibration-ae-nrf52840", version=7, sha256=hashlib.sha256(model).hexdigest())

@@ -126,6 +126,10 @@ class DatasetSplit:
     counts: dict[str, int] = field(default_factory=dict)
     skipped: tuple[SkippedWindow, ...] = ()
     trained_span_us: dict[str, tuple[int, int]] = field(default_factory=dict)
+    train_rpm: npt.NDArray[np.float32] | None = None
+    """Shaft speed of each training window (NaN where not known; None: no speed data at all)."""
+    test_rpm: npt.NDArray[np.float32] | None = None
+    fault_rpm: dict[str, npt.NDArray[np.float32]] = field(default_factory=dict)
 
 
 def time_spans(windows: LakeWindows) -> dict[str, tuple[int, int]]:
@@ -178,6 +182,8 @@ class LabelledWindows:
     faults: dict[str, npt.NDArray[np.float32]]
     fingerprint: str
     skipped: tuple[SkippedWindow, ...] = ()
+    fault_rpm: dict[str, npt.NDArray[np.float32]] = field(default_factory=dict)
+    """Shaft speed of each fault window by class (NaN where not known)."""
 
 
 def load_labelled(
@@ -211,9 +217,11 @@ def load_labelled(
     if not normal_mask.any():
         raise DatasetError(f"no normal windows in the lake at {lake_root} for {json.dumps(selection.to_dict())}")
     fault_mask = ~is_normal & (labels != "")
-    faults = {str(lbl): windows.samples[fault_mask & (labels == lbl)] for lbl in sorted(set(labels[fault_mask]))}
+    fault_classes = sorted(set(labels[fault_mask]))
+    faults = {str(lbl): windows.samples[fault_mask & (labels == lbl)] for lbl in fault_classes}
+    fault_rpm = {str(lbl): windows.rpm[fault_mask & (labels == lbl)] for lbl in fault_classes}
     used = windows.select(normal_mask | fault_mask)
-    return LabelledWindows(windows.select(normal_mask), faults, fingerprint(used, selection), skipped)
+    return LabelledWindows(windows.select(normal_mask), faults, fingerprint(used, selection), skipped, fault_rpm)
 
 
 def load_dataset(
@@ -252,6 +260,9 @@ def load_dataset(
         counts=counts,
         skipped=labelled.skipped,
         trained_span_us=time_spans(train),
+        train_rpm=train.rpm,
+        test_rpm=test.rpm,
+        fault_rpm=labelled.fault_rpm,
     )
 
 
@@ -321,8 +332,9 @@ def write_reference_set(
         machine.inject_fault(FaultSpec(kind=kind, severity=severity))  # type: ignore[arg-type]
         step_us = int(window_samples / sample_rate_hz * 1e6)
         for seq in range(windows_per_fault):
+            speed = machine.current_rpm
             samples, scale = quantize(machine.next_window())
-            window = VibrationWindow(device, seq, start_us + seq * step_us, sample_rate_hz, scale, samples)
+            window = VibrationWindow(device, seq, start_us + seq * step_us, sample_rate_hz, scale, samples, rpm=speed)
             batch.append(fleet, window, label=kind, source=source)
     if len(batch):
         write_windows(lake_root, batch)

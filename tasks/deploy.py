@@ -96,6 +96,7 @@ from registry.models import CHAMPION, PREVIOUS, TAG_SHA256, RegisteredVersion, a
 from registry.promotion import rollback
 from registry.store import configure_from_settings, configure_mlflow, first_line, is_http_uri, mlflow_client
 from tasks.ota_service import parse_presence
+from tasks.rates import rate_lower_bound
 from tinymlops.errors import TinyMLOpsError
 from tinymlops.mqtt import BrokerAddress, connect, make_client
 from tinymlops.schemas import ModelBundle
@@ -973,15 +974,6 @@ class DeploymentSession:
 # --- canary -------------------------------------------------------------------------------------
 
 
-def rate_lower_bound(anomalies: int, windows: int, confidence: float = CANARY_CONFIDENCE) -> float:
-    """One-sided Clopper-Pearson lower bound of a rate: ``anomalies`` out of ``windows``."""
-    if anomalies <= 0 or windows <= 0:
-        return 0.0
-    from scipy.stats import beta
-
-    return float(beta.ppf(1.0 - confidence, anomalies, windows - anomalies + 1))
-
-
 @dataclass(frozen=True)
 class CanaryVerdict:
     """Whether the canaries are healthy, with the figures behind it.
@@ -1070,7 +1062,7 @@ def judge_canary(
     if not rates:
         return replace(verdict, reason="unhealthy: no expected or pre-deployment anomaly rate to compare with")
     limit = factor * max(rates)
-    bound = rate_lower_bound(anomalies, windows)
+    bound = rate_lower_bound(anomalies, windows, CANARY_CONFIDENCE)
     healthy = bound <= limit
     old = f"{verdict.baseline_rate:.2%}" if verdict.baseline_rate is not None else "n/a"
     reason = (

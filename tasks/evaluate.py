@@ -26,10 +26,12 @@ from sklearn.metrics import roc_auc_score
 from firmware.dsp import DspSpec, extract_features
 from firmware.tflm import TflmRunner, tflite_predict
 from tasks.datasets import DatasetSplit
+from tasks.rates import DEFAULT_CONFIDENCE, rate_upper_bound
 from tasks.train import (
     FeatureSets,
     Predictor,
     QualityGateConfig,
+    WindowSpeeds,
     calibrate_threshold,
     check_features,
     reconstruction_error,
@@ -64,6 +66,9 @@ class Evaluation:
         false_alarms_per_hour: False positives per hour of normal signal.
         normal_hours: Hours of normal signal scored.
         false_alarm_rate: Fraction of normal windows flagged.
+        false_alarm_upper: One-sided Clopper-Pearson upper bound of that fraction at ``confidence``:
+            what ``n_normal`` windows can vouch for (0 of 86 windows still allows 3.4 % at 95 %).
+        confidence: Confidence of ``false_alarm_upper``.
 
     """
 
@@ -80,6 +85,8 @@ class Evaluation:
     false_alarms_per_hour: float
     normal_hours: float
     false_alarm_rate: float
+    false_alarm_upper: float
+    confidence: float
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-serialisable dict."""
@@ -105,6 +112,7 @@ def evaluate_scores(
     scores_by_fault: Mapping[str, npt.ArrayLike],
     threshold: float,
     window_seconds: float,
+    confidence: float = DEFAULT_CONFIDENCE,
 ) -> Evaluation:
     """Compute detection metrics from anomaly scores (higher means more anomalous).
 
@@ -113,6 +121,7 @@ def evaluate_scores(
         scores_by_fault: Scores of fault windows by fault class.
         threshold: Flag a window when its score is above this.
         window_seconds: Duration of one window, to express false alarms per hour.
+        confidence: Confidence of the upper bound of the false-alarm rate.
 
     Returns:
         The evaluation.
@@ -151,6 +160,8 @@ def evaluate_scores(
         false_alarms_per_hour=false_positives / normal_hours,
         normal_hours=normal_hours,
         false_alarm_rate=false_positives / normal.size,
+        false_alarm_upper=rate_upper_bound(false_positives, int(normal.size), confidence),
+        confidence=confidence,
     )
 
 
@@ -176,6 +187,9 @@ class ModelComparison:
                     "f1": round(ev.f1, 4),
                     "false_alarms_per_hour": round(ev.false_alarms_per_hour, 1),
                     "false_alarm_rate": round(ev.false_alarm_rate, 4),
+                    "false_alarm_upper": round(ev.false_alarm_upper, 4),
+                    "confidence": ev.confidence,
+                    "normal_windows": ev.n_normal,
                     "threshold": round(ev.threshold, 4),
                 }
             )
@@ -213,6 +227,7 @@ def evaluate_predictors(
     *,
     percentile: float,
     window_seconds: float,
+    confidence: float = DEFAULT_CONFIDENCE,
 ) -> ModelComparison:
     """Score the same windows with each predictor, each with its own threshold from calibration windows.
 
@@ -223,6 +238,7 @@ def evaluate_predictors(
         calibration: Held-out normal features that set each model's threshold.
         percentile: Threshold percentile of the calibration errors.
         window_seconds: Duration of one window.
+        confidence: Confidence of the upper bound of the false-alarm rate.
 
     Returns:
         The evaluations by predictor name.
@@ -239,6 +255,7 @@ def evaluate_predictors(
             {fault: reconstruction_error(predict, x) for fault, x in x_faults.items()},
             threshold,
             window_seconds,
+            confidence,
         )
         log.info(
             "%s: AUC %.4f, F1 %.4f at threshold %.4g", name, evaluations[name].auc, evaluations[name].f1, threshold
@@ -257,6 +274,7 @@ def evaluate_models(
     window_seconds: float,
     arena_bytes: int | None = None,
     extra_tflite: Mapping[str, bytes] | None = None,
+    confidence: float = DEFAULT_CONFIDENCE,
 ) -> ModelComparison:
     """Evaluate the float model, the int8 model in TFLite and the int8 model in TFLite Micro.
 
@@ -270,6 +288,7 @@ def evaluate_models(
         window_seconds: Duration of one window.
         arena_bytes: TFLite Micro tensor arena (default ten times the model size).
         extra_tflite: Further TFLite models to score the same way (for example the dynamic-range one).
+        confidence: Confidence of the upper bound of the false-alarm rate.
 
     Returns:
         Evaluations named ``float``, ``int8_tflite`` and ``int8_tflm``.
@@ -283,7 +302,13 @@ def evaluate_models(
     }
     predictors |= {name: partial(tflite_predict, model) for name, model in (extra_tflite or {}).items()}
     return evaluate_predictors(
-        predictors, normal, faults, calibration, percentile=percentile, window_seconds=window_seconds
+        predictors,
+        normal,
+        faults,
+        calibration,
+        percentile=percentile,
+        window_seconds=window_seconds,
+        confidence=confidence,
     )
 
 
@@ -333,6 +358,7 @@ def evaluate_fixed_point(
     percentile: float,
     window_seconds: float,
     arena_bytes: int | None = None,
+    speeds: WindowSpeeds | None = None,
 ) -> Evaluation:
     """Score the deployed model in TFLite Micro on the fixed-point front end's features.
 
@@ -345,17 +371,19 @@ def evaluate_fixed_point(
         percentile: Threshold percentile of the calibration errors.
         window_seconds: Duration of one window.
         arena_bytes: TFLite Micro tensor arena.
+        speeds: Shaft speed of the normal (``test``) and fault windows, NaN where not known.
 
     Returns:
         The evaluation named :data:`FIXED_POINT_EVALUATION`.
     """
     from firmware.dsp_q15 import features_q15
 
+    speeds = speeds or WindowSpeeds()
     runner = TflmRunner(int8_model, arena_bytes)
     comparison = evaluate_predictors(
         {FIXED_POINT_EVALUATION: runner.predict},
-        features_q15(normal_windows, spec),
-        {name: features_q15(windows, spec) for name, windows in fault_windows.items()},
+        features_q15(normal_windows, spec, rpm=speeds.test),
+        {name: features_q15(windows, spec, rpm=speeds.faults.get(name)) for name, windows in fault_windows.items()},
         calibration,
         percentile=percentile,
         window_seconds=window_seconds,
@@ -395,6 +423,7 @@ def evaluate_fixed_point_task(
         percentile=percentile,
         window_seconds=window_seconds,
         arena_bytes=arena_bytes,
+        speeds=WindowSpeeds(test=dataset.test_rpm, faults=dataset.fault_rpm),
     )
 
 
@@ -408,6 +437,7 @@ def evaluate_models_task(
     window_seconds: float,
     arena_bytes: int,
     extra_tflite: Mapping[str, bytes] | None = None,
+    confidence: float = DEFAULT_CONFIDENCE,
 ) -> ModelComparison:
     """Prefect task: evaluate float, int8 TFLite and int8 TFLite Micro on the held-out features."""
     return evaluate_models(
@@ -420,6 +450,7 @@ def evaluate_models_task(
         window_seconds=window_seconds,
         arena_bytes=arena_bytes,
         extra_tflite=extra_tflite,
+        confidence=confidence,
     )
 
 
@@ -429,6 +460,8 @@ def evaluate_bundle(
     faults: Mapping[str, npt.ArrayLike],
     *,
     window_seconds: float,
+    speeds: WindowSpeeds | None = None,
+    confidence: float = DEFAULT_CONFIDENCE,
 ) -> ModelComparison:
     """Evaluate a bundle's models on labelled windows, at the threshold the bundle ships with.
 
@@ -440,10 +473,13 @@ def evaluate_bundle(
         normal: Normal windows (n, window_samples) in g.
         faults: Fault windows by class.
         window_seconds: Duration of one window.
+        speeds: Shaft speed of the normal (``test``) and fault windows, NaN where not known.
+        confidence: Confidence of the upper bound of the false-alarm rate.
     """
+    speeds = speeds or WindowSpeeds()
     spec = DspSpec.from_json(bundle.dsp_spec_json())
-    x_normal = extract_features(normal, spec)
-    x_faults = {name: extract_features(rows, spec) for name, rows in faults.items()}
+    x_normal = extract_features(normal, spec, speeds.test)
+    x_faults = {name: extract_features(rows, spec, speeds.faults.get(name)) for name, rows in faults.items()}
     int8 = bundle.tflite()
     predictors: dict[str, Predictor] = {}
     float_model = bundle.float_tflite()
@@ -459,6 +495,7 @@ def evaluate_bundle(
                 {fault: reconstruction_error(predict, x) for fault, x in x_faults.items()},
                 threshold,
                 window_seconds,
+                confidence,
             )
             for name, predict in predictors.items()
         }

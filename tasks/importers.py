@@ -14,7 +14,15 @@ that is known, and an .mat file (read whole: its format allows nothing else) abo
 
 CWRU recordings (:func:`import_cwru`) are named ``1797_<class>[_<size>_DE<kHz>].npz``; each file
 becomes one device ``cwru-`` + its stem with ``_`` replaced by ``-`` (``1797_IR_7_DE12.npz`` ->
-``cwru-1797-IR-7-DE12``), labelled from its class, drive-end channel ``DE``.
+``cwru-1797-IR-7-DE12``), labelled from its class, drive-end channel ``DE``, at the rig's 1797 rpm
+and 0 hp (load 0).
+
+The operating condition travels with the windows (the lake's ``rpm`` and ``load`` columns): given
+for a whole file (``rpm=``/``load=``, the CLI's ``--rpm``/``--load``, which win over the file), or
+taken from the file: a scalar ``rpm``/``load`` field (npz/mat; CWRU's original .mat files call it
+``X097RPM``...), or a column of the signal's length (CSV/Parquet column ``rpm``, an npz/mat array),
+averaged over each window. Those fields and columns are never taken for the signal. An rpm must be
+finite, > 0 and at most 60,000; a load finite in 0..1: anything else refuses the file in one line.
 """
 
 from __future__ import annotations
@@ -67,8 +75,17 @@ CWRU_GLOB = "1797_*.npz"
 CWRU_CHANNEL = "DE"
 _CWRU_NAME = re.compile(r"^1797_(?P<cls>Normal|IR|OR\d*|B)(?:_(?P<size>\d+)_DE(?P<khz>12|48))?$")
 _CWRU_LABELS = {"Normal": "normal", "IR": "inner_race", "OR": "outer_race", "B": "ball"}
+CWRU_RPM = 1797.0  # the speed every CWRU recording here was made at (their names and README say it)
+CWRU_LOAD = 0.0  # 0 hp of the 2 hp motor
+
+MAX_RPM = 60_000.0  # the operating condition's valid range (the simulator's and the DSP's too)
+# Fields and columns that carry the operating condition, compared without case (CWRU's .mat: X097RPM).
+_RPM_FIELD = re.compile(r"^(rpm|x\d+_?rpm)$", re.IGNORECASE)
+_LOAD_FIELD = re.compile(r"^load$", re.IGNORECASE)
 
 Float64Array = npt.NDArray[np.float64]
+Condition = float | Float64Array | None
+"""An rpm or load: one value for the recording, one per sample of the signal, or None (not known)."""
 
 
 @dataclass(frozen=True)
@@ -126,6 +143,16 @@ class _Catalog:
     load: Callable[[str], np.ndarray]
 
 
+@dataclass(frozen=True)
+class _Recording:
+    """A file's signal, its sample rate and its operating condition (see the module docstring)."""
+
+    signal: Float64Array
+    rate_hz: float
+    rpm: Condition = None
+    load: Condition = None
+
+
 def load_signal(
     path: Path, *, var: str | None = None, fs: float | None = None, limits: ImportLimits | None = None
 ) -> tuple[Float64Array, float]:
@@ -146,7 +173,8 @@ def load_signal(
 
     """
     _check_file(path)
-    return _parse(path, var=var, fs=fs, limits=limits or ImportLimits())
+    recording = _parse(path, var=var, fs=fs, limits=limits or ImportLimits())
+    return recording.signal, recording.rate_hz
 
 
 def load_recording(
@@ -166,6 +194,45 @@ def load_recording(
     return _resample(signal, source_rate, target_rate_hz, path)
 
 
+def load_recording_with_rpm(
+    path: Path,
+    *,
+    target_rate_hz: int,
+    window_samples: int,
+    rpm: float | None = None,
+    var: str | None = None,
+    fs: float | None = None,
+    limits: ImportLimits | None = None,
+) -> tuple[Float64Array, list[float | None]]:
+    """:func:`load_recording`, and the shaft speed of each whole window of it: ``rpm``, else the file's, else None.
+
+    Raises:
+        DataImportError: As :func:`load_recording`, or an rpm is invalid (negative, not finite, above 60,000).
+    """
+    if rpm is not None:
+        check_condition("rpm", rpm, path)
+    _check_file(path)
+    recording = _parse(path, var=var, fs=fs, limits=limits or ImportLimits())
+    signal = _resample(recording.signal, recording.rate_hz, target_rate_hz, path)
+    windowing = signal.size // window_samples, window_samples, recording.rate_hz, target_rate_hz
+    return signal, _per_window(recording.rpm if rpm is None else rpm, *windowing)
+
+
+def check_condition(kind: str, value: float, path: Path | str) -> float:
+    """Return a valid rpm (finite, > 0, at most 60,000) or load (finite, 0..1).
+
+    Raises:
+        DataImportError: One line naming the value, where it comes from and the valid range.
+    """
+    if kind == "rpm":
+        valid, bounds = math.isfinite(value) and 0 < value <= MAX_RPM, f"a finite speed > 0 and at most {MAX_RPM:,.0f}"
+    else:
+        valid, bounds = math.isfinite(value) and 0 <= value <= 1, "a finite fraction of rated load in 0..1"
+    if not valid:
+        raise DataImportError(f"invalid {kind} {value:g} for {path}: must be {bounds}")
+    return float(value)
+
+
 def import_file(
     path: Path,
     *,
@@ -180,6 +247,8 @@ def import_file(
     start: dt.datetime | None = None,
     max_abs_g: float = DEFAULT_MAX_ABS_G,
     limits: ImportLimits | None = None,
+    rpm: float | None = None,
+    load: float | None = None,
 ) -> ImportResult:
     """Import one recorded file into the lake as windows of one device.
 
@@ -197,6 +266,8 @@ def import_file(
         max_abs_g: The sensor's physical full scale: a file whose resampled signal (in g) exceeds it
             anywhere is refused whole.
         limits: Bounds on the signal length and .mat size (default :class:`ImportLimits`).
+        rpm: Shaft speed of the whole recording; default the file's own (see the module docstring), else not known.
+        load: Load fraction of the whole recording; default the file's own, else not known.
 
     Returns:
         What was imported; ``duplicate=True`` and nothing written if these bytes were already imported.
@@ -217,9 +288,14 @@ def import_file(
         raise DataImportError(f"target rate {target_rate_hz} Hz for {path} must be positive")
     if start is not None and start.utcoffset() is None:
         raise DataImportError(f"start time {start.isoformat()} for {path} has no timezone")
+    if rpm is not None:
+        check_condition("rpm", rpm, path)
+    if load is not None:
+        check_condition("load", load, path)
 
     _check_file(path)
-    signal, source_rate = _parse(path, var=var, fs=fs, limits=limits or ImportLimits())
+    recording = _parse(path, var=var, fs=fs, limits=limits or ImportLimits())
+    signal, source_rate = recording.signal, recording.rate_hz
     device_id = device or _device_from_stem(path)
     source = f"file:{path.name}#sha256={_sha256(path)}"
     with import_lock(lake_root, fleet):  # the check and the write as one step
@@ -247,6 +323,9 @@ def import_file(
                 f"{_MIN_PEAK_G:.3g} g; are the values in g?); nothing imported"
             )
         quantised, scale = _quantise(frames)
+        windowing = n_windows, window_samples, source_rate, target_rate_hz
+        rpms = _per_window(recording.rpm if rpm is None else rpm, *windowing)
+        loads = _per_window(recording.load if load is None else load, *windowing)
 
         last = last_seq(lake_root, fleet, device_id)  # imports number their windows in boot epoch 0
         first_seq = 0 if last is None else last + 1
@@ -261,6 +340,8 @@ def import_file(
                 sample_rate_hz=target_rate_hz,
                 scale=scale,
                 samples=quantised[i],
+                rpm=rpms[i],
+                load=loads[i],
             )
             batch.append(fleet, window, label=label, source=source)
         write_windows(lake_root, batch)
@@ -294,7 +375,8 @@ def import_cwru(
     """Import every CWRU recording ``1797_*.npz`` of a directory, labelled from its file name.
 
     The drive-end channel is imported; the rate follows the README (48 kHz for ``Normal`` and
-    ``*_DE48``, 12 kHz for ``*_DE12``). Files already imported are skipped as duplicates.
+    ``*_DE48``, 12 kHz for ``*_DE12``), the operating condition 1797 rpm at 0 hp. Files already imported are
+    skipped as duplicates.
 
     Args:
         cwru_dir: Directory holding the recordings (the 1 s test fixture there is not imported).
@@ -332,6 +414,8 @@ def import_cwru(
                 window_samples=window_samples,
                 max_abs_g=max_abs_g,
                 limits=limits,
+                rpm=CWRU_RPM,
+                load=CWRU_LOAD,
             )
         )
     new = [r for r in results if not r.duplicate]
@@ -418,20 +502,62 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _parse(path: Path, *, var: str | None, fs: float | None, limits: ImportLimits) -> tuple[Float64Array, float]:
-    """Pick the signal and the sample rate out of a file, holding at most the chosen signal in memory."""
+def _parse(path: Path, *, var: str | None, fs: float | None, limits: ImportLimits) -> _Recording:
+    """Pick the signal, the sample rate and the operating condition out of a file (at most the signal in memory)."""
     suffix = path.suffix.lower()
     try:
         with _CATALOGS[suffix](path, limits) as catalog:
             signal = _pick_signal(path, catalog, var)
             rate = _sample_rate(path, catalog.scalars, fs)
+            rpm = _file_condition(path, catalog, "rpm", _RPM_FIELD, signal.size, exclude=var)
+            load = _file_condition(path, catalog, "load", _LOAD_FIELD, signal.size, exclude=var)
     except DataImportError:
         raise
     # Third-party parsers raise many exception types on corrupt input; all mean "unreadable".
     except Exception as exc:
         reason = " ".join(str(exc).split()) or type(exc).__name__
         raise DataImportError(f"cannot read {path} as {suffix}: {reason}") from exc
-    return signal, rate
+    return _Recording(signal, rate, rpm, load)
+
+
+def _file_condition(
+    path: Path, catalog: _Catalog, kind: str, field: re.Pattern[str], n_samples: int, exclude: str | None
+) -> Condition:
+    """A file's own rpm or load: a scalar field, or an array/column with one value per signal sample; else None."""
+    scalars = {name: value for name, value in catalog.scalars.items() if field.match(name)}
+    arrays = [name for name in catalog.numeric if field.match(name) and name != exclude]
+    if len(scalars) + len(arrays) > 1:
+        found = ", ".join(sorted([*scalars, *arrays]))
+        raise DataImportError(f"{path} gives several {kind} fields ({found}): pass --{kind}")
+    if scalars:
+        ((name, value),) = scalars.items()
+        return check_condition(kind, value, f"{path} (field {name!r})")
+    if not arrays:
+        return None
+    values = np.asarray(catalog.load(arrays[0]), dtype=np.float64).reshape(-1)
+    if values.size != n_samples:
+        raise DataImportError(
+            f"{path}: {kind} column {arrays[0]!r} has {values.size:,} values, the signal {n_samples:,}: one per sample"
+        )
+    bad = np.flatnonzero(~np.isfinite(values) | (values <= 0 if kind == "rpm" else values < 0)
+                         | (values > (MAX_RPM if kind == "rpm" else 1.0)))  # fmt: skip
+    if bad.size:
+        check_condition(kind, float(values[bad[0]]), f"{path} ({arrays[0]!r} row {int(bad[0]) + 1})")
+    return values
+
+
+def _per_window(
+    condition: Condition, n_windows: int, window_samples: int, source_rate: float, target_rate_hz: int
+) -> list[float | None]:
+    """One rpm or load per window: the recording's value, or the mean of the samples each window spans."""
+    if condition is None or isinstance(condition, float):
+        return [condition] * n_windows
+    # window i spans [i, i + 1) x window_samples / target_rate seconds: those source samples, at least one
+    edges = np.arange(n_windows + 1) * (window_samples * source_rate / target_rate_hz)
+    first = np.minimum(np.floor(edges[:-1]).astype(np.int64), condition.size - 1)
+    stop = np.maximum(np.minimum(np.ceil(edges[1:]).astype(np.int64), condition.size), first + 1)
+    sums = np.concatenate([[0.0], np.cumsum(condition)])
+    return [float(value) for value in (sums[stop] - sums[first]) / (stop - first)]
 
 
 def _too_long(path: Path, var: str, samples: int, limits: ImportLimits) -> DataImportError:
@@ -566,7 +692,8 @@ def _is_numeric(array: np.ndarray) -> bool:
 def _pick_signal(path: Path, catalog: _Catalog, var: str | None) -> Float64Array:
     """Choose the signal (the only numeric array, or ``var``), flatten a column, validate its values."""
     numeric = sorted(catalog.numeric)
-    if var is None:
+    if var is None:  # an rpm or load column is the operating condition, never the signal
+        numeric = [name for name in numeric if not (_RPM_FIELD.match(name) or _LOAD_FIELD.match(name))]
         if not numeric:
             found = ", ".join(sorted(catalog.others) + sorted(catalog.scalars)) or "nothing"
             raise DataImportError(f"no numeric signal in {path} (found: {found})")

@@ -28,6 +28,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -75,6 +76,10 @@ WINDOW_SCHEMA = pa.schema(
         ("epoch", pa.int64()),
         # window_digest() of the content, so a repeated (device, epoch, seq) is compared, not trusted.
         ("digest", pa.int64()),
+        # The operating condition: shaft speed (rpm) and load fraction as sent or imported, NaN = not known
+        # (null in files written before them, read as NaN). Kept as sent, usable or not: the scorer judges it.
+        ("rpm", pa.float32()),
+        ("load", pa.float32()),
     ]
 )
 PARTITION_SCHEMA = pa.schema([("fleet", pa.string()), ("date", pa.string()), ("hour", pa.string())])
@@ -101,11 +106,22 @@ def window_digest(window: VibrationWindow) -> int:
 
     Two windows with one key and one digest are one window sent twice; with two digests, the key
     was reused for other content. BLAKE2b over 2 KiB costs about 2 µs, once per received window.
+    The operating condition (rpm, load) is content too: one key sent with two speeds is not a
+    redelivery, and keeping the first silently would store a wrong speed. It enters the digest only
+    when the window carries one, so a window without it (wire versions 1 and 2, a device without a
+    tachometer) keeps the digest it had before version 3, and the digests already in the lake stay valid.
     """
     digest = hashlib.blake2b(digest_size=8)
     digest.update(struct.pack("<QIf", window.timestamp_us, window.sample_rate_hz, window.scale))
     digest.update(np.ascontiguousarray(window.samples, dtype="<i2").data)
+    if window.rpm is not None or window.load is not None:
+        digest.update(struct.pack("<ff", _or_nan(window.rpm), _or_nan(window.load)))
     return int.from_bytes(digest.digest(), "little", signed=True)
+
+
+def _or_nan(value: float | None) -> float:
+    """A known rpm or load as is, an unknown one as NaN, the lake's and the wire's not known."""
+    return math.nan if value is None else value
 
 
 def utc_date(timestamp_us: int) -> str:
@@ -210,6 +226,8 @@ class WindowBatch:
     label: list[str | None] = field(default_factory=list)
     source: list[str] = field(default_factory=list)
     digest: list[int] = field(default_factory=list)
+    rpm: list[float] = field(default_factory=list)
+    load: list[float] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.seq)
@@ -235,6 +253,8 @@ class WindowBatch:
         self.label.append(label)
         self.source.append(source)
         self.digest.append(window_digest(window) if digest is None else digest)
+        self.rpm.append(_or_nan(window.rpm))
+        self.load.append(_or_nan(window.load))
 
     def partitions(self) -> dict[tuple[str, str, str], pa.Table]:
         """Group the rows by (fleet, UTC date, UTC hour): one Arrow table each, sorted by device, epoch, seq."""
@@ -249,6 +269,8 @@ class WindowBatch:
         ts = np.asarray(self.timestamp_us, dtype=np.int64)
         rate = np.asarray(self.sample_rate_hz, dtype=np.int32)
         scale = np.asarray(self.scale, dtype=np.float32)
+        rpm = np.asarray(self.rpm, dtype=np.float32)
+        load = np.asarray(self.load, dtype=np.float32)
         tables = {}
         for (fleet, hour), members in groups.items():
             rows = sorted(members, key=lambda i: (self.device[i], self.epoch[i], self.seq[i]))
@@ -271,6 +293,8 @@ class WindowBatch:
                     pa.repeat(ingested, len(rows)),
                     pa.array(epoch[index]),
                     pa.array(digest[index]),
+                    pa.array(rpm[index]),
+                    pa.array(load[index]),
                 ],
                 schema=WINDOW_SCHEMA,
             )
@@ -1026,9 +1050,16 @@ def known_sources(lake_root: Path, fleet: str, device: str) -> set[str]:
     return set() if table is None else set(pc.unique(table["source"]).to_pylist())
 
 
+_NOT_GIVEN = np.zeros(0, np.float32)
+
+
 @dataclass(frozen=True)
 class LakeWindows:
-    """Windows read from the lake, in physical units, with their metadata row by row."""
+    """Windows read from the lake, in physical units, with their metadata row by row.
+
+    ``rpm`` and ``load`` are the operating condition per row, NaN where not known (a window sent
+    without it, a file written before the columns); left out, every row's is not known.
+    """
 
     samples: npt.NDArray[np.float32]
     sample_rate_hz: int
@@ -1038,6 +1069,18 @@ class LakeWindows:
     timestamp_us: npt.NDArray[np.int64]
     label: npt.NDArray[np.object_]
     source: npt.NDArray[np.object_]
+    rpm: npt.NDArray[np.float32] = field(default_factory=lambda: _NOT_GIVEN)
+    load: npt.NDArray[np.float32] = field(default_factory=lambda: _NOT_GIVEN)
+
+    def __post_init__(self) -> None:
+        for name in ("rpm", "load"):
+            value = getattr(self, name)
+            if value is _NOT_GIVEN:
+                value = np.full(len(self), np.nan, np.float32)
+            value = np.asarray(value, dtype=np.float32)
+            if value.shape != (len(self),):
+                raise ValueError(f"{name} has shape {value.shape}, expected ({len(self)},): one per window")
+            object.__setattr__(self, name, value)  # frozen: set once, here
 
     def __len__(self) -> int:
         return int(self.samples.shape[0])
@@ -1053,6 +1096,8 @@ class LakeWindows:
             self.timestamp_us[mask],
             self.label[mask],
             self.source[mask],
+            self.rpm[mask],
+            self.load[mask],
         )
 
 
@@ -1124,7 +1169,14 @@ def read_windows(
         timestamp_us=table["timestamp"].cast(pa.int64()).to_numpy(),
         label=np.asarray(table["label"].to_pylist(), dtype=object),
         source=np.asarray(table["source"].to_pylist(), dtype=object),
+        rpm=_condition(table["rpm"]),
+        load=_condition(table["load"]),
     )
+
+
+def _condition(column: pa.ChunkedArray) -> npt.NDArray[np.float32]:
+    """An rpm or load column as float32, NaN where not known (null: a file written before the column)."""
+    return np.asarray(pc.fill_null(column, np.nan).to_numpy(), dtype=np.float32)
 
 
 def range_problem(samples: npt.NDArray[np.int16], scale: float, max_abs_g: float) -> str | None:
@@ -1180,6 +1232,8 @@ def _empty_windows(width: int) -> LakeWindows:
         np.zeros(0, np.int64),
         np.zeros(0, object),
         np.zeros(0, object),
+        np.zeros(0, np.float32),
+        np.zeros(0, np.float32),
     )
 
 

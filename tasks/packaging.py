@@ -18,7 +18,7 @@ from firmware.tflm import ArenaMeasurement, TflmRunner, count_macs, measure_aren
 from tasks.budget import BudgetExceededError, BudgetReport, measure_on_device, validate_budget
 from tasks.compress import CompressionResult
 from tasks.evaluate import ModelComparison
-from tasks.train import FeatureSets, calibrated_false_alarm_rate, reconstruction_error
+from tasks.train import FeatureSets, QualityGateConfig, calibrated_false_alarm_rate, reconstruction_error
 from tinymlops.schemas import (
     BundleMetadata,
     DriftReference,
@@ -188,17 +188,42 @@ def training_report_markdown(
     *,
     fleet: str,
     counts: dict[str, int],
+    calibration_windows: int,
+    gates: QualityGateConfig,
     comparison: ModelComparison,
     compression: CompressionResult,
     arena: ArenaMeasurement,
     packaged: list[PackagedTarget],
+    promotions: list[dict[str, Any]] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> str:
-    """The report of one training run: data, quality per interpreter, sizes, and the budget per target."""
+    """The report of one training run: data, quality per interpreter, sizes, the budget per target, promotions.
+
+    Args:
+        fleet: The fleet trained.
+        counts: Windows per set.
+        calibration_windows: Normal windows of the training part that set the threshold.
+        gates: The quality and promotion gates (the false-alarm limit is quoted beside the bound).
+        comparison: Evaluations on the held-out windows.
+        compression: The compressed models.
+        arena: The measured TFLite Micro arena.
+        packaged: The bundle and budget report per target.
+        promotions: What happened to each registered version (:meth:`PromotionOutcome.to_dict`).
+        extra: Further ``key: value`` lines.
+    """
+    deployed = comparison[DEPLOYED_EVALUATION]
     lines = [f"# Training run for fleet `{fleet}`", ""]
     lines += ["## Data", "", "| set | windows |", "|---|---|"]
     lines += [f"| {name} | {count} |" for name, count in counts.items()]
+    lines += [f"| calibration (threshold, part of train_normal) | {calibration_windows} |"]
     lines += ["", "## Quality on held-out windows", "", comparison.to_markdown(), ""]
+    lines += [
+        f"False alarms of the deployed model: {deployed.false_positives} of {deployed.n_normal} held-out normal "
+        f"windows, one-sided Clopper-Pearson upper bound {deployed.false_alarm_upper:.2%} at "
+        f"{deployed.confidence:.0%} confidence. Promotion needs at most {gates.max_false_alarm_rate:.2%} and at least "
+        f"{gates.min_calibration_windows} calibration windows (this run: {calibration_windows}).",
+        "",
+    ]
     lines += ["## Sizes", "", "| model | raw bytes | gzip bytes |", "|---|---|---|"]
     lines += [f"| {row.name} | {row.raw_bytes:,} | {row.gzip_bytes:,} |" for row in compression.sizes]
     arena_text = f"TFLite Micro arena {arena.smallest_working_bytes:,} B (allocator report {arena.reported_bytes:,} B)"
@@ -206,6 +231,12 @@ def training_report_markdown(
     for item in packaged:
         verdict = "fits" if item.passed else "does NOT fit"
         lines += [f"## {item.target}: {verdict}", "", item.report.to_markdown(), ""]
+    if promotions:
+        lines += ["## Promotion", ""]
+        for outcome in promotions:
+            verdict = "champion" if outcome["promoted"] else "stays candidate"
+            lines.append(f"- {outcome['model']} v{outcome['version']}: {verdict}: {'; '.join(outcome['reasons'])}")
+        lines.append("")
     for key, value in (extra or {}).items():
         lines.append(f"- {key}: {value}")
     return "\n".join(lines) + "\n"

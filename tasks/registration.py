@@ -3,7 +3,8 @@
 Registration is one atomic step per bundle (the registry undoes a half-done one), so its Prefect
 task may retry safely when the tracking store is briefly unavailable. Promotion compares the
 candidate with the current champion on the same held-out windows, evaluated in the same run by
-the same function (:func:`tasks.evaluate.evaluate_bundle`).
+the same function (:func:`tasks.evaluate.evaluate_bundle`), and holds the candidate to the
+absolute gates of the training config (calibration windows, false-alarm upper bound).
 """
 
 from __future__ import annotations
@@ -22,14 +23,14 @@ from prefect.cache_policies import NO_CACHE
 from firmware.tflm import TflmRunner
 from registry.errors import ModelNotFoundError
 from registry.models import RegisteredVersion, register_bundle, resolve
-from registry.promotion import decide_promotion, promote, record_comparison
+from registry.promotion import AbsoluteGates, decide_promotion, promote, record_comparison, record_refusal
 from registry.store import configure_from_settings
 from registry.tracking import log_training_run, plot_error_histogram, plot_roc, plot_training_loss
 from tasks.compress import CompressionResult
 from tasks.datasets import DatasetSplit, LakeSelection
 from tasks.evaluate import ModelComparison, evaluate_bundle
 from tasks.packaging import PackagedTarget
-from tasks.train import FeatureSets, TrainedModel, TrainingConfig, reconstruction_error
+from tasks.train import FeatureSets, QualityGateConfig, TrainedModel, TrainingConfig, WindowSpeeds, reconstruction_error
 from tinymlops.schemas import ModelBundle
 from tinymlops.settings import get_settings
 
@@ -143,7 +144,10 @@ def log_training(
 
 @dataclass(frozen=True)
 class PromotionOutcome:
-    """What happened to one registered version."""
+    """What happened to one registered version.
+
+    ``refused`` lists why the rule keeps it a candidate (empty when it allows the promotion).
+    """
 
     model_name: str
     version: str
@@ -152,6 +156,7 @@ class PromotionOutcome:
     candidate_eval: dict[str, float]
     champion_eval: dict[str, float] | None
     reasons: tuple[str, ...]
+    refused: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for reports."""
@@ -163,6 +168,7 @@ class PromotionOutcome:
             "candidate": self.candidate_eval,
             "champion": self.champion_eval,
             "reasons": list(self.reasons),
+            "refused": list(self.refused),
         }
 
 
@@ -171,9 +177,22 @@ def _figures(
     normal: npt.NDArray[np.float32],
     faults: dict[str, npt.NDArray[np.float32]],
     window_seconds: float,
+    speeds: WindowSpeeds,
+    confidence: float,
 ) -> dict[str, float]:
-    deployed = evaluate_bundle(bundle, normal, faults, window_seconds=window_seconds)["int8_tflm"]
-    return {"auc_int8": deployed.auc, "false_alarms_per_hour": deployed.false_alarms_per_hour, "f1": deployed.f1}
+    deployed = evaluate_bundle(
+        bundle, normal, faults, window_seconds=window_seconds, speeds=speeds, confidence=confidence
+    )
+    tflm = deployed["int8_tflm"]
+    return {
+        "auc_int8": tflm.auc,
+        "false_alarms_per_hour": tflm.false_alarms_per_hour,
+        "f1": tflm.f1,
+        "false_alarm_upper": tflm.false_alarm_upper,
+        "false_positives": tflm.false_positives,
+        "n_normal": tflm.n_normal,
+        "confidence": tflm.confidence,
+    }
 
 
 def compare_and_promote(
@@ -183,8 +202,12 @@ def compare_and_promote(
     *,
     window_seconds: float,
     auto_promote: bool,
+    gates: QualityGateConfig,
 ) -> PromotionOutcome:
     """Evaluate candidate and champion on the same held-out windows, record it, and promote if the rule allows.
+
+    The rule keeps a candidate that misses the absolute gates, whatever the champion does; each
+    refusal is recorded on the version (``promotion_refused`` tag and a ``refuse`` record).
 
     Args:
         registered: The newly registered candidate version.
@@ -192,9 +215,14 @@ def compare_and_promote(
         dataset: The run's held-out normal and fault windows.
         window_seconds: Duration of one window.
         auto_promote: Promote when the rule allows; otherwise only record the comparison.
+        gates: The training config's gates (false-alarm limit, its confidence, minimum calibration windows).
     """
     name = registered.name
-    candidate = _figures(bundle, dataset.test_normal, dataset.faults, window_seconds)
+    speeds = WindowSpeeds(test=dataset.test_rpm, faults=dataset.fault_rpm)
+    confidence = gates.false_alarm_confidence
+    absolute = AbsoluteGates(gates.max_false_alarm_rate, gates.min_calibration_windows)
+    candidate = _figures(bundle, dataset.test_normal, dataset.faults, window_seconds, speeds, confidence)
+    candidate["calibration_windows"] = len(bundle.drift_reference().errors)  # the windows the threshold came from
     champion_version: str | None = None
     champion: dict[str, float] | None = None
     try:
@@ -203,15 +231,16 @@ def compare_and_promote(
         current = None
     if current is not None:
         champion_version = current.version.version
-        champion = _figures(current.bundle, dataset.test_normal, dataset.faults, window_seconds)
-        record_comparison(
-            name,
-            registered.version,
-            candidate_eval=candidate,
-            champion_eval=champion,
-            champion_version=champion_version,
-        )
-    decision = decide_promotion(candidate, champion, budget_passed=registered.gates_passed)
+        champion = _figures(current.bundle, dataset.test_normal, dataset.faults, window_seconds, speeds, confidence)
+    record_comparison(
+        name,
+        registered.version,
+        candidate_eval=candidate,
+        champion_eval=champion,
+        champion_version=champion_version,
+        gates=absolute,
+    )
+    decision = decide_promotion(candidate, champion, budget_passed=registered.gates_passed, gates=absolute)
     promoted = False
     if decision.allowed and auto_promote:
         promote(
@@ -221,14 +250,17 @@ def compare_and_promote(
             champion_eval={**champion, "version": champion_version} if champion is not None else None,
             actor=PROMOTION_ACTOR,
             reason="; ".join(decision.reasons),
+            gates=absolute,
         )
         promoted = True
+    elif not decision.allowed:
+        record_refusal(name, registered.version, decision, actor=PROMOTION_ACTOR)
     log.info(
         "%s v%s: %s (%s)",
         name,
         registered.version,
         "promoted to champion" if promoted else "stays candidate",
-        "; ".join(decision.reasons + decision.failures),
+        "; ".join(decision.reasons),
     )
     return PromotionOutcome(
         name,
@@ -237,7 +269,8 @@ def compare_and_promote(
         champion_version,
         candidate,
         champion,
-        tuple(decision.reasons + decision.failures),
+        decision.reasons,
+        decision.failures,
     )
 
 
@@ -261,7 +294,14 @@ def register_bundle_task(bundle: ModelBundle, run_id: str, gates_passed: bool) -
 
 @task(name="compare-and-promote", task_run_name="promote-{registered.name}", cache_policy=NO_CACHE)
 def compare_and_promote_task(
-    registered: RegisteredVersion, bundle: ModelBundle, dataset: DatasetSplit, window_seconds: float, auto_promote: bool
+    registered: RegisteredVersion,
+    bundle: ModelBundle,
+    dataset: DatasetSplit,
+    window_seconds: float,
+    auto_promote: bool,
+    gates: QualityGateConfig,
 ) -> PromotionOutcome:
     """Prefect task: :func:`compare_and_promote`."""
-    return compare_and_promote(registered, bundle, dataset, window_seconds=window_seconds, auto_promote=auto_promote)
+    return compare_and_promote(
+        registered, bundle, dataset, window_seconds=window_seconds, auto_promote=auto_promote, gates=gates
+    )

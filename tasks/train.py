@@ -13,7 +13,8 @@ import itertools
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 from typing import Annotated, Any, Literal
@@ -28,12 +29,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from firmware.dsp import DspSpec, extract_features, raw_features
 from tasks.lake import LakeWindows
 from tinymlops.errors import ConfigError, TinyMLOpsError
-from tinymlops.settings import REPO_ROOT
+from tinymlops.settings import get_settings
 from tinymlops.tfcompat import import_tf, quiet_tensorflow
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TRAINING_CONFIG = REPO_ROOT / "data" / "training.yaml"
 Float32Array = npt.NDArray[np.float32]
 Predictor = Callable[[Float32Array], Any]
 # TensorFlow's native (absl) log lines and converter chatter, which bypass TF_CPP_MIN_LOG_LEVEL.
@@ -78,13 +78,30 @@ class QuantizationConfig(BaseModel):
 
 
 class QualityGateConfig(BaseModel):
-    """Limits the evaluated model must meet before it is packaged for any target."""
+    """Limits of the evaluated model.
+
+    The AUC limits stop the flow before anything is packaged. The false-alarm limits are absolute
+    promotion gates: a model that misses them is registered but stays a candidate, with the reason
+    recorded (``registry/PROMOTION.md``), whatever the current champion does.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     min_auc_int8: float = Field(default=0.95, ge=0, le=1, description="Lowest ROC-AUC of the int8 model.")
     max_auc_loss_int8: float = Field(default=0.01, ge=0, le=1, description="Largest AUC drop from float to int8.")
     max_auc_gap_tflm: float = Field(default=0.01, ge=0, le=1, description="Largest AUC gap int8 TFLite vs TFLM.")
+    max_false_alarm_rate: float = Field(
+        default=0.02,
+        gt=0,
+        le=1,
+        description="Largest upper confidence bound of the false-alarm rate on held-out normal windows (1: no limit).",
+    )
+    false_alarm_confidence: float = Field(
+        default=0.95, gt=0, lt=1, description="Confidence of that one-sided (Clopper-Pearson) upper bound."
+    )
+    min_calibration_windows: int = Field(
+        default=199, ge=1, description="Fewest calibration windows behind the threshold of a model to promote."
+    )
 
 
 class TrainingConfig(BaseModel):
@@ -116,7 +133,7 @@ def load_training_config(path: Path | str | None = None) -> TrainingConfig:
     """Read and validate a training configuration file.
 
     Args:
-        path: YAML file; default ``data/training.yaml`` in the repository.
+        path: YAML file; default the ``training_config`` setting (``data/training.yaml``).
 
     Returns:
         The validated configuration.
@@ -125,7 +142,7 @@ def load_training_config(path: Path | str | None = None) -> TrainingConfig:
         ConfigError: The file is missing, is not YAML mapping, or a field is invalid (named in the message).
 
     """
-    path = Path(path) if path is not None else DEFAULT_TRAINING_CONFIG
+    path = Path(path) if path is not None else get_settings().training_config
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -199,21 +216,39 @@ def _samples(windows: LakeWindows | npt.ArrayLike, spec: DspSpec) -> npt.NDArray
     return np.asarray(windows, dtype=np.float32)
 
 
-def fit_feature_spec(train_windows: LakeWindows | npt.ArrayLike, spec: DspSpec) -> DspSpec:
-    """Fit the feature normalisation on training windows only and return the fitted spec."""
+def _speeds(windows: LakeWindows | npt.ArrayLike, rpm: npt.ArrayLike | None) -> npt.NDArray[np.float32] | None:
+    """The windows' shaft speeds: given, else the lake rows' own, else None (not known)."""
+    if rpm is not None:
+        return np.asarray(rpm, dtype=np.float32).reshape(-1)
+    return windows.rpm if isinstance(windows, LakeWindows) else None
+
+
+def fit_feature_spec(
+    train_windows: LakeWindows | npt.ArrayLike, spec: DspSpec, rpm: npt.ArrayLike | None = None
+) -> DspSpec:
+    """Fit the feature normalisation on training windows only and return the fitted spec.
+
+    Args:
+        train_windows: Training windows (lake rows or an (n, window_samples) array).
+        spec: The DSP front end.
+        rpm: Shaft speed per window (NaN where not known); default: the lake rows' own speeds.
+    """
     samples = _samples(train_windows, spec)
     if len(samples) == 0:
         raise TrainingDataError("no training windows to fit the feature normalisation on")
-    return spec.fitted(raw_features(samples, spec))
+    return spec.fitted(raw_features(samples, spec), _speeds(train_windows, rpm))
 
 
-def featurize(windows: LakeWindows | npt.ArrayLike, spec: DspSpec) -> Float32Array:
-    """Turn windows into normalised features with the same front end the device runs."""
-    return check_features(extract_features(_samples(windows, spec), spec))
+def featurize(windows: LakeWindows | npt.ArrayLike, spec: DspSpec, rpm: npt.ArrayLike | None = None) -> Float32Array:
+    """Turn windows into normalised features with the same front end the device runs, at their speeds."""
+    return check_features(extract_features(_samples(windows, spec), spec, _speeds(windows, rpm)))
 
 
 def prepare_training_data(
-    normal_windows: LakeWindows | npt.ArrayLike, spec: DspSpec, config: TrainingConfig
+    normal_windows: LakeWindows | npt.ArrayLike,
+    spec: DspSpec,
+    config: TrainingConfig,
+    rpm: npt.ArrayLike | None = None,
 ) -> tuple[TrainingData, DspSpec]:
     """Split normal windows, fit the normalisation on the train part, and featurize every part.
 
@@ -221,21 +256,32 @@ def prepare_training_data(
         normal_windows: Normal windows (lake rows or an (n, window_samples) array).
         spec: The DSP front end (unfitted or fitted: it is refitted on the train part).
         config: Training configuration (split fractions, seed, minimum windows).
+        rpm: Shaft speed per window (NaN where not known); default: the lake rows' own speeds.
 
     Returns:
         The features of each part and the fitted DSP spec to ship with the model.
 
     """
     samples = _samples(normal_windows, spec)
-    windows = TrainingData.split(
-        samples,
+    speeds = _speeds(normal_windows, rpm)
+    split = partial(
+        TrainingData.split,
         validation_fraction=config.validation_fraction,
         calibration_fraction=config.calibration_fraction,
         seed=config.seed,
         min_windows=config.min_windows,
     )
-    fitted = fit_feature_spec(windows.train, spec)
-    return windows.map(lambda part: featurize(part, fitted)), fitted
+    windows = split(samples)
+    if speeds is None:
+        fitted = fit_feature_spec(windows.train, spec)
+        return windows.map(lambda part: featurize(part, fitted)), fitted
+    part_speeds = split(speeds)  # the same seed permutes the speeds exactly as the windows
+    fitted = fit_feature_spec(windows.train, spec, part_speeds.train)
+    return TrainingData(
+        featurize(windows.train, fitted, part_speeds.train),
+        featurize(windows.validation, fitted, part_speeds.validation),
+        featurize(windows.calibration, fitted, part_speeds.calibration),
+    ), fitted
 
 
 def check_features(features: npt.ArrayLike, *, name: str = "features") -> Float32Array:
@@ -443,6 +489,15 @@ def calibrated_false_alarm_rate(n_calibration: int, percentile: float) -> float:
 
 
 @dataclass(frozen=True)
+class WindowSpeeds:
+    """Shaft speed of each window of a dataset's parts, NaN where not known (None: none known)."""
+
+    train: npt.NDArray[np.float32] | None = None
+    test: npt.NDArray[np.float32] | None = None
+    faults: dict[str, npt.NDArray[np.float32]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class FeatureSets:
     """Every feature set of one training run, all made with the spec fitted on the train part.
 
@@ -465,6 +520,7 @@ def build_feature_sets(
     faults: dict[str, npt.NDArray[np.float32]],
     spec: DspSpec,
     config: TrainingConfig,
+    speeds: WindowSpeeds | None = None,
 ) -> FeatureSets:
     """Split the training windows, fit the normalisation on the train part and featurize everything.
 
@@ -474,12 +530,14 @@ def build_feature_sets(
         faults: Fault windows by class.
         spec: The DSP front end (sample rate and window length of the data).
         config: Training configuration.
+        speeds: Shaft speed of every window (None: not known, a speed-unaware model).
     """
-    parts, fitted = prepare_training_data(train_normal, spec, config)
+    speeds = speeds or WindowSpeeds()
+    parts, fitted = prepare_training_data(train_normal, spec, config, speeds.train)
     return FeatureSets(
         parts=parts,
-        test_normal=featurize(test_normal, fitted),
-        faults={name: featurize(windows, fitted) for name, windows in faults.items()},
+        test_normal=featurize(test_normal, fitted, speeds.test),
+        faults={name: featurize(windows, fitted, speeds.faults.get(name)) for name, windows in faults.items()},
         spec=fitted,
     )
 
@@ -491,9 +549,10 @@ def build_feature_sets_task(
     faults: dict[str, npt.NDArray[np.float32]],
     spec: DspSpec,
     config: TrainingConfig,
+    speeds: WindowSpeeds | None = None,
 ) -> FeatureSets:
     """Prefect task: :func:`build_feature_sets`."""
-    return build_feature_sets(train_normal, test_normal, faults, spec, config)
+    return build_feature_sets(train_normal, test_normal, faults, spec, config, speeds)
 
 
 @task(name="train-autoencoder", cache_policy=NO_CACHE)

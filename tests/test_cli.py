@@ -22,13 +22,19 @@ def run_cli(args: list[str], data_dir: Path, timeout: float = 300) -> subprocess
 def test_import_csv_through_the_cli(tmp_path: Path) -> None:
     fs = 25_600
     signal = np.sin(2 * np.pi * 100 * np.arange(fs) / fs)
-    path = tmp_path / "pump.csv"
-    np.savetxt(path, signal, delimiter=",", header="accel", comments="")
+    path = tmp_path / "pump.csv"  # with the tachometer's rpm beside the signal, one per sample
+    np.savetxt(path, np.column_stack([signal, np.full(fs, 1480.0)]), delimiter=",", header="accel,rpm", comments="")
     result = run_cli(["import", str(path), "--fs", str(fs), "--label", "normal", "--device", "pump-1"], tmp_path)
     assert result.returncode == 0, result.stderr
     windows = read_windows(tmp_path / "lake", devices=["pump-1"])
     assert len(windows) == fs // 1024
     assert set(windows.label) == {"normal"}
+    assert set(windows.rpm.tolist()) == {1480.0} and np.isnan(windows.load).all()
+    np.savez(other := tmp_path / "fan.npz", accel=signal, fs=fs)  # no speed in the file: the options give it
+    result = run_cli(["import", str(other), "--device", "fan-1", "--rpm", "2950", "--load", "0.8"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    fan = read_windows(tmp_path / "lake", devices=["fan-1"])
+    assert set(fan.rpm.tolist()) == {2950.0} and set(fan.load.tolist()) == {np.float32(0.8)}
 
 
 def test_files_of_one_import_follow_each_other_from_start_at_their_own_rate(tmp_path: Path) -> None:

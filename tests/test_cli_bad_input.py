@@ -315,6 +315,7 @@ CASES = [
     Case("replay", "replay {root}/nowhere.npz --device d1", "cannot read {root}/nowhere.npz"),
     Case("replay", "replay {csv} --device d1 --fs 1000 --speed -1", "Invalid value for '--speed'", exit_code=2),
     Case("replay", "replay {csv} --device ../x --fs 1000", "invalid device id '../x'"),
+    Case("replay", "replay {csv} --device d1 --fs 1000 --rpm inf", "invalid rpm inf for {csv}: must be a finite"),
     Case("import", "import {root}/nowhere.npz --fs 1000", "cannot read {root}/nowhere.npz"),
     Case("import", "import {csv} --fs 1000 --device ../escape", "device '../escape'"),
     Case("import", "import {csv} --fs 1000 --fleet bad/name", "invalid fleet 'bad/name'"),
@@ -322,6 +323,12 @@ CASES = [
     Case("import", "import {csv} --fs 1000 --label ''", "label '' for {csv} must be 1..64 characters"),
     Case("import", "import {csv} --fs 1000 --label ../../etc/passwd", "label '../../etc/passwd' for {csv} must be"),
     Case("import", "import {csv} --fs 1000", "cannot use {csv}/lake as the lake", LAKE_UNDER_A_FILE),
+    Case("import", "import {csv} --fs 1000 --rpm -5", "invalid rpm -5 for {csv}: must be a finite speed > 0 and at "
+         "most 60,000"),
+    Case("import", "import {csv} --fs 1000 --rpm nan", "invalid rpm nan for {csv}: must be a finite speed"),
+    Case("import", "import {csv} --fs 1000 --rpm 70000", "invalid rpm 70000 for {csv}: must be a finite speed"),
+    Case("import", "import {csv} --fs 1000 --load 2", "invalid load 2 for {csv}: must be a finite fraction of rated "
+         "load in 0..1"),
     Case("import-cwru", "import-cwru {root}/nowhere", "no CWRU recordings (1797_*.npz) in {root}/nowhere"),
     Case("import-cwru", "import-cwru {root}/nowhere --fleet bad/name", "invalid fleet 'bad/name'"),
     Case("train", "train --target nosuch", "unknown MCU target 'nosuch'; known targets:", real=True),

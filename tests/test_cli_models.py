@@ -18,8 +18,15 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from registry.errors import ModelNotFoundError, PromotionError
-from registry.models import CANDIDATE, CHAMPION, PREVIOUS, aliases_of, register_bundle
-from registry.promotion import promotion_history, record_comparison
+from registry.models import CANDIDATE, CHAMPION, PREVIOUS, aliases_of, describe, register_bundle
+from registry.promotion import (
+    AbsoluteGates,
+    decide_promotion,
+    promotion_history,
+    record_comparison,
+    record_refusal,
+    recorded_comparison,
+)
 from registry.store import configure_from_settings
 from registry.tracking import log_training_run
 from tests.conftest import cli_env
@@ -153,6 +160,27 @@ def test_promote_needs_a_recorded_comparison_or_force_with_reason_and_rollback_r
 
     usage = invoke(runner, "rollback", NAME)  # --reason is required
     assert usage.exit_code == 2
+
+
+def test_promote_applies_the_recorded_absolute_gates_and_show_gives_the_refusal(runner: CliRunner) -> None:
+    champion = aliases_of(NAME)[CHAMPION]
+    figures = {"auc_int8": 0.999, "false_alarms_per_hour": 0.0, "false_alarm_upper": 0.034, "false_positives": 0,
+               "n_normal": 86, "confidence": 0.95, "calibration_windows": 300}  # fmt: skip
+    gates = AbsoluteGates(max_false_alarm_rate=0.02, min_calibration_windows=199)
+    record_comparison(NAME, "1", candidate_eval=figures, champion_eval={"auc_int8": 0.9, "false_alarms_per_hour": 9.0},
+                      champion_version=champion, gates=gates)  # fmt: skip
+    forced = invoke(runner, "promote", f"{NAME}/1", "--force", "--reason", "it beats the champion")
+    assert forced.exit_code == 1 and isinstance(forced.exception, PromotionError)
+    assert "false-alarm rate above the limit: 0 of 86" in str(forced.exception)
+    assert "not even forced" in str(forced.exception)
+    assert aliases_of(NAME)[CHAMPION] == champion
+
+    candidate, champion_eval = recorded_comparison(describe(f"{NAME}/1"))
+    record_refusal(NAME, "1", decide_promotion(candidate, champion_eval, True, gates), actor="train-flow")
+    shown = json.loads(invoke(runner, "show", f"{NAME}/1", "--json").stdout)
+    assert shown["promotions"][-1]["action"] == "refuse"
+    assert shown["tags"]["promotion_refused"].startswith("false-alarm rate above the limit: 0 of 86")
+    assert "refuse" in invoke(runner, "show", f"{NAME}/1").stdout
 
 
 def test_bad_references_are_one_line_errors_with_exit_1(runner: CliRunner, data_dir: Path) -> None:

@@ -23,6 +23,7 @@ import pytest
 from pydantic import SecretStr
 from typer.testing import CliRunner
 
+from firmware import codec
 from firmware.device import DeviceConfig, DeviceError, DeviceRuntime, MemoryBudget
 from firmware.device_fleet import DeviceFleet
 from firmware.dsp import DspSpec, extract_features, raw_features
@@ -42,7 +43,7 @@ from firmware.ota import (
     device_audience,
     encode_dsp_block,
 )
-from firmware.sensor import FaultSpec, MachineSimulator, OperatingPoint, quantize
+from firmware.sensor import DriftSpec, FaultSpec, MachineSimulator, OperatingPoint, quantize
 from firmware.signing import KeyRing, ManifestSigner, generate_keypair, load_private_key
 from firmware.tflm import TflmRunner, measure_arena
 from tests.fault_ledger import FaultRecord, record
@@ -232,6 +233,18 @@ def assert_still_runs_v1(device: DeviceRuntime, status: DeviceStatus) -> None:
     assert status.active is not None and status.active.version == 1
     scores = device.score_windows(3)
     assert len(scores) == 3 and all(np.isfinite(s.score) for s in scores)
+
+
+def test_published_windows_carry_the_machines_speed_as_the_tachometer_value(
+    make_device: Callable[..., DeviceRuntime], watcher: Watcher
+) -> None:
+    machine = MachineSimulator(seed=5, operating_point=OperatingPoint(rpm=1500.0, load=0.5))
+    machine.add_drift(DriftSpec("speed", amount=0.1, onset_s=2 * 1024 / 25_600))  # a step from the third window
+    device = make_device(config=replace(FAST, publish_windows=True), simulator=machine)
+    device.score_windows(4)  # no model yet: sampled and published all the same
+    topic = TOPICS.vibration(device.device_id)
+    watcher.wait(topic, codec, lambda w: w.seq == 3)
+    assert [w.rpm for w in watcher.decoded(topic, codec)] == pytest.approx([1500.0, 1500.0, 1650.0, 1650.0])
 
 
 # --- the happy path -------------------------------------------------------------------------

@@ -554,6 +554,7 @@ def test_windows_are_fed_in_real_time_and_published_for_the_ingest(
     windows = [codec.decode(p) for p in watcher.messages[TOPICS.vibration(DEVICE)]]
     assert {w.device_id for w in windows} == {DEVICE} and [w.seq for w in windows[:5]] == list(range(5))
     assert windows[0].samples.size == 1024 and windows[0].sample_rate_hz == 25_600
+    assert {w.rpm for w in windows} == {1797.0}  # the machine's speed as the tachometer value (default point)
     wait_until(lambda: running_v1.gateway.windows_scored >= 10, 30)  # the firmware scored them (batches of 10)
 
 

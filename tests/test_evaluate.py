@@ -9,6 +9,7 @@ import pytest
 
 from tasks.compress import to_tflite_int8
 from tasks.evaluate import EvaluationError, ModelComparison, evaluate_models, evaluate_predictors, evaluate_scores
+from tasks.rates import rate_lower_bound, rate_upper_bound
 from tasks.train import TrainingConfig, train_autoencoder
 
 
@@ -28,6 +29,35 @@ def test_metrics_by_hand() -> None:
     # 4 windows x 0.04 s = 0.16 s of normal signal; one false alarm in it.
     assert ev.normal_hours == pytest.approx(0.16 / 3600)
     assert ev.false_alarms_per_hour == pytest.approx(3600 / 0.16)
+
+
+def test_false_alarm_upper_bound_is_the_exact_binomial_one() -> None:
+    from scipy.stats import binom
+
+    # no false alarm: 1 - (1 - confidence)^(1/n); 0 of 299 vouches for 1.0 %, 0 of 86 only for 3.4 %
+    assert rate_upper_bound(0, 299) == pytest.approx(1 - 0.05 ** (1 / 299)) == pytest.approx(0.00997, abs=1e-5)
+    assert rate_upper_bound(0, 86) == pytest.approx(0.0343, abs=1e-4)
+    # k of n: the rate at which seeing k or fewer has probability 1 - confidence (Clopper-Pearson)
+    for k, n, confidence in [(3, 25, 0.95), (8, 70, 0.95), (2, 332, 0.99)]:
+        upper = rate_upper_bound(k, n, confidence)
+        assert binom.cdf(k, n, upper) == pytest.approx(1 - confidence)
+        assert upper > k / n > rate_lower_bound(k, n, confidence)
+    assert rate_upper_bound(0, 0) == rate_upper_bound(5, 5) == 1.0
+    for bad in [(3, 2, 0.95), (-1, 5, 0.95), (0, 5, 1.0)]:
+        with pytest.raises(ValueError, match="must be in"):
+            rate_upper_bound(*bad)
+
+    ev = evaluate_scores([0.1, 0.2, 0.3, 0.4], {"f": [0.5]}, threshold=0.32, window_seconds=0.04)
+    assert (ev.false_positives, ev.n_normal, ev.confidence) == (1, 4, 0.95)
+    assert ev.false_alarm_upper == pytest.approx(rate_upper_bound(1, 4))
+    strict = evaluate_scores([0.1, 0.2, 0.3, 0.4], {"f": [0.5]}, threshold=0.32, window_seconds=0.04, confidence=0.99)
+    assert strict.false_alarm_upper > ev.false_alarm_upper
+    (row,) = ModelComparison({"m": ev}).to_table()
+    assert (row["false_alarm_upper"], row["confidence"], row["normal_windows"]) == (
+        round(ev.false_alarm_upper, 4),
+        0.95,
+        4,
+    )
 
 
 def test_score_equal_to_threshold_is_not_flagged() -> None:

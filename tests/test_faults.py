@@ -24,7 +24,7 @@ import time
 import urllib.request
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,10 +90,11 @@ def vibration_topic(device: str) -> str:
     return f"tinymlops/{FLEET}/{device}/vibration"
 
 
-def good_payloads(n_devices: int, per_device: int) -> tuple[list[Payload], list[Key]]:
-    """Interleaved windows of several devices, and their (device, seq) keys."""
+def good_payloads(n_devices: int, per_device: int, rpm: Sequence[float | None] = ()) -> tuple[list[Payload], list[Key]]:
+    """Interleaved windows of several devices, and their (device, seq) keys; device ``d`` sends ``rpm[d]`` if given."""
     keys = [(f"node-{d:04d}", s) for s in range(per_device) for d in range(n_devices)]
-    return [(vibration_topic(d), encode(window(d, s))) for d, s in keys], keys
+    speed = dict(enumerate(rpm))
+    return [(vibration_topic(d), encode(window(d, s, rpm=speed.get(int(d[-4:]))))) for d, s in keys], keys
 
 
 def ingest_config(root: Path, client_id: str, *, lake: Path | None = None, batch: int = 200) -> IngestConfig:
@@ -619,7 +620,7 @@ def malformed(kind: str, i: int, rng: np.random.Generator) -> Payload:
     good = encode(window(device, seq))
     if kind == "bit flip":
         flipped = bytearray(good)
-        flipped[int(rng.integers(40, len(good) - 8))] ^= 0xFF  # a sample byte: only the CRC can tell
+        flipped[int(rng.integers(48, len(good) - 8))] ^= 0xFF  # a sample byte: only the CRC can tell
         return topic, bytes(flipped)
     if kind == "truncated":
         return topic, good[: int(rng.integers(30, len(good) - 1))]
@@ -646,7 +647,9 @@ def test_flood_of_malformed_messages_among_good_ones(tmp_path: Path, mosquitto: 
     ingest has handled every message. No idle timeout decides when it is done.
     """
     rng = np.random.default_rng(11)
-    good, keys = good_payloads(4, 500)
+    # good windows: with a tachometer, without one, and two broken ones (NaN, negative): data, never quarantined
+    speeds = [1797.0, None, float("nan"), -1797.0]
+    good, keys = good_payloads(4, 500, rpm=speeds)
     kinds = [kind for kind in MALFORMED_REASONS for _ in range(625)]
     bad = [malformed(kind, i, rng) for i, kind in enumerate(kinds)]
     resent_at = rng.choice(len(good) - 1, 200, replace=False)  # never the last window, which is sent last
@@ -666,6 +669,11 @@ def test_flood_of_malformed_messages_among_good_ones(tmp_path: Path, mosquitto: 
         publisher.stop()
         stats = ingest.stop()
     tally = tally_lake(config.lake_root, FLEET, keys)
+    stored = read_windows(config.lake_root, fleet=FLEET)
+    expected_rpm = np.asarray([speeds[int(d[-4:])] or np.nan for d in stored.device], np.float32)
+    broken = int(
+        np.count_nonzero(np.isnan(stored.rpm[stored.device == "node-0002"])) + np.count_nonzero(stored.rpm < 0)
+    )
     quarantine = read_quarantine(config.quarantine_root).to_pydict()
     sent_bad = {sha256_of(payload): (kind, payload) for kind, (_, payload) in zip(kinds, bad, strict=True)}
     kind_of = {digest: kind for digest, (kind, _) in sent_bad.items()}
@@ -686,12 +694,15 @@ def test_flood_of_malformed_messages_among_good_ones(tmp_path: Path, mosquitto: 
         FaultRecord(
             "flood: 5,000 malformed among 2,000 good", len(keys), tally.rows, tally.duplicates, tally.lost,
             notes=f"{len(quarantine['reason']):,} quarantined with reasons ({len(kinds):,} bad sent, 8 kinds); "
-            f"200 redelivered good windows dropped as duplicates: {stats.duplicates}",
+            f"200 redelivered good windows dropped as duplicates: {stats.duplicates}; of the good, {broken:,} from a "
+            "broken tachometer (rpm NaN or negative) stored with the rpm as sent, for the scorer's fallback",
         )
     )  # fmt: skip
     assert (tally.rows, tally.duplicates, tally.lost, tally.unexpected) == (len(keys), 0, 0, 0)
     assert (stats.received, stats.accepted, stats.rejected, stats.duplicates) == (len(flood) + 1, 2000, 5000, 200)
     assert quarantined == Counter(kinds)
+    np.testing.assert_array_equal(stored.rpm, expected_rpm)
+    assert broken == 1000
     assert wrong_reason == [], wrong_reason[:5]
     assert wrong_record == [], wrong_record[:5]
 
@@ -775,8 +786,8 @@ def test_flood_of_oversized_payloads_keeps_memory_and_quarantine_bounded(tmp_pat
 
 
 def as_version_1(payload: bytes) -> bytes:
-    """A version-2 message as a device without a boot counter sends it: the v1 header, no epoch."""
-    body = payload[:2] + b"\x01" + payload[3:4] + payload[8:-4]
+    """A version-3 message as a device without a boot counter sends it: the v1 header, no epoch, no rpm or load."""
+    body = payload[:2] + b"\x01" + payload[3:4] + payload[8:28] + payload[36:-4]
     return body + zlib.crc32(body).to_bytes(4, "little")
 
 

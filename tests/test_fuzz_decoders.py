@@ -86,7 +86,10 @@ def windows(draw: st.DrawFn, max_samples: int = codec.MAX_SAMPLES) -> codec.Vibr
     n = draw(st.one_of(st.integers(1, min(64, max_samples)), st.integers(1, max_samples)))
     seed = draw(U32)  # samples from a seeded generator: fast for 16k values, still reproducible
     samples = np.random.default_rng(seed).integers(-(2**15), 2**15, n, dtype=np.int16)
-    return codec.VibrationWindow(device, draw(U32), draw(U64), draw(U32), draw(F32_POSITIVE), samples, draw(U32))
+    # any float32 rpm and load, unusable ones included: they are data, never a decode error
+    rpm, load = draw(st.none() | st.floats(width=32)), draw(st.none() | st.floats(width=32))
+    return codec.VibrationWindow(device, draw(U32), draw(U64), draw(U32), draw(F32_POSITIVE), samples, draw(U32),
+                                 rpm, load)  # fmt: skip
 
 
 @st.composite
@@ -243,12 +246,20 @@ json_values = st.recursive(
 
 
 def _codec_canonical(payload: bytes) -> bytes:
-    """What ``encode`` writes for an accepted window: version 2, the reserved flags byte 0 (decode ignores it).
+    """What ``encode`` writes for an accepted window: version 3, the reserved flags byte 0 (decode ignores it).
 
-    A version-1 message becomes the version-2 one with boot epoch 0 (the 4 bytes after the flags).
+    A version-1 message gains boot epoch 0 (the 4 bytes after the flags), a version-1 or -2 one rpm 0.0 and
+    load NaN after the scale (not known). Of a version-3 rpm, -0.0 is 0.0 (both not known) and a signalling
+    NaN its quiet form (a float32 through a Python float); any NaN load is the one NaN ``encode`` writes.
     """
-    rest = payload[4:-4] if payload[2] == 2 else bytes(4) + payload[4:-4]
-    body = payload[:2] + b"\x02\x00" + rest
+    rest = payload[4:-4] if payload[2] != 1 else bytes(4) + payload[4:-4]
+    if payload[2] == 3:
+        rpm, load = struct.unpack_from("<ff", rest, 24)
+        rest = rest[:24] + rest[32:]
+    else:
+        rpm, load = 0.0, math.nan
+    condition = struct.pack("<ff", 0.0 if rpm == 0 else rpm, math.nan if math.isnan(load) else load)
+    body = payload[:2] + b"\x03\x00" + rest[:24] + condition + rest[24:]
     return body + struct.pack("<I", zlib.crc32(body))
 
 
@@ -273,10 +284,17 @@ def assert_binary_accepted_is_valid(kind: str, payload: bytes, decoded: Any) -> 
         assert decoded.encode() == payload
 
 
+def _known(value: float | None, unknown: Callable[[float], bool]) -> str | None:
+    """An rpm or load as comparable text: None when not known (None, or what encodes as not known)."""
+    return None if value is None or unknown(value) else repr(value)
+
+
 def assert_same_window(a: codec.VibrationWindow, b: codec.VibrationWindow) -> None:
     assert (a.device_id, a.epoch, a.seq, a.timestamp_us, a.sample_rate_hz, a.scale) == (
         b.device_id, b.epoch, b.seq, b.timestamp_us, b.sample_rate_hz, b.scale,
     )  # fmt: skip
+    assert _known(a.rpm, lambda rpm: rpm == 0) == _known(b.rpm, lambda rpm: rpm == 0)
+    assert _known(a.load, math.isnan) == _known(b.load, math.isnan)
     assert b.samples.dtype == np.int16 and np.array_equal(a.samples, b.samples)
 
 
@@ -309,7 +327,7 @@ def decode_json_or_documented_error(kind: type[JsonMessage], payload: bytes) -> 
 @FAST
 @given(data=st.data(), kind=st.sampled_from(sorted(BINARY)))
 def test_binary_decoders_take_any_bytes(data: st.DataObject, kind: str) -> None:
-    prefix = {"vibration": b"TV\x02", "manifest": b"TO\x01\x01", "chunk": b"TO\x01\x02", "request": b"TO\x01\x03"}
+    prefix = {"vibration": b"TV\x03", "manifest": b"TO\x01\x01", "chunk": b"TO\x01\x02", "request": b"TO\x01\x03"}
     # raw bytes rarely pass the magic: also start from the right header, or from a real message's header
     valid = encode_any(data.draw(BINARY[kind][1], label="message"))
     start = data.draw(st.sampled_from([b"", prefix[kind], valid[: len(valid) // 2]]), label="start")
@@ -404,17 +422,29 @@ def with_crc(body: bytes) -> bytes:
     scale=st.floats(width=32),
     flags=st.integers(0, 255),
     fields=st.tuples(U32, U32, U64, U32),
-    version=st.sampled_from([1, 2]),
+    version=st.sampled_from([1, 2, 3]),
+    condition=st.tuples(st.floats(width=32), st.floats(width=32)),
 )
 def test_vibration_decoder_accepts_exactly_the_documented_format(
-    device: bytes, n: int, scale: float, flags: int, fields: tuple[int, int, int, int], version: int
+    device: bytes,
+    n: int,
+    scale: float,
+    flags: int,
+    fields: tuple[int, int, int, int],
+    version: int,
+    condition: tuple[float, float],
 ) -> None:
-    # Built field by field from VIBRATION_FORMAT.md (version 2, or version 1 without the boot epoch), lengths
-    # consistent and CRC valid, any value in every field: accepted if and only if the id is 1..64 bytes of
-    # UTF-8, 1..16384 samples, scale finite and > 0. (Atheris found 65..255-byte ids accepted; this property
+    # Built field by field from VIBRATION_FORMAT.md (version 3; version 2 without rpm and load; version 1 also
+    # without the boot epoch), lengths consistent and CRC valid, any value in every field: accepted if and only
+    # if the id is 1..64 bytes of UTF-8, 1..16384 samples, scale finite and > 0, whatever the rpm and load (an
+    # unusable speed is data, not a decode error). (Atheris found 65..255-byte ids accepted; this property
     # pins the limits.)
     epoch, seq, timestamp_us, rate = fields
-    if version == 2:
+    rpm, load = condition
+    if version == 3:
+        header = struct.pack("<2sBBIIQIfffHB", b"TV", 3, flags, epoch, seq, timestamp_us, rate, scale, rpm, load, n,
+                             len(device))  # fmt: skip
+    elif version == 2:
         header = struct.pack("<2sBBIIQIfHB", b"TV", 2, flags, epoch, seq, timestamp_us, rate, scale, n, len(device))
     else:
         header = struct.pack("<2sBBIQIfHB", b"TV", 1, flags, seq, timestamp_us, rate, scale, n, len(device))
@@ -428,7 +458,9 @@ def test_vibration_decoder_accepts_exactly_the_documented_format(
     valid = valid and math.isfinite(scale) and scale > 0
     if valid:
         decoded = codec.decode(payload)
-        assert (decoded.epoch, decoded.seq) == (epoch if version == 2 else 0, seq)
+        assert (decoded.epoch, decoded.seq) == (epoch if version > 1 else 0, seq)
+        known = version == 3 and rpm != 0, version == 3 and not math.isnan(load)
+        assert (decoded.rpm is not None, decoded.load is not None) == known
         assert codec.encode(decoded) == _codec_canonical(payload)
     else:
         with pytest.raises(DecodeError):

@@ -103,6 +103,40 @@ def test_round_trip_each_format(tmp_path: Path, kind: str) -> None:
     assert set(got.source) == {f"file:{path.name}#sha256={digest}"}
 
 
+def test_the_operating_condition_comes_from_the_options_or_the_file(tmp_path: Path) -> None:
+    lake = tmp_path / "lake"
+    x = _sine(4 * WINDOW, RATE)
+    given = tmp_path / "given.npz"
+    np.savez(given, x=x, fs=RATE, rpm=1797)  # the option wins over the file's field
+    import_file(given, lake_root=lake, fleet="f", rpm=1200.0, load=0.25)
+    field = tmp_path / "field.npz"
+    np.savez(field, x=x, fs=RATE, RPM=1797)
+    import_file(field, lake_root=lake, fleet="f")
+    # a CSV column rpm, one per sample: each window gets the mean of its samples; the column is not a signal
+    column = tmp_path / "column.csv"
+    pd.DataFrame({"accel_g": x, "rpm": np.repeat([900.0, 1000.0, 1100.0, 1300.0], WINDOW)}).to_csv(column, index=False)
+    import_file(column, lake_root=lake, fleet="f", fs=RATE)
+    cwru_mat = tmp_path / "cwru.mat"  # CWRU's original .mat files: X097_DE_time and X097RPM
+    scipy.io.savemat(cwru_mat, {"X097_DE_time": x.reshape(-1, 1), "X097RPM": np.array([[1796.0]])})
+    import_file(cwru_mat, lake_root=lake, fleet="f", fs=RATE)
+    unknown = tmp_path / "unknown.npz"
+    np.savez(unknown, x=x, fs=RATE)
+    import_file(unknown, lake_root=lake, fleet="f")
+
+    windows = read_windows(lake, fleet="f", window_samples=WINDOW)
+    by_device = {
+        d: (windows.rpm[windows.device == d].tolist(), windows.load[windows.device == d].tolist())
+        for d in set(windows.device)
+    }
+    nan = [math.nan] * 4
+    assert by_device["given"] == ([1200.0] * 4, [0.25] * 4)
+    assert by_device["field"][0] == [1797.0] * 4
+    assert by_device["column"][0] == [900.0, 1000.0, 1100.0, 1300.0]
+    assert by_device["cwru"][0] == [1796.0] * 4
+    np.testing.assert_array_equal(by_device["unknown"], [nan, nan])
+    np.testing.assert_array_equal(by_device["column"][1] + by_device["field"][1] + by_device["cwru"][1], nan * 3)
+
+
 def test_one_scale_per_file_uses_full_range(tmp_path: Path) -> None:
     path = tmp_path / "dev.npz"
     x = _sine(8 * WINDOW, RATE) * np.linspace(0.1, 1.0, 8 * WINDOW)  # windows of very different amplitude
@@ -355,6 +389,40 @@ BAD_INPUTS = [
         r"is not a .npz archive: it does not start with a zip signature",
         id="npz-not-an-archive",
     ),
+    *(
+        pytest.param(
+            ".npz",
+            lambda p: np.savez(p, x=_sine(2 * WINDOW, RATE), fs=RATE),
+            {kind: value},
+            rf"invalid {kind} {value:g} for .*: must be a finite",
+            id=f"{kind}-{value:g}",
+        )
+        for kind, value in (
+            ("rpm", -5.0),
+            ("rpm", math.nan),
+            ("rpm", math.inf),
+            ("rpm", 60_001.0),
+            ("rpm", 0.0),
+            ("load", 1.5),
+            ("load", -0.1),
+        )
+    ),
+    pytest.param(
+        ".npz",
+        lambda p: np.savez(p, x=_sine(2 * WINDOW, RATE), fs=RATE, rpm=-1797),
+        {},
+        r"invalid rpm -1797 for .*field 'rpm'.*: must be a finite speed > 0",
+        id="rpm-field-negative",
+    ),
+    pytest.param(
+        ".csv",
+        lambda p: pd.DataFrame(
+            {"g": _sine(2 * WINDOW, RATE), "rpm": [1797.0] * 99 + [70_000.0] * (2 * WINDOW - 99)}
+        ).to_csv(p, index=False),
+        {"fs": RATE},
+        r"invalid rpm 70000 for .*'rpm' row 100\): must be a finite speed > 0 and at most 60,000",
+        id="rpm-column-too-fast",
+    ),
 ]
 
 
@@ -410,7 +478,7 @@ def test_import_cwru_names_labels_and_rates(tmp_path: Path) -> None:
     lengths = {"1797_Normal": 48_000 // 10, "1797_IR_7_DE12": 12_000 // 10, "1797_OR6_7_DE48": 48_000 // 10}
     for stem, n in lengths.items():
         np.savez(src / f"{stem}.npz", DE=_sine(n, 48_000.0).reshape(-1, 1), FE=np.zeros((n, 1)))
-    np.savez(src / "cwru_de_48k_1797rpm_1s.npz", normal=np.zeros(48_000), fs=48_000)  # fixture: not imported
+    np.savez(src / "cwru_de_48k_1797rpm_1s.npz", normal=_sine(48_000, 48_000.0), fs=48_000, rpm=1797)  # not imported
     lake = tmp_path / "lake"
 
     results = import_cwru(src, lake_root=lake)
@@ -423,7 +491,12 @@ def test_import_cwru_names_labels_and_rates(tmp_path: Path) -> None:
     assert by_device["cwru-1797-IR-7-DE12"].source_rate_hz == 12_000
     # 0.1 s at any source rate is 2560 samples at 25.6 kHz: two windows each.
     assert [r.windows for r in results] == [2, 2, 2]
-    assert len(read_windows(lake, fleet="cwru")) == 6
+    windows = read_windows(lake, fleet="cwru")
+    assert len(windows) == 6
+    assert windows.rpm.tolist() == [1797.0] * 6 and windows.load.tolist() == [0.0] * 6  # the rig's, 0 hp
+    # the 1 s fixture says its speed in its own rpm field
+    import_file(src / "cwru_de_48k_1797rpm_1s.npz", lake_root=lake, fleet="fixture", var="normal")
+    assert set(read_windows(lake, fleet="fixture").rpm.tolist()) == {1797.0}
 
 
 def test_import_cwru_rejects_unknown_names_before_importing(tmp_path: Path) -> None:
@@ -459,6 +532,9 @@ def test_import_real_cwru(cwru_dir: Path, tmp_path: Path) -> None:
     normal = next(r for r in results if r.label == "normal")
     # 243,938 samples at 48 kHz are 130,101 at 25.6 kHz: 127 full windows.
     assert normal.windows == 127
+    assert set(windows.rpm.tolist()) == {1797.0}  # every recording is at the rig's 1797 rpm (names, README)
+    fixture = import_file(cwru_dir / "cwru_de_48k_1797rpm_1s.npz", lake_root=lake, fleet="fixture", var="normal")
+    assert fixture.windows == 25 and set(read_windows(lake, fleet="fixture").rpm.tolist()) == {1797.0}  # its field
 
     original = np.load(normal.path)["DE"].ravel()
     imported = windows.samples[windows.device == normal.device].astype(np.float64)
@@ -577,7 +653,8 @@ def test_large_files_are_read_in_chunks_or_refused_before_reading(tmp_path: Path
             duplicates=0,
             lost=120_000 // WINDOW - windows,
             notes=f"{len(BAD_INPUTS)} bad or hostile files (values near 1e300 and 1e-300, a text signal column, "
-            "--fs 1e300, labels '', '../../etc/passwd' and 'normal\\nx', ...) each refused in one line, lake "
+            "--fs 1e300, labels '', '../../etc/passwd' and 'normal\\nx', rpm and load out of range, ...) each refused "
+            "in one line, lake "
             f"unchanged; traced peak memory: {sizes['huge.npz']:.0f} MiB non-archive .npz refused at "
             f"{no_archive_peak:.1f} MiB, {sizes['wide.csv']:.0f} MiB CSV imported at {wide_peak:.1f} MiB, "
             f"{sizes['long.csv']:.0f} MiB CSV over a 100,000-sample limit refused at {long_peak:.1f} MiB, "

@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +57,30 @@ def test_valid_message_passes() -> None:
     assert window.samples.size == SENSOR.window_samples
 
 
+def test_operating_condition_travels_in_version_3_and_older_versions_decode_without_it() -> None:
+    window = check(topic(), encode(make_window(rpm=1234.5, load=0.75)))
+    assert (window.rpm, window.load) == (1234.5, 0.75)
+    unknown = check(topic(), encode(make_window()))  # a device without a tachometer: 0.0 rpm, NaN load
+    assert (unknown.rpm, unknown.load) == (None, None)
+    v3 = encode(make_window(seq=5, epoch=9, rpm=900.0))
+    # the same window as version 2 (no rpm, load) and version 1 (no boot epoch either), CRC recomputed
+    for version, body in (
+        (2, v3[:2] + b"\x02" + v3[3:28] + v3[36:-4]),
+        (1, v3[:2] + b"\x01" + v3[3:4] + v3[8:28] + v3[36:-4]),
+    ):
+        old = check(topic(), body + zlib.crc32(body).to_bytes(4, "little"))
+        assert (old.seq, old.epoch, old.rpm, old.load) == (5, 9 if version == 2 else 0, None, None)
+        assert np.array_equal(old.samples, make_window(seq=5).samples)
+
+
+@pytest.mark.parametrize("rpm", [float("nan"), float("inf"), -1500.0, 1e9])
+def test_an_unusable_rpm_is_data_not_a_decode_error(rpm: float) -> None:
+    # a broken tachometer leaves the samples good: the window is accepted with the rpm as sent, for the scorer
+    window = check(topic(), encode(make_window(rpm=rpm, load=-2.0)))
+    assert window.rpm is not None and np.array_equal([window.rpm], [rpm], equal_nan=True)
+    assert window.load == -2.0
+
+
 @pytest.mark.parametrize(
     ("t", "window", "error", "reason"),
     [
@@ -79,14 +105,14 @@ def test_corrupt_bytes_are_rejected_with_reason() -> None:
     flipped = bytearray(good)
     flipped[100] ^= 0xFF
     wrong_version = bytearray(good)
-    wrong_version[2] = 3
+    wrong_version[2] = 4
     cases = {
         b"": "truncated message: 0 bytes",
         good[:-10]: "truncated message",
         good + b"\x00" * 8: "oversized message",
         b"\x00" * 80_000: "oversized message: 80000 bytes",
         bytes(flipped): "bad CRC",
-        bytes(wrong_version): "unsupported header version 3",
+        bytes(wrong_version): "unsupported header version 4",
         b"XX" + good[2:]: "bad magic",
     }
     for payload, reason in cases.items():
@@ -152,17 +178,21 @@ def test_a_reused_seq_with_other_content_is_quarantined_with_its_reason(tmp_path
     in_one_batch = Ingestor(config_for(tmp_path, quarantine_root=tmp_path / "q2"))
     in_one_batch.process(received([make_window(seq=7), make_window(seq=7, scale=8 / 32767)]))
     assert (in_one_batch.stats.accepted, in_one_batch.stats.rejected) == (1, 1)
+    # the speed is content too: the same samples at another speed are not a redelivery
+    in_one_batch.process(received([make_window(seq=9, rpm=900.0)] * 2 + [make_window(seq=9, rpm=1200.0)]))
+    assert (in_one_batch.stats.accepted, in_one_batch.stats.duplicates, in_one_batch.stats.rejected) == (2, 1, 2)
     reasons = read_quarantine(tmp_path / "quarantine")["reason"].to_pylist()
     reasons += read_quarantine(tmp_path / "q2")["reason"].to_pylist()
     assert reasons == [
         "seq reused with different content: device node-0001 boot epoch 0 seq 0 is already stored with other "
         "samples or metadata",
     ] * 2 + [
-        "seq reused with different content: device node-0001 boot epoch 0 seq 7 is already stored with other "
+        f"seq reused with different content: device node-0001 boot epoch 0 seq {seq} is already stored with other "
         "samples or metadata"
+        for seq in (7, 9)
     ]
     lake = read_windows(tmp_path / "lake", fleet="f1")
-    assert sorted(lake.seq.tolist()) == [0, 7]
+    assert sorted(lake.seq.tolist()) == [0, 7, 9] and lake.rpm[lake.seq == 9].tolist() == [900.0]
     assert np.array_equal(lake.samples[lake.seq == 0][0], first_boot.physical())
 
 
@@ -189,6 +219,7 @@ def test_boot_epochs_grow_on_every_start_in_a_process_and_across_processes(tmp_p
     assert fleets[0].boot_epoch < fleets[1].boot_epoch
     windows = [fleet.nodes[0].next_window(NOW_US) for fleet in fleets]
     assert [(w.epoch, w.seq) for w in windows] == [(fleets[0].boot_epoch, 0), (fleets[1].boot_epoch, 0)]
+    assert [w.rpm for w in windows] == [1797 * 0.98] * 2  # node 0's machine speed, sent as the tachometer value
 
 
 def test_a_key_whose_content_the_index_no_longer_holds_is_quarantined_not_stored_twice(tmp_path: Path) -> None:
@@ -214,9 +245,12 @@ def publish_all(address: BrokerAddress, payloads: list[tuple[str, bytes]]) -> No
     client.loop_stop()
 
 
-def fleet_payloads(n_devices: int, per_device: int) -> list[tuple[str, bytes]]:
+def fleet_payloads(
+    n_devices: int, per_device: int, rpm: Callable[[int], float | None] = lambda d: None
+) -> list[tuple[str, bytes]]:
+    """``per_device`` windows of each of ``n_devices`` devices, interleaved; device ``d`` sends ``rpm(d)``."""
     return [
-        (topic(f"node-{d:04d}"), encode(make_window(f"node-{d:04d}", s)))
+        (topic(f"node-{d:04d}"), encode(make_window(f"node-{d:04d}", s, rpm=rpm(d))))
         for s in range(per_device)
         for d in range(n_devices)
     ]
@@ -226,7 +260,8 @@ def fleet_payloads(n_devices: int, per_device: int) -> list[tuple[str, bytes]]:
 def test_ingest_writes_exactly_the_windows_sent(tmp_path: Path, mosquitto: MosquittoBroker) -> None:
     config = config_for(tmp_path)
     ensure_subscription(mosquitto.address, config)
-    good = fleet_payloads(8, 25)
+    speeds = [900.0, None, 1500.5, float("nan"), 1200.0, None, 3000.0, None]  # with a tachometer, without, broken
+    good = fleet_payloads(8, 25, rpm=speeds.__getitem__)
     redelivered = good[:30]
     malformed = [(topic(), b"garbage"), (topic(), encode(make_window(sample_rate_hz=1000, seq=999)))]
     publish_all(mosquitto.address, good + redelivered + malformed)
@@ -239,6 +274,8 @@ def test_ingest_writes_exactly_the_windows_sent(tmp_path: Path, mosquitto: Mosqu
     lake = read_windows(tmp_path / "lake", fleet="f1")
     keys = list(zip(lake.device.tolist(), lake.seq.tolist(), strict=True))
     assert len(keys) == len(set(keys)) == 8 * 25
+    expected_rpm = np.asarray([speeds[int(d[-4:])] or np.nan for d in lake.device], np.float32)  # NaN: not known
+    np.testing.assert_array_equal(lake.rpm, expected_rpm)
     quarantine = read_quarantine(tmp_path / "quarantine").to_pydict()
     assert sorted(r.split(":")[0] for r in quarantine["reason"]) == [
         "sample rate 1000 Hz, fleet expects 25600 Hz",

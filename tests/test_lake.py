@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import hashlib
 import itertools
 import json
 import logging
 import os
+import struct
 import subprocess
 import sys
 import threading
@@ -167,6 +170,42 @@ def test_files_written_before_the_epoch_and_digest_columns_read_as_epoch_0_conte
     report = compact_lake(tmp_path, fleet="f", closed_before=at(T0 + HOUR_US))
     assert (report.files_before, report.files_after, report.rows) == (2, 1, 10)
     assert keys_of(tmp_path) == [("d000", s) for s in range(10)]
+
+
+def test_the_operating_condition_is_kept_by_every_reader_and_old_files_read_it_as_not_known(tmp_path: Path) -> None:
+    nan = float("nan")
+    batch = WindowBatch()
+    for seq, rpm, load in ((0, 900.0, 0.5), (1, None, None), (2, nan, 0.25), (3, -5.0, None)):
+        batch.append("f", dataclasses.replace(flushed(0, seq, 0), rpm=rpm, load=load))  # -5: stored as sent
+    write_windows(tmp_path, batch)
+    old_batch = WindowBatch()
+    for seq in (4, 5):
+        old_batch.append("f", dataclasses.replace(flushed(0, seq, 0), rpm=1500.0))
+    (old,) = write_windows(tmp_path, old_batch)
+    pq.write_table(pq.read_table(old).drop_columns(["rpm", "load"]), old)  # written before the columns
+    rpm = [900.0, nan, nan, -5.0, nan, nan]
+    load = [0.5, nan, 0.25, nan, nan, nan]
+    windows = read_windows(tmp_path, fleet="f")
+    assert windows.rpm.dtype == windows.load.dtype == np.float32
+    np.testing.assert_array_equal(windows.rpm, np.float32(rpm))  # NaN == NaN here
+    np.testing.assert_array_equal(windows.load, np.float32(load))
+    picked = windows.select(windows.seq % 2 == 0)
+    np.testing.assert_array_equal(picked.rpm, np.float32(rpm[::2]))
+    np.testing.assert_array_equal(picked.load, np.float32(load[::2]))
+    assert compact_lake(tmp_path, fleet="f", closed_before=at(T0 + HOUR_US)).files_after == 1
+    np.testing.assert_array_equal(read_windows(tmp_path, fleet="f").rpm, np.float32(rpm))
+    np.testing.assert_array_equal(read_windows(tmp_path, fleet="f").load, np.float32(load))
+
+
+def test_the_content_digest_covers_the_operating_condition_only_when_a_window_carries_one() -> None:
+    window = flushed(0, 7, 0)
+    before_v3 = hashlib.blake2b(digest_size=8)  # the digest the lake stored before wire version 3
+    before_v3.update(struct.pack("<QIf", window.timestamp_us, window.sample_rate_hz, window.scale))
+    before_v3.update(window.samples.astype("<i2").tobytes())
+    assert window_digest(window) == int.from_bytes(before_v3.digest(), "little", signed=True)
+    with_speed = {window_digest(dataclasses.replace(window, rpm=rpm, load=load))
+                  for rpm, load in ((900.0, None), (901.0, None), (900.0, 0.5), (None, 0.5))}  # fmt: skip
+    assert len(with_speed) == 4 and window_digest(window) not in with_speed
 
 
 def test_the_key_snapshot_spares_a_restart_the_files_it_covers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -223,7 +223,9 @@ def test_speed_aware_dsp_block_round_trips_what_the_device_needs() -> None:
     decoded = decode_dsp_block(encode_dsp_block(SPEED_SPEC))
     assert decoded.version == 2 and decoded.speed_reference_rpm == 1200.0
     assert decoded.speed_slope == SPEED_SPEC.speed_slope and decoded.speed_valid_rpm == SPEED_SPEC.speed_valid_rpm
-    assert decode_dsp_block(encode_dsp_block(dataclasses.replace(SPEC, version=2))).speed_aware is False
+    # without a trend the block stays version 1: devices built before speed awareness take it
+    untrended = dataclasses.replace(SPEC, version=2, speed_reference_rpm=1200.0, speed_coverage_rpm=((1100.0, 1300.0),))
+    assert encode_dsp_block(untrended) == encode_dsp_block(SPEC)
 
 
 @pytest.mark.parametrize(

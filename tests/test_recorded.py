@@ -42,6 +42,14 @@ def test_gain_drift_scales_the_signal_and_other_changes_are_refused() -> None:
         drifted.set_operating_point(OperatingPoint(rpm=1500, load=0.5))
 
 
+def test_the_tachometer_value_is_the_speed_the_recording_was_made_at() -> None:
+    assert RecordedMachine(recordings(), 25_600, 1024).current_rpm is None  # not known unless given
+    machine = RecordedMachine(recordings(), 25_600, 1024, rpm=1797.0)
+    machine.inject_fault(FaultSpec(kind="inner_race", severity=0.5))
+    machine.next_window()
+    assert machine.current_rpm == 1797.0
+
+
 @pytest.mark.realdata
 def test_cwru_recordings_replay_at_the_sensor_rate(cwru_dir: Path) -> None:
     recorded = load_cwru_recordings(cwru_dir, target_rate_hz=25_600)

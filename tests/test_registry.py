@@ -50,10 +50,12 @@ from registry.models import (
 )
 from registry.promotion import (
     AUC_TOLERANCE,
+    AbsoluteGates,
     decide_promotion,
     promote,
     promotion_history,
     record_comparison,
+    record_refusal,
     recorded_comparison,
     rollback,
 )
@@ -440,6 +442,48 @@ def test_promotion_rule() -> None:
     assert not broken.allowed and any("nan" in f for f in broken.failures)
 
 
+GATES = AbsoluteGates(max_false_alarm_rate=0.02, min_calibration_windows=199)
+
+
+def held_out(false_positives: int, n_normal: int, calibration_windows: int = 250) -> dict[str, float]:
+    """A candidate's figures: it beats the champion below, whatever its own false alarms."""
+    from tasks.rates import rate_upper_bound
+
+    return {
+        "auc_int8": 0.999,
+        "false_alarms_per_hour": 0.0,
+        "false_alarm_upper": rate_upper_bound(false_positives, n_normal),
+        "false_positives": false_positives,
+        "n_normal": n_normal,
+        "confidence": 0.95,
+        "calibration_windows": calibration_windows,
+    }
+
+
+def test_absolute_gates_refuse_a_model_that_beats_the_champion() -> None:
+    champion = {"auc_int8": 0.90, "false_alarms_per_hour": 500.0}  # a poor champion: the gates still hold
+    # 0 of 86 held-out windows: the bound (3.4 %) is above the 2 % limit although nothing was flagged
+    too_few_windows = decide_promotion(held_out(0, 86), champion, True, GATES)
+    assert not too_few_windows.allowed
+    assert too_few_windows.blocking == (
+        "false-alarm rate above the limit: 0 of 86 held-out normal windows flagged, upper bound 3.42% at 95% "
+        "confidence > limit 2.00%",
+    )
+    assert not decide_promotion(held_out(3, 332), None, True, GATES).allowed  # no champion: the gates still hold
+    small_calibration = decide_promotion(held_out(0, 400, calibration_windows=15), champion, True, GATES)
+    assert small_calibration.blocking == ("too few calibration windows behind the threshold: 15 < minimum 199",)
+    within = decide_promotion(held_out(2, 332), champion, True, GATES)  # 2 of 332: 1.88 %
+    assert within.allowed and not within.failures
+    assert "false alarms on 2 of 332 held-out normal windows: upper bound 1.88% at 95% confidence <= limit 2.00%" in (
+        within.reasons
+    )
+    assert "250 calibration windows (minimum 199)" in within.reasons
+    assert decide_promotion(None, None, True, GATES).blocking == (
+        "no held-out evaluation of the candidate to check the absolute gates with",
+    )
+    assert decide_promotion(held_out(3, 332), None, True).allowed  # no gates (a version from before them)
+
+
 def test_promote_moves_aliases_records_and_rolls_back(run_id: str, bundle_root: Path) -> None:
     client = MlflowClient()
     target = catalog_target("nrf52840", "nrf_promo")
@@ -509,6 +553,35 @@ def test_recorded_comparison_round_trips_through_version_tags(run_id: str, bundl
     assert candidate == {"auc_int8": "0.98", "false_alarms_per_hour": "12.5"}
     assert champion == {"auc_int8": "0.97", "false_alarms_per_hour": "20.0", "version": "7"}
     assert decide_promotion(candidate, champion, True).allowed
+
+
+def test_a_version_short_of_the_gates_is_refused_even_forced_and_the_refusal_recorded(
+    run_id: str, bundle_root: Path
+) -> None:
+    target = catalog_target("nrf52840", "nrf_gates")
+    name = registered_model_name(target.name)
+    version = register(bundle_root, run_id, target, "v1")
+    figures = held_out(5, 120)
+    record_comparison(name, version, candidate_eval=figures, champion_eval=None, champion_version=None, gates=GATES)
+    recorded = describe(f"{name}/{version}")
+    candidate, _ = recorded_comparison(recorded)
+    assert AbsoluteGates.from_tags(recorded.tags) == GATES  # what `models promote` applies
+    assert candidate is not None and candidate["false_positives"] == "5" and candidate["n_normal"] == "120"
+    decision = decide_promotion(candidate, None, True, GATES)
+    assert not decision.allowed
+    for force in (False, True):
+        with pytest.raises(
+            PromotionError, match=r"refused: false-alarm rate above the limit: 5 of 120 .*not even forced"
+        ):
+            promote(name, version, candidate_eval=candidate, champion_eval=None, actor="eve", force=force,
+                    reason="field test", gates=GATES)  # fmt: skip
+    assert CHAMPION not in aliases_of(name)
+
+    record_refusal(name, version, decision, actor="train-flow")
+    (refusal,) = promotion_history(name)
+    assert (refusal.action, refusal.version, refusal.rule_passed) == ("refuse", version, False)
+    assert refusal.reason.startswith("false-alarm rate above the limit: 5 of 120 held-out normal windows flagged")
+    assert describe(f"{name}/{version}").tags["promotion_refused"] == refusal.reason
 
 
 # ---------------------------------------------------------------- resolve and load

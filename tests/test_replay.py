@@ -30,7 +30,7 @@ def test_a_recording_replayed_as_a_device_is_ingested_as_its_live_windows(
     np.savez(path, accel=recording, fs=np.float64(48_000))  # 1 s at 48 kHz: 25 windows at 25.6 kHz
 
     args = [sys.executable, "-m", "tinymlops", "replay", str(path), "--device", "motor-7", "--fleet", "f1",
-            "--speed", "0", "--broker", mosquitto.address.url]  # fmt: skip
+            "--speed", "0", "--broker", mosquitto.address.url, "--rpm", "1450"]  # fmt: skip
     result = subprocess.run(args, env=cli_env(tmp_path / "data"), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "replayed 25 windows" in result.stdout
@@ -39,6 +39,7 @@ def test_a_recording_replayed_as_a_device_is_ingested_as_its_live_windows(
     assert stats.accepted == 25
     lake = read_windows(tmp_path / "lake", fleet="f1", devices=["motor-7"])
     assert sorted(lake.seq.tolist()) == list(range(25)) and set(lake.source) == {"mqtt"}
+    assert set(lake.rpm.tolist()) == {1450.0}  # the tachometer value on the wire, kept by the ingest
     expected = resample_poly(recording, 8, 15)[: 25 * 1024].reshape(25, 1024)
     stored = lake.samples[np.argsort(lake.seq)]
     step = 16.0 / 32767  # the sensor range: 16 g (the recording's peak is ~3.8 g)

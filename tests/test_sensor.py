@@ -118,6 +118,22 @@ def test_speed_drift_shifts_the_1x_line() -> None:
     assert abs(one_x_line(sim) - 1.2 * 30.0) <= FS / (N_WINDOWS * 1024)
 
 
+def test_current_rpm_is_the_operating_point_times_the_speed_drift_of_the_next_window() -> None:
+    sim = MachineSimulator(5, operating_point=OperatingPoint(rpm=1800, load=0.8))
+    assert sim.current_rpm == 1800.0
+    window_s = 1024 / FS
+    sim.add_drift(DriftSpec("speed", amount=0.2, onset_s=2 * window_s, ramp_s=4 * window_s))
+    readings = []
+    for _ in range(8):
+        readings.append(sim.current_rpm)  # read before the window, as a publisher does
+        sim.next_window()
+    # the ramp's value at each window's centre: 0 for the first two, then +0.05/window from half a step in
+    expected = [1800.0, 1800.0, 1800 * 1.025, 1800 * 1.075, 1800 * 1.125, 1800 * 1.175, 1800 * 1.2, 1800 * 1.2]
+    assert readings == pytest.approx(expected)
+    sim.set_operating_point(OperatingPoint(rpm=900, load=0.5))
+    assert sim.current_rpm == pytest.approx(900 * 1.2)
+
+
 def test_gain_drift_scales_rms() -> None:
     plain, drifted = MachineSimulator(11), MachineSimulator(11)
     for sim in (plain, drifted):

@@ -10,6 +10,7 @@ import pytest
 from firmware.dsp import DspSpec
 from firmware.tflm import TflmRunner
 from tasks.packaging import PackagedTarget, enforce_some_target_fits
+from tasks.rates import rate_upper_bound
 from tasks.train import calibrated_false_alarm_rate
 from tests.conftest import POISONED_WINDOW
 from tinymlops.schemas import load_bundle
@@ -144,9 +145,19 @@ def test_evaluate_cli_scores_a_bundle_on_the_lake(cwru_trained: dict[str, object
     assert isinstance(counts, dict)
     assert held_out["n_normal"] == counts["test_normal"] < report["evaluations"]["int8_tflm"]["n_normal"]
     assert held_out["false_alarm_rate"] == held_out["false_positives"] / held_out["n_normal"]
+    # with the upper confidence bound of that rate: what so few windows can vouch for
+    assert held_out["confidence"] == 0.95
+    assert held_out["false_alarm_upper"] == pytest.approx(
+        rate_upper_bound(held_out["false_positives"], counts["test_normal"])
+    )
     outcome_evaluation = cwru_trained["evaluation"]
-    assert isinstance(outcome_evaluation, dict)  # train --json carries per-class figures too
-    assert set(outcome_evaluation["int8_tflm"]["recall_by_fault"]) == {"ball", "inner_race", "outer_race"}
+    assert isinstance(outcome_evaluation, dict)  # train --json carries per-class figures and the bound too
+    deployed = outcome_evaluation["int8_tflm"]
+    assert set(deployed["recall_by_fault"]) == {"ball", "inner_race", "outer_race"}
+    assert deployed["n_normal"] == counts["test_normal"] and deployed["confidence"] == 0.95
+    assert deployed["false_alarm_upper"] == pytest.approx(
+        rate_upper_bound(deployed["false_positives"], deployed["n_normal"])
+    )
 
     bad = subprocess.run([*args[:-4], "fleet=nosuchfleet"], env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1

@@ -60,6 +60,8 @@ def bench_loop(settings: Settings, *, quick: bool) -> dict[str, Any]:
                     "TINYMLOPS_DRIFT__WINDOW_MINUTES": str(config.monitor_s / 60.0),
                     "PREFECT_API_URL": f"{prefect.url}/api",
                     "PREFECT_HOME": str(root / "prefect"),
+                    # the served retraining trains with the same configuration as the first model
+                    **({"TINYMLOPS_TRAINING_CONFIG": str(QUICK_TRAINING_CONFIG)} if quick else {}),
                 }
             )
         )
@@ -81,7 +83,6 @@ def bench_loop(settings: Settings, *, quick: bool) -> dict[str, Any]:
             ingest_seconds=config.ingest_s,
             monitor_seconds=config.monitor_s,
             targets=[profile],
-            config_path=str(QUICK_TRAINING_CONFIG) if quick else None,
         )
         before = {d: s.active.version for d, s in fleet.statuses().items() if s is not None and s.active}
         if len(before) != devices:

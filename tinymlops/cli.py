@@ -370,6 +370,7 @@ def evaluate(
     settings = _settings()
     from tasks.datasets import LakeSelection, load_labelled, outside_spans, parse_selector
     from tasks.evaluate import evaluate_bundle
+    from tasks.train import WindowSpeeds
 
     bundle = _load_model(model)
     lake_root, selection = settings.lake_root, None
@@ -393,6 +394,7 @@ def evaluate(
         normal.samples,
         labelled.faults,
         window_seconds=settings.sensor.window_samples / labelled.normal.sample_rate_hz,
+        speeds=WindowSpeeds(test=normal.rpm, faults=labelled.fault_rpm),
     )
     report = {
         "model": model,
@@ -420,6 +422,7 @@ def evaluate(
                 "f1": e.f1,
                 "false alarms/h": e.false_alarms_per_hour,
                 "false alarm rate": e.false_alarm_rate,
+                f"upper bound ({e.confidence:.0%})": e.false_alarm_upper,
                 "normal windows": e.n_normal,
             }
             for name, e in evaluations.items()
@@ -525,6 +528,14 @@ def _parse_time(value: str | None, option: str) -> dt.datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
+RpmOption = Annotated[
+    float | None,
+    typer.Option(
+        help="Shaft speed of the machine in rpm, (0, 60000] (default: the file's rpm field or column, if any)."
+    ),
+]
+
+
 @app.command("import")
 def import_files(
     paths: Annotated[list[Path], typer.Argument(help="Files: .npz, .mat, .csv or .parquet.")],
@@ -536,10 +547,16 @@ def import_files(
     start: Annotated[
         str | None, typer.Option(help="ISO time of the first file's first sample (UTC if no zone; default now).")
     ] = None,
+    rpm: RpmOption = None,
+    load: Annotated[
+        float | None, typer.Option(help="Load of the machine, fraction of rated 0..1 (default: the file's, if any).")
+    ] = None,
 ) -> None:
     """Import recorded vibration files into the lake, resampled to the fleet's sensor rate.
 
-    The files of one call are one recording in the order given: each starts where the one before ended.
+    The files of one call are one recording in the order given: each starts where the one before ended. The
+    machine's shaft speed and load are stored with every window: --rpm/--load, else the file's own (an rpm
+    field or column), else not known.
     """
     settings = _settings()
     next_start = _parse_time(start, "--start")
@@ -563,6 +580,8 @@ def import_files(
             max_abs_g=settings.sensor.max_abs_g,
             limits=limits,
             start=next_start,
+            rpm=rpm,
+            load=load,
         )
         next_start = result.end or next_start
         rows.append(
@@ -586,20 +605,28 @@ def replay(
     speed: Annotated[float, typer.Option(min=0.0, help="Playback speed, x real time; 0: as fast as possible.")] = 1.0,
     fleet: Annotated[str | None, typer.Option(help="Fleet (default from settings).")] = None,
     broker: PublishBrokerOption = None,
+    rpm: RpmOption = None,
 ) -> None:
-    """Publish a recording over MQTT as a live sensor would, for the ingest and the monitor to judge it."""
+    """Publish a recording over MQTT as a live sensor would, for the ingest and the monitor to judge it.
+
+    Each window carries the machine's shaft speed as its tachometer value: --rpm, else the file's own (an rpm
+    field or column), else none.
+    """
     settings = _settings()
     _check_fleet(fleet)
     from firmware.boot import next_boot_epoch
     from firmware.ota import OtaTopics
     from firmware.replay import replay as replay_recording
-    from tasks.importers import ImportLimits, load_recording
+    from tasks.importers import ImportLimits, load_recording_with_rpm
     from tinymlops.mqtt import broker_to_publish_to
 
     name = fleet or settings.fleet
     topic = OtaTopics(name, settings.mqtt.topic_root).vibration(device)  # checks the device id
     limits = ImportLimits(settings.lake.import_max_samples, settings.lake.import_max_mat_mb * 2**20)
-    signal = load_recording(path, target_rate_hz=settings.sensor.sample_rate_hz, var=var, fs=fs, limits=limits)
+    signal, rpms = load_recording_with_rpm(
+        path, target_rate_hz=settings.sensor.sample_rate_hz, window_samples=settings.sensor.window_samples, rpm=rpm,
+        var=var, fs=fs, limits=limits,
+    )  # fmt: skip
     mqtt_settings = settings.mqtt.model_copy(update={"url": broker or settings.mqtt.url})
     with broker_to_publish_to(mqtt_settings, settings.data_dir) as address:
         stats = replay_recording(
@@ -612,6 +639,7 @@ def replay(
             speed=speed,
             # Every replay is a new boot of the sensor: its seqs restart at 0 in a new epoch.
             boot_epoch=next_boot_epoch(settings.data_dir / "simulate" / f"{name}.boot-epoch", sender=device),
+            rpm=rpms,
         )
     console.print(
         f"replayed {stats.windows} windows of {path} as {name}/{device} to {address.url} in {stats.seconds:.1f} s "
@@ -786,7 +814,7 @@ def bench_all(
         bool, typer.Option(help="Only rewrite README.md's benchmark table from the existing figures file.")
     ] = False,
 ) -> None:
-    """Run the ingest, model, deploy, loop and firmware benchmarks and write one JSON file of all figures."""
+    """Run the ingest, model, quality, deploy, loop and firmware benchmarks and write one JSON file of all figures."""
     if ctx.invoked_subcommand is not None:
         return
     if render_readme:
@@ -805,7 +833,7 @@ def bench_all(
     from tinymlops.bench import machine_description
 
     figures: dict[str, Any] = {"quick": quick, **machine_description()}
-    for name in ("ingest", "model", "deploy", "loop", "firmware"):
+    for name in ("ingest", "model", "quality", "deploy", "loop", "firmware"):
         console.rule(f"bench {name}")
         # Each benchmark in its own process: Prefect binds its settings and events worker once per process.
         command = [sys.executable, "-m", "tinymlops", "bench", name, "--json", *(["--quick"] if quick else [])]
@@ -832,6 +860,21 @@ def bench_deploy_command(
 
     figures = bench_deploy(settings, quick=quick)
     _print_table("Deploy benchmark", [{"figure": k, "value": v} for k, v in figures.items()])
+    if as_json:
+        print(json.dumps(figures))
+
+
+@bench_app.command("quality")
+def bench_quality_command(
+    quick: Annotated[bool, typer.Option(help="Reduced run for CI.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON on the last line.")] = False,
+) -> None:
+    """False alarms at unseen shaft speeds and detection of the smallest faults: fixed vs speed-aware features."""
+    settings = _settings()
+    from tinymlops.bench_quality import bench_quality
+
+    figures = bench_quality(settings, quick=quick)
+    _print_table("Quality benchmark", [{"figure": k, "value": v} for k, v in figures.items()])
     if as_json:
         print(json.dumps(figures))
 

@@ -131,13 +131,17 @@ def show_command(
     _table("Metrics", [{"metric": k, "value": f"{v:.6g}"} for k, v in sorted(version.metrics.items())])
     tags = {k: v for k, v in version.tags.items() if not k.startswith((METRIC_TAG_PREFIX, HISTORY_TAG_PREFIX))}
     _table("Tags", [{"tag": k, "value": v} for k, v in sorted(tags.items())])
-    _table("Promotions and rollbacks", [{k: r[k] for k in ("at", "action", "actor", "reason")} for r in history])
+    _table(
+        "Promotions, refusals and rollbacks", [{k: r[k] for k in ("at", "action", "actor", "reason")} for r in history]
+    )
 
 
 @models_app.command("promote")
 def promote_command(
     ref: Annotated[str, typer.Argument(help="NAME/VERSION (or NAME@candidate) to make the champion.")],
-    force: Annotated[bool, typer.Option(help="Override the comparison with the champion (needs --reason).")] = False,
+    force: Annotated[
+        bool, typer.Option(help="Override the comparison with the champion (needs --reason); never the gates.")
+    ] = False,
     reason: Annotated[str | None, typer.Option(help="Why; recorded, required with --force.")] = None,
     actor: _ActorOption = None,
 ) -> None:
@@ -145,7 +149,7 @@ def promote_command(
     _configure()
     from registry.errors import PromotionError
     from registry.models import CHAMPION, aliases_of, describe
-    from registry.promotion import promote, recorded_comparison
+    from registry.promotion import AbsoluteGates, promote, recorded_comparison
 
     version = describe(ref)
     champion = aliases_of(version.name).get(CHAMPION)
@@ -163,6 +167,7 @@ def promote_command(
         actor=_actor(actor),
         reason=reason or "",
         force=force,
+        gates=AbsoluteGates.from_tags(version.tags),
     )
     forced = " (forced)" if record.forced and not record.rule_passed else ""
     console.print(

@@ -51,7 +51,7 @@ class DemoConfig:
         ingest_s: Seconds of normal vibration ingested before training.
         monitor_s: Seconds ingested before each monitor run.
         retrain_timeout_s: How long to wait for the event-triggered retraining.
-        quick: Short training (CI).
+        quick: Short training (CI), for the first model and the drift-triggered retraining alike.
         keep_running: Leave the services up at the end.
         real_data: Devices replay the real CWRU recordings (normal; a fault replays that fault's
             recording) and the fleet is evaluated on the imported CWRU fault files, instead of the
@@ -134,6 +134,8 @@ def run_demo(config: DemoConfig, console: Console, report: Callable[[DemoSummary
             "TINYMLOPS_DRIFT__WINDOW_MINUTES": str(config.monitor_s / 60.0),
             "PREFECT_API_URL": f"{prefect.url}/api",
             "PREFECT_HOME": str(demo_dir / "prefect"),
+            # the served retraining trains with it too: its data are as small as the loop's (data/training_quick.yaml)
+            **({"TINYMLOPS_TRAINING_CONFIG": str(QUICK_TRAINING_CONFIG)} if config.quick else {}),
         }
         stack.enter_context(environment(env))
         settings = get_settings()
@@ -169,13 +171,11 @@ def run_demo(config: DemoConfig, console: Console, report: Callable[[DemoSummary
         _phase(console, "3. Full loop: ingest -> train -> register -> deploy -> monitor")
         from flows.loop import loop_flow
 
-        training_config = str(QUICK_TRAINING_CONFIG) if config.quick else None
         loop = loop_flow(
             fleet=settings.fleet,
             ingest_seconds=config.ingest_s,
             monitor_seconds=config.monitor_s,
             targets=list(config.profiles),
-            config_path=training_config,
         )
         console.print(f"  monitor verdict after the first deployment: [bold]{loop['monitor']['verdict']}[/]")
 
@@ -265,7 +265,7 @@ def start_devices(
     )
     recordings = None
     if config.real_data:
-        from tasks.importers import load_cwru_recordings
+        from tasks.importers import CWRU_RPM, load_cwru_recordings
 
         recordings = load_cwru_recordings(settings.cwru_dir, target_rate_hz=settings.sensor.sample_rate_hz)
     fleets = {}
@@ -286,8 +286,9 @@ def start_devices(
 
             for j, (node, device) in enumerate(zip(fleet.sensors.nodes, fleet.devices, strict=True)):
                 node.simulator = device.simulator = RecordedMachine(
-                    recordings, settings.sensor.sample_rate_hz, settings.sensor.window_samples, seed=100 * i + j
-                )
+                    recordings, settings.sensor.sample_rate_hz, settings.sensor.window_samples, seed=100 * i + j,
+                    rpm=CWRU_RPM,
+                )  # fmt: skip
         fleet.start()
         stack.callback(fleet.stop)
         threading.Thread(target=fleet.run, daemon=True, name=f"devices-{profile}").start()

@@ -215,6 +215,10 @@ class Settings(BaseSettings):
         description="OTA signing key directory; default ~/.config/tinymlops/keys (outside the repository).",
     )
     cwru_dir: Path = Field(default=REPO_ROOT.parent / "shared" / "data" / "cwru", description="CWRU recordings.")
+    training_config: Path = Field(
+        default=REPO_ROOT / "data" / "training.yaml",
+        description="Training configuration of a flow given none (the drift-triggered retraining included).",
+    )
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     sensor: SensorSettings = Field(default_factory=SensorSettings)
     lake: LakeSettings = Field(default_factory=LakeSettings)
