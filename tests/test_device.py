@@ -360,6 +360,8 @@ def test_each_window_is_scored_at_its_speed_and_an_unusable_speed_falls_back_cou
         )
     )  # fmt: skip
     assert (summary.windows, summary.speed_fallback, device.speed_fallbacks) == (7, 4, 4)
+    after = settle(device, deploy(publisher, model, trained, arena, 2).model_version)  # any status carries the count
+    assert after.state == "active" and after.counters["speed_fallback"] == 4
 
 
 def test_fault_raises_the_scores(
