@@ -133,8 +133,9 @@ int dsp_set_speed(dsp_config_t *cfg, float rpm) {
     cfg->speed_log10 = 0.0f; /* the reference speed: log10(1) */
     if (!(cfg->reference_rpm > 0.0f)) return 0;
     if (!usable) return 1;
-    /* in double, as numpy: log10(rpm / reference) rounded to float once */
-    cfg->speed_log10 = (float)log10((double)rpm / (double)cfg->reference_rpm);
+    /* single precision: ~100 instructions on the M4F against ~2,700 for log10 in double; a few float32 ulps
+     * from numpy's float64 log10 rounded to float32, far below an int8 step of the model input */
+    cfg->speed_log10 = log10f(rpm / cfg->reference_rpm);
     return 0;
 }
 

@@ -9,7 +9,7 @@
  *
  * Speed trend (DSP spec version 2, firmware.dsp.normalise): with a slope per feature the mean becomes
  * mean + slope * log10(rpm / reference) at the window's shaft speed; dsp_set_speed resolves the speed
- * once per window (one double log10) and says whether it fell back to the reference speed.
+ * once per window (one log10f) and says whether it fell back to the reference speed.
  *
  * Memory, for a window of n samples (n = 1024: the fleet format):
  *   work buffer    DSP_WORK_BYTES(n)  = 4 n bytes  RAM, caller-provided, reused per call (4096 B)
