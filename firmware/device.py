@@ -8,7 +8,9 @@ interpreter, checks that it reproduces the manifest's reference outputs (within 
 tolerance in LSB), runs one smoke inference, and swaps it in atomically. Any failure leaves the
 previous model running and says why on the status topic. Scoring uses the same DSP front end as
 training (:func:`firmware.dsp.extract_features`) on windows of the node's own
-:class:`~firmware.sensor.MachineSimulator`, and publishes scores and drift summaries.
+:class:`~firmware.sensor.MachineSimulator`, each normalised at its own shaft speed (the machine's
+tachometer value; a window without a usable speed at the model's reference speed, counted as
+``speed_fallback`` in drift summaries and status counters), and publishes scores and drift summaries.
 
 Memory: flash free for models is the catalog flash minus the firmware and runtime reserves;
 half of it is the staging slot (the active model keeps the other half until the swap), so a
@@ -47,7 +49,7 @@ import paho.mqtt.client as mqtt
 
 from firmware.boot import next_boot_epoch
 from firmware.codec import VibrationWindow, encode
-from firmware.dsp import READABLE_VERSIONS, DspSpec, extract_features
+from firmware.dsp import READABLE_VERSIONS, DspSpec, extract_features, resolve_speed
 from firmware.ota import (
     MAX_CHUNK_SIZE,
     SCORE_EDGES_REL,
@@ -170,6 +172,7 @@ class Score:
         anomaly: Whether the score exceeds the model's threshold.
         dsp_ms: DSP front-end time.
         inference_ms: TFLite Micro inference time.
+        speed_fallback: The window's speed was unusable: normalised at the model's reference speed.
     """
 
     seq: int
@@ -177,18 +180,24 @@ class Score:
     anomaly: bool
     dsp_ms: float
     inference_ms: float
+    speed_fallback: bool = False
 
 
 def score_window(
-    model: ActiveModel, window: npt.NDArray[np.float32]
+    model: ActiveModel, window: npt.NDArray[np.float32], rpm: float | None = None
 ) -> tuple[float, npt.NDArray[np.float32], float, float]:
-    """Score one physical window: DSP, inference, reconstruction error.
+    """Score one physical window: DSP at the window's shaft speed, inference, reconstruction error.
+
+    Args:
+        model: The loaded model and its DSP spec.
+        window: The window in physical units.
+        rpm: The window's shaft speed; None, NaN or outside the spec's valid range: the reference speed.
 
     Returns:
         The score, the normalised features, DSP milliseconds and inference milliseconds.
     """
     t0 = time.perf_counter()
-    features = extract_features(window, model.spec)
+    features = extract_features(window, model.spec, rpm)
     t1 = time.perf_counter()
     reconstruction = model.runner.predict(features)
     t2 = time.perf_counter()
@@ -223,6 +232,7 @@ class _Summary:
         self.start_ts = time.time()
         self.windows = 0
         self.anomalies = 0
+        self.speed_fallback = 0
         self.score_sum = 0.0
         self.counts = np.zeros(len(SCORE_EDGES_REL), dtype=np.int64)
         self.feature_sum = np.zeros(n_features)
@@ -235,6 +245,7 @@ class _Summary:
         self.counts[max(int(np.searchsorted(edges, score.score, side="right")) - 1, 0)] += 1
         self.windows += 1
         self.anomalies += score.anomaly
+        self.speed_fallback += score.speed_fallback
         self.score_sum += score.score
         f = features.astype(np.float64)
         self.feature_sum += f
@@ -259,6 +270,7 @@ class _Summary:
             anomalies=self.anomalies, score_mean=self.score_sum / n,
             score_edges=[e * model.threshold for e in SCORE_EDGES_REL], score_counts=[int(c) for c in self.counts],
             feature_mean=[float(v) for v in mean], feature_var=[float(v) for v in var], latency_ms=latency,
+            speed_fallback=self.speed_fallback,
         )  # fmt: skip
 
 
@@ -292,6 +304,7 @@ class DeviceRuntime:
         statuses: The latest statuses it published, oldest first.
         windows_scored: Windows scored since start.
         anomalies: Windows scored above the threshold since start.
+        speed_fallbacks: Windows scored at the fallback speed since start (their speed was unusable).
 
     Args:
         device_id: Device id (one topic level).
@@ -350,7 +363,9 @@ class DeviceRuntime:
         self._window_seq = 0
         self.windows_scored = 0
         self.anomalies = 0
+        self.speed_fallbacks = 0
         self._last_window: npt.NDArray[np.float32] | None = None
+        self._last_rpm: float | None = None
         self._pending: list[Score] = []
         self._summary: _Summary | None = None
         self._next_score_at: float | None = None
@@ -616,7 +631,7 @@ class DeviceRuntime:
         try:
             check_references(runner.predict_int8, m.references())
             window = self._last_window if self._last_window is not None else self._sample()
-            score, _, dsp_ms, inference_ms = score_window(candidate, window)
+            score, _, dsp_ms, inference_ms = score_window(candidate, window, self._last_rpm)
             if not math.isfinite(score):
                 raise DeviceError(f"smoke inference gave a non-finite score {score}")
         except Exception as exc:  # the new model must not replace the old one if it cannot score
@@ -644,6 +659,7 @@ class DeviceRuntime:
         if self.config.publish_windows:
             self._publish(self.topics.vibration(self.device_id), encode(window), qos=1)
         self._last_window = window.physical()
+        self._last_rpm = rpm
         return self._last_window
 
     def score_windows(self, n: int) -> list[Score]:
@@ -659,11 +675,13 @@ class DeviceRuntime:
             model = self._active
             if model is None or self._summary is None:
                 continue
-            value, features, dsp_ms, inference_ms = score_window(model, window)
-            score = Score(seq, value, value > model.threshold, dsp_ms, inference_ms)
+            value, features, dsp_ms, inference_ms = score_window(model, window, self._last_rpm)
+            fallback = bool(resolve_speed(self._last_rpm, model.spec, 1)[1][0])
+            score = Score(seq, value, value > model.threshold, dsp_ms, inference_ms, fallback)
             results.append(score)
             self.windows_scored += 1
             self.anomalies += score.anomaly
+            self.speed_fallbacks += fallback
             self._summary.add(score, features, model.threshold)
             self._pending.append(score)
             if len(self._pending) >= self.config.score_batch:
@@ -716,6 +734,8 @@ class DeviceRuntime:
         counters: dict[str, int] | None = None,
     ) -> None:
         self._status_seq += 1
+        if self.speed_fallbacks:  # joins the counters when non-zero, as the emulated device's frame errors do
+            counters = {**(counters or {}), "speed_fallback": self.speed_fallbacks}
         text = {"downloading": f"downloading {received}/{total}", "failed": f"failed: {reason}",
                 "ignored": f"ignored: {reason}"}.get(state, state)  # fmt: skip
         status = DeviceStatus(

@@ -5,8 +5,10 @@ only the transport is shared: devices are split into :class:`~firmware.device.De
 of ``devices_per_connection``, each one paho client and one driver thread. The machines are the
 ones :class:`~firmware.fleet.VirtualFleet` builds for the same fleet, seed and device ids, so a
 device scores the machine the sensor fleet of the same seed streams, and faults injected through
-:attr:`DeviceFleet.sensors` show in the scores. Behind a broker whose ACL gives each MQTT user
-only its own topics, pass per-device ``credentials`` and one device per connection.
+:attr:`DeviceFleet.sensors` show in the scores; speed changes made there (operating point, speed
+drift) reach each device as its machine's tachometer value, at which every window is normalised.
+Behind a broker whose ACL gives each MQTT user only its own topics, pass per-device ``credentials``
+and one device per connection.
 """
 
 from __future__ import annotations

@@ -59,6 +59,11 @@ class DspConfig(ctypes.Structure):
         ("twiddle", _FloatPtr),
         ("mean", _FloatPtr),
         ("std", _FloatPtr),
+        ("slope", _FloatPtr),
+        ("reference_rpm", ctypes.c_float),
+        ("valid_low_rpm", ctypes.c_float),
+        ("valid_high_rpm", ctypes.c_float),
+        ("speed_log10", ctypes.c_float),
     )
 
 
@@ -103,7 +108,8 @@ def load_library() -> ctypes.CDLL:
     lib.dsp_check_config.argtypes = (config_ptr,)
     for name in ("dsp_raw_features", "dsp_features"):
         getattr(lib, name).argtypes = (config_ptr, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p)
-    for name in ("dsp_init_tables", "dsp_check_config", "dsp_raw_features", "dsp_features"):
+    lib.dsp_set_speed.argtypes = (config_ptr, ctypes.c_float)
+    for name in ("dsp_init_tables", "dsp_check_config", "dsp_raw_features", "dsp_features", "dsp_set_speed"):
         getattr(lib, name).restype = ctypes.c_int
     return lib
 
@@ -137,7 +143,7 @@ class NativeFrontEnd:
         self.twiddle = np.zeros(n, dtype=np.float32)
         check_status("dsp_init_tables", self.lib.dsp_init_tables(n, self.hann.ctypes.data, self.twiddle.ctypes.data))
         self.band_edges = np.ascontiguousarray(spec.band_edges, dtype=np.uint16)
-        self.mean, self.std = _floats(spec.mean), _floats(spec.std)
+        self.mean, self.std, self.slope = _floats(spec.mean), _floats(spec.std), _floats(spec.speed_slope)
         self.config = DspConfig(
             window_samples=n,
             n_bands=spec.n_bands,
@@ -146,11 +152,21 @@ class NativeFrontEnd:
             twiddle=_float_ptr(self.twiddle),
             mean=_float_ptr(self.mean) if spec.is_fitted else None,
             std=_float_ptr(self.std) if spec.is_fitted else None,
+            slope=_float_ptr(self.slope) if spec.speed_slope else None,
+            reference_rpm=spec.speed_reference_rpm,
+            valid_low_rpm=spec.speed_valid_rpm[0],
+            valid_high_rpm=spec.speed_valid_rpm[1],
         )
         check_status("dsp_check_config", self.lib.dsp_check_config(ctypes.byref(self.config)))
         self.work = np.zeros(n, dtype=np.float32)
 
-    def _run(self, function: str, samples_int16: npt.ArrayLike, scale: float) -> npt.NDArray[np.float32]:
+    def set_speed(self, rpm: float) -> bool:
+        """Set the shaft speed of the next window as the device does; True: unusable, the reference is used."""
+        return bool(self.lib.dsp_set_speed(ctypes.byref(self.config), rpm))
+
+    def _run(
+        self, function: str, samples_int16: npt.ArrayLike, scale: float, rpm: npt.ArrayLike | None = None
+    ) -> npt.NDArray[np.float32]:
         samples = np.asarray(samples_int16)
         if samples.dtype != np.int16:
             raise NativeDspError(f"samples must be int16 as on the wire, got {samples.dtype}")
@@ -160,7 +176,9 @@ class NativeFrontEnd:
         out = np.zeros((samples.shape[0], self.spec.n_features), dtype=np.float32)
         call = getattr(self.lib, function)
         config, work = ctypes.byref(self.config), self.work.ctypes.data
+        speeds = np.broadcast_to(np.asarray(np.nan if rpm is None else rpm, dtype=np.float32), (samples.shape[0],))
         for i in range(samples.shape[0]):
+            self.set_speed(float(speeds[i]))
             check_status(function, call(config, samples[i].ctypes.data, scale, work, out[i].ctypes.data))
         return out
 
@@ -168,11 +186,17 @@ class NativeFrontEnd:
         """Raw features of int16 windows (n, N) whose physical value is samples * scale."""
         return self._run("dsp_raw_features", samples_int16, scale)
 
-    def features(self, samples_int16: npt.ArrayLike, scale: float) -> npt.NDArray[np.float32]:
-        """Normalised features, as the model on the device sees them; the spec must be fitted."""
+    def features(
+        self, samples_int16: npt.ArrayLike, scale: float, rpm: npt.ArrayLike | None = None
+    ) -> npt.NDArray[np.float32]:
+        """Normalised features, as the model on the device sees them; the spec must be fitted.
+
+        ``rpm``: the shaft speed of each window (or one for all) as the wire carries it (float32; NaN or
+        None: unknown, the reference speed is used).
+        """
         if not self.spec.is_fitted:
             raise NativeDspError("DSP spec has no normalisation statistics; fit it on training windows first")
-        return self._run("dsp_features", samples_int16, scale)
+        return self._run("dsp_features", samples_int16, scale, rpm)
 
 
 def native_raw_features(samples_int16: npt.ArrayLike, scale: float, spec: DspSpec) -> npt.NDArray[np.float32]:

@@ -76,6 +76,12 @@ class Q15Config(ctypes.Structure):
         ("log2_scale_q16", ctypes.c_int32),
         ("scale_set", ctypes.c_uint32),
         ("affine", ctypes.POINTER(Affine)),
+        ("slope_q16", ctypes.POINTER(ctypes.c_int32)),
+        ("reference_bits", ctypes.c_uint32),
+        ("valid_low_bits", ctypes.c_uint32),
+        ("valid_high_bits", ctypes.c_uint32),
+        ("log2_reference_q16", ctypes.c_int32),
+        ("speed_log10_q16", ctypes.c_int32),
     )
 
 
@@ -138,6 +144,15 @@ def load_library(split: bool = False) -> ctypes.CDLL:
         ctypes.c_int32,
         ctypes.c_void_p,
     )
+    lib.dspq_prepare_speed.argtypes = (
+        config_ptr,
+        ctypes.c_void_p,
+        ctypes.c_float,
+        ctypes.c_float,
+        ctypes.c_float,
+        ctypes.c_void_p,
+    )
+    lib.dspq_set_speed.argtypes = (config_ptr, ctypes.c_float)
     for name in (
         "dspq_init_tables",
         "dspq_check_config",
@@ -146,6 +161,8 @@ def load_library(split: bool = False) -> ctypes.CDLL:
         "dspq_raw_features_f32",
         "dspq_features_int8",
         "dspq_prepare",
+        "dspq_prepare_speed",
+        "dspq_set_speed",
     ):
         getattr(lib, name).restype = ctypes.c_int
     return lib
@@ -210,6 +227,7 @@ class Q15FrontEnd:
             affine=None,
         )
         self._affine: ctypes.Array[Affine] | None = None
+        self._slope_q16 = np.zeros(spec.n_features, dtype=np.int32)
         self.work = np.zeros(n, dtype=np.int32)
 
     def _samples(self, samples_int16: npt.ArrayLike) -> Int16Array:
@@ -222,10 +240,16 @@ class Q15FrontEnd:
         return samples
 
     def _run(
-        self, function: str, samples_int16: npt.ArrayLike, scale: float | npt.ArrayLike, dtype: type[np.generic]
+        self,
+        function: str,
+        samples_int16: npt.ArrayLike,
+        scale: float | npt.ArrayLike,
+        dtype: type[np.generic],
+        rpm: npt.ArrayLike | None = None,
     ) -> npt.NDArray[np.generic]:
         samples = self._samples(samples_int16)
         scales = np.broadcast_to(np.asarray(scale, dtype=np.float32), (samples.shape[0],))
+        speeds = np.broadcast_to(np.asarray(np.nan if rpm is None else rpm, dtype=np.float32), (samples.shape[0],))
         out = np.zeros((samples.shape[0], self.spec.n_features), dtype=dtype)
         call = getattr(self.lib, function)
         config = ctypes.byref(self.config)
@@ -234,6 +258,7 @@ class Q15FrontEnd:
             if current != float(scales[i]):  # a device sets the scale once, when it changes
                 check_status("dspq_set_scale", self.lib.dspq_set_scale(config, float(scales[i])))
                 current = float(scales[i])
+            self.set_speed(float(speeds[i]))
             check_status(function, call(config, samples[i].ctypes.data, self.work.ctypes.data, out[i].ctypes.data))
         return out
 
@@ -262,12 +287,30 @@ class Q15FrontEnd:
         check_status("dspq_prepare", status)
         self._affine = affine
         self.config.affine = ctypes.cast(affine, ctypes.POINTER(Affine))
+        slope = np.ascontiguousarray(self.spec.speed_slope, dtype=np.float32)
+        status = self.lib.dspq_prepare_speed(
+            ctypes.byref(self.config),
+            slope.ctypes.data if slope.size else None,
+            self.spec.speed_reference_rpm,
+            *self.spec.speed_valid_rpm,
+            self._slope_q16.ctypes.data,
+        )
+        check_status("dspq_prepare_speed", status)
 
-    def features_int8(self, samples_int16: npt.ArrayLike, scale: float | npt.ArrayLike) -> npt.NDArray[np.int8]:
-        """The model's int8 input computed on the device's integer path; call :meth:`prepare_int8` first."""
+    def set_speed(self, rpm: float) -> bool:
+        """Set the shaft speed of the next window as the device does; True: unusable, the reference is used."""
+        return bool(self.lib.dspq_set_speed(ctypes.byref(self.config), rpm))
+
+    def features_int8(
+        self, samples_int16: npt.ArrayLike, scale: float | npt.ArrayLike, rpm: npt.ArrayLike | None = None
+    ) -> npt.NDArray[np.int8]:
+        """The model's int8 input computed on the device's integer path; call :meth:`prepare_int8` first.
+
+        ``rpm``: the shaft speed of each window (or one for all); NaN or None: unknown, the reference speed.
+        """
         if self._affine is None:
             raise Q15DspError("call prepare_int8 with the model's input scale and zero point first")
-        return self._run("dspq_features_int8", samples_int16, scale, np.int8).astype(np.int8)
+        return self._run("dspq_features_int8", samples_int16, scale, np.int8, rpm).astype(np.int8)
 
 
 def _front_end_input(
@@ -323,6 +366,7 @@ def features_int8_q15(
     input_zero_point: int,
     *,
     scale: float | None = None,
+    rpm: npt.ArrayLike | None = None,
 ) -> npt.NDArray[np.int8]:
     """The model's int8 input straight from the integer path (``dspq_features_int8``).
 
@@ -332,6 +376,7 @@ def features_int8_q15(
         input_scale: The model input tensor's quantization scale.
         input_zero_point: Its zero point.
         scale: Physical units per LSB of int16 windows.
+        rpm: Shaft speed of each window (or one for all) for a speed-aware spec; None or NaN: unknown.
 
     Raises:
         Q15DspError: As :func:`features_q15`, or the affine constants do not fit.
@@ -339,4 +384,4 @@ def features_int8_q15(
     samples, scales = _front_end_input(windows, spec, scale)
     front = Q15FrontEnd(spec)
     front.prepare_int8(input_scale, input_zero_point)
-    return front.features_int8(samples, scales)
+    return front.features_int8(samples, scales, rpm)

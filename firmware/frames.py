@@ -295,6 +295,10 @@ class _Reader:
             raise FrameDecodeError(f"{self.what} {name} is not printable ASCII: {raw!r}")
         return raw.decode("ascii")
 
+    def optional(self, fmt: str, name: str) -> Any | None:
+        """A field appended to a layout later: None when the payload ends before it (a sender that predates it)."""
+        return None if self.offset == len(self.data) else self.take(fmt, name)[0]
+
     def rest(self) -> bytes:
         value = self.data[self.offset :]
         self.offset = len(self.data)
@@ -378,13 +382,15 @@ class ChunkFrame:
 
 @dataclass(frozen=True)
 class WindowFrame:
-    """WINDOW: one sensor window as the ADC gives it.
+    """WINDOW: one sensor window as the ADC gives it, with the machine's shaft speed.
 
     Attributes:
         seq: Window sequence number (the gateway's).
         scale: Physical units (g) per LSB, float32.
         sample_rate_hz: Sample rate.
         samples: The int16 samples.
+        rpm: Shaft speed (tachometer), float32 appended after the samples; 0.0 or NaN: not known. None: the
+            field is absent (the layout before it; a device that does not announce DSP version 2 gets that).
     """
 
     TYPE: ClassVar[FrameType] = FrameType.WINDOW
@@ -394,6 +400,7 @@ class WindowFrame:
     scale: float
     sample_rate_hz: int
     samples: tuple[int, ...]
+    rpm: float | None = None
 
     def encode(self) -> bytes:
         """The payload bytes."""
@@ -401,7 +408,10 @@ class WindowFrame:
         if n > MAX_WINDOW_SAMPLES:
             raise FrameDecodeError(f"WINDOW of {n} samples exceeds {MAX_WINDOW_SAMPLES}")
         _finite(self.scale, "scale", "WINDOW")
-        return self._HEAD.pack(self.seq, self.scale, self.sample_rate_hz, n) + struct.pack(f"<{n}h", *self.samples)
+        speed = b"" if self.rpm is None else struct.pack("<f", self.rpm)
+        return (
+            self._HEAD.pack(self.seq, self.scale, self.sample_rate_hz, n) + struct.pack(f"<{n}h", *self.samples) + speed
+        )
 
     @classmethod
     def decode(cls, payload: bytes) -> Self:
@@ -412,8 +422,9 @@ class WindowFrame:
         rate = r.uint("I", "sample_rate_hz")
         n = r.uint("H", "n")
         samples = r.take(f"{n}h", f"{n} samples")
+        rpm = r.optional("f", "rpm")  # any value: an unusable speed is data, the device falls back
         r.end()
-        return cls(seq, scale, rate, tuple(samples))
+        return cls(seq, scale, rate, tuple(samples), rpm)
 
 
 @dataclass(frozen=True)
@@ -635,6 +646,8 @@ class StatusFrame:
         counters: requests, retries, duplicates, corrupt, stale.
         frame_errors: crc, length, truncated, replay, malformed frames received by the device.
         detail: Measured value and limit, or what failed.
+        speed_fallback: Windows scored at the fallback speed since boot (u32 appended after ``detail``;
+            0 from a device that predates it).
     """
 
     TYPE: ClassVar[FrameType] = FrameType.STATUS
@@ -660,6 +673,7 @@ class StatusFrame:
     counters: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
     frame_errors: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
     detail: str = ""
+    speed_fallback: int = 0
 
     def encode(self) -> bytes:
         """The payload bytes."""
@@ -676,6 +690,7 @@ class StatusFrame:
             + times
             + struct.pack("<5H5H", *self.counters, *self.frame_errors)
             + _str8(self.detail, "detail")
+            + struct.pack("<I", self.speed_fallback)
         )
 
     @classmethod
@@ -693,11 +708,13 @@ class StatusFrame:
         times = r.take("IIQQQII", "latencies")
         counts = r.take("5H5H", "counters")
         detail = r.str8("detail")
+        speed_fallback = r.optional("I", "speed_fallback") or 0
         r.end()
         download_ms, deploy_ms, verify, load, smoke, dsp, inference = times
         return cls(
             seq, state_code, domain_code, code, version, received, total, active, name, download_ms, deploy_ms,
             verify, load, smoke, dsp, inference, counters=counts[:5], frame_errors=counts[5:], detail=detail,
+            speed_fallback=speed_fallback,
         )  # fmt: skip
 
 
@@ -775,6 +792,8 @@ class SummaryFrame:
         dsp_instructions_mean: Mean DSP instructions per window.
         inference_instructions_mean: Mean inference instructions per window.
         inference_instructions_max: Largest inference instruction count.
+        speed_fallback: Windows of the period scored at the fallback speed (u32 appended at the end; 0 from a
+            device that predates it).
     """
 
     TYPE: ClassVar[FrameType] = FrameType.SUMMARY
@@ -790,6 +809,7 @@ class SummaryFrame:
     dsp_instructions_mean: float
     inference_instructions_mean: float
     inference_instructions_max: int
+    speed_fallback: int = 0
 
     def encode(self) -> bytes:
         """The payload bytes."""
@@ -803,7 +823,11 @@ class SummaryFrame:
             + struct.pack(f"<{n_bins}I", *self.score_counts)
             + struct.pack(f"<H{n}f{n}f", n, *self.feature_mean, *self.feature_var)
             + struct.pack(
-                "<ffI", self.dsp_instructions_mean, self.inference_instructions_mean, self.inference_instructions_max
+                "<ffII",
+                self.dsp_instructions_mean,
+                self.inference_instructions_mean,
+                self.inference_instructions_max,
+                self.speed_fallback,
             )
         )
 
@@ -817,9 +841,10 @@ class SummaryFrame:
         mean = r.take(f"{n}f", "feature means")
         var = r.take(f"{n}f", "feature variances")
         dsp, inference, inference_max = r.take("ffI", "latencies")
+        speed_fallback = r.optional("I", "speed_fallback") or 0
         r.end()
         return cls(version, threshold, windows, anomalies, score_mean, counts, mean, var, dsp, inference,
-                   inference_max)  # fmt: skip
+                   inference_max, speed_fallback)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -557,7 +557,18 @@ class UartGateway:
             window = VibrationWindow(self.device_id, seq, time.time_ns() // 1000, rate, scale, samples, self.boot_epoch,
                                      rpm)  # fmt: skip
             self._publish(self.topics.vibration(self.device_id), encode(window), 1)
-        return WindowFrame(seq, scale, rate, tuple(samples.tolist()))
+        return WindowFrame(seq, scale, rate, tuple(samples.tolist()), self._window_rpm(rpm))
+
+    def _window_rpm(self, rpm: float | None) -> float | None:
+        """The WINDOW frame's rpm field: the speed, 0.0 when not known.
+
+        None (the field left out) for a device that does not announce DSP version 2: its firmware predates
+        the field and would drop the longer frame as malformed.
+        """
+        hello = self._hello
+        if hello is None or 2 not in hello.dsp_version_list:
+            return None
+        return 0.0 if rpm is None else rpm
 
     def _write_loop(self) -> None:
         sock = self._sock
@@ -732,6 +743,8 @@ class UartGateway:
                 latency["deploy_ms"] = float(frame.deploy_ms)
         counters = dict(zip(COUNTER_NAMES, frame.counters, strict=True))
         counters.update({f"frame_{n}": c for n, c in zip(FRAME_ERROR_NAMES, frame.frame_errors, strict=True) if c})
+        if frame.speed_fallback:
+            counters["speed_fallback"] = frame.speed_fallback
         self._status_seq += 1
         return DeviceStatus(
             device=self.device_id, seq=self._status_seq, ts=time.time(), state=state, status=text, reason=reason,
@@ -784,7 +797,7 @@ class UartGateway:
                 start_ts=start, end_ts=self._summary_start, windows=frame.windows, anomalies=frame.anomalies,
                 score_mean=frame.score_mean, score_edges=[e * frame.threshold for e in SCORE_EDGES_REL],
                 score_counts=list(frame.score_counts), feature_mean=list(frame.feature_mean),
-                feature_var=list(frame.feature_var), latency_ms=latency,
+                feature_var=list(frame.feature_var), latency_ms=latency, speed_fallback=frame.speed_fallback,
             )  # fmt: skip
             payload = DriftSummary.decode(summary.encode()).encode()
         except (OtaDecodeError, ValueError) as exc:

@@ -1040,6 +1040,9 @@ class DriftSummary(_DeviceMessage):
     feature_mean: list[float]
     feature_var: list[float]
     latency_ms: dict[str, float] = Field(default_factory=dict)
+    speed_fallback: int = Field(
+        default=0, ge=0, description="Windows scored at the fallback (reference) speed: theirs was unusable."
+    )
 
     @pydantic.model_validator(mode="after")
     def _consistent(self) -> DriftSummary:
@@ -1047,6 +1050,8 @@ class DriftSummary(_DeviceMessage):
             raise ValueError("score histogram does not match its edges or the window count")
         if len(self.feature_mean) != len(self.feature_var) or self.anomalies > self.windows:
             raise ValueError("feature statistics or anomaly count are inconsistent")
+        if self.speed_fallback > self.windows:
+            raise ValueError(f"{self.speed_fallback} fallback-speed windows of {self.windows}")
         return self
 
 
@@ -1480,7 +1485,8 @@ def write_test_vectors(directory: Path) -> list[Path]:
 
     good = manifest()
     t = _Transcript(directory)
-    t.add("config", config.device_id, config.group, config.profile, config.slot_bytes, config.ram_bytes, 2, 1)
+    versions = ",".join(map(str, sorted(config.dsp_versions)))
+    t.add("config", config.device_id, config.group, config.profile, config.slot_bytes, config.ram_bytes, 2, versions)
     t.add("limit", "manifest", MAX_MANIFEST_BYTES)
     t.add("limit", "chunk", CHUNK_HEADER_SIZE + MAX_CHUNK_SIZE + CRC_BYTES)
     t.add("limit", "request", REQUEST_HEADER_SIZE + 2 * MAX_REQUEST_INDICES + CRC_BYTES)
@@ -1502,7 +1508,12 @@ def write_test_vectors(directory: Path) -> list[Path]:
     struct.pack_into("<H", header_crc_fixed, 12, 100)  # chunk_size 100: a field error behind a valid CRC
     resigned_threshold = bytearray(good_bytes)
     struct.pack_into("<f", resigned_threshold, 20, 0.5)  # content changed after signing
-    opaque_dsp = replace(good, dsp_block=struct.pack("<H", 2) + b"\0" * 14).signed(key)
+    opaque_dsp = replace(good, dsp_block=struct.pack("<H", 3) + b"\0" * 14).signed(key)
+    trend = tuple(0.25 - 0.015625 * i for i in range(n))
+    speed_spec = replace(spec, speed_reference_rpm=1200.0, speed_slope=trend, speed_coverage_rpm=((900.0, 1500.0),))
+    speed_block = bytearray(encode_dsp_block(speed_spec))
+    struct.pack_into("<f", speed_block, DSP_HEADER_SIZE + 8 * n, 50.0)  # reference below the valid range
+    bad_speed = replace(good, dsp_block=bytes(speed_block)).signed(key)
     bad_references = replace(good, reference_block=b"\x02" + good.reference_block[1:]).signed(key)
     manifests: list[tuple[str, bytes]] = [
         ("manifest_ok", good_bytes),
@@ -1521,6 +1532,8 @@ def write_test_vectors(directory: Path) -> list[Path]:
         ("manifest_old_version", manifest(version=2).encode()),
         ("manifest_wrong_profile", manifest(target="stm32l4r5").encode()),
         ("manifest_dsp_version", opaque_dsp.encode()),
+        ("manifest_dsp_speed", manifest(dsp_spec=speed_spec).encode()),
+        ("manifest_dsp_bad_speed", bad_speed.encode()),
         ("manifest_bad_references", bad_references.encode()),
         ("manifest_too_large", manifest(data=bytes(300_000)).encode()),
         ("manifest_arena", manifest(arena_bytes=200_000).encode()),

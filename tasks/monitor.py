@@ -156,8 +156,7 @@ def summary_stats(summaries: Sequence[DriftSummary]) -> SummaryStats:
                 score_counts=np.asarray(s.score_counts, dtype=np.int64),
                 feature_mean=np.asarray(s.feature_mean, dtype=np.float64),
                 feature_var=np.asarray(s.feature_var, dtype=np.float64),
-                # DriftSummary.speed_fallback comes with branch speed-device; read here only, 0 before it
-                speed_fallback=int(getattr(s, "speed_fallback", 0)),
+                speed_fallback=s.speed_fallback,
             )
             for s in summaries
         ]

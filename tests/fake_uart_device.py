@@ -182,7 +182,7 @@ class FakeUartDevice:
 
     def _hello(self) -> HelloFrame:
         return HelloFrame(
-            flash_free=2 * SLOT_BYTES, slot_bytes=SLOT_BYTES, ram_free=RAM_FREE, max_chunk=4096, dsp_versions=2,
+            flash_free=2 * SLOT_BYTES, slot_bytes=SLOT_BYTES, ram_free=RAM_FREE, max_chunk=4096, dsp_versions=0b110,
             device=self.device_id, fleet=self.fleet, group=self.group, firmware="tinymlops-fw/0.1.0",
             profile=self.profile, board="fake-uart", key_ids=tuple(self.keyring.key_ids), model=self._active_info(),
         )  # fmt: skip
@@ -378,7 +378,7 @@ class FakeUartDevice:
     def _score(runtime: NativeRuntime, m: Manifest, window: WindowFrame) -> tuple[float, np.ndarray, int, int]:
         physical = np.asarray(window.samples, dtype=np.float32) * np.float32(window.scale)
         t0 = time.perf_counter_ns()
-        features = extract_features(physical, m.dsp_spec())
+        features = extract_features(physical, m.dsp_spec(), window.rpm)
         t1 = time.perf_counter_ns()
         reconstruction = runtime.predict(features)
         t2 = time.perf_counter_ns()

@@ -39,7 +39,9 @@ from firmware.ota import (
     build_manifest,
     compute_references,
     crc32,
+    decode_dsp_block,
     device_audience,
+    encode_dsp_block,
 )
 from firmware.sensor import DriftSpec, FaultSpec, MachineSimulator, OperatingPoint, quantize
 from firmware.signing import KeyRing, ManifestSigner, generate_keypair, load_private_key
@@ -303,6 +305,63 @@ def test_announce_deploy_verify_load_activate_and_score(
     assert summary.anomalies == sum(s.anomaly for s in scores)
     published = watcher.wait(TOPICS.summary("node-0001"), DriftSummary, lambda s: True)
     assert published == summary
+
+
+class BrokenTachometer(MachineSimulator):
+    """A machine whose tachometer reads what the test sets (0, NaN, out of range: a broken or missing sensor)."""
+
+    reading = 1797.0
+
+    @property
+    def current_rpm(self) -> float:
+        return self.reading
+
+
+def test_each_window_is_scored_at_its_speed_and_an_unusable_speed_falls_back_counted(
+    make_device: Callable[..., DeviceRuntime], publisher: ShapingPublisher, model: bytes, arena: int
+) -> None:
+    sim, speeds = MachineSimulator(seed=99), np.repeat([900.0, 1100.0, 1300.0, 1500.0], 8)
+    windows = []
+    for rpm in speeds:
+        sim.set_operating_point(OperatingPoint(rpm, 0.5))
+        windows.append(sim.next_window())
+    trained = DspSpec().fitted(raw_features(np.stack(windows), DspSpec()), speeds)
+    assert trained.speed_slope
+    device = make_device(simulator=BrokenTachometer(seed=5))
+    assert settle(device, deploy(publisher, model, trained, arena, 1).model_version).state == "active"
+    readings = [900.0, 1500.0, 1200.0, float("nan"), 0.0, 70_000.0, -1.0]
+    scores = []
+    for rpm in readings:
+        device.simulator.reading = rpm  # type: ignore[attr-defined]
+        scores += device.score_windows(1)
+
+    held = decode_dsp_block(encode_dsp_block(trained))  # float32 statistics, as the device holds them
+    twin, runner = MachineSimulator(seed=5), TflmRunner(model, arena)
+    twin.next_window()  # the smoke test's window
+    expected = []
+    for rpm in readings:
+        samples, scale = quantize(twin.next_window(), 16.0)
+        features = extract_features(samples.astype(np.float32) * np.float32(scale), held, rpm)
+        expected.append(float(np.mean((features - runner.predict(features)) ** 2, dtype=np.float64)))
+    np.testing.assert_allclose([s.score for s in scores], expected, rtol=1e-6)
+    assert [s.speed_fallback for s in scores] == [False, False, False, True, True, True, True]
+    at_reference = extract_features(samples.astype(np.float32) * np.float32(scale), held)
+    assert expected[-1] == float(np.mean((at_reference - runner.predict(at_reference)) ** 2, dtype=np.float64))
+    summary = device.publish_summary()
+    assert summary is not None
+    worst = float(np.max(np.abs(np.array([s.score for s in scores]) / np.array(expected) - 1)))
+    record(
+        FaultRecord(
+            "window without a usable speed (simulated device)", broken_devices=int(device.active is None),
+            notes=f"{len(scores)} of {len(readings)} windows scored (tachometer 900, 1500, 1200 rpm, then NaN, 0, "
+            f"70,000 and -1 rpm); {summary.speed_fallback} normalised at the reference speed and counted "
+            f"(speed_fallback {summary.speed_fallback} in the drift summary); scores against the offline normalise at "
+            f"each window's speed: largest relative difference {worst:.1g}; the device kept scoring",
+        )
+    )  # fmt: skip
+    assert (summary.windows, summary.speed_fallback, device.speed_fallbacks) == (7, 4, 4)
+    after = settle(device, deploy(publisher, model, trained, arena, 2).model_version)  # any status carries the count
+    assert after.state == "active" and after.counters["speed_fallback"] == 4
 
 
 def test_fault_raises_the_scores(

@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from firmware.device import ActiveModel, score_window
-from firmware.dsp import DspSpec, raw_features
+from firmware.dsp import DspSpec, raw_features, resolve_speed
 from firmware.emulated import read_transfer_record
 from firmware.frames import (
     Frame,
@@ -44,12 +44,15 @@ from firmware.frames import (
     ScoresFrame,
     StatusFrame,
     SummaryFrame,
+    WindowFrame,
     encode_frame,
 )
 from firmware.ota import decode_dsp_block, encode_dsp_block
-from firmware.sensor import MachineSimulator, quantize
+from firmware.sensor import MachineSimulator, OperatingPoint, quantize
 from firmware.signing import private_key_from_seed, public_key_bytes
 from firmware.tflm import TflmRunner
+from tests.fault_ledger import FaultRecord
+from tests.fault_ledger import record as record_fault
 from tests.int8_model import int8_autoencoder
 
 C_DIR = Path(__file__).resolve().parents[1] / "firmware" / "c"
@@ -754,10 +757,20 @@ def test_device_image_boots_says_hello_and_answers_ping(tmp_path: Path) -> None:
 
 @needs_qemu
 def test_device_scores_windows_as_device_py(tmp_path: Path) -> None:
-    """A model in the slot table at boot scores windows as firmware.device.score_window does."""
+    """A model in the slot table at boot scores windows as firmware.device.score_window does, each at its speed.
+
+    The DSP spec is version 2 with a speed trend; the windows carry the tachometer value (float32 on the wire)
+    at several speeds, unusable ones (NaN, 0, 70000 rpm: the fallback, counted) and one without the field (a
+    gateway that predates it: unknown, the fallback).
+    """
     model = int8_autoencoder()
-    sim = MachineSimulator(seed=99)
-    fitted = DspSpec().fitted(raw_features(np.stack([sim.next_window() for _ in range(32)]), DspSpec()))
+    sim, speeds = MachineSimulator(seed=99), np.repeat([900.0, 1100.0, 1300.0, 1500.0], 8)
+    training = []
+    for rpm in speeds:
+        sim.set_operating_point(OperatingPoint(rpm, 0.5))
+        training.append(sim.next_window())
+    fitted = DspSpec().fitted(raw_features(np.stack(training), DspSpec()), speeds)
+    assert fitted.version == 2 and fitted.speed_slope
     block = encode_dsp_block(fitted)
     spec = decode_dsp_block(block)  # float32 statistics, as the device holds them
     threshold = 1.0
@@ -769,18 +782,26 @@ def test_device_scores_windows_as_device_py(tmp_path: Path) -> None:
     flash[0x2000 : 0x2000 + TABLE_BYTES] = table
     flash[0x10000:] = model
     reference = cast(ActiveModel, SimpleNamespace(spec=spec, runner=TflmRunner(model, 16384)))
-    windows = [quantize(sim.next_window()) for _ in range(10)]
+    rpms: list[float | None] = [900.0, 1234.5, 1500.0, 2400.0, float("nan"), 0.0, 70_000.0, None, 60.0, 1000.0]
+    windows = [quantize(sim.next_window()) for _ in rpms]
     with running_device(tmp_path, bytes(flash)) as uart:
         hello = HelloFrame.decode(uart.expect(FrameType.HELLO).payload)
-        assert hello.model is not None and hello.model.version == 7
-        for seq, (samples, scale) in enumerate(windows, start=1):
-            payload = struct.pack("<IfIH", 100 + seq, scale, spec.sample_rate_hz, samples.size) + samples.tobytes()
-            uart.sock.sendall(encode_frame(FrameType.WINDOW, seq, payload))
+        assert hello.model is not None and hello.model.version == 7 and hello.dsp_version_list == [1, 2]
+        assert StatusFrame.decode(uart.expect(FrameType.STATUS).payload).speed_fallback == 0  # the boot status
+        for seq, ((samples, scale), rpm) in enumerate(zip(windows, rpms, strict=True), start=1):
+            frame = WindowFrame(100 + seq, scale, spec.sample_rate_hz, tuple(samples.tolist()), rpm)
+            uart.sock.sendall(encode_frame(FrameType.WINDOW, seq, frame.encode()))
         scores = ScoresFrame.decode(uart.expect(FrameType.SCORES).payload)
         uart.sock.sendall(encode_frame(FrameType.SUMMARY_NOW, 11, b""))
         summary = SummaryFrame.decode(uart.expect(FrameType.SUMMARY).payload)
+        uart.sock.sendall(encode_frame(FrameType.MANIFEST, 12, b"\x00not a manifest"))  # any status carries the count
+        status = StatusFrame.decode(uart.expect(FrameType.STATUS).payload)
     assert scores.model_version == 7 and scores.first_seq == 101 and len(scores.items) == 10
-    expected = [score_window(reference, samples.astype(np.float32) * np.float32(scale)) for samples, scale in windows]
+    on_wire = [None if rpm is None else float(np.float32(rpm)) for rpm in rpms]
+    expected = [
+        score_window(reference, samples.astype(np.float32) * np.float32(scale), rpm)
+        for (samples, scale), rpm in zip(windows, on_wire, strict=True)
+    ]
     device_scores = np.array([item.score for item in scores.items])
     reference_scores = np.array([score for score, *_ in expected])
     # the same int8 inputs reach the model: only the float32 front end differs from numpy's (5e-6 here)
@@ -791,6 +812,22 @@ def test_device_scores_windows_as_device_py(tmp_path: Path) -> None:
     assert summary.windows == 10 and summary.model_version == 7
     np.testing.assert_allclose(summary.feature_mean, features.mean(axis=0), atol=1e-3)
     np.testing.assert_allclose(summary.score_mean, reference_scores.mean(), rtol=1e-4)
+    fell_back = resolve_speed(np.array(on_wire, dtype=float), spec, len(rpms))[1]
+    fallbacks = int(fell_back.sum())
+    dsp = np.array([item.dsp_instructions for item in scores.items])
+    record_fault(
+        FaultRecord(
+            "window without a usable speed (C firmware under QEMU)", broken_devices=0,
+            notes=f"{len(scores.items)} of {len(rpms)} windows scored over the UART (NaN, 0 and 70,000 rpm, and one "
+            f"without the rpm field, among 900-2,400 rpm); {summary.speed_fallback} at the reference speed, counted "
+            f"in the SUMMARY ({summary.speed_fallback}) and STATUS ({status.speed_fallback}) frames; scores against "
+            f"firmware.device.score_window: largest relative difference "
+            f"{float(np.max(np.abs(device_scores / reference_scores - 1))):.1g}; "
+            f"DSP {int(np.median(dsp[~fell_back])):,} instructions per window at a usable speed, "
+            f"{int(np.median(dsp[fell_back])):,} at the fallback",
+        )
+    )  # fmt: skip
+    assert fallbacks == 4 and summary.speed_fallback == fallbacks and status.speed_fallback == fallbacks
 
 
 @needs_qemu

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from firmware import dsp_native
-from firmware.dsp import DspSpec, raw_features
+from firmware.dsp import DspSpec, normalise, raw_features, resolve_speed
 from firmware.dsp_native import (
     C_DIR,
     DspConfig,
@@ -30,6 +30,7 @@ from firmware.dsp_native import (
     native_features,
     native_raw_features,
 )
+from firmware.ota import decode_dsp_block, encode_dsp_block
 from firmware.sensor import FaultSpec, MachineSimulator, quantize
 
 SPEC = DspSpec()
@@ -107,6 +108,22 @@ def test_native_normalisation_matches() -> None:
     np.testing.assert_allclose(native_features(samples, scale, spec), expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(NativeDspError, match="no normalisation statistics"):
         native_features(samples, scale, SPEC)
+
+
+def test_native_speed_trend_matches_normalise_and_falls_back_alike() -> None:
+    """Spec v2: the C front end normalises at each window's speed, and an unusable speed at the reference."""
+    samples, scale = random_windows(n=40)
+    raw = native_raw_features(samples, scale, SPEC)
+    trained = SPEC.fitted(raw, np.geomspace(900.0, 1500.0, 40))
+    spec = decode_dsp_block(encode_dsp_block(trained))  # float32 statistics and speeds, as the device holds them
+    assert spec.speed_slope and np.abs(spec.speed_slope).max() > 0.01
+    speeds = np.array([np.nan, 0.0, 70_000.0, -5.0, np.inf, 59.0, 60.0, 900.0, 1200.0, 1500.0, 2400.0], np.float32)
+    rpm = np.resize(speeds, 40)
+    front = NativeFrontEnd(spec)
+    np.testing.assert_allclose(front.features(samples, scale, rpm), normalise(raw, spec, rpm), rtol=1e-5, atol=1e-5)
+    assert [front.set_speed(float(v)) for v in speeds] == list(resolve_speed(speeds, spec, speeds.size)[1])
+    unaware = NativeFrontEnd(SPEC.fitted(raw))  # version 1: no speed, nothing falls back
+    assert not any(unaware.set_speed(float(v)) for v in speeds)
 
 
 def test_other_window_sizes_and_single_window() -> None:

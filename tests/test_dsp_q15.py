@@ -48,7 +48,7 @@ import numpy.typing as npt
 import pytest
 
 from firmware import dsp_q15
-from firmware.dsp import DspSpec, extract_features, raw_features
+from firmware.dsp import DspSpec, extract_features, normalise, raw_features, resolve_speed
 from firmware.dsp_q15 import (
     C_DIR,
     Q15DspError,
@@ -59,6 +59,7 @@ from firmware.dsp_q15 import (
     quantize_windows,
     raw_features_q15,
 )
+from firmware.ota import decode_dsp_block, encode_dsp_block
 from firmware.sensor import FaultSpec, MachineSimulator, quantize
 from firmware.tflm import TflmRunner, tflite_predict
 from tasks.datasets import LakeSelection, load_dataset
@@ -260,6 +261,25 @@ def test_int8_path_matches_quantized_float_features() -> None:
         assert got.dtype == np.int8 and diff.max() <= 1 and (diff == 0).mean() >= 0.99
 
 
+def test_int8_path_applies_the_speed_trend_and_falls_back_as_normalise() -> None:
+    """Spec v2: the integer path subtracts slope x log10(rpm / reference) per window (integer log2 of the
+    speed); an unusable speed (NaN, 0, 70000, negative, infinite) takes the reference speed, flagged alike."""
+    samples, scale = simulator_windows("ball", n=30)
+    raw = raw_features_q15(samples, SPEC, scale=scale)
+    spec = decode_dsp_block(encode_dsp_block(SPEC.fitted(raw, np.geomspace(900.0, 1500.0, 30))))
+    speeds = np.array([900.0, 1234.5, 1500.0, 2400.0, 60.0, 60_000.0, np.nan, 0.0, 70_000.0, -1.0, np.inf], np.float32)
+    rpm = np.resize(speeds, 30)
+    got = features_int8_q15(samples, spec, 0.05, -3, scale=scale, rpm=rpm)
+    expected = np.clip(np.round(normalise(raw, spec, rpm).astype(np.float64) / 0.05) - 3, -128, 127)
+    diff = np.abs(got.astype(np.int32) - expected)
+    assert diff.max() <= 1 and (diff == 0).mean() >= 0.99
+    unaware = np.clip(np.round(normalise(raw, spec).astype(np.float64) / 0.05) - 3, -128, 127)
+    assert (np.abs(got.astype(np.int32) - unaware) > 1).any()  # the trend moved inputs by more than the tolerance
+    front = Q15FrontEnd(spec)
+    front.prepare_int8(0.05, -3)
+    assert [front.set_speed(float(v)) for v in speeds] == list(resolve_speed(speeds, spec, speeds.size)[1])
+
+
 def test_bad_input_is_one_line_errors() -> None:
     samples, scale = simulator_windows(None, n=2)
     with pytest.raises(Q15DspError, match="int16 as on the wire"):
@@ -325,7 +345,8 @@ def test_c_source_compiles_cleanly_for_cortex_m_without_float_in_the_window_path
     relocations = subprocess.run(
         ["arm-none-eabi-objdump", "-r", str(obj)], capture_output=True, text=True, check=True
     ).stdout
-    per_window = [".text.dspq_raw_features_q16", ".text.dspq_features_int8", ".text.fft_bfp", ".text.log2_u64_q16"]
+    per_window = [".text.dspq_raw_features_q16", ".text.dspq_features_int8", ".text.fft_bfp", ".text.log2_u64_q16",
+                  ".text.dspq_set_speed", ".text.log2_float_bits_q16"]  # fmt: skip
     sections = relocations.split("RELOCATION RECORDS FOR [")
     called = {
         line.split()[-1]

@@ -12,8 +12,10 @@ from __future__ import annotations
 import functools
 import json
 import re
+import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -29,7 +31,19 @@ from firmware.device import DeviceConfig, DeviceRuntime
 from firmware.dsp import DspSpec, raw_features
 from firmware.emulated import EmulatedDevice, provisioning_block, read_transfer_record
 from firmware.emulator import EmulatorError, build_images
-from firmware.frames import FrameErrorCode, FrameType, encode_frame
+from firmware.frames import (
+    DeviceStateCode,
+    Frame,
+    FrameErrorCode,
+    FrameParser,
+    FrameType,
+    HelloFrame,
+    StatusDomain,
+    StatusFrame,
+    SummaryFrame,
+    WindowFrame,
+    encode_frame,
+)
 from firmware.gateway import GatewayConfig, UartGateway
 from firmware.ota import (
     Announcement,
@@ -41,7 +55,7 @@ from firmware.ota import (
     decode_request,
     device_audience,
 )
-from firmware.sensor import MachineSimulator
+from firmware.sensor import MachineSimulator, OperatingPoint
 from firmware.signing import KeyRing, ManifestSigner, generate_keypair
 from firmware.tflm import measure_arena
 from tests.conftest import cli_env
@@ -76,9 +90,15 @@ def arena(model: bytes) -> int:
 
 @pytest.fixture(scope="module")
 def spec() -> DspSpec:
-    sim = MachineSimulator(seed=99)
-    windows = np.stack([sim.next_window() for _ in range(32)])
-    return DspSpec().fitted(raw_features(windows, DspSpec()))
+    """A speed-aware spec (version 2, trained across 900-1500 rpm): the gateway's windows carry the machine's speed."""
+    sim, speeds = MachineSimulator(seed=99), np.repeat([900.0, 1100.0, 1300.0, 1500.0], 8)
+    windows = []
+    for rpm in speeds:
+        sim.set_operating_point(OperatingPoint(rpm, 0.5))
+        windows.append(sim.next_window())
+    fitted = DspSpec().fitted(raw_features(np.stack(windows), DspSpec()), speeds)
+    assert fitted.version == 2 and fitted.speed_slope
+    return fitted
 
 
 @pytest.fixture(scope="module")
@@ -314,6 +334,7 @@ def test_signed_ota_scores_summary_and_the_same_json_as_a_simulated_device(
     assert all(np.isfinite(b.scores).all() for b in batches) and batches[0].first_seq == 1
     assert summary.version == 1 and summary.windows == 8 and len(summary.feature_mean) == spec.n_features
     assert summary.start_ts <= summary.end_ts and summary.latency_ms["inference_mean"] > 0
+    assert summary.speed_fallback == 0  # every window came with its machine's speed
 
     # a simulated device on the same broker publishes the same JSON keys
     config = DeviceConfig(score_batch=4)
@@ -326,6 +347,59 @@ def test_signed_ota_scores_summary_and_the_same_json_as_a_simulated_device(
     for kind in ("announce", "status", "scores", "summary"):
         topic = getattr(TOPICS, kind)
         assert keys(watcher.messages[topic(DEVICE)]) == keys(watcher.messages[topic("node-0001")]), kind
+
+
+def test_gateway_sends_the_speed_only_to_a_speed_aware_device_and_publishes_its_fallback_count(
+    nrf: McuTarget,
+) -> None:
+    """WINDOW frames carry the tachometer value for a device whose HELLO announces DSP version 2 (older
+    firmware would drop the longer frame); the device's speed_fallback counts reach its JSON status and summary."""
+    machine = MachineSimulator(seed=3, operating_point=OperatingPoint(rpm=1234.0, load=0.5))
+    published: list[tuple[str, bytes]] = []
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        gateway = UartGateway("emu-0009", FLEET, nrf, server.getsockname(), simulator=machine)
+        gateway.attach(lambda topic, payload, _qos, _retain: published.append((topic, payload)))
+        starting = threading.Thread(target=gateway.start)
+        starting.start()
+        line, _ = server.accept()
+    parser, seq = FrameParser(), iter(range(1, 100))
+    received: list[Frame] = []
+
+    def next_frame(frame_type: FrameType) -> Frame:
+        deadline = time.monotonic() + 20
+        while not any(f.type == frame_type for f in received):
+            assert time.monotonic() < deadline, f"no {frame_type.name} from the gateway"
+            line.settimeout(max(deadline - time.monotonic(), 0.01))
+            received.extend(f for f in parser.feed(line.recv(65536)) if isinstance(f, Frame))
+        return received.pop(next(i for i, f in enumerate(received) if f.type == frame_type))
+
+    def say(payload: Any) -> None:
+        line.sendall(encode_frame(payload.TYPE, next(seq), payload.encode()))
+
+    def hello(dsp_versions: int) -> HelloFrame:
+        return HelloFrame(flash_free=1, slot_bytes=1, ram_free=1, max_chunk=1024, dsp_versions=dsp_versions,
+                          device="emu-0009", fleet=FLEET, group="", firmware="tinymlops-fw/0.1.0 (test)",
+                          profile="nrf52840", board="test", key_ids=(), model=None)  # fmt: skip
+
+    try:
+        say(hello(0b10))  # DSP version 1 only: firmware that predates the speed field
+        starting.join(20)
+        gateway.on_connected()
+        gateway.send_windows(1)
+        assert WindowFrame.decode(next_frame(FrameType.WINDOW).payload).rpm is None
+        say(hello(0b110))  # rebooted into speed-aware firmware
+        wait_until(lambda: gateway.hello is not None and gateway.hello.dsp_versions == 0b110)
+        gateway.send_windows(1)
+        assert WindowFrame.decode(next_frame(FrameType.WINDOW).payload).rpm == pytest.approx(1234.0)
+        say(StatusFrame(1, DeviceStateCode.IDLE, StatusDomain.NONE, 0, 0, 0, 0, None, "", speed_fallback=3))
+        say(SummaryFrame(0, 1.0, 4, 0, 0.25, (4,) + (0,) * 8, (0.0,), (1.0,), 1.0, 1.0, 1, speed_fallback=2))
+        wait_until(lambda: {topic for topic, _ in published} >= {TOPICS.status("emu-0009"), TOPICS.summary("emu-0009")})
+    finally:
+        gateway.stop()
+        line.close()
+    messages = dict(published)
+    assert DeviceStatus.decode(messages[TOPICS.status("emu-0009")]).counters["speed_fallback"] == 3
+    assert DriftSummary.decode(messages[TOPICS.summary("emu-0009")]).speed_fallback == 2
 
 
 # --- faults -----------------------------------------------------------------------------------

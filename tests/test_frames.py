@@ -7,7 +7,9 @@ that re-encodes to the same bytes or raises only FrameDecodeError.
 
 from __future__ import annotations
 
+import math
 import struct
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -58,7 +60,9 @@ counts5 = st.tuples(u16, u16, u16, u16, u16)
 payloads: st.SearchStrategy[Payload] = st.one_of(
     st.builds(ManifestFrame, st.sampled_from([0, 1]), st.binary(max_size=1400)),
     st.builds(ChunkFrame, st.binary(max_size=4200)),
-    st.builds(WindowFrame, u32, f32, u32, st.lists(st.integers(-32768, 32767), max_size=1024).map(tuple)),
+    st.builds(
+        WindowFrame, u32, f32, u32, st.lists(st.integers(-32768, 32767), max_size=1024).map(tuple), st.none() | f32
+    ),
     st.just(SummaryNowFrame()),
     st.builds(PingFrame, u32),
     st.builds(PongFrame, u32),
@@ -100,6 +104,7 @@ payloads: st.SearchStrategy[Payload] = st.one_of(
         counts5,
         counts5,
         text,
+        u32,
     ),
     st.builds(
         ScoresFrame, u32, u32, st.lists(st.builds(ScoreItem, f32, st.booleans(), u32, u32), max_size=20).map(tuple)
@@ -116,6 +121,7 @@ payloads: st.SearchStrategy[Payload] = st.one_of(
         st.just((0.25,) * 35),
         f32,
         f32,
+        u32,
         u32,
     ),
     st.builds(LogFrame, text),
@@ -191,14 +197,29 @@ def test_parser_counts_crc_length_replay_and_truncation_and_resyncs() -> None:
 def test_status_layout_matches_the_table_byte_for_byte() -> None:
     sha = bytes(range(32))
     status = StatusFrame(7, DeviceStateCode.ACTIVE, StatusDomain.NONE, 0, 3, 5, 5, ModelInfo(3, sha, "m"), "m",
-                         100, 200, 1, 2, 3, 4, 5, (1, 2, 3, 4, 5), (6, 7, 8, 9, 10), "ok")  # fmt: skip
-    expected = (
+                         100, 200, 1, 2, 3, 4, 5, (1, 2, 3, 4, 5), (6, 7, 8, 9, 10), "ok", 12)  # fmt: skip
+    before_speed = (
         struct.pack("<HBBhIHH", 7, 4, 0, 0, 3, 5, 5) + b"\x01" + struct.pack("<I", 3) + sha + b"\x01m" + b"\x01m"
         + struct.pack("<IIQQQII", 100, 200, 1, 2, 3, 4, 5) + struct.pack("<10H", *range(1, 11)) + b"\x02ok"
     )  # fmt: skip
+    expected = before_speed + struct.pack("<I", 12)
     assert status.encode() == expected
     frame = encode_frame(FrameType.STATUS, 1, expected)
     assert frame[:8] == b"\xa5\x5a\x83\x00\x01\x00" + struct.pack("<H", len(expected))
+    # a device that predates the speed-fallback count: the shorter layout still decodes, with 0
+    assert StatusFrame.decode(before_speed) == replace(status, speed_fallback=0)
+
+
+def test_fields_appended_later_are_optional_in_window_and_summary() -> None:
+    samples = (1, -2, 3, -4)
+    head = struct.pack("<IfIH", 9, 0.5, 25_600, 4) + struct.pack("<4h", *samples)
+    assert WindowFrame.decode(head) == WindowFrame(9, 0.5, 25_600, samples)  # rpm None: not sent
+    assert WindowFrame.decode(head + struct.pack("<f", 1187.5)).rpm == 1187.5
+    unusable = WindowFrame.decode(head + struct.pack("<f", math.nan)).rpm  # data: the device falls back
+    assert unusable is not None and math.isnan(unusable)
+    assert WindowFrame(9, 0.5, 25_600, samples, 0.0).encode() == head + bytes(4)
+    summary = SummaryFrame(3, 1.0, 2, 0, 0.125, (2,) + (0,) * 8, (0.0,), (1.0,), 10.0, 20.0, 30, 2)
+    assert SummaryFrame.decode(summary.encode()[:-4]) == replace(summary, speed_fallback=0)
 
 
 @pytest.mark.parametrize(
@@ -208,6 +229,8 @@ def test_status_layout_matches_the_table_byte_for_byte() -> None:
         (FrameType.MANIFEST, b"\x02abc", "source 2"),
         (FrameType.HELLO, b"\x02", "HELLO version 2"),
         (FrameType.WINDOW, struct.pack("<IfIH", 1, 1.0, 100, 3) + b"\0\0", "ends inside 3 samples"),
+        (FrameType.WINDOW, struct.pack("<IfIH", 1, 1.0, 100, 1) + b"\0\0" + b"\0\0", "ends inside rpm"),
+        (FrameType.WINDOW, struct.pack("<IfIH", 1, 1.0, 100, 1) + b"\0\0" + bytes(6), "2 bytes past its fields"),
         (FrameType.FRAME_ERROR, b"\x09\x00\x00", "code 9"),
         (FrameType.PING, b"\0\0\0\0\0", "1 bytes past its fields"),
     ],

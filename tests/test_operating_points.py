@@ -29,6 +29,7 @@ import pytest
 from firmware.codec import VibrationWindow
 from firmware.dsp import DspSpec
 from firmware.fleet import VirtualFleet
+from firmware.ota import DriftSummary
 from firmware.sensor import FaultSpec, OperatingPoint
 from firmware.tflm import measure_arena
 from tasks.compress import compress
@@ -45,14 +46,22 @@ from tasks.drift import (
     NEW_OPERATING_POINT,
     DeviceAssessment,
     DriftError,
-    SummaryStats,
     assess_device,
     assess_device_summary,
     assess_fleet,
 )
 from tasks.evaluate import enforce_quality, evaluate_models
 from tasks.lake import WindowBatch, write_windows
-from tasks.monitor import Champion, MonitorError, MonitorReport, alert_event, assess_windows, drift_event, monitor_fleet
+from tasks.monitor import (
+    Champion,
+    MonitorError,
+    MonitorReport,
+    alert_event,
+    assess_windows,
+    drift_event,
+    monitor_fleet,
+    summary_stats,
+)
 from tasks.packaging import build_drift_reference, package_for_target
 from tasks.train import WindowSpeeds, build_feature_sets, load_training_config, train_autoencoder
 from tests.fault_ledger import FaultRecord, record
@@ -320,11 +329,19 @@ def test_a_device_summary_counts_its_fallback_windows() -> None:
     rng = np.random.default_rng(1)
     features, calibration_errors = rng.standard_normal((600, 8)), rng.lognormal(0, 0.3, 200)
     reference = DriftReference(features.astype(np.float32), calibration_errors.astype(np.float32), 0.005)
-    edges = np.array([0.0, 1.0, 2.0])
-    parts = [
-        SummaryStats(40, 0, edges, np.array([40, 0, 0]), np.zeros(8), np.ones(8), speed_fallback=k) for k in (3, 4)
-    ]
-    judged = assess_device_summary("s", SummaryStats.merge(parts), reference, 3.0, SETTINGS)
+    merged = summary_stats(
+        [
+            DriftSummary.decode(  # through the wire format, as the monitor gets them
+                DriftSummary(
+                    device="s", model="m", version=1, threshold=3.0, start_ts=0.0, end_ts=1.0, windows=40, anomalies=0,
+                    score_mean=0.5, score_edges=[0.0, 1.0, 2.0], score_counts=[40, 0, 0],
+                    feature_mean=[0.0] * 8, feature_var=[1.0] * 8, speed_fallback=k,
+                ).encode()
+            )
+            for k in (3, 4)
+        ]
+    )  # fmt: skip
+    judged = assess_device_summary("s", merged, reference, 3.0, SETTINGS)
     assert judged.speed_fallback == 7 and judged.source == "summary" and judged.speed_uncovered == 0
     assert any("7 without a usable speed" in reason for reason in judged.reasons)
 

@@ -34,7 +34,7 @@
 #define DEVICE_MAX_WINDOW 2048u
 #define DEVICE_MAX_BANDS 120u
 #define DEVICE_MAX_FEATURES DSP_N_FEATURES(DEVICE_MAX_BANDS)
-#define DSP_VERSIONS (1u << 1) /* DSP spec version 1 */
+#define DSP_VERSIONS ((1u << 1) | (1u << 2)) /* DSP spec versions 1 and 2 (speed trend) */
 
 /* The behaviour of firmware.device.DeviceConfig's defaults. */
 #define REQUEST_WINDOW 8u
@@ -67,6 +67,7 @@ typedef struct {
     float twiddle[DEVICE_MAX_WINDOW];
     float mean[DEVICE_MAX_FEATURES];
     float std[DEVICE_MAX_FEATURES];
+    float slope[DEVICE_MAX_FEATURES];
 } front_end_t;
 
 typedef struct {
@@ -106,6 +107,7 @@ typedef struct {
 typedef struct {
     float score;
     uint8_t anomaly;
+    uint8_t speed_fallback; /* the window's speed was unusable: normalised at the reference speed */
     uint32_t dsp_instructions;
     uint32_t inference_instructions;
 } score_t;
@@ -140,6 +142,8 @@ static float features[DEVICE_MAX_FEATURES];
 static int16_t last_window[DEVICE_MAX_WINDOW]; /* for the smoke inference of the next model */
 static uint16_t last_window_n;
 static float last_window_scale;
+static float last_window_rpm;
+static uint32_t speed_fallbacks; /* windows scored at the fallback speed since boot (STATUS) */
 static const int16_t zero_window[DEVICE_MAX_WINDOW];
 
 static struct {
@@ -159,6 +163,7 @@ static struct {
     float dsp_sum;
     float inference_sum;
     uint32_t inference_max;
+    uint32_t speed_fallback; /* windows of the period scored at the fallback speed */
 } summary;
 
 /* ---- detail text (no stdio) ---- */
@@ -310,6 +315,7 @@ static void send_status(uint8_t state, uint8_t domain, int code, const ota_manif
     frame_put_u16(&w, e[FRAME_ERR_REPLAY]);
     frame_put_u16(&w, malformed > UINT16_MAX ? UINT16_MAX : (uint16_t)malformed);
     frame_put_str8(&w, detail);
+    frame_put_u32(&w, speed_fallbacks);
     if (w.overflow) {
         last_status_len = 0;
         return;
@@ -368,9 +374,12 @@ static int front_end_build(front_end_t *fe, const uint8_t *block, uint16_t len) 
         detail_str("DSP bands do not fit the window");
         return TRT_ERR_SHAPE;
     }
+    int has_trend = 0;
     for (uint32_t i = 0; i < d.n_stats; i++) {
         fe->mean[i] = ota_f32le(d.mean_le + 4u * i);
         fe->std[i] = ota_f32le(d.std_le + 4u * i);
+        fe->slope[i] = d.slope_le != NULL ? ota_f32le(d.slope_le + 4u * i) : 0.0f;
+        has_trend |= fe->slope[i] != 0.0f;
     }
     fe->n_features = DSP_N_FEATURES(d.n_bands);
     fe->cfg.window_samples = d.window_samples;
@@ -380,6 +389,12 @@ static int front_end_build(front_end_t *fe, const uint8_t *block, uint16_t len) 
     fe->cfg.twiddle = fe->twiddle;
     fe->cfg.mean = fe->mean;
     fe->cfg.std = fe->std;
+    /* version 2: the speed trend (all-zero slopes: none); a reference of 0 (version 1) never falls back */
+    fe->cfg.slope = has_trend ? fe->slope : NULL;
+    fe->cfg.reference_rpm = d.reference_rpm;
+    fe->cfg.valid_low_rpm = d.valid_low_rpm;
+    fe->cfg.valid_high_rpm = d.valid_high_rpm;
+    fe->cfg.speed_log10 = 0.0f;
     if (dsp_init_tables(d.window_samples, fe->hann, fe->twiddle) != DSP_OK || dsp_check_config(&fe->cfg) != DSP_OK) {
         detail_str("DSP front end rejected the block");
         return TRT_ERR_SHAPE;
@@ -426,11 +441,14 @@ static int load_engine(engine_t *e, const uint8_t *model, uint32_t size, uint32_
 /*
  * firmware.device.score_window: normalised DSP features, quantized with the input scale and zero
  * point (numpy's round half to even, in double as tflm.py), tinyrt, dequantized, and the mean
- * squared error between features and reconstruction accumulated in double. Returns 0, a
- * dsp_features status (< 0) or, on an inference failure, a trt_status_t in *trt_code.
+ * squared error between features and reconstruction accumulated in double. The features are normalised
+ * at the window's shaft speed rpm (0, NaN or out of range: at the reference speed, flagged in
+ * out->speed_fallback; its cost counts as DSP). Returns 0, a dsp_features status (< 0) or, on an
+ * inference failure, a trt_status_t in *trt_code.
  */
-static int score_window(engine_t *e, const int16_t *samples, float scale, double *score, score_t *out) {
+static int score_window(engine_t *e, const int16_t *samples, float scale, float rpm, double *score, score_t *out) {
     uint64_t t0 = board_instructions();
+    out->speed_fallback = (uint8_t)dsp_set_speed(&e->dsp.cfg, rpm);
     int status = dsp_features(&e->dsp.cfg, samples, scale, work, features);
     if (status != DSP_OK) {
         return status;
@@ -512,6 +530,7 @@ static void send_summary(void) {
     frame_put_f32(&w, summary.dsp_sum / n);
     frame_put_f32(&w, summary.inference_sum / n);
     frame_put_u32(&w, summary.inference_max);
+    frame_put_u32(&w, summary.speed_fallback);
     summary_reset();
     send_frame(FRAME_SUMMARY, w.len);
 }
@@ -529,6 +548,8 @@ static void record(uint32_t seq, double score, const score_t *s) {
     summary.counts[bin]++;
     summary.windows++;
     summary.anomalies += s->anomaly;
+    summary.speed_fallback += s->speed_fallback;
+    speed_fallbacks += s->speed_fallback;
     summary.score_sum += s->score;
     for (uint32_t i = 0; i < active->dsp.n_features; i++) {
         summary.feature_sum[i] += features[i];
@@ -547,7 +568,8 @@ static void record(uint32_t seq, double score, const score_t *s) {
     }
 }
 
-/* WINDOW: u32 seq, f32 scale, u32 sample_rate_hz, u16 n, int16[n]. -1: malformed. */
+/* WINDOW: u32 seq, f32 scale, u32 sample_rate_hz, u16 n, int16[n], optional f32 rpm (absent, 0 or NaN:
+ * unknown). -1: malformed. */
 static int on_window(const uint8_t *payload, size_t len) {
     frame_reader_t r;
     frame_reader_init(&r, payload, len);
@@ -556,6 +578,7 @@ static int on_window(const uint8_t *payload, size_t len) {
     (void)frame_get_u32(&r); /* the sample rate: the model's DSP block fixes the band edges */
     uint16_t n = frame_get_u16(&r);
     const uint8_t *samples = frame_get_bytes(&r, 2u * n);
+    float rpm = !r.overflow && r.pos + 4u == len ? frame_get_f32(&r) : 0.0f; /* 0: unknown, the fallback */
     if (r.overflow || r.pos != len || n == 0 || n > DEVICE_MAX_WINDOW || !(scale > 0.0f) || !isfinite(scale)) {
         return -1;
     }
@@ -564,6 +587,7 @@ static int on_window(const uint8_t *payload, size_t len) {
     }
     last_window_n = n;
     last_window_scale = scale;
+    last_window_rpm = rpm;
     if (active == NULL) {
         return 0;
     }
@@ -578,7 +602,7 @@ static int on_window(const uint8_t *payload, size_t len) {
     }
     double score;
     score_t s;
-    int status = score_window(active, last_window, scale, &score, &s);
+    int status = score_window(active, last_window, scale, rpm, &score, &s);
     if (status != 0) {
         detail_reset();
         detail_str("scoring failed: ");
@@ -875,8 +899,8 @@ static void complete(void) {
         fail(DOM_SMOKE, code);
         return;
     }
-    code = score_window(candidate, with_last ? last_window : zero_window, with_last ? last_window_scale : 1.0f, &score,
-                        &smoke);
+    code = score_window(candidate, with_last ? last_window : zero_window, with_last ? last_window_scale : 1.0f,
+                        with_last ? last_window_rpm : 0.0f, &score, &smoke); /* not counted: no window scored */
     lat->smoke = board_instructions() - t0;
     if (code != 0 || !isfinite(score)) {
         detail_str(code != 0 ? "smoke inference failed" : "smoke inference gave a non-finite score");

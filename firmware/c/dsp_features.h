@@ -7,6 +7,10 @@
  * max|x - mean| / rms; optionally (f - mean) / std. C99, single precision (Cortex-M4F FPU), no
  * malloc, only <math.h>, <stdint.h> and <string.h>.
  *
+ * Speed trend (DSP spec version 2, firmware.dsp.normalise): with a slope per feature the mean becomes
+ * mean + slope * log10(rpm / reference) at the window's shaft speed; dsp_set_speed resolves the speed
+ * once per window (one log10f) and says whether it fell back to the reference speed.
+ *
  * Memory, for a window of n samples (n = 1024: the fleet format):
  *   work buffer    DSP_WORK_BYTES(n)  = 4 n bytes  RAM, caller-provided, reused per call (4096 B)
  *   hann table     DSP_HANN_BYTES(n)  = 4 n bytes  flash when generated as const, else RAM (4096 B)
@@ -46,6 +50,11 @@ typedef struct {
     const float *twiddle;       /* n: cos(2 pi k / n), -sin(2 pi k / n) interleaved, k < n/2 */
     const float *mean;          /* DSP_N_FEATURES: normalisation; unused by dsp_raw_features */
     const float *std;           /* DSP_N_FEATURES, each > 0 */
+    const float *slope;         /* DSP_N_FEATURES per decade of rpm, or NULL: no speed trend */
+    float reference_rpm;        /* speed the mean holds at; 0: a speed-unaware spec (nothing falls back) */
+    float valid_low_rpm;        /* a speed outside [low, high], NaN or infinite is unusable */
+    float valid_high_rpm;
+    float speed_log10;          /* log10(rpm / reference) of the current window: set by dsp_set_speed */
 } dsp_config_t;
 
 /* Fill the Hann and twiddle tables for a window of n samples (or generate them as const arrays). */
@@ -58,7 +67,13 @@ int dsp_check_config(const dsp_config_t *cfg);
  * work: DSP_WORK_FLOATS(n) floats, overwritten. features: DSP_N_FEATURES(n_bands) floats. */
 int dsp_raw_features(const dsp_config_t *cfg, const int16_t *samples, float scale, float *work, float *features);
 
-/* Normalised features, (raw - mean) / std: what the model sees. Needs cfg->mean and cfg->std. */
+/* The shaft speed of the next window (firmware.dsp.resolve_speed): sets cfg->speed_log10. Returns 1 when the
+ * speed is unusable (0, NaN, infinite, outside the valid range) and the reference speed is used (the fallback,
+ * to be counted), 0 otherwise or for a speed-unaware spec (reference 0). */
+int dsp_set_speed(dsp_config_t *cfg, float rpm);
+
+/* Normalised features, (raw - mean - slope * speed_log10) / std: what the model sees. Needs cfg->mean and
+ * cfg->std; the slope term only with cfg->slope. */
 int dsp_features(const dsp_config_t *cfg, const int16_t *samples, float scale, float *work, float *features);
 
 #endif /* DSP_FEATURES_H */

@@ -374,6 +374,58 @@ int dspq_prepare(uint32_t n_bands, const float *mean, const float *std, float in
     return DSPQ_OK;
 }
 
+static uint32_t float_bits(float value) {
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    return bits;
+}
+
+/* log2 of a normal positive float from its bits, Q16 (as dspq_set_scale) */
+static int32_t log2_float_bits_q16(uint32_t bits) {
+    uint32_t exponent = (bits >> 23) & 0xFFu, mantissa = (bits & 0x7FFFFFu) | 0x800000u;
+    return log2_u64_q16(mantissa) + (((int32_t)exponent - 150) << Q16);
+}
+
+int dspq_prepare_speed(dspq_config_t *cfg, const float *slope, float reference_rpm, float valid_low_rpm,
+                       float valid_high_rpm, int32_t *slope_q16) {
+    uint32_t i, n_features;
+    if (cfg == NULL || (slope != NULL && slope_q16 == NULL)) return DSPQ_ERR_NULL;
+    n_features = DSPQ_N_FEATURES(cfg->n_bands);
+    cfg->slope_q16 = NULL;
+    cfg->reference_bits = 0u;
+    cfg->speed_log10_q16 = 0;
+    if (!(valid_low_rpm > 1e-30f) || !(valid_low_rpm < valid_high_rpm) || !(valid_high_rpm < 3.0e38f)) {
+        return DSPQ_ERR_ARG;
+    }
+    cfg->valid_low_bits = float_bits(valid_low_rpm);
+    cfg->valid_high_bits = float_bits(valid_high_rpm);
+    if (reference_rpm == 0.0f && slope == NULL) return DSPQ_OK; /* speed-unaware */
+    if (!(reference_rpm >= valid_low_rpm && reference_rpm <= valid_high_rpm)) return DSPQ_ERR_ARG;
+    if (slope != NULL) {
+        for (i = 0; i < n_features; i++) {
+            double q = (double)slope[i] * 65536.0;
+            if (!(q > -2147483648.0 && q < 2147483647.0)) return DSPQ_ERR_ARG;
+            slope_q16[i] = (int32_t)floor(q + 0.5);
+        }
+        cfg->slope_q16 = slope_q16;
+    }
+    cfg->reference_bits = float_bits(reference_rpm);
+    cfg->log2_reference_q16 = log2_float_bits_q16(cfg->reference_bits);
+    return DSPQ_OK;
+}
+
+int dspq_set_speed(dspq_config_t *cfg, float rpm) {
+    uint32_t bits;
+    if (cfg == NULL) return DSPQ_ERR_NULL;
+    bits = float_bits(rpm);
+    cfg->speed_log10_q16 = 0; /* the reference speed */
+    if (cfg->reference_bits == 0u) return 0;
+    /* negative floats and NaN have bits above the largest valid speed, +inf above any finite one */
+    if (bits < cfg->valid_low_bits || bits > cfg->valid_high_bits) return 1;
+    cfg->speed_log10_q16 = log2_to_log10_q16(log2_float_bits_q16(bits) - cfg->log2_reference_q16);
+    return 0;
+}
+
 int dspq_features_int8(const dspq_config_t *cfg, const int16_t *samples, int32_t *work, int8_t *out) {
     int32_t q[DSPQ_N_FEATURES(64u)];
     uint32_t i, n_features;
@@ -386,7 +438,11 @@ int dspq_features_int8(const dspq_config_t *cfg, const int16_t *samples, int32_t
     n_features = DSPQ_N_FEATURES(cfg->n_bands);
     for (i = 0; i < n_features; i++) {
         const dspq_affine_t *af = &cfg->affine[i];
-        int64_t y = ((int64_t)q[i] * af->mul + af->add) >> af->shift;
+        int64_t y;
+        if (cfg->slope_q16 != NULL) { /* the mean at this speed: slope log10(rpm / reference), Q16 x Q16 */
+            q[i] -= (int32_t)(((int64_t)cfg->slope_q16[i] * cfg->speed_log10_q16 + ((int64_t)1 << 15)) >> 16);
+        }
+        y = ((int64_t)q[i] * af->mul + af->add) >> af->shift;
         out[i] = (int8_t)(y < -128 ? -128 : y > 127 ? 127 : y);
     }
     return DSPQ_OK;

@@ -225,7 +225,7 @@ int ota_dsp_parse(const uint8_t *block, size_t len, ota_dsp_t *out) {
         return OTA_ERR_FIELD;
     }
     out->version = u16le(block);
-    if (out->version != 1) {
+    if (out->version != 1 && out->version != 2) {
         return OTA_ERR_DSP_VERSION;
     }
     out->sample_rate_hz = u32le(block + 2);
@@ -233,7 +233,9 @@ int ota_dsp_parse(const uint8_t *block, size_t len, ota_dsp_t *out) {
     out->n_bands = u16le(block + 8);
     out->f_min_hz = ota_f32le(block + 10);
     out->n_stats = u16le(block + 14);
-    if (len != 16u + 8u * out->n_stats) {
+    /* version 2: + f32 reference rpm, f32 valid low, f32 valid high, f32 slope[n_stats] */
+    size_t speed_bytes = out->version == 2 ? 12u + 4u * out->n_stats : 0u;
+    if (len != 16u + 8u * out->n_stats + speed_bytes) {
         return OTA_ERR_FIELD;
     }
     uint16_t w = out->window_samples;
@@ -254,6 +256,30 @@ int ota_dsp_parse(const uint8_t *block, size_t len, ota_dsp_t *out) {
         if (!isfinite(mean) || !isfinite(std) || !(std > 0.0f)) {
             return OTA_ERR_FIELD;
         }
+    }
+    out->reference_rpm = out->valid_low_rpm = out->valid_high_rpm = 0.0f;
+    out->slope_le = NULL;
+    if (out->version == 1) {
+        return OTA_OK;
+    }
+    const uint8_t *speed = block + 16 + 8u * out->n_stats;
+    out->reference_rpm = ota_f32le(speed);
+    out->valid_low_rpm = ota_f32le(speed + 4);
+    out->valid_high_rpm = ota_f32le(speed + 8);
+    out->slope_le = speed + 12;
+    float ref = out->reference_rpm, low = out->valid_low_rpm, high = out->valid_high_rpm;
+    int has_trend = 0;
+    for (uint16_t i = 0; i < out->n_stats; i++) {
+        float slope = ota_f32le(out->slope_le + 4u * i);
+        if (!isfinite(slope)) {
+            return OTA_ERR_FIELD;
+        }
+        has_trend |= slope != 0.0f;
+    }
+    /* as firmware.ota.decode_dsp_block: 0 < low < high, the reference inside, or 0 (no speed data) without a trend */
+    if (!isfinite(ref) || !isfinite(low) || !isfinite(high) || !(low > 0.0f) || !(low < high) ||
+        !((low <= ref && ref <= high) || (ref == 0.0f && !has_trend))) {
+        return OTA_ERR_FIELD;
     }
     return OTA_OK;
 }
@@ -362,7 +388,7 @@ int ota_parse_manifest(const uint8_t *msg, size_t len, ota_manifest_t *out) {
     out->dsp_len = dsp_len;
     out->dsp_version = u16le(msg + offset);
     memcpy(out->dsp_block, msg + offset, dsp_len);
-    if (out->dsp_version == 1) {
+    if (out->dsp_version == 1 || out->dsp_version == 2) {
         ota_dsp_t dsp;
         if (ota_dsp_parse(out->dsp_block, dsp_len, &dsp) != OTA_OK) {
             return OTA_ERR_FIELD;

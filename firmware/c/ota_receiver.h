@@ -129,7 +129,9 @@ typedef struct {
     const uint8_t *payload; /* points into the message */
 } ota_chunk_t;
 
-/* DSP spec block version 1; the statistics stay little-endian float32 in the block. */
+/* DSP spec block version 1 or 2; the statistics stay little-endian float32 in the block. Version 2 adds the
+ * speed trend (firmware.ota.encode_dsp_block): the features are normalised at mean + slope * log10(rpm / reference)
+ * for a window whose rpm lies in [valid_low, valid_high], at the reference (the fallback) otherwise. */
 typedef struct {
     uint16_t version;
     uint32_t sample_rate_hz;
@@ -137,8 +139,12 @@ typedef struct {
     uint16_t n_bands;
     float f_min_hz;
     uint16_t n_stats;
-    const uint8_t *mean_le; /* n_stats float32 */
-    const uint8_t *std_le;  /* n_stats float32 */
+    const uint8_t *mean_le;  /* n_stats float32 */
+    const uint8_t *std_le;   /* n_stats float32 */
+    float reference_rpm;     /* version 2: 0 = no speed data (speed-unaware); version 1: 0 */
+    float valid_low_rpm;     /* version 2: usable speeds; version 1: 0 */
+    float valid_high_rpm;
+    const uint8_t *slope_le; /* version 2: n_stats float32 per decade of rpm (all 0: no trend); version 1: NULL */
 } ota_dsp_t;
 
 /* Reference block version 1: `count` int8 inputs of n_in values, then `count` expected int8 outputs

@@ -276,7 +276,7 @@ static void test_resume(const char *dir) {
     static ota_receiver_t rx;
     static const char *const chunks[] = {"chunk_000.bin", "chunk_001.bin", "chunk_002.bin", "chunk_003.bin",
                                          "chunk_004.bin"};
-    ota_config_t config = {"node-0007", "line-3", "nrf52840", 131072, 1u << 1, stub_verify};
+    ota_config_t config = {"node-0007", "line-3", "nrf52840", 131072, (1u << 1) | (1u << 2), stub_verify};
     uint16_t idx[8];
     ota_receiver_init(&rx, &config, staging, sizeof staging, 2);
     check(ota_receiver_resume(&rx, NULL, 0) == OTA_ERR_NO_MANIFEST, "resume", "without a manifest");
