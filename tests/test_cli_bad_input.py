@@ -310,6 +310,7 @@ CASES = [
     Case("simulate", "simulate --windows 1 --fault nosuch:0.5", "unknown fault kind 'nosuch'"),
     Case("simulate", "simulate --windows 1 --fleet bad/name", "invalid fleet 'bad/name'"),
     Case("simulate", "simulate --devices 2", "give --seconds or --windows", exit_code=2),
+    Case("simulate", "simulate --windows 1 --rpm 0", "--rpm", exit_code=2),
     Case("simulate", "simulate --windows 1", "no MQTT broker to publish to: none configured and none announced in "
          "{root}/data/broker.json; start `tinymlops broker`", real=True),
     Case("replay", "replay {root}/nowhere.npz --device d1", "cannot read {root}/nowhere.npz"),

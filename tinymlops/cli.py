@@ -257,9 +257,12 @@ def simulate(
     fault: Annotated[
         list[str] | None, typer.Option(help="Inject KIND:SEVERITY[:DEVICE,...], e.g. inner_race:0.8:node-0001.")
     ] = None,
+    rpm: Annotated[
+        float, typer.Option(min=60.0, max=60_000.0, help="Nominal shaft speed; each machine runs within +/-2 % of it.")
+    ] = 1797.0,
     broker: PublishBrokerOption = None,
 ) -> None:
-    """Run a virtual fleet of sensor nodes that publish vibration windows over MQTT."""
+    """Run a virtual fleet of sensor nodes that publish vibration windows (with their speed) over MQTT."""
     settings = _settings()
     _check_fleet(fleet)
     if seconds is None and windows is None:
@@ -280,6 +283,7 @@ def simulate(
         window_samples=settings.sensor.window_samples,
         topic_root=settings.mqtt.topic_root,
         boot_epoch=boot_epoch,
+        rpm=rpm,
     )
     for spec in fault or []:
         kind, _, rest = spec.partition(":")
