@@ -73,6 +73,7 @@ from firmware.ota import (
 from firmware.sensor import MachineSimulator, VibrationSource, quantize
 from firmware.signing import KeyRing
 from firmware.tflm import TflmRunner
+from tinymlops.contracts.scoring import anomaly_scores, is_anomalous
 from tinymlops.errors import TinyMLOpsError
 from tinymlops.mqtt import BrokerAddress, connect, make_client
 from tinymlops.settings import MqttSettings
@@ -201,7 +202,7 @@ def score_window(
     t1 = time.perf_counter()
     reconstruction = model.runner.predict(features)
     t2 = time.perf_counter()
-    score = float(np.mean((features - reconstruction) ** 2, dtype=np.float64))
+    score = float(anomaly_scores(features, reconstruction)[0])
     return score, features[0], (t1 - t0) * 1e3, (t2 - t1) * 1e3
 
 
@@ -677,7 +678,7 @@ class DeviceRuntime:
                 continue
             value, features, dsp_ms, inference_ms = score_window(model, window, self._last_rpm)
             fallback = bool(resolve_speed(self._last_rpm, model.spec, 1)[1][0])
-            score = Score(seq, value, value > model.threshold, dsp_ms, inference_ms, fallback)
+            score = Score(seq, value, bool(is_anomalous(value, model.threshold)), dsp_ms, inference_ms, fallback)
             results.append(score)
             self.windows_scored += 1
             self.anomalies += score.anomaly

@@ -27,6 +27,7 @@ from mlflow.pyfunc.model import PythonModel
 from firmware.dsp import DspSpec, extract_features
 from firmware.tflm import tflite_predict
 from registry.errors import ModelArtifactsError, ModelInputError, ModelIntegrityError
+from tinymlops.contracts.scoring import anomaly_scores, is_anomalous
 from tinymlops.schemas import METADATA_FILE, BundleError, ModelBundle, load_bundle, sha256_hex
 
 BUNDLE_ARTIFACT = "bundle"
@@ -190,5 +191,5 @@ class VibrationAnomalyModel(PythonModel):
         windows = windows_array(model_input, self.spec.window_samples)
         features = extract_features(windows, self.spec, rpm)
         reconstruction = tflite_predict(self.model, features)
-        errors = np.mean((features.astype(np.float64) - reconstruction) ** 2, axis=1)
-        return pd.DataFrame({OUTPUT_COLUMNS[0]: errors, OUTPUT_COLUMNS[1]: errors > self.threshold})
+        errors = anomaly_scores(features, reconstruction)
+        return pd.DataFrame({OUTPUT_COLUMNS[0]: errors, OUTPUT_COLUMNS[1]: is_anomalous(errors, self.threshold)})

@@ -36,6 +36,7 @@ from tasks.train import (
     check_features,
     reconstruction_error,
 )
+from tinymlops.contracts.scoring import is_anomalous
 from tinymlops.errors import TinyMLOpsError
 from tinymlops.schemas import ModelBundle
 
@@ -139,8 +140,8 @@ def evaluate_scores(
         raise EvaluationError("no fault classes to evaluate against")
     faults = {name: _scores(values, f"fault class {name!r}") for name, values in scores_by_fault.items()}
     every_fault = np.concatenate(list(faults.values()))
-    true_positives = int(np.sum(every_fault > threshold))
-    false_positives = int(np.sum(normal > threshold))
+    true_positives = int(np.sum(is_anomalous(every_fault, threshold)))
+    false_positives = int(np.sum(is_anomalous(normal, threshold)))
     flagged = true_positives + false_positives
     precision = true_positives / flagged if flagged else 0.0
     recall = true_positives / every_fault.size
@@ -152,7 +153,7 @@ def evaluate_scores(
         n_fault=int(every_fault.size),
         auc=_auc(normal, every_fault),
         auc_by_fault={name: _auc(normal, s) for name, s in faults.items()},
-        recall_by_fault={name: float(np.mean(s > threshold)) for name, s in faults.items()},
+        recall_by_fault={name: float(np.mean(is_anomalous(s, threshold))) for name, s in faults.items()},
         precision=float(precision),
         recall=float(recall),
         f1=float(f1),

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from firmware.dsp import DspSpec, extract_features, raw_features
 from tasks.lake import LakeWindows
+from tinymlops.contracts.scoring import anomaly_scores
 from tinymlops.errors import ConfigError, TinyMLOpsError
 from tinymlops.settings import get_settings
 from tinymlops.tfcompat import import_tf, quiet_tensorflow
@@ -426,7 +427,7 @@ def train_autoencoder(
 
 
 def reconstruction_error(predict: Predictor, features: npt.ArrayLike) -> Float32Array:
-    """Mean squared reconstruction error per row.
+    """Mean squared reconstruction error per row: :func:`~tinymlops.contracts.scoring.anomaly_scores`, as float32.
 
     Args:
         predict: A tf-keras model or any callable mapping (n, F) float32 features to reconstructions.
@@ -440,7 +441,7 @@ def reconstruction_error(predict: Predictor, features: npt.ArrayLike) -> Float32
     reconstruction = np.asarray(predict(x), dtype=np.float32)
     if reconstruction.shape != x.shape:
         raise TrainingDataError(f"reconstruction has shape {reconstruction.shape}, expected {x.shape}")
-    return np.asarray(np.mean((x - reconstruction) ** 2, axis=1, dtype=np.float64), dtype=np.float32)
+    return anomaly_scores(x, reconstruction).astype(np.float32)
 
 
 def _calibration_rank(n: int, percentile: float) -> int:

@@ -63,6 +63,7 @@ from firmware.ota import (
 )
 from firmware.signing import KeyRing
 from firmware.tinyrt import NativeRuntime, TinyrtError
+from tinymlops.contracts.scoring import anomaly_scores, is_anomalous
 from tinymlops.mqtt import free_port
 
 SLOT_BYTES = 128 * 1024
@@ -382,7 +383,7 @@ class FakeUartDevice:
         t1 = time.perf_counter_ns()
         reconstruction = runtime.predict(features)
         t2 = time.perf_counter_ns()
-        return float(np.mean((features - reconstruction) ** 2, dtype=np.float64)), features[0], t1 - t0, t2 - t1
+        return float(anomaly_scores(features, reconstruction)[0]), features[0], t1 - t0, t2 - t1
 
     def _on_window(self, window: WindowFrame) -> None:
         self._window = window
@@ -390,7 +391,7 @@ class FakeUartDevice:
         if m is None or runtime is None:
             return
         score, features, dsp, inference = self._score(runtime, m, window)
-        item = ScoreItem(score, score > m.threshold, dsp, inference)
+        item = ScoreItem(score, bool(is_anomalous(score, m.threshold)), dsp, inference)
         self._pending.append((window.seq, item))
         self._summary.append((score, features, dsp, inference))
         if len(self._pending) >= 4:
@@ -415,7 +416,7 @@ class FakeUartDevice:
         n = m.dsp_spec().n_features
         feats = np.stack([r[1] for r in rows]) if rows else np.zeros((1, n))
         self._send(SummaryFrame(
-            m.model_version, m.threshold, len(rows), int(np.sum(scores > m.threshold)),
+            m.model_version, m.threshold, len(rows), int(np.sum(is_anomalous(scores, m.threshold))),
             float(scores.mean()) if rows else 0.0, tuple(int(c) for c in counts),
             tuple(float(v) for v in feats.mean(axis=0)), tuple(float(v) for v in feats.var(axis=0)),
             float(np.mean([r[2] for r in rows] or [0])), float(np.mean([r[3] for r in rows] or [0])),

@@ -67,6 +67,7 @@ from tasks.ota_service import OtaService, OtaServiceError
 from tests.fault_ledger import FaultRecord, record
 from tests.int8_model import int8_autoencoder
 from tinymlops.cli_deploy import deploy_command
+from tinymlops.contracts.scoring import anomaly_scores
 from tinymlops.errors import TinyMLOpsError
 from tinymlops.mqtt import BrokerAddress, MosquittoBroker, connect, make_client
 from tinymlops.schemas import BundleMetadata, DriftReference, registered_model_name, sha256_hex, write_bundle
@@ -111,7 +112,7 @@ def assets() -> Assets:
     windows = fleet_windows("nrf", 30)
     spec = DspSpec().fitted(raw_features(windows, DspSpec()))
     features = extract_features(windows, spec)
-    errors = np.mean((features.astype(np.float64) - tflite_predict(model, features)) ** 2, axis=1)
+    errors = anomaly_scores(features, tflite_predict(model, features))
     threshold = float(3 * errors.max())  # a healthy model raises no alarm on these machines
     drift = DriftReference(features, errors.astype(np.float32), expected_anomaly_rate=0.005)
     return Assets(model, spec, measure_arena(model).smallest_working_bytes, threshold, drift)

@@ -48,6 +48,7 @@ from firmware.signing import KeyRing, ManifestSigner, generate_keypair, load_pri
 from firmware.tflm import TflmRunner, measure_arena
 from tests.fault_ledger import FaultRecord, record
 from tests.int8_model import int8_autoencoder, with_first_dense_zeroed
+from tinymlops.contracts.scoring import anomaly_scores
 from tinymlops.mqtt import AmqttBroker, BrokerAddress, MosquittoBroker, connect, make_client
 from tinymlops.settings import REPO_ROOT, MqttSettings
 from tinymlops.targets import McuTarget, load_catalog
@@ -290,7 +291,7 @@ def test_announce_deploy_verify_load_activate_and_score(
     for _ in range(6):
         samples, scale = quantize(twin.next_window(), 16.0)
         features = extract_features(samples.astype(np.float32) * np.float32(scale), spec)
-        expected.append(float(np.mean((features - runner.predict(features)) ** 2, dtype=np.float64)))
+        expected.append(float(anomaly_scores(features, runner.predict(features))[0]))
     np.testing.assert_allclose([s.score for s in scores], expected, rtol=1e-6)
     assert [s.seq for s in scores] == list(range(1, 7))
     assert [s.anomaly for s in scores] == [v > manifest.threshold for v in expected]
@@ -342,11 +343,11 @@ def test_each_window_is_scored_at_its_speed_and_an_unusable_speed_falls_back_cou
     for rpm in readings:
         samples, scale = quantize(twin.next_window(), 16.0)
         features = extract_features(samples.astype(np.float32) * np.float32(scale), held, rpm)
-        expected.append(float(np.mean((features - runner.predict(features)) ** 2, dtype=np.float64)))
+        expected.append(float(anomaly_scores(features, runner.predict(features))[0]))
     np.testing.assert_allclose([s.score for s in scores], expected, rtol=1e-6)
     assert [s.speed_fallback for s in scores] == [False, False, False, True, True, True, True]
     at_reference = extract_features(samples.astype(np.float32) * np.float32(scale), held)
-    assert expected[-1] == float(np.mean((at_reference - runner.predict(at_reference)) ** 2, dtype=np.float64))
+    assert expected[-1] == float(anomaly_scores(at_reference, runner.predict(at_reference))[0])
     summary = device.publish_summary()
     assert summary is not None
     worst = float(np.max(np.abs(np.array([s.score for s in scores]) / np.array(expected) - 1)))

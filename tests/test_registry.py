@@ -64,6 +64,7 @@ from registry.store import configure_mlflow
 from registry.tracking import log_training_run, plot_error_histogram, plot_roc, plot_training_loss
 from tasks.budget import validate_budget
 from tests.int8_model import int8_autoencoder
+from tinymlops.contracts.scoring import anomaly_scores
 from tinymlops.schemas import (
     BundleError,
     BundleMetadata,
@@ -107,7 +108,7 @@ def noise_windows(n: int, seed: int) -> npt.NDArray[np.float32]:
 
 def reconstruction_errors(model: bytes, spec: DspSpec, windows: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
     features = extract_features(windows, spec)
-    return np.mean((features.astype(np.float64) - tflite_predict(model, features)) ** 2, axis=1)
+    return anomaly_scores(features, tflite_predict(model, features))
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from tasks.train import (
     train_autoencoder,
 )
 from tinymlops.bench import machine_description
+from tinymlops.contracts.scoring import is_anomalous
 from tinymlops.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ class _Scorer:
     def alarms(self, windows: npt.NDArray[np.float32], rpm: float) -> npt.NDArray[np.bool_]:
         speeds = np.full(len(windows), rpm, dtype=np.float32) if self.aware else None
         errors = reconstruction_error(self.trained.model, featurize(windows, self.spec, speeds))
-        return np.asarray(errors > self.threshold)
+        return is_anomalous(errors, self.threshold)
 
 
 def _rate(alarms: list[npt.NDArray[np.bool_]]) -> tuple[float, float, int]:
