@@ -13,9 +13,16 @@ from prefect.runtime import flow_run
 from firmware.dsp import DspSpec
 from tasks.compress import compress_task
 from tasks.datasets import Accumulation, LakeSelection, load_dataset_task, skipped_summary
-from tasks.evaluate import enforce_quality, evaluate_fixed_point_task, evaluate_models_task, with_fixed_point
+from tasks.evaluate import (
+    enforce_quality,
+    evaluate_fixed_point_task,
+    evaluate_models_task,
+    score_deployed_model_task,
+    with_fixed_point,
+)
 from tasks.packaging import (
     build_drift_reference_task,
+    check_parity_task,
     enforce_some_target_fits,
     measure_arena_task,
     package_for_target_task,
@@ -83,6 +90,8 @@ def train_flow(
     trained = train_autoencoder_task(features, config)
     compression = compress_task(trained.model, features.parts.train, features.parts.validation, config)
     arena = measure_arena_task(compression.deployable)
+    # The deployed model in TFLite Micro, scored once on every feature set; each step below reuses it.
+    tflm_errors = score_deployed_model_task(compression.deployable, arena.smallest_working_bytes, features)
     comparison = evaluate_models_task(
         trained.model,
         compression.deployable,
@@ -96,21 +105,21 @@ def train_flow(
             "int8_unpruned_tflite": compression.int8_model,
         },
         confidence=config.gates.false_alarm_confidence,
+        tflm_errors=tflm_errors,
     )
     if any(target.dsp_arithmetic == "q15" for target in mcu_targets):
         fixed_point = evaluate_fixed_point_task(
             compression.deployable,
             dataset,
-            features,
-            percentile=config.threshold_percentile,
+            features.spec,
+            threshold=comparison["int8_tflm"].threshold,
             window_seconds=window_seconds,
             arena_bytes=arena.smallest_working_bytes,
         )
         comparison = with_fixed_point(comparison, fixed_point)
     enforce_quality(comparison, config.gates)
-    drift_reference = build_drift_reference_task(
-        features, compression.deployable, arena.smallest_working_bytes, config.threshold_percentile
-    )
+    drift_reference = build_drift_reference_task(features, tflm_errors.calibration, config.threshold_percentile)
+    parity = check_parity_task(compression.deployable, features.test_normal[:PARITY_ROWS], arena)
     run_dir = settings.data_dir / "models" / fleet / run_name
     packaged = [
         package_for_target_task(
@@ -124,7 +133,7 @@ def train_flow(
             fleet=fleet,
             dataset_fingerprint=dataset.fingerprint,
             trained_span_us=dataset.trained_span_us,
-            parity_inputs=features.test_normal[:PARITY_ROWS],
+            parity=parity,
             drift_reference=drift_reference,
             lineage=lineage,
         )
@@ -142,6 +151,7 @@ def train_flow(
             trained=trained,
             compression=compression,
             comparison=comparison,
+            tflm_errors=tflm_errors,
             packaged=packaged,
             flow_run_id=lineage["prefect_flow_run_id"],
         )
@@ -150,7 +160,7 @@ def train_flow(
                 registered = register_bundle_task(item.bundle, mlflow_run_id, True)
                 promotions.append(
                     compare_and_promote_task(
-                        registered, item.bundle, dataset, window_seconds, promote, config.gates
+                        registered, item.bundle, dataset, window_seconds, promote, config.gates, tflm_errors
                     ).to_dict()
                 )
     create_markdown_artifact(

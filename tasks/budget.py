@@ -351,7 +351,7 @@ def validate_budget(
     target: McuTarget,
     dsp: DspSpec,
     arena: ArenaMeasurement | None = None,
-    parity_inputs: npt.NDArray[np.float32] | None = None,
+    parity: ParityReport | None = None,
     parity_tolerance_lsb: int = DEFAULT_PARITY_TOLERANCE_LSB,
     measurement: DeviceMeasurement | None = None,
     estimate_note: str = "",
@@ -363,15 +363,15 @@ def validate_budget(
         target: The MCU target.
         dsp: The DSP front end the model is fed by.
         arena: A measurement of this model's arena (measured in TFLite Micro when not given).
-        parity_inputs: float32 feature rows; when given, TFLite and TFLite Micro outputs on them must
-            agree within ``parity_tolerance_lsb``, with TFLM running in the measured arena.
+        parity: This model's TFLite vs TFLite Micro comparison (:func:`check_parity`, measured once per
+            model, whatever the target); when given, the outputs must agree within ``parity_tolerance_lsb``.
         parity_tolerance_lsb: Largest allowed output difference in quantization steps.
         measurement: The firmware's figures on the emulated core (:func:`measure_on_device`);
             None estimates latency, flash and RAM from the catalog.
         estimate_note: Why the figures are estimated (shown in the report).
 
     Returns:
-        The report; see :func:`enforce_budget` to turn a failed report into an error.
+        The report; :func:`tasks.packaging.enforce_some_target_fits` turns reports that all failed into an error.
 
     """
     arena = arena or measure_arena(model)
@@ -436,9 +436,7 @@ def validate_budget(
         BudgetCheck("ram", ram.total_bytes, ram.limit_bytes, "B"),
         BudgetCheck("latency", latency.total_ms, latency.budget_ms, "ms"),
     ]
-    parity = None
-    if parity_inputs is not None:
-        parity = compare_interpreters(model, parity_inputs, TflmRunner(model, arena.smallest_working_bytes))
+    if parity is not None:
         checks.append(BudgetCheck("parity", parity.max_abs_lsb, parity_tolerance_lsb, "LSB"))
     report = BudgetReport(target.name, flash, ram, latency, tuple(checks), parity)
     log.info(
@@ -450,16 +448,6 @@ def validate_budget(
     return report
 
 
-def enforce_budget(report: BudgetReport) -> BudgetReport:
-    """Return the report if it passed, else raise naming each exceeded limit.
-
-    Raises:
-        BudgetExceededError: One line, e.g. ``model exceeds the nrf52840 budget: ram 300,000 B > 262,144 B``.
-
-    """
-    if report.passed:
-        return report
-    exceeded = "; ".join(
-        f"{check.name} {check.format(check.measured)} > {check.format(check.limit)}" for check in report.failures
-    )
-    raise BudgetExceededError(f"model exceeds the {report.target} budget: {exceeded}")
+def check_parity(model: bytes, inputs: npt.NDArray[np.float32], arena: ArenaMeasurement) -> ParityReport:
+    """Compare TFLite and TFLite Micro (in the measured arena) outputs of a model on float32 feature rows."""
+    return compare_interpreters(model, inputs, TflmRunner(model, arena.smallest_working_bytes))

@@ -554,19 +554,6 @@ class FleetWatcher:
         return windows, anomalies
 
 
-def discover_devices(
-    address: BrokerAddress, topics: OtaTopics, timeout_s: float = 3.0, *, settings: MqttSettings | None = None
-) -> list[Announcement]:
-    """The retained announcements of a fleet's devices, sorted by device id.
-
-    Returns once the retained messages stopped arriving (0.3 s of quiet) or after ``timeout_s``.
-    """
-    watcher = FleetWatcher(address, topics, ("announce",), settings=settings)
-    watcher.start(settle_s=min(0.3, timeout_s), timeout_s=timeout_s)
-    watcher.stop()
-    return [watcher.announcements[d] for d in sorted(watcher.announcements)]
-
-
 # --- targeting --------------------------------------------------------------------------------
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any
@@ -29,6 +29,7 @@ from tasks.datasets import DatasetSplit
 from tasks.rates import DEFAULT_CONFIDENCE, rate_upper_bound
 from tasks.train import (
     FeatureSets,
+    Float32Array,
     Predictor,
     QualityGateConfig,
     WindowSpeeds,
@@ -220,6 +221,47 @@ class ModelComparison:
         return json.dumps(self.to_dict(), indent=2)
 
 
+@dataclass(frozen=True)
+class FeatureSetErrors:
+    """One model's reconstruction errors on a run's calibration, held-out normal and fault features.
+
+    The deployed model's errors in TFLite Micro are computed once per training run
+    (:func:`score_deployed_model`) and reused by every step that needs them: the evaluation, the
+    fixed-point evaluation's threshold, the drift reference, the MLflow plots and the promotion.
+    """
+
+    calibration: Float32Array
+    normal: Float32Array
+    faults: dict[str, Float32Array]
+
+
+def score_feature_sets(
+    predict: Predictor, normal: npt.ArrayLike, faults: Mapping[str, npt.ArrayLike], calibration: npt.ArrayLike
+) -> FeatureSetErrors:
+    """Score the calibration, normal and fault features with one predictor."""
+    return FeatureSetErrors(
+        calibration=reconstruction_error(predict, calibration),
+        normal=reconstruction_error(predict, normal),
+        faults={fault: reconstruction_error(predict, x) for fault, x in faults.items()},
+    )
+
+
+def score_deployed_model(int8_model: bytes, arena_bytes: int, features: FeatureSets) -> FeatureSetErrors:
+    """The deployed model's errors in TFLite Micro (in its measured arena) on the run's feature sets."""
+    runner = TflmRunner(int8_model, arena_bytes)
+    return score_feature_sets(runner.predict, features.test_normal, features.faults, features.parts.calibration)
+
+
+def _feature_set_scorer(
+    normal: npt.ArrayLike, faults: Mapping[str, npt.ArrayLike], calibration: npt.ArrayLike
+) -> Callable[[Predictor], FeatureSetErrors]:
+    """Check the feature sets once; return a function scoring them with a predictor."""
+    x_normal = check_features(normal, name="normal features")
+    x_faults = {name: check_features(x, name=f"{name} features") for name, x in faults.items()}
+    x_calibration = check_features(calibration, name="calibration features")
+    return partial(score_feature_sets, normal=x_normal, faults=x_faults, calibration=x_calibration)
+
+
 def evaluate_predictors(
     predictors: Mapping[str, Predictor],
     normal: npt.ArrayLike,
@@ -245,19 +287,30 @@ def evaluate_predictors(
         The evaluations by predictor name.
 
     """
-    x_normal = check_features(normal, name="normal features")
-    x_faults = {name: check_features(x, name=f"{name} features") for name, x in faults.items()}
-    x_calibration = check_features(calibration, name="calibration features")
+    score = _feature_set_scorer(normal, faults, calibration)
+    errors = {name: score(predict) for name, predict in predictors.items()}
+    return evaluate_errors(errors, percentile=percentile, window_seconds=window_seconds, confidence=confidence)
+
+
+def evaluate_errors(
+    errors: Mapping[str, FeatureSetErrors],
+    *,
+    percentile: float,
+    window_seconds: float,
+    confidence: float = DEFAULT_CONFIDENCE,
+) -> ModelComparison:
+    """Evaluate models from their errors on the same windows, each at the threshold its calibration errors set.
+
+    Args:
+        errors: Name to the model's errors on the calibration, normal and fault features.
+        percentile: Threshold percentile of the calibration errors.
+        window_seconds: Duration of one window.
+        confidence: Confidence of the upper bound of the false-alarm rate.
+    """
     evaluations = {}
-    for name, predict in predictors.items():
-        threshold = calibrate_threshold(reconstruction_error(predict, x_calibration), percentile)
-        evaluations[name] = evaluate_scores(
-            reconstruction_error(predict, x_normal),
-            {fault: reconstruction_error(predict, x) for fault, x in x_faults.items()},
-            threshold,
-            window_seconds,
-            confidence,
-        )
+    for name, scored in errors.items():
+        threshold = calibrate_threshold(scored.calibration, percentile)
+        evaluations[name] = evaluate_scores(scored.normal, scored.faults, threshold, window_seconds, confidence)
         log.info(
             "%s: AUC %.4f, F1 %.4f at threshold %.4g", name, evaluations[name].auc, evaluations[name].f1, threshold
         )
@@ -276,6 +329,7 @@ def evaluate_models(
     arena_bytes: int | None = None,
     extra_tflite: Mapping[str, bytes] | None = None,
     confidence: float = DEFAULT_CONFIDENCE,
+    tflm_errors: FeatureSetErrors | None = None,
 ) -> ModelComparison:
     """Evaluate the float model, the int8 model in TFLite and the int8 model in TFLite Micro.
 
@@ -290,27 +344,23 @@ def evaluate_models(
         arena_bytes: TFLite Micro tensor arena (default ten times the model size).
         extra_tflite: Further TFLite models to score the same way (for example the dynamic-range one).
         confidence: Confidence of the upper bound of the false-alarm rate.
+        tflm_errors: The int8 model's errors in TFLite Micro on these same sets, when the run has
+            them already (:func:`score_deployed_model`); scored here otherwise.
 
     Returns:
         Evaluations named ``float``, ``int8_tflite`` and ``int8_tflm``.
 
     """
-    runner = TflmRunner(int8_model, arena_bytes)
-    predictors: dict[str, Predictor] = {
-        "float": float_model,
-        "int8_tflite": partial(tflite_predict, int8_model),
-        "int8_tflm": runner.predict,
+    score = _feature_set_scorer(normal, faults, calibration)
+    if tflm_errors is None:
+        tflm_errors = score(TflmRunner(int8_model, arena_bytes).predict)
+    errors = {
+        "float": score(float_model),
+        "int8_tflite": score(partial(tflite_predict, int8_model)),
+        "int8_tflm": tflm_errors,
     }
-    predictors |= {name: partial(tflite_predict, model) for name, model in (extra_tflite or {}).items()}
-    return evaluate_predictors(
-        predictors,
-        normal,
-        faults,
-        calibration,
-        percentile=percentile,
-        window_seconds=window_seconds,
-        confidence=confidence,
-    )
+    errors |= {name: score(partial(tflite_predict, model)) for name, model in (extra_tflite or {}).items()}
+    return evaluate_errors(errors, percentile=percentile, window_seconds=window_seconds, confidence=confidence)
 
 
 class QualityGateError(TinyMLOpsError):
@@ -353,10 +403,9 @@ def evaluate_fixed_point(
     int8_model: bytes,
     normal_windows: npt.ArrayLike,
     fault_windows: Mapping[str, npt.ArrayLike],
-    calibration: npt.ArrayLike,
     spec: DspSpec,
     *,
-    percentile: float,
+    threshold: float,
     window_seconds: float,
     arena_bytes: int | None = None,
     speeds: WindowSpeeds | None = None,
@@ -367,9 +416,8 @@ def evaluate_fixed_point(
         int8_model: The int8 TFLite flatbuffer to deploy.
         normal_windows: Held-out normal windows (physical units).
         fault_windows: Fault windows by fault class.
-        calibration: Held-out normal *float* features: the threshold the device is sent comes from them.
         spec: The fitted DSP spec.
-        percentile: Threshold percentile of the calibration errors.
+        threshold: The threshold the device is sent (calibrated on the float features' errors in TFLite Micro).
         window_seconds: Duration of one window.
         arena_bytes: TFLite Micro tensor arena.
         speeds: Shaft speed of the normal (``test``) and fault windows, NaN where not known.
@@ -380,16 +428,22 @@ def evaluate_fixed_point(
     from firmware.dsp_q15 import features_q15
 
     speeds = speeds or WindowSpeeds()
-    runner = TflmRunner(int8_model, arena_bytes)
-    comparison = evaluate_predictors(
-        {FIXED_POINT_EVALUATION: runner.predict},
-        features_q15(normal_windows, spec, rpm=speeds.test),
-        {name: features_q15(windows, spec, rpm=speeds.faults.get(name)) for name, windows in fault_windows.items()},
-        calibration,
-        percentile=percentile,
-        window_seconds=window_seconds,
+    predict = TflmRunner(int8_model, arena_bytes).predict
+    normal = check_features(features_q15(normal_windows, spec, rpm=speeds.test), name="normal features")
+    faults = {
+        name: check_features(features_q15(windows, spec, rpm=speeds.faults.get(name)), name=f"{name} features")
+        for name, windows in fault_windows.items()
+    }
+    evaluation = evaluate_scores(
+        reconstruction_error(predict, normal),
+        {name: reconstruction_error(predict, x) for name, x in faults.items()},
+        threshold,
+        window_seconds,
     )
-    return comparison[FIXED_POINT_EVALUATION]
+    log.info(
+        "%s: AUC %.4f, F1 %.4f at threshold %.4g", FIXED_POINT_EVALUATION, evaluation.auc, evaluation.f1, threshold
+    )
+    return evaluation
 
 
 def with_fixed_point(comparison: ModelComparison, fixed_point: Evaluation) -> ModelComparison:
@@ -408,9 +462,9 @@ def enforce_quality(comparison: ModelComparison, gates: QualityGateConfig) -> No
 def evaluate_fixed_point_task(
     int8_model: bytes,
     dataset: DatasetSplit,
-    features: FeatureSets,
+    spec: DspSpec,
     *,
-    percentile: float,
+    threshold: float,
     window_seconds: float,
     arena_bytes: int,
 ) -> Evaluation:
@@ -419,9 +473,8 @@ def evaluate_fixed_point_task(
         int8_model,
         dataset.test_normal,
         dataset.faults,
-        features.parts.calibration,
-        features.spec,
-        percentile=percentile,
+        spec,
+        threshold=threshold,
         window_seconds=window_seconds,
         arena_bytes=arena_bytes,
         speeds=WindowSpeeds(test=dataset.test_rpm, faults=dataset.fault_rpm),
@@ -439,6 +492,7 @@ def evaluate_models_task(
     arena_bytes: int,
     extra_tflite: Mapping[str, bytes] | None = None,
     confidence: float = DEFAULT_CONFIDENCE,
+    tflm_errors: FeatureSetErrors | None = None,
 ) -> ModelComparison:
     """Prefect task: evaluate float, int8 TFLite and int8 TFLite Micro on the held-out features."""
     return evaluate_models(
@@ -452,7 +506,11 @@ def evaluate_models_task(
         arena_bytes=arena_bytes,
         extra_tflite=extra_tflite,
         confidence=confidence,
+        tflm_errors=tflm_errors,
     )
+
+
+score_deployed_model_task = task(name="score-deployed-model", cache_policy=NO_CACHE)(score_deployed_model)
 
 
 def evaluate_bundle(

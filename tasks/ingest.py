@@ -121,11 +121,6 @@ class IngestStats:
     seconds: float = 0.0
     reject_reasons: Counter[str] = field(default_factory=Counter)
 
-    @property
-    def samples_per_s(self) -> float:
-        """Accepted samples per second of wall time (filled by the caller that knows the window size)."""
-        return 0.0 if self.seconds <= 0 else self.accepted / self.seconds
-
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for reports."""
         return {

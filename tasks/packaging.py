@@ -14,11 +14,11 @@ from prefect.cache_policies import NO_CACHE
 
 from firmware.carray import model_to_c
 from firmware.dsp import DspSpec
-from firmware.tflm import ArenaMeasurement, TflmRunner, count_macs, measure_arena
-from tasks.budget import BudgetExceededError, BudgetReport, measure_on_device, validate_budget
+from firmware.tflm import ArenaMeasurement, ParityReport, count_macs, measure_arena
+from tasks.budget import BudgetExceededError, BudgetReport, check_parity, measure_on_device, validate_budget
 from tasks.compress import CompressionResult
 from tasks.evaluate import ModelComparison
-from tasks.train import FeatureSets, QualityGateConfig, calibrated_false_alarm_rate, reconstruction_error
+from tasks.train import FeatureSets, QualityGateConfig, calibrated_false_alarm_rate
 from tinymlops.schemas import (
     BundleMetadata,
     DriftReference,
@@ -64,28 +64,26 @@ def model_metrics(comparison: ModelComparison, compression: CompressionResult) -
 
 def build_drift_reference(
     features: FeatureSets,
-    int8_model: bytes,
-    arena_bytes: int,
+    calibration_errors: npt.NDArray[np.float32],
     percentile: float,
     *,
     max_rows: int = 2000,
     seed: int = 0,
 ) -> DriftReference:
-    """Sample the training features and score the calibration windows with the deployed model (TFLite Micro).
+    """Sample the training features; keep the deployed model's errors on the calibration windows.
 
     Args:
         features: The run's feature sets.
-        int8_model: The deployable model.
-        arena_bytes: Its measured arena.
+        calibration_errors: The deployed model's errors in TFLite Micro on the calibration features
+            (:attr:`tasks.evaluate.FeatureSetErrors.calibration`).
         percentile: Threshold percentile; with the calibration size it sets the expected false-alarm rate.
         max_rows: At most this many training rows are kept.
         seed: Seed of the row sample.
     """
     train = features.parts.train
     rows = np.sort(np.random.default_rng(seed).choice(len(train), size=min(max_rows, len(train)), replace=False))
-    errors = reconstruction_error(TflmRunner(int8_model, arena_bytes).predict, features.parts.calibration)
-    expected = calibrated_false_alarm_rate(len(errors), percentile)
-    return DriftReference(train[rows], errors, expected_anomaly_rate=expected)
+    expected = calibrated_false_alarm_rate(len(calibration_errors), percentile)
+    return DriftReference(train[rows], calibration_errors, expected_anomaly_rate=expected)
 
 
 def package_for_target(
@@ -100,7 +98,7 @@ def package_for_target(
     fleet: str,
     dataset_fingerprint: str,
     trained_span_us: dict[str, tuple[int, int]],
-    parity_inputs: npt.NDArray[np.float32],
+    parity: ParityReport,
     drift_reference: DriftReference,
     lineage: dict[str, str],
 ) -> PackagedTarget:
@@ -120,7 +118,7 @@ def package_for_target(
         fleet: Fleet whose data trained the model.
         dataset_fingerprint: Content hash of the training data and selection.
         trained_span_us: Per device, the time span of the windows the model trained on.
-        parity_inputs: Features on which TFLite and TFLite Micro must agree.
+        parity: The model's TFLite vs TFLite Micro comparison (:func:`tasks.budget.check_parity`).
         drift_reference: Training reference for the drift monitor.
         lineage: Run ids and other provenance.
     """
@@ -131,7 +129,7 @@ def package_for_target(
         target,
         spec,
         arena=arena,
-        parity_inputs=parity_inputs,
+        parity=parity,
         measurement=measurement,
         estimate_note=estimate_note,
     )
@@ -244,6 +242,7 @@ def training_report_markdown(
 
 # The Prefect layer: the same functions, run as tasks (tests call the functions).
 measure_arena_task = task(name="measure-tflm-arena", retries=1, cache_policy=NO_CACHE)(measure_arena)
+check_parity_task = task(name="check-parity", cache_policy=NO_CACHE)(check_parity)
 build_drift_reference_task = task(name="build-drift-reference", cache_policy=NO_CACHE)(build_drift_reference)
 package_for_target_task = task(name="package-for-target", task_run_name="package-{target.name}", cache_policy=NO_CACHE)(
     package_for_target

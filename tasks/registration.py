@@ -2,9 +2,10 @@
 
 Registration is one atomic step per bundle (the registry undoes a half-done one), so its Prefect
 task may retry safely when the tracking store is briefly unavailable. Promotion compares the
-candidate with the current champion on the same held-out windows, evaluated in the same run by
-the same function (:func:`tasks.evaluate.evaluate_bundle`), and holds the candidate to the
-absolute gates of the training config (calibration windows, false-alarm upper bound).
+candidate with the current champion on the same held-out windows, scored in the same run at each
+bundle's own threshold (the champion by :func:`tasks.evaluate.evaluate_bundle`, the candidate from
+the run's own TFLite Micro errors on those windows, or by the same function when it has none), and
+holds the candidate to the absolute gates of the training config (calibration windows, false-alarm upper bound).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import numpy.typing as npt
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from firmware.tflm import TflmRunner
 from registry.errors import ModelNotFoundError
 from registry.models import RegisteredVersion, register_bundle, resolve
 from registry.promotion import AbsoluteGates, decide_promotion, promote, record_comparison, record_refusal
@@ -28,7 +28,7 @@ from registry.store import configure_from_settings
 from registry.tracking import log_training_run, plot_error_histogram, plot_roc, plot_training_loss
 from tasks.compress import CompressionResult
 from tasks.datasets import DatasetSplit, LakeSelection
-from tasks.evaluate import ModelComparison, evaluate_bundle
+from tasks.evaluate import Evaluation, FeatureSetErrors, ModelComparison, evaluate_bundle, evaluate_scores
 from tasks.packaging import PackagedTarget
 from tasks.train import FeatureSets, QualityGateConfig, TrainedModel, TrainingConfig, WindowSpeeds, reconstruction_error
 from tinymlops.schemas import ModelBundle
@@ -82,12 +82,17 @@ def training_metrics(
 
 
 def training_plots(
-    trained: TrainedModel, features: FeatureSets, int8_model: bytes, arena_bytes: int, threshold: float
+    trained: TrainedModel, features: FeatureSets, tflm_errors: FeatureSetErrors, threshold: float
 ) -> dict[str, Any]:
-    """Reconstruction-error histogram (deployed model), ROC of float and deployed model, training loss."""
-    runner = TflmRunner(int8_model, arena_bytes)
-    normal = reconstruction_error(runner.predict, features.test_normal)
-    faults = {name: reconstruction_error(runner.predict, x) for name, x in features.faults.items()}
+    """Reconstruction-error histogram (deployed model), ROC of float and deployed model, training loss.
+
+    Args:
+        trained: The float model and its training history.
+        features: The run's feature sets (the float model is scored on them).
+        tflm_errors: The deployed model's errors in TFLite Micro on the same sets.
+        threshold: The deployed threshold.
+    """
+    normal, faults = tflm_errors.normal, tflm_errors.faults
     all_faults = np.concatenate(list(faults.values()))
     float_normal = reconstruction_error(trained.model, features.test_normal)
     float_faults = np.concatenate([reconstruction_error(trained.model, x) for x in features.faults.values()])
@@ -108,19 +113,19 @@ def log_training(
     trained: TrainedModel,
     compression: CompressionResult,
     comparison: ModelComparison,
+    tflm_errors: FeatureSetErrors,
     packaged: list[PackagedTarget],
     flow_run_id: str | None,
 ) -> str:
     """Log one training run to MLflow with its parameters, metrics, plots, Keras model and bundles.
 
+    ``tflm_errors`` are the deployed model's errors in TFLite Micro on the run's feature sets.
+
     Returns:
         The MLflow run id.
     """
     experiment_id = configure_from_settings(get_settings())
-    bundle = packaged[0].bundle
-    plots = training_plots(
-        trained, features, compression.deployable, bundle.metadata.arena_bytes, bundle.metadata.threshold
-    )
+    plots = training_plots(trained, features, tflm_errors, packaged[0].bundle.metadata.threshold)
     with tempfile.TemporaryDirectory(prefix="tinymlops-keras-") as tmp:
         keras_path = Path(tmp) / "autoencoder.keras"
         trained.model.save(keras_path)
@@ -172,7 +177,7 @@ class PromotionOutcome:
         }
 
 
-def _figures(
+def _bundle_figures(
     bundle: ModelBundle,
     normal: npt.NDArray[np.float32],
     faults: dict[str, npt.NDArray[np.float32]],
@@ -183,7 +188,11 @@ def _figures(
     deployed = evaluate_bundle(
         bundle, normal, faults, window_seconds=window_seconds, speeds=speeds, confidence=confidence
     )
-    tflm = deployed["int8_tflm"]
+    return _figures(deployed["int8_tflm"])
+
+
+def _figures(tflm: Evaluation) -> dict[str, float]:
+    """The promotion rule's figures of a model's TFLite Micro evaluation."""
     return {
         "auc_int8": tflm.auc,
         "false_alarms_per_hour": tflm.false_alarms_per_hour,
@@ -203,6 +212,7 @@ def compare_and_promote(
     window_seconds: float,
     auto_promote: bool,
     gates: QualityGateConfig,
+    candidate_errors: FeatureSetErrors | None = None,
 ) -> PromotionOutcome:
     """Evaluate candidate and champion on the same held-out windows, record it, and promote if the rule allows.
 
@@ -216,12 +226,21 @@ def compare_and_promote(
         window_seconds: Duration of one window.
         auto_promote: Promote when the rule allows; otherwise only record the comparison.
         gates: The training config's gates (false-alarm limit, its confidence, minimum calibration windows).
+        candidate_errors: The bundle's model's errors in TFLite Micro on these held-out windows'
+            features, when the training run has them (:func:`tasks.evaluate.score_deployed_model`);
+            otherwise the bundle is evaluated here, as the champion is.
     """
     name = registered.name
     speeds = WindowSpeeds(test=dataset.test_rpm, faults=dataset.fault_rpm)
     confidence = gates.false_alarm_confidence
     absolute = AbsoluteGates(gates.max_false_alarm_rate, gates.min_calibration_windows)
-    candidate = _figures(bundle, dataset.test_normal, dataset.faults, window_seconds, speeds, confidence)
+    if candidate_errors is None:
+        candidate = _bundle_figures(bundle, dataset.test_normal, dataset.faults, window_seconds, speeds, confidence)
+    else:
+        threshold = bundle.metadata.threshold
+        candidate = _figures(
+            evaluate_scores(candidate_errors.normal, candidate_errors.faults, threshold, window_seconds, confidence)
+        )
     candidate["calibration_windows"] = len(bundle.drift_reference().errors)  # the windows the threshold came from
     champion_version: str | None = None
     champion: dict[str, float] | None = None
@@ -231,7 +250,9 @@ def compare_and_promote(
         current = None
     if current is not None:
         champion_version = current.version.version
-        champion = _figures(current.bundle, dataset.test_normal, dataset.faults, window_seconds, speeds, confidence)
+        champion = _bundle_figures(
+            current.bundle, dataset.test_normal, dataset.faults, window_seconds, speeds, confidence
+        )
     record_comparison(
         name,
         registered.version,
@@ -300,8 +321,15 @@ def compare_and_promote_task(
     window_seconds: float,
     auto_promote: bool,
     gates: QualityGateConfig,
+    candidate_errors: FeatureSetErrors | None = None,
 ) -> PromotionOutcome:
     """Prefect task: :func:`compare_and_promote`."""
     return compare_and_promote(
-        registered, bundle, dataset, window_seconds=window_seconds, auto_promote=auto_promote, gates=gates
+        registered,
+        bundle,
+        dataset,
+        window_seconds=window_seconds,
+        auto_promote=auto_promote,
+        gates=gates,
+        candidate_errors=candidate_errors,
     )

@@ -365,11 +365,6 @@ class TrainedModel:
     epochs_run: int
     best_epoch: int
 
-    @property
-    def best_val_loss(self) -> float:
-        """Validation loss of the kept weights."""
-        return self.history["val_loss"][self.best_epoch - 1]
-
 
 @quiet_tensorflow()
 def train_autoencoder(

@@ -10,11 +10,12 @@ from tasks.budget import (
     DEFAULT_PARITY_TOLERANCE_LSB,
     BudgetExceededError,
     BudgetReport,
+    check_parity,
     dsp_buffer_bytes,
     dsp_table_bytes,
-    enforce_budget,
     validate_budget,
 )
+from tasks.packaging import PackagedTarget, enforce_some_target_fits
 from tests.int8_model import dense_macs, int8_autoencoder, sample_features
 from tinymlops.targets import McuTarget, get_target, load_catalog
 
@@ -33,7 +34,13 @@ def arena(model: bytes) -> ArenaMeasurement:
 
 @pytest.fixture(scope="module")
 def nrf_report(model: bytes, arena: ArenaMeasurement) -> BudgetReport:
-    return validate_budget(model, get_target("nrf52840", load_catalog()), DSP, arena, sample_features(100, seed=5))
+    parity = check_parity(model, sample_features(100, seed=5), arena)
+    return validate_budget(model, get_target("nrf52840", load_catalog()), DSP, arena, parity)
+
+
+def refuse(report: BudgetReport) -> None:
+    """The flow's gate on one target's report (it reads only the reports, not the bundles)."""
+    enforce_some_target_fits([PackagedTarget(report.target, report, bundle=None)])  # type: ignore[arg-type]
 
 
 def _tiny_target() -> McuTarget:
@@ -78,7 +85,8 @@ def test_tiny_model_passes_nrf52840_with_the_measured_figures(
     assert report.latency.inference_ms_optimized < report.latency.inference_ms_reference
     assert report.latency.dsp_ms == pytest.approx(target.dsp_cycles_per_sample * 1024 * 1000 / 64e6)
     assert report.parity is not None and report.parity.max_abs_lsb <= 2
-    assert enforce_budget(report) is report
+    assert report.passed and not report.failures
+    refuse(report)  # a fitting target raises nothing
 
 
 def test_tiny_model_fits_every_catalog_target(model: bytes, arena: ArenaMeasurement) -> None:
@@ -93,9 +101,9 @@ def test_too_small_target_fails_and_error_names_each_limit(model: bytes, arena: 
     assert not report.passed
     assert [c.name for c in report.failures] == ["flash", "ram", "latency"]
     with pytest.raises(BudgetExceededError) as info:
-        enforce_budget(report)
+        refuse(report)
     message = str(info.value)
-    assert "\n" not in message and "the tiny budget" in message
+    assert "\n" not in message and "model fits no target: tiny: " in message
     assert f"flash {report.flash.total_bytes:,} B > 8,192 B" in message
     assert f"ram {report.ram.total_bytes:,} B > 4,096 B" in message
     assert f"latency {report.latency.total_ms:.3f} ms > 1.000 ms" in message
@@ -103,10 +111,11 @@ def test_too_small_target_fails_and_error_names_each_limit(model: bytes, arena: 
 
 def test_parity_gate_fails_when_tolerance_is_exceeded(model: bytes, arena: ArenaMeasurement) -> None:
     target = get_target("nrf52840", load_catalog())
-    report = validate_budget(model, target, DSP, arena, sample_features(100, seed=5), parity_tolerance_lsb=-1)
+    parity = check_parity(model, sample_features(100, seed=5), arena)
+    report = validate_budget(model, target, DSP, arena, parity, parity_tolerance_lsb=-1)
     assert [c.name for c in report.failures] == ["parity"]
     with pytest.raises(BudgetExceededError, match=r"parity \d+ LSB > -1 LSB"):
-        enforce_budget(report)
+        refuse(report)
 
 
 def test_budget_measures_the_arena_when_not_given(model: bytes, arena: ArenaMeasurement) -> None:

@@ -53,10 +53,10 @@ from tasks.deploy import (
     DeploymentReport,
     DeploymentSession,
     DeviceOutcome,
+    FleetWatcher,
     KeyStore,
     SkippedDevice,
     as_fraction,
-    discover_devices,
     judge_canary,
     plan_canary,
     rate_lower_bound,
@@ -191,10 +191,26 @@ def fleet_of(
     with fleet:
         # A started device has queued its retained announcement, not necessarily delivered it: wait until the
         # broker holds them all, so a flow's device discovery sees what the test started.
-        expected, deadline = set(ids(fleet)), time.monotonic() + 15
-        while not expected <= {a.device for a in discover_devices(broker.address, OtaTopics(FLEET))}:
-            assert time.monotonic() < deadline, f"devices {sorted(expected)} did not all announce within 15 s"
+        expected = set(ids(fleet))
+        announced = announcements(broker.address, OtaTopics(FLEET), until=lambda found: expected <= found.keys())
+        assert expected <= announced.keys(), f"devices {sorted(expected)} did not all announce within 15 s"
         yield fleet
+
+
+def announcements(
+    address: BrokerAddress,
+    topics: OtaTopics,
+    until: Callable[[dict[str, Announcement]], bool] = lambda _found: True,
+    timeout_s: float = 15.0,
+) -> dict[str, Announcement]:
+    """The fleet's announcements as a deployment's FleetWatcher sees them: the retained ones, then until ``until``."""
+    watcher = FleetWatcher(address, topics, ("announce",)).start()
+    try:
+        with watcher.changed:
+            watcher.changed.wait_for(lambda: until(watcher.announcements), timeout_s)
+        return dict(watcher.announcements)
+    finally:
+        watcher.stop()
 
 
 def ids(fleet: DeviceFleet) -> list[str]:
@@ -346,9 +362,9 @@ def test_session_reaches_the_profile_reports_latencies_and_a_late_device_resumes
     ):
         late.go_offline()
         gone.go_offline()
-        found = discover_devices(mosquitto.address, OtaTopics(FLEET))
-        assert [a.device for a in found] == ["gone-0001", "late-0001", "nrf-0000", "nrf-0001"]
-        assert all(a.profile == "nrf52840" and a.key_ids == ["test-key"] for a in found)
+        found = announcements(mosquitto.address, OtaTopics(FLEET))
+        assert sorted(found) == ["gone-0001", "late-0001", "nrf-0000", "nrf-0001"]
+        assert all(a.profile == "nrf52840" and a.key_ids == ["test-key"] for a in found.values())
         with DeploymentSession(mosquitto.address, OtaTopics(FLEET), env.store.signer()) as session:
             model, started = deployable(), time.time()
             assert model.references  # computed once per model, as resolve_deployable does before a session
@@ -532,8 +548,8 @@ def test_malformed_and_out_of_range_announcements_are_skipped_with_reasons(
         assert [(o.device, o.active) for o in outcomes] == [(d, True) for d in ids(fleet)]
         # a later valid announcement on the same topic replaces the rejection
         publish("bad-json", hostile_announcement("bad-json"))
-        found = {a.device for a in discover_devices(mosquitto.address, OtaTopics(FLEET))}
-        assert found == {*ids(fleet), "bad-json"}
+        found = announcements(mosquitto.address, OtaTopics(FLEET), until=lambda found: "bad-json" in found)
+        assert found.keys() == {*ids(fleet), "bad-json"}
 
 
 # --- the flow end to end ------------------------------------------------------------------------------
@@ -767,9 +783,8 @@ def test_devices_back_after_the_deployment_ended_get_the_champion_from_the_ota_s
             OtaService(mosquitto.address, topics, env.keyring).start()
         away = [stack.enter_context(DeviceRuntime(f"away-{i}", FLEET, target, env.keyring, mosquitto.address,
                                                   config=FAST)) for i in range(2)]  # fmt: skip
-        deadline = time.monotonic() + 15
-        while {"away-0", "away-1"} - {a.device for a in discover_devices(mosquitto.address, topics)}:
-            assert time.monotonic() < deadline, "the devices did not announce within 15 s"
+        announced = announcements(mosquitto.address, topics, until=lambda found: {"away-0", "away-1"} <= found.keys())
+        assert {"away-0", "away-1"} <= announced.keys(), "the devices did not announce within 15 s"
         for device in away:
             device.go_offline()  # offline during the whole deployment
         result = flow(model_ref=f"{name}@champion", broker_url=mosquitto.address.url, timeout_s=2)

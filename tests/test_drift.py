@@ -44,6 +44,7 @@ from firmware.fleet import VirtualFleet
 from firmware.ota import SCORE_EDGES_REL
 from firmware.sensor import DriftSpec, FaultSpec
 from firmware.tflm import measure_arena
+from tasks.budget import check_parity
 from tasks.compress import compress
 from tasks.datasets import LakeSelection, load_dataset, write_reference_set
 from tasks.drift import (
@@ -63,7 +64,7 @@ from tasks.drift import (
     rate_lower_bound,
     shape_change,
 )
-from tasks.evaluate import enforce_quality, evaluate_models
+from tasks.evaluate import enforce_quality, evaluate_models, score_deployed_model
 from tasks.lake import WindowBatch, write_windows
 from tasks.monitor import Champion, assess_windows
 from tasks.packaging import build_drift_reference, package_for_target
@@ -131,6 +132,7 @@ def build_sim_bundle(root: Path) -> ModelBundle:
     trained = train_autoencoder(features.parts.train, features.parts.validation, config)
     compression = compress(trained.model, features.parts.train, features.parts.validation, config)
     arena = measure_arena(compression.deployable)
+    tflm_errors = score_deployed_model(compression.deployable, arena.smallest_working_bytes, features)
     comparison = evaluate_models(
         trained.model,
         compression.deployable,
@@ -140,11 +142,10 @@ def build_sim_bundle(root: Path) -> ModelBundle:
         percentile=config.threshold_percentile,
         window_seconds=spec.window_samples / spec.sample_rate_hz,
         arena_bytes=arena.smallest_working_bytes,
+        tflm_errors=tflm_errors,
     )
     enforce_quality(comparison, config.gates)
-    reference = build_drift_reference(
-        features, compression.deployable, arena.smallest_working_bytes, config.threshold_percentile
-    )
+    reference = build_drift_reference(features, tflm_errors.calibration, config.threshold_percentile)
     packaged = package_for_target(
         root / "bundles",
         target=get_target("nrf52840", load_catalog(REPO_ROOT / "data" / "mcu_targets.yaml")),
@@ -156,7 +157,7 @@ def build_sim_bundle(root: Path) -> ModelBundle:
         fleet=FLEET,
         dataset_fingerprint=dataset.fingerprint,
         trained_span_us=dataset.trained_span_us,
-        parity_inputs=features.test_normal[:64],
+        parity=check_parity(compression.deployable, features.test_normal[:64], arena),
         drift_reference=reference,
         lineage={"test": "simulated fleet"},
     )

@@ -32,6 +32,7 @@ from firmware.fleet import VirtualFleet
 from firmware.ota import DriftSummary
 from firmware.sensor import FaultSpec, OperatingPoint
 from firmware.tflm import measure_arena
+from tasks.budget import check_parity
 from tasks.compress import compress
 from tasks.datasets import (
     SPEED_NOT_KNOWN,
@@ -50,7 +51,7 @@ from tasks.drift import (
     assess_device_summary,
     assess_fleet,
 )
-from tasks.evaluate import enforce_quality, evaluate_models
+from tasks.evaluate import enforce_quality, evaluate_models, score_deployed_model
 from tasks.lake import WindowBatch, write_windows
 from tasks.monitor import (
     Champion,
@@ -120,6 +121,7 @@ def train_bundle(lake: Path, selection: LakeSelection, out: Path) -> ModelBundle
     trained = train_autoencoder(features.parts.train, features.parts.validation, config)
     compression = compress(trained.model, features.parts.train, features.parts.validation, config)
     arena = measure_arena(compression.deployable)
+    tflm_errors = score_deployed_model(compression.deployable, arena.smallest_working_bytes, features)
     comparison = evaluate_models(
         trained.model,
         compression.deployable,
@@ -129,6 +131,7 @@ def train_bundle(lake: Path, selection: LakeSelection, out: Path) -> ModelBundle
         percentile=config.threshold_percentile,
         window_seconds=spec.window_samples / spec.sample_rate_hz,
         arena_bytes=arena.smallest_working_bytes,
+        tflm_errors=tflm_errors,
     )
     enforce_quality(comparison, config.gates)
     return package_for_target(
@@ -142,10 +145,8 @@ def train_bundle(lake: Path, selection: LakeSelection, out: Path) -> ModelBundle
         fleet=FLEET,
         dataset_fingerprint=dataset.fingerprint,
         trained_span_us=dataset.trained_span_us,
-        parity_inputs=features.test_normal[:64],
-        drift_reference=build_drift_reference(
-            features, compression.deployable, arena.smallest_working_bytes, config.threshold_percentile
-        ),
+        parity=check_parity(compression.deployable, features.test_normal[:64], arena),
+        drift_reference=build_drift_reference(features, tflm_errors.calibration, config.threshold_percentile),
         lineage={"test": "speed-aware fleet", "selection": json.dumps(selection.to_dict())},
     ).bundle
 
