@@ -12,7 +12,7 @@ from firmware.tflm import TflmRunner
 from tasks.packaging import PackagedTarget, enforce_some_target_fits
 from tasks.rates import rate_upper_bound
 from tasks.train import calibrated_false_alarm_rate
-from tests.conftest import POISONED_WINDOW
+from tests.conftest import POISONED_WINDOW, using_data_dir
 from tinymlops.schemas import load_bundle
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow, pytest.mark.prefect]
@@ -177,3 +177,34 @@ def test_bundle_carries_the_drift_reference(cwru_trained: dict[str, object]) -> 
     # the threshold is one of the calibration errors, with the promised share (n + 1) x rate - 1 above it
     above = int((reference.errors > bundle.metadata.threshold).sum())
     assert above == round((n + 1) * reference.expected_anomaly_rate) - 1
+
+
+def test_the_runs_tflm_errors_give_the_figures_of_the_bundle_scored_afresh(cwru_trained: dict[str, object]) -> None:
+    """The flow scores its model in TFLite Micro once and reuses the errors; each bundle scored anew agrees exactly."""
+    from tasks.datasets import LakeSelection, load_dataset
+    from tasks.evaluate import evaluate_bundle
+    from tasks.train import WindowSpeeds
+
+    bundles, registered, evaluation = cwru_trained["bundles"], cwru_trained["registered"], cwru_trained["evaluation"]
+    assert isinstance(bundles, dict) and isinstance(registered, list) and isinstance(evaluation, dict)
+    with using_data_dir(Path(str(cwru_trained["data_dir"]))) as settings:
+        dataset = load_dataset(
+            settings.lake_root, LakeSelection("cwru"), window_samples=settings.sensor.window_samples,
+            max_abs_g=settings.sensor.max_abs_g,
+        )  # fmt: skip
+        window_seconds = settings.sensor.window_samples / dataset.sample_rate_hz
+    assert len(registered) == len(bundles) == 2
+    by_name = {bundle.metadata.model_name: bundle for bundle in map(load_bundle, map(Path, bundles.values()))}
+    for entry in registered:
+        bundle = by_name[entry["model"]]
+        candidate = entry["candidate"]
+        afresh = evaluate_bundle(
+            bundle, dataset.test_normal, dataset.faults, window_seconds=window_seconds,
+            speeds=WindowSpeeds(test=dataset.test_rpm, faults=dataset.fault_rpm), confidence=candidate["confidence"],
+        )["int8_tflm"]  # fmt: skip
+        assert afresh.threshold == evaluation["int8_tflm"]["threshold"] == bundle.metadata.threshold
+        assert (afresh.auc, afresh.f1, afresh.false_positives, afresh.n_normal, afresh.false_alarm_upper) == (
+            candidate["auc_int8"], candidate["f1"], candidate["false_positives"], candidate["n_normal"],
+            candidate["false_alarm_upper"],
+        )  # fmt: skip
+        assert afresh.recall_by_fault == evaluation["int8_tflm"]["recall_by_fault"]
