@@ -76,12 +76,12 @@ import numpy.typing as npt
 from scipy import stats
 
 from tasks.rates import rate_lower_bound
+from tinymlops.contracts.events import DriftKind
 from tinymlops.errors import TinyMLOpsError
 from tinymlops.schemas import DriftReference
 from tinymlops.settings import DriftSettings, get_settings
 
 DeviceVerdict = Literal["ok", "drift", "fault", "insufficient_data"]
-DriftKind = Literal["new operating point", "data drift"]
 FleetVerdict = Literal["ok", "data_drift", "fault", "mixed", "insufficient_data"]
 EvidenceSource = Literal["windows", "summary"]
 FloatArray = npt.NDArray[np.float64]
