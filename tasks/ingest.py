@@ -14,6 +14,7 @@ so the broker keeps the rest of the stream, unacknowledged, until the ingest cat
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import threading
 import time
@@ -55,6 +56,12 @@ FULL_SCALE = (np.int16(-32768), np.int16(32767))
 _KEY_SNAPSHOT_INTERVAL_S = 600.0
 
 
+@functools.lru_cache(maxsize=16)
+def _fleet_topics(fleet: str, topic_root: str) -> FleetTopics:
+    """The fleet's topics, built once per fleet: validation runs for every message."""
+    return FleetTopics(fleet, topic_root)
+
+
 def validate_message(
     topic: str, payload: bytes, *, topic_root: str, fleet: str, sensor: SensorSettings, now_s: float
 ) -> VibrationWindow:
@@ -75,7 +82,7 @@ def validate_message(
         DecodeError: The payload is not a valid message (header, length, CRC).
         ValidationError: The message is valid but its content is not acceptable.
     """
-    topics = FleetTopics(fleet, topic_root)
+    topics = _fleet_topics(fleet, topic_root)
     parsed = topics.parse(topic)
     if parsed is None or parsed[1] != "vibration":
         expected = f"{topics.prefix}/<device>/{DEVICE_SUFFIXES['vibration']}"
