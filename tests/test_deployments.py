@@ -19,6 +19,7 @@ from prefect.events import DeploymentEventTrigger
 
 import flows.deployments as deployments
 from flows.retrain import retrain_flow
+from tests.fault_ledger import FaultRecord, record
 from tinymlops.contracts.events import DRIFT_EVENT, RETRAIN_PARAMETERS_FROM_DRIFT, DriftPayload, payload_field
 from tinymlops.errors import ConfigError
 
@@ -61,26 +62,38 @@ def test_the_drift_trigger_fills_the_retraining_flow_from_the_drift_events_paylo
     assert set(fields) <= set(retrain_parameters)
 
 
-@pytest.mark.parametrize(
-    ("written", "changed", "message"),
-    [
-        ("- tinymlops.drift.detected", "- tinymlops.drift.found", "must expect tinymlops.drift.detected"),
-        ("{{ event.payload.kind }}", "{{ event.payload.drift_kind }}", "the drift contract says"),
-        ("reason: drift detected by the monitor", "cause: drift", "sets parameters cause its flow lacks"),
-        ("seconds: 540", "duration: 540", "sets parameters duration its flow lacks"),
-        ('cron: "*/10 * * * *"', "interval: 600", "only cron schedules"),
-    ],
-)
-def test_a_prefect_yaml_the_serve_path_cannot_honour_is_refused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, written: str, changed: str, message: str
-) -> None:
+EDITS = [  # (as written, edited, the refusal expected)
+    ("- tinymlops.drift.detected", "- tinymlops.drift.found", "must expect tinymlops.drift.detected"),
+    ("{{ event.payload.kind }}", "{{ event.payload.drift_kind }}", "the drift contract says"),
+    ("reason: drift detected by the monitor", "cause: drift", "sets parameters cause its flow lacks"),
+    ("seconds: 540", "duration: 540", "sets parameters duration its flow lacks"),
+    ('cron: "*/10 * * * *"', "interval: 600", "only cron schedules"),
+]
+
+
+def test_a_prefect_yaml_serve_cannot_honour_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     text = deployments.PREFECT_YAML.read_text(encoding="utf-8")
-    assert written in text
-    (tmp_path / "prefect.yaml").write_text(text.replace(written, changed), encoding="utf-8")
     monkeypatch.setattr(deployments, "PREFECT_YAML", tmp_path / "prefect.yaml")
-    deployments.deployment_specs.cache_clear()
-    try:
-        with pytest.raises(ConfigError, match=message):
-            deployments.runner_deployments()
-    finally:
+    refusals: list[str] = []
+    for written, edited, _ in EDITS:
+        assert written in text
+        (tmp_path / "prefect.yaml").write_text(text.replace(written, edited), encoding="utf-8")
         deployments.deployment_specs.cache_clear()
+        try:
+            deployments.runner_deployments()
+        except ConfigError as exc:
+            refusals.append(str(exc))
+        finally:
+            deployments.deployment_specs.cache_clear()
+    record(
+        FaultRecord(
+            "prefect.yaml edited so that the served deployments would differ from the deployed ones",
+            notes=f"{len(refusals)} of {len(EDITS)} edits (another event, a misnamed payload field, an unknown "
+            f"trigger or flow parameter, an interval schedule) refused by `tinymlops serve` with one ConfigError "
+            f"line; the served deployments equal Prefect's own reading of prefect.yaml. Before: flows/deployments.py "
+            f"repeated the deployments and served its schedules without the file's UTC timezone",
+        )
+    )
+    assert len(refusals) == len(EDITS)
+    for refusal, (_, _, expected) in zip(refusals, EDITS, strict=True):
+        assert expected in refusal and "\n" not in refusal
