@@ -45,6 +45,7 @@ from tinymlops.contracts.topics import (
     GROUP_READS,
     GROUPS_LEVEL,
     NAME_PATTERN,
+    FleetTopics,
 )
 from tinymlops.errors import TinyMLOpsError
 from tinymlops.files import write_file_atomic
@@ -143,7 +144,7 @@ class FleetAccess:
     @property
     def prefix(self) -> str:
         """``<root>/<fleet>``, the first two levels of every topic of the fleet."""
-        return f"{self.topic_root}/{self.fleet}"
+        return FleetTopics(self.fleet, self.topic_root).prefix
 
     def device(self, device_id: str) -> DeviceEntry:
         """The entry of one device.
