@@ -9,9 +9,9 @@ implementation for both sides:
   returns the same :class:`RxStatus` codes for the same bytes;
 * server side: :func:`build_manifest` (signed with a :class:`~firmware.signing.ManifestSigner`),
   :func:`split_model`, :class:`ModelPublisher` (retained manifests, chunks on request);
-* both: :class:`FleetTopics` and encode/decode of every message. Binary messages (manifest,
-  chunk, chunk request) have a versioned header and a CRC-32; announce, status, scores and
-  summary messages are compact JSON. Every decoder raises only :class:`OtaDecodeError`.
+* both: encode/decode of every message, on the topics ``tinymlops.contracts.topics`` names.
+  Binary messages (manifest, chunk, chunk request) have a versioned header and a CRC-32;
+  announce, status, scores and summary messages are compact JSON. Every decoder raises only :class:`OtaDecodeError`.
 
 MQTT 3.1.1 only (QoS 1, retained messages), so the embedded amqtt broker works too.
 """
