@@ -61,12 +61,10 @@ from firmware.ota import (
     ModelRef,
     OtaDecodeError,
     OtaReceiver,
-    OtaTopics,
     ReceiverConfig,
     ReferenceSet,
     RxStatus,
     ScoreBatch,
-    check_name,
     decode_manifest,
     reason_for,
 )
@@ -74,6 +72,7 @@ from firmware.sensor import MachineSimulator, VibrationSource, quantize
 from firmware.signing import KeyRing
 from firmware.tflm import TflmRunner
 from tinymlops.contracts.scoring import anomaly_scores, is_anomalous
+from tinymlops.contracts.topics import FleetTopics, check_name
 from tinymlops.errors import TinyMLOpsError
 from tinymlops.mqtt import BrokerAddress, connect, make_client
 from tinymlops.settings import MqttSettings
@@ -341,7 +340,7 @@ class DeviceRuntime:
         self.profile = profile
         self.keyring = keyring
         self.config = config or DeviceConfig()
-        self.topics = OtaTopics(fleet, self.config.topic_root)
+        self.topics = FleetTopics(fleet, self.config.topic_root)
         self.budget = MemoryBudget.of(profile)
         self.receiver = OtaReceiver(
             ReceiverConfig(self.device_id, profile.name, self.budget.slot_bytes, self.budget.ram_free, self.group),

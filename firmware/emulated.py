@@ -30,9 +30,9 @@ from typing import Self
 
 from firmware.emulator import Board, EmulatorError, build_images, find_toolchain, get_board
 from firmware.gateway import GatewayConfig, GatewayError, UartGateway
-from firmware.ota import check_name
 from firmware.sensor import VibrationSource
 from firmware.signing import KeyRing
+from tinymlops.contracts.topics import check_name
 from tinymlops.mqtt import BrokerAddress, free_port
 from tinymlops.settings import MqttSettings
 from tinymlops.targets import McuTarget

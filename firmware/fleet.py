@@ -18,6 +18,7 @@ import paho.mqtt.client as mqtt
 from firmware.boot import next_boot_epoch
 from firmware.codec import VibrationWindow, encode
 from firmware.sensor import DriftSpec, FaultSpec, MachineSimulator, OperatingPoint, VibrationSource, quantize
+from tinymlops.contracts.topics import FleetTopics
 from tinymlops.mqtt import BrokerAddress, connect, make_client
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ class VirtualFleet:
         self.fleet = fleet
         self.boot_epoch = next_boot_epoch(sender=f"fleet {fleet}") if boot_epoch is None else boot_epoch
         self.nodes: list[SensorNode] = []
+        topics = FleetTopics(fleet, topic_root)
         for i in range(n_devices):
             device_id = f"{device_prefix}-{i:04d}"
             simulator = MachineSimulator(
@@ -95,7 +97,7 @@ class VirtualFleet:
                 window_samples=window_samples,
                 operating_point=OperatingPoint(rpm=rpm * (1 + 0.01 * ((i % 5) - 2)), load=0.5),
             )
-            topic = f"{topic_root}/{fleet}/{device_id}/vibration"
+            topic = topics.vibration(device_id)
             self.nodes.append(SensorNode(device_id, simulator, topic, epoch=self.boot_epoch))
 
     @property

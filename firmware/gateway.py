@@ -78,14 +78,13 @@ from firmware.ota import (
     DriftSummary,
     ModelRef,
     OtaDecodeError,
-    OtaTopics,
     RxStatus,
     ScoreBatch,
-    check_name,
     decode_manifest,
     reason_for,
 )
 from firmware.sensor import MachineSimulator, VibrationSource, quantize
+from tinymlops.contracts.topics import FleetTopics, check_name
 from tinymlops.errors import TinyMLOpsError
 from tinymlops.mqtt import BrokerAddress, connect, make_client
 from tinymlops.settings import MqttSettings
@@ -288,7 +287,7 @@ class UartGateway:
         self.uart = uart
         self.broker = broker
         self.config = config or GatewayConfig()
-        self.topics = OtaTopics(fleet, self.config.topic_root)
+        self.topics = FleetTopics(fleet, self.config.topic_root)
         self.simulator: VibrationSource = simulator or MachineSimulator(seed=zlib.crc32(self.device_id.encode()))
         self.mqtt_settings = mqtt_settings
         self.statuses: deque[DeviceStatus] = deque(maxlen=_STATUS_HISTORY)

@@ -9,9 +9,9 @@ implementation for both sides:
   returns the same :class:`RxStatus` codes for the same bytes;
 * server side: :func:`build_manifest` (signed with a :class:`~firmware.signing.ManifestSigner`),
   :func:`split_model`, :class:`ModelPublisher` (retained manifests, chunks on request);
-* both: :class:`OtaTopics` and encode/decode of every message. Binary messages (manifest,
-  chunk, chunk request) have a versioned header and a CRC-32; announce, status, scores and
-  summary messages are compact JSON. Every decoder raises only :class:`OtaDecodeError`.
+* both: encode/decode of every message, on the topics ``tinymlops.contracts.topics`` names.
+  Binary messages (manifest, chunk, chunk request) have a versioned header and a CRC-32;
+  announce, status, scores and summary messages are compact JSON. Every decoder raises only :class:`OtaDecodeError`.
 
 MQTT 3.1.1 only (QoS 1, retained messages), so the embedded amqtt broker works too.
 """
@@ -45,6 +45,13 @@ from firmware.signing import (
     RevokedKeyError,
     UnknownKeyError,
     private_key_from_seed,
+)
+from tinymlops.contracts.topics import (
+    DEVICE_AUDIENCE,
+    GROUP_AUDIENCE,
+    NAME_PATTERN,
+    FleetTopics,
+    check_name,
 )
 from tinymlops.errors import DecodeError, TinyMLOpsError
 from tinymlops.mqtt import BrokerAddress, connect, make_client
@@ -102,12 +109,9 @@ MAX_MANIFEST_BYTES = (
     + MAX_DSP_BLOCK_BYTES + MAX_REFERENCE_BLOCK_BYTES + SIGNATURE_BYTES + CRC_BYTES
 )  # fmt: skip
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _TARGET_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_]{0,31}$")
 _KEY_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,32}$")
 _PRINTABLE = re.compile(r"^[\x21-\x7e]+$")
-DEVICE_AUDIENCE = "device:"
-GROUP_AUDIENCE = "group:"
 # Score histogram bin edges, as multiples of the model's threshold; the last bin is open.
 SCORE_EDGES_REL = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0, 8.0)
 
@@ -182,17 +186,6 @@ class OtaDecodeError(DecodeError):
         self.code = code
 
 
-def check_name(name: str, what: str = "name") -> str:
-    """Return ``name`` if it can be one topic level (1-64 of ``A-Z a-z 0-9 _ -``).
-
-    Raises:
-        OtaError: It cannot.
-    """
-    if not NAME_PATTERN.match(name):
-        raise OtaError(f"invalid {what} {name!r}: expected 1-64 characters of A-Z a-z 0-9 _ -")
-    return name
-
-
 def crc32(data: bytes | bytearray | memoryview) -> int:
     """CRC-32 as zlib (reflected polynomial 0xEDB88320), the check of every binary OTA message."""
     return zlib.crc32(data) & 0xFFFFFFFF
@@ -200,111 +193,6 @@ def crc32(data: bytes | bytearray | memoryview) -> int:
 
 def _with_crc(body: bytes) -> bytes:
     return body + _CRC.pack(crc32(body))
-
-
-# --- topics ---------------------------------------------------------------------------------
-
-
-TopicKind = Literal["announce", "manifest", "request", "chunk", "status", "scores", "summary", "vibration"]
-_DEVICE_SUFFIXES: dict[str, TopicKind] = {
-    "announce": "announce",
-    "ota/manifest": "manifest",
-    "ota/req": "request",
-    "ota/chunk": "chunk",
-    "ota/status": "status",
-    "scores": "scores",
-    "summary": "summary",
-    "vibration": "vibration",
-}
-
-
-@dataclass(frozen=True)
-class OtaTopics:
-    """Topic names of one fleet: ``<root>/<fleet>/<device>/...`` and ``<root>/<fleet>/groups/<group>/...``.
-
-    Attributes:
-        fleet: Fleet name (second level).
-        root: First topic level (``Settings.mqtt.topic_root``).
-    """
-
-    fleet: str
-    root: str = "tinymlops"
-
-    def __post_init__(self) -> None:
-        check_name(self.fleet, "fleet")
-        if not self.root or any(c in self.root for c in "+#"):
-            raise OtaError(f"invalid topic root {self.root!r}")
-
-    def _device(self, device: str, suffix: str) -> str:
-        return f"{self.root}/{self.fleet}/{check_name(device, 'device id')}/{suffix}"
-
-    def announce(self, device: str) -> str:
-        """Device capabilities, retained JSON, device -> server."""
-        return self._device(device, "announce")
-
-    def manifest(self, device: str) -> str:
-        """The device's desired model, retained binary manifest, server -> device."""
-        return self._device(device, "ota/manifest")
-
-    def group_manifest(self, group: str) -> str:
-        """A group's desired model, retained binary manifest, server -> every device of the group."""
-        return f"{self.root}/{self.fleet}/groups/{check_name(group, 'group')}/ota/manifest"
-
-    def all_group_manifests(self) -> str:
-        """Subscription for every group's manifest topic: ``<root>/<fleet>/groups/+/ota/manifest``."""
-        return f"{self.root}/{self.fleet}/groups/+/ota/manifest"
-
-    def ota_service(self) -> str:
-        """The fleet's OTA service presence, retained JSON (empty: none); not a device topic."""
-        return f"{self.root}/{self.fleet}/services/ota"
-
-    def request(self, device: str) -> str:
-        """Chunk requests, binary, device -> server."""
-        return self._device(device, "ota/req")
-
-    def chunk(self, device: str) -> str:
-        """Model chunks, binary, server -> device."""
-        return self._device(device, "ota/chunk")
-
-    def status(self, device: str) -> str:
-        """Deployment status, retained JSON, device -> server."""
-        return self._device(device, "ota/status")
-
-    def scores(self, device: str) -> str:
-        """Anomaly scores, JSON, device -> server."""
-        return self._device(device, "scores")
-
-    def summary(self, device: str) -> str:
-        """Periodic drift summaries, JSON, device -> server."""
-        return self._device(device, "summary")
-
-    def vibration(self, device: str) -> str:
-        """Raw windows (``firmware.codec``), the ingest's topic."""
-        return self._device(device, "vibration")
-
-    def audience_topic(self, audience: str) -> str:
-        """The manifest topic of a manifest audience (``device:<id>`` or ``group:<name>``)."""
-        if audience.startswith(DEVICE_AUDIENCE):
-            return self.manifest(audience.removeprefix(DEVICE_AUDIENCE))
-        if audience.startswith(GROUP_AUDIENCE):
-            return self.group_manifest(audience.removeprefix(GROUP_AUDIENCE))
-        raise OtaError(f"invalid audience {audience!r}: expected device:<id> or group:<name>")
-
-    def all_devices(self, kind: TopicKind) -> str:
-        """Subscription for one kind of per-device topic of every device, e.g. ``<root>/<fleet>/+/ota/status``."""
-        suffix = next(s for s, k in _DEVICE_SUFFIXES.items() if k == kind)
-        return f"{self.root}/{self.fleet}/+/{suffix}"
-
-    def parse(self, topic: str) -> tuple[str, TopicKind] | None:
-        """Return ``(device, kind)`` of a per-device topic of this fleet, or None."""
-        prefix = f"{self.root}/{self.fleet}/"
-        if not topic.startswith(prefix):
-            return None
-        device, _, suffix = topic.removeprefix(prefix).partition("/")
-        kind = _DEVICE_SUFFIXES.get(suffix)
-        if kind is None or not NAME_PATTERN.match(device) or device == "groups":
-            return None
-        return device, kind
 
 
 def device_audience(device: str) -> str:
@@ -1277,7 +1165,7 @@ class OtaReceiver:
 # --- publishing (server side) ---------------------------------------------------------------
 
 
-def publish_manifest(client: mqtt.Client, topics: OtaTopics, manifest: Manifest) -> mqtt.MQTTMessageInfo:
+def publish_manifest(client: mqtt.Client, topics: FleetTopics, manifest: Manifest) -> mqtt.MQTTMessageInfo:
     """Publish a signed manifest retained with QoS 1 on its audience's manifest topic."""
     return client.publish(topics.audience_topic(manifest.audience), manifest.encode(), qos=1, retain=True)
 
@@ -1304,7 +1192,7 @@ class ModelPublisher:
     def __init__(
         self,
         address: BrokerAddress,
-        topics: OtaTopics,
+        topics: FleetTopics,
         signer: ManifestSigner,
         *,
         client_id: str = "",

@@ -10,7 +10,6 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
-from firmware.ota import OtaTopics
 from tasks.deploy import (
     DeployError,
     DeploymentReport,
@@ -27,6 +26,7 @@ from tasks.deploy import (
     rollback_canaries_task,
     select_targets_task,
 )
+from tinymlops.contracts.topics import FleetTopics
 from tinymlops.mqtt import parse_broker_url
 from tinymlops.settings import get_settings
 
@@ -65,7 +65,7 @@ def deploy_flow(
     address = parse_broker_url(url)
     started_at, started = report_started_at(), time.monotonic()
     model = resolve_deployable_task(model_ref)
-    topics = OtaTopics(fleet, settings.mqtt.topic_root)
+    topics = FleetTopics(fleet, settings.mqtt.topic_root)
     with DeploymentSession(address, topics, load_signer(), mqtt_settings=settings.mqtt) as session:
         selection = select_targets_task(session, model, devices, group)
         canary, rest = plan_canary(selection.targets, canary_fraction)

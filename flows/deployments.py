@@ -1,88 +1,127 @@
-"""The deployments ``tinymlops serve`` runs in one process: schedules, the drift trigger, concurrency.
+"""The deployments ``tinymlops serve`` runs in one process, read from ``prefect.yaml``.
 
-They mirror ``prefect.yaml`` (which creates the same deployments for a work pool and workers) and take
-their descriptions, tags and the drift trigger's name and description from it, so the UI describes both
-alike; serving needs only a Prefect server.
+``prefect.yaml`` is their one definition: ``prefect deploy`` creates them for a work pool and
+workers, and this module builds the same deployments from it to serve without one (entrypoints,
+parameters, cron schedules, triggers, descriptions, tags, concurrency), so the two cannot disagree.
+The drift trigger is checked against the drift event's contract (``tinymlops.contracts.events``)
+when it is read: a trigger expecting another event, or filling a parameter from a payload field the
+monitor does not send, is refused.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from functools import cache
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import yaml
-from prefect import serve
-from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
-from prefect.events import DeploymentEventTrigger
+from prefect import Flow, serve
+from prefect.client.schemas.objects import ConcurrencyLimitConfig
+from prefect.client.schemas.schedules import CronSchedule
+from prefect.deployments.runner import RunnerDeployment
+from prefect.events import DeploymentTriggerTypes
+from pydantic import TypeAdapter
 
-from flows.deploy import deploy_flow
-from flows.ingest import ingest_flow
-from flows.loop import loop_flow
-from flows.monitor import monitor_flow
-from flows.retrain import retrain_flow
-from flows.train import train_flow
-from tasks.monitor import DRIFT_EVENT
+from tinymlops.contracts.events import (
+    DRIFT_EVENT,
+    FLEET_RESOURCE_MATCH,
+    RETRAIN_PARAMETERS_FROM_DRIFT,
+    DriftPayload,
+    payload_field,
+)
+from tinymlops.errors import ConfigError
 from tinymlops.settings import REPO_ROOT
 
 PREFECT_YAML = REPO_ROOT / "prefect.yaml"
-
-# Single-expression templates keep their JSON type (lists stay lists) when Prefect fills them in.
-DRIFT_TRIGGER_PARAMETERS = {
-    "fleet": "{{ event.payload.fleet }}",
-    "devices": "{{ event.payload.devices }}",
-    "since": "{{ event.payload.since }}",
-    "champion_version": "{{ event.payload.champion_version }}",
-    "model_name": "{{ event.payload.model_name }}",
-    "drift_kind": "{{ event.payload.kind }}",
-    "reason": "drift detected by the monitor",
-}
-SCHEDULE_EVERY_10_MIN = "*/10 * * * *"
+# The step tag (the second of each deployment's tags) is the name `tinymlops serve --only` takes.
 NAMES = ("ingest", "monitor", "retrain", "train", "deploy", "full-loop")
+_TRIGGERS: TypeAdapter[DeploymentTriggerTypes] = TypeAdapter(DeploymentTriggerTypes)
 
 
 @cache
-def deployment_texts() -> dict[str, dict[str, Any]]:
-    """``prefect.yaml``'s deployments by name: what the UI shows of them (description, tags, triggers)."""
+def deployment_specs() -> dict[str, dict[str, Any]]:
+    """``prefect.yaml``'s deployments by step name (anchors resolved), as ``prefect deploy`` reads them.
+
+    Raises:
+        ConfigError: The steps are not the ones :data:`NAMES` lists, or a trigger breaks the drift contract.
+    """
     with open(PREFECT_YAML, encoding="utf-8") as file:
-        return {d["name"]: d for d in yaml.safe_load(file)["deployments"]}
+        specs = {spec["tags"][1]: spec for spec in yaml.safe_load(file)["deployments"]}
+    if tuple(specs) != NAMES:
+        raise ConfigError(f"{PREFECT_YAML.name}: deployment steps {', '.join(specs)}, expected {', '.join(NAMES)}")
+    for spec in specs.values():
+        for trigger in spec.get("triggers", []):
+            _check_drift_trigger(spec["name"], trigger)
+    return specs
 
 
-def _described(name: str) -> dict[str, Any]:
-    text = deployment_texts()[name]
-    return {"name": name, "description": text["description"], "tags": list(text["tags"])}
+def _check_drift_trigger(deployment: str, trigger: dict[str, Any]) -> None:
+    """Refuse a trigger that expects another event than the drift event or misreads its payload."""
+    where = f"{PREFECT_YAML.name}: trigger {trigger.get('name')!r} of {deployment}"
+    if trigger.get("expect") != [DRIFT_EVENT] or trigger.get("match") != {"prefect.resource.id": FLEET_RESOURCE_MATCH}:
+        raise ConfigError(f"{where} must expect {DRIFT_EVENT} of resources {FLEET_RESOURCE_MATCH}")
+    filled = {name: payload_field(value) for name, value in trigger.get("parameters", {}).items()}
+    from_payload = {name: field for name, field in filled.items() if field is not None}
+    if from_payload != RETRAIN_PARAMETERS_FROM_DRIFT:
+        raise ConfigError(
+            f"{where} fills {from_payload} from the payload; the drift contract says {RETRAIN_PARAMETERS_FROM_DRIFT}"
+        )
+    unknown = sorted(set(from_payload.values()) - DriftPayload.__required_keys__)
+    if unknown:
+        raise ConfigError(f"{where} reads payload fields {', '.join(unknown)} the drift event does not carry")
 
 
-def drift_trigger() -> DeploymentEventTrigger:
-    """Run the retraining deployment for any fleet whose monitor emits a drift event."""
-    (trigger,) = deployment_texts()["retrain-on-drift"]["triggers"]
-    return DeploymentEventTrigger(
-        name=trigger["name"],
-        description=trigger["description"],
-        expect={DRIFT_EVENT},
-        match={"prefect.resource.id": "tinymlops.fleet.*"},
-        parameters=DRIFT_TRIGGER_PARAMETERS,
+def load_flow(entrypoint: str) -> Flow[..., Any]:
+    """The flow object of a ``prefect.yaml`` entrypoint (``flows/retrain.py:retrain_flow``).
+
+    Raises:
+        ConfigError: The entrypoint names no flow of the repository.
+    """
+    path, _, attribute = entrypoint.partition(":")
+    module = importlib.import_module(".".join(Path(path).with_suffix("").parts))
+    flow = getattr(module, attribute, None)
+    if not isinstance(flow, Flow):
+        raise ConfigError(f"{PREFECT_YAML.name}: entrypoint {entrypoint} is not a flow")
+    return flow
+
+
+def _concurrency(spec: dict[str, Any]) -> int | ConcurrencyLimitConfig | None:
+    limit = spec.get("concurrency_limit")
+    return ConcurrencyLimitConfig(**limit) if isinstance(limit, dict) else limit
+
+
+def _schedule(spec: dict[str, Any]) -> CronSchedule:
+    if set(spec) - {"cron", "timezone"}:
+        raise ConfigError(f"{PREFECT_YAML.name}: only cron schedules (cron, timezone) are served, got {spec}")
+    return CronSchedule(**spec)
+
+
+def runner_deployment(name: str) -> RunnerDeployment:
+    """One deployment of ``prefect.yaml``, by step name, as ``prefect deploy`` would create it (no work pool)."""
+    spec = deployment_specs()[name]
+    flow = load_flow(spec["entrypoint"])
+    parameters = dict(spec.get("parameters") or {})
+    set_by_triggers = {p for trigger in spec.get("triggers", []) for p in trigger.get("parameters", {})}
+    unknown = sorted((set(parameters) | set_by_triggers) - set(inspect.signature(flow.fn).parameters))
+    if unknown:
+        raise ConfigError(f"{PREFECT_YAML.name}: {spec['name']} sets parameters {', '.join(unknown)} its flow lacks")
+    deployment = flow.to_deployment(
+        name=spec["name"],
+        description=spec["description"],
+        tags=list(spec["tags"]),
+        parameters=parameters,
+        schedules=[_schedule(s) for s in spec.get("schedules", [])],
+        triggers=[_TRIGGERS.validate_python(dict(t)) for t in spec.get("triggers", [])],
+        concurrency_limit=_concurrency(spec),
     )
+    return cast(RunnerDeployment, deployment)  # outside an event loop it is the deployment, not a coroutine
 
 
-def runner_deployments(only: set[str] | None = None) -> list[Any]:
-    """The deployments to serve (all, or those named in ``only``)."""
-    one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
-    factories = {
-        "ingest": lambda: ingest_flow.to_deployment(
-            **_described("ingest-scheduled"),
-            cron=SCHEDULE_EVERY_10_MIN,
-            parameters={"seconds": 540.0},
-            concurrency_limit=one_at_a_time,
-        ),
-        "monitor": lambda: monitor_flow.to_deployment(**_described("monitor-scheduled"), cron=SCHEDULE_EVERY_10_MIN),
-        "retrain": lambda: retrain_flow.to_deployment(
-            **_described("retrain-on-drift"), triggers=[drift_trigger()], concurrency_limit=one_at_a_time
-        ),
-        "train": lambda: train_flow.to_deployment(**_described("train-manual")),
-        "deploy": lambda: deploy_flow.to_deployment(**_described("deploy-manual")),
-        "full-loop": lambda: loop_flow.to_deployment(**_described("full-loop-manual")),
-    }
-    return [factory() for name, factory in factories.items() if only is None or name in only]
+def runner_deployments(only: set[str] | None = None) -> list[RunnerDeployment]:
+    """The deployments to serve (all, or those whose step is named in ``only``)."""
+    return [runner_deployment(name) for name in deployment_specs() if only is None or name in only]
 
 
 def serve_deployments(only: set[str] | None = None) -> None:

@@ -323,7 +323,8 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     """Run the soak and return the report."""
     from tasks.datasets import write_reference_set
     from tasks.deploy import KeyStore, keys_dir
-    from tasks.ingest import ensure_subscription, ingest_config, vibration_topic
+    from tasks.ingest import ensure_subscription, ingest_config
+    from tinymlops.contracts.topics import FleetTopics
     from tinymlops.mqtt import MosquittoBroker
 
     work = Path(args.out or tempfile.mkdtemp(prefix="tinymlops-soak-")).resolve()
@@ -343,7 +344,8 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     KeyStore(keys_dir()).init()
     write_reference_set(settings.lake_root, settings.fleet)  # labelled faults the trainings evaluate on
     ensure_subscription(broker.address, ingest_config(settings))
-    observer = WindowObserver(broker.address, vibration_topic(settings.mqtt.topic_root, settings.fleet, "+"))
+    windows = FleetTopics(settings.fleet, settings.mqtt.topic_root).all_devices("vibration")
+    observer = WindowObserver(broker.address, windows)
     children: dict[str, Child] = {}
     for role in ROLES:
         result = work / f"{role}.json"

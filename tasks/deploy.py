@@ -70,11 +70,9 @@ from firmware.ota import (
     ModelRef,
     OtaDecodeError,
     OtaError,
-    OtaTopics,
     ReferenceSet,
     RxStatus,
     ScoreBatch,
-    TopicKind,
     compute_references,
     device_audience,
     group_audience,
@@ -97,6 +95,7 @@ from registry.promotion import rollback
 from registry.store import configure_from_settings, configure_mlflow, first_line, is_http_uri, mlflow_client
 from tasks.ota_service import parse_presence
 from tasks.rates import rate_lower_bound
+from tinymlops.contracts.topics import FleetTopics, TopicKind
 from tinymlops.errors import TinyMLOpsError
 from tinymlops.mqtt import BrokerAddress, connect, make_client
 from tinymlops.schemas import ModelBundle
@@ -450,7 +449,7 @@ class FleetWatcher:
     def __init__(
         self,
         address: BrokerAddress,
-        topics: OtaTopics,
+        topics: FleetTopics,
         kinds: Sequence[TopicKind] = ("announce", "status", "scores"),
         *,
         settings: MqttSettings | None = None,
@@ -796,7 +795,7 @@ class DeploymentSession:
     def __init__(
         self,
         address: BrokerAddress,
-        topics: OtaTopics,
+        topics: FleetTopics,
         signer: ManifestSigner,
         *,
         mqtt_settings: MqttSettings | None = None,

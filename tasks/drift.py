@@ -13,7 +13,7 @@ Why the rule looks the way it does (measured on the simulator, see ``tests/test_
   Feature drift is therefore judged on the pooled windows of the fleet, never on one device alone.
 * The autoencoder has learned every device's normal, so a healthy device keeps the reference's
   error distribution and false-alarm rate. A device is **abnormal** when its anomaly rate is
-  above ``anomaly_rate_factor`` x the expected rate (the one-sided Wilson lower bound of the rate
+  above ``anomaly_rate_factor`` x the expected rate (the one-sided exact, Clopper-Pearson, lower bound of the rate
   must pass, so a few chance alarms in a short window do not count), or its errors shifted upwards
   (two-sample KS statistic above ``error_shift_threshold`` and significant). Both tests hold for the
   whole fleet: a healthy fleet of N devices has a device flagged by the rate test in at most 1% of
@@ -75,12 +75,13 @@ import numpy as np
 import numpy.typing as npt
 from scipy import stats
 
+from tasks.rates import rate_lower_bound
+from tinymlops.contracts.events import DriftKind
 from tinymlops.errors import TinyMLOpsError
 from tinymlops.schemas import DriftReference
 from tinymlops.settings import DriftSettings, get_settings
 
 DeviceVerdict = Literal["ok", "drift", "fault", "insufficient_data"]
-DriftKind = Literal["new operating point", "data drift"]
 FleetVerdict = Literal["ok", "data_drift", "fault", "mixed", "insufficient_data"]
 EvidenceSource = Literal["windows", "summary"]
 FloatArray = npt.NDArray[np.float64]
@@ -282,17 +283,6 @@ def anomaly_rate(errors: npt.ArrayLike, threshold: float) -> float:
     return float(np.mean(_values(errors, "errors") > threshold))
 
 
-def rate_lower_bound(k: int, n: int, alpha: float = ANOMALY_RATE_ALPHA) -> float:
-    """One-sided Wilson lower bound, at level ``1 - alpha``, of a rate of ``k`` events in ``n`` trials (0 if n is 0)."""
-    if n <= 0:
-        return 0.0
-    z = float(stats.norm.isf(alpha))
-    p = k / n
-    centre = p + z * z / (2 * n)
-    margin = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, (centre - margin) / (1 + z * z / n))
-
-
 @dataclass(frozen=True)
 class ShapeChange:
     """Windows whose waveform shape (kurtosis, crest) lies outside the reference's 1%-99% range.
@@ -363,7 +353,7 @@ class DeviceAssessment:
         n_windows: Windows scored.
         anomalies: Windows above the model's threshold.
         anomaly_rate: ``anomalies / n_windows``.
-        anomaly_rate_lower: One-sided Wilson lower bound of the anomaly rate (level 1 - 0.01/fleet size).
+        anomaly_rate_lower: One-sided Clopper-Pearson lower bound of the anomaly rate (level 1 - 0.01/fleet size).
         anomaly_rate_limit: ``anomaly_rate_factor`` x the expected false-alarm rate.
         error_shift: Error distribution against the reference (None without windows).
         features: Feature drift against the pooled reference (None without windows).
@@ -520,7 +510,7 @@ def _new_operating_point(
         n,
         anomalies,
         anomalies / n,
-        rate_lower_bound(anomalies, n),
+        rate_lower_bound(anomalies, n, 1 - ANOMALY_RATE_ALPHA),
         limit,
         error_shift(reference.errors, e),
         feature_drift(ref, x, settings),
@@ -560,7 +550,7 @@ def _judge(
     shift, drift, shape = evidence
     limit = settings.anomaly_rate_factor * reference.expected_anomaly_rate
     rate_alpha, shift_alpha = ANOMALY_RATE_ALPHA / fleet_size, ERROR_SHIFT_ALPHA / fleet_size
-    rate, lower = anomalies / n, rate_lower_bound(anomalies, n, rate_alpha)
+    rate, lower = anomalies / n, rate_lower_bound(anomalies, n, 1 - rate_alpha)
     rate_high = lower > limit
     errors_up = shift.ks > settings.error_shift_threshold and shift.p_value < shift_alpha and shift.median_ratio > 1
     approx = " (normal approximation from the device summary)" if source == "summary" else ""

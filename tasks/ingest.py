@@ -14,6 +14,7 @@ so the broker keeps the rest of the stream, unacknowledged, until the ingest cat
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import threading
 import time
@@ -43,6 +44,7 @@ from tasks.lake import (
     write_quarantine,
     write_windows,
 )
+from tinymlops.contracts.topics import DEVICE_SUFFIXES, FleetTopics
 from tinymlops.errors import DecodeError, LakeError, TinyMLOpsError, ValidationError
 from tinymlops.mqtt import BrokerAddress, connect, make_client, parse_broker_url
 from tinymlops.settings import MqttSettings, SensorSettings, Settings, get_settings
@@ -54,9 +56,10 @@ FULL_SCALE = (np.int16(-32768), np.int16(32767))
 _KEY_SNAPSHOT_INTERVAL_S = 600.0
 
 
-def vibration_topic(topic_root: str, fleet: str, device: str) -> str:
-    """Topic a sensor node publishes its windows to."""
-    return f"{topic_root}/{fleet}/{device}/vibration"
+@functools.lru_cache(maxsize=16)
+def _fleet_topics(fleet: str, topic_root: str) -> FleetTopics:
+    """The fleet's topics, built once per fleet: validation runs for every message."""
+    return FleetTopics(fleet, topic_root)
 
 
 def validate_message(
@@ -79,12 +82,14 @@ def validate_message(
         DecodeError: The payload is not a valid message (header, length, CRC).
         ValidationError: The message is valid but its content is not acceptable.
     """
-    parts = topic.split("/")
-    if len(parts) != 4 or parts[0] != topic_root or parts[1] != fleet or parts[3] != "vibration":
-        raise ValidationError(f"unexpected topic {topic!r}, expected {vibration_topic(topic_root, fleet, '<device>')}")
+    topics = _fleet_topics(fleet, topic_root)
+    parsed = topics.parse(topic)
+    if parsed is None or parsed[1] != "vibration":
+        expected = f"{topics.prefix}/<device>/{DEVICE_SUFFIXES['vibration']}"
+        raise ValidationError(f"unexpected topic {topic!r}, expected {expected}")
     window = decode(payload)
-    if window.device_id != parts[2]:
-        raise ValidationError(f"device id {window.device_id!r} in payload does not match topic device {parts[2]!r}")
+    if window.device_id != parsed[0]:
+        raise ValidationError(f"device id {window.device_id!r} in payload does not match topic device {parsed[0]!r}")
     if window.sample_rate_hz != sensor.sample_rate_hz:
         raise ValidationError(f"sample rate {window.sample_rate_hz} Hz, fleet expects {sensor.sample_rate_hz} Hz")
     if window.samples.size != sensor.window_samples:
@@ -403,7 +408,7 @@ def _ingest_holding_lease(
             return
         inbox.put(_Received(msg.mid, msg.qos, msg.topic, bytes(msg.payload), received_at_us))
 
-    topic = vibration_topic(config.mqtt.topic_root, config.fleet, "+")
+    topic = FleetTopics(config.fleet, config.mqtt.topic_root).all_devices("vibration")
 
     def on_connect(client: mqtt.Client, _u: Any, _flags: Any, reason: Any, _props: Any) -> None:
         if not reason.is_failure:
@@ -534,7 +539,7 @@ def ensure_subscription(address: BrokerAddress, config: IngestConfig) -> None:
     try:
         done = threading.Event()
         client.on_subscribe = lambda *_args: done.set()
-        client.subscribe(vibration_topic(config.mqtt.topic_root, config.fleet, "+"), qos=1)
+        client.subscribe(FleetTopics(config.fleet, config.mqtt.topic_root).all_devices("vibration"), qos=1)
         done.wait(5)
     finally:
         client.disconnect()

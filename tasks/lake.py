@@ -49,7 +49,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from firmware.codec import VibrationWindow
-from firmware.ota import NAME_PATTERN
+from tinymlops.contracts.topics import NAME_PATTERN
 from tinymlops.errors import LakeError, LeaseError
 
 log = logging.getLogger(__name__)

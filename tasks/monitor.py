@@ -46,6 +46,16 @@ from tasks.drift import (
 )
 from tasks.lake import read_windows
 from tasks.train import reconstruction_error
+from tinymlops.contracts.events import (
+    ALERT_EVENT,
+    DRIFT_EVENT,
+    AlertPayload,
+    DriftPayload,
+    MonitorPayload,
+    device_resource_id,
+    fleet_resource_id,
+    model_resource_id,
+)
 from tinymlops.errors import TinyMLOpsError
 from tinymlops.schemas import DriftReference, ModelBundle
 from tinymlops.settings import DriftSettings, get_settings
@@ -62,8 +72,6 @@ MONITORING_DESCRIPTION = (
     "Monitor runs: a fleet's last minutes of live data scored by its champion; the fleet verdict "
     "(ok, fault, drift), per-device anomaly rates and error shifts, pooled feature drift."
 )
-DRIFT_EVENT = "tinymlops.drift.detected"
-ALERT_EVENT = "tinymlops.anomaly.alert"
 LIVE_SOURCES = ("mqtt",)
 SCORER = "tflite-micro"
 _METRIC_KEY = re.compile(r"[^A-Za-z0-9_\-. /]")
@@ -72,11 +80,6 @@ _VERDICT_COLOURS = {"ok": "#4c9a2a", "drift": "#e08a00", "fault": "#c0392b", "in
 
 class MonitorError(TinyMLOpsError):
     """The monitor cannot run on these inputs (time window, bundle, lake contents)."""
-
-
-def fleet_resource_id(fleet: str) -> str:
-    """Prefect resource id of a fleet, the ``match`` of the retraining and alert triggers."""
-    return f"tinymlops.fleet.{fleet}"
 
 
 @dataclass(frozen=True)
@@ -629,7 +632,7 @@ def plot(report: MonitorReport) -> Figure:
     return fig
 
 
-def _payload_base(report: MonitorReport, champion_version: str | None) -> dict[str, Any]:
+def _payload_base(report: MonitorReport, champion_version: str | None) -> MonitorPayload:
     return {
         "fleet": report.fleet,
         "verdict": report.verdict,
@@ -653,9 +656,8 @@ def _resource(report: MonitorReport, champion_version: str | None) -> dict[str, 
 
 
 def _related_model(report: MonitorReport, champion_version: str | None) -> dict[str, str]:
-    suffix = f".{champion_version}" if champion_version else ""
     return {
-        "prefect.resource.id": f"tinymlops.model.{report.model_name}{suffix}",
+        "prefect.resource.id": model_resource_id(report.model_name, champion_version),
         "prefect.resource.role": "model",
         "prefect.resource.name": report.model_name,
     }
@@ -675,7 +677,8 @@ def drift_event(report: MonitorReport, champion_version: str | None) -> dict[str
         raise MonitorError(f"fleet {report.fleet} verdict is {report.verdict}: no drift to announce")
     a = report.assessment
     alerted = set(a.alert_devices)
-    payload = _payload_base(report, champion_version) | {
+    payload: DriftPayload = {
+        **_payload_base(report, champion_version),
         "kind": a.kind,
         "devices": [d for d in a.judged_devices if d not in alerted],
         "drift_devices": a.drift_devices,
@@ -715,13 +718,14 @@ def alert_event(report: MonitorReport, champion_version: str | None = None) -> d
         }
     related = [_related_model(report, champion_version)] + [
         {
-            "prefect.resource.id": f"tinymlops.device.{report.fleet}.{device}",
+            "prefect.resource.id": device_resource_id(report.fleet, device),
             "prefect.resource.role": "device",
             "prefect.resource.name": device,
         }
         for device in devices
     ]
-    payload = _payload_base(report, champion_version) | {
+    payload: AlertPayload = {
+        **_payload_base(report, champion_version),
         "devices": devices,
         "device_details": details,
         "metrics": metrics,

@@ -10,7 +10,7 @@ by name and sha256 (and checks); a request for any other model, an older one inc
 
 It survives broker restarts: on every reconnect it subscribes again and, once the broker's retained
 messages have arrived, re-publishes the manifests the broker lost (a broker without persistence
-loses them all). One per fleet: it publishes its presence retained on ``OtaTopics.ota_service``
+loses them all). One per fleet: it publishes its presence retained on ``FleetTopics.ota_service``
 (with an empty will, so the broker clears a crashed service's presence once its keepalive expires,
 within 45 s) and refuses to start while another one's presence is there. Two that started at the
 same instant both serve: harmless, devices take duplicate chunks.
@@ -37,7 +37,6 @@ from firmware.ota import (
     Announcement,
     Manifest,
     OtaDecodeError,
-    OtaTopics,
     decode_manifest,
     decode_request,
     device_audience,
@@ -45,6 +44,7 @@ from firmware.ota import (
     split_model,
 )
 from firmware.signing import KeyRing, UnknownKeyError
+from tinymlops.contracts.topics import FleetTopics
 from tinymlops.errors import TinyMLOpsError
 from tinymlops.mqtt import BrokerAddress, connect, make_client, parse_broker_url
 from tinymlops.settings import MqttSettings, Settings
@@ -105,7 +105,7 @@ class OtaService:
     def __init__(
         self,
         address: BrokerAddress,
-        topics: OtaTopics,
+        topics: FleetTopics,
         keyring: KeyRing,
         *,
         model_source: ModelSource = registry_model_source,
@@ -226,7 +226,7 @@ class OtaService:
         if topic == self.topics.ota_service():
             self._on_presence(payload)
             return
-        if topic.endswith("/ota/manifest"):
+        if self.topics.is_manifest(topic):
             self._on_manifest(topic, payload)
             return
         parsed = self.topics.parse(topic)
@@ -369,6 +369,6 @@ def start_ota_service(settings: Settings, address: BrokerAddress | None = None, 
         if not settings.mqtt.url:
             raise OtaServiceError("the OTA service needs a broker: pass --broker or set TINYMLOPS_MQTT__URL")
         address = parse_broker_url(settings.mqtt.url)
-    topics = OtaTopics(fleet or settings.fleet, settings.mqtt.topic_root)
+    topics = FleetTopics(fleet or settings.fleet, settings.mqtt.topic_root)
     store = KeyStore(keys_dir())
     return OtaService(address, topics, store.keyring(), reload_keyring=store.keyring, settings=settings.mqtt).start()

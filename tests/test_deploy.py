@@ -34,7 +34,7 @@ from firmware.device import DeviceConfig, DeviceRuntime
 from firmware.device_fleet import DeviceFleet
 from firmware.dsp import DspSpec, extract_features, raw_features
 from firmware.fleet import VirtualFleet
-from firmware.ota import Announcement, ChunkRequest, OtaTopics
+from firmware.ota import Announcement, ChunkRequest
 from firmware.sensor import quantize
 from firmware.signing import KeyRing, ManifestSigner, generate_keypair
 from firmware.tflm import count_macs, measure_arena, tflite_predict
@@ -68,6 +68,7 @@ from tests.fault_ledger import FaultRecord, record
 from tests.int8_model import int8_autoencoder
 from tinymlops.cli_deploy import deploy_command
 from tinymlops.contracts.scoring import anomaly_scores
+from tinymlops.contracts.topics import FleetTopics
 from tinymlops.errors import TinyMLOpsError
 from tinymlops.mqtt import BrokerAddress, MosquittoBroker, connect, make_client
 from tinymlops.schemas import BundleMetadata, DriftReference, registered_model_name, sha256_hex, write_bundle
@@ -192,14 +193,14 @@ def fleet_of(
         # A started device has queued its retained announcement, not necessarily delivered it: wait until the
         # broker holds them all, so a flow's device discovery sees what the test started.
         expected = set(ids(fleet))
-        announced = announcements(broker.address, OtaTopics(FLEET), until=lambda found: expected <= found.keys())
+        announced = announcements(broker.address, FleetTopics(FLEET), until=lambda found: expected <= found.keys())
         assert expected <= announced.keys(), f"devices {sorted(expected)} did not all announce within 15 s"
         yield fleet
 
 
 def announcements(
     address: BrokerAddress,
-    topics: OtaTopics,
+    topics: FleetTopics,
     until: Callable[[dict[str, Announcement]], bool] = lambda _found: True,
     timeout_s: float = 15.0,
 ) -> dict[str, Announcement]:
@@ -227,7 +228,7 @@ def versions_seen(device: DeviceRuntime) -> set[int]:
 
 def retained_manifests(broker: MosquittoBroker, devices: list[str]) -> dict[str, bytes]:
     """What a device subscribing now would get on its manifest topic (retained messages)."""
-    topics = OtaTopics(FLEET)
+    topics = FleetTopics(FLEET)
     found: dict[str, bytes] = {}
     client = make_client(broker.address, "manifest-probe")
     client.on_message = lambda _c, _u, m: found.__setitem__(m.topic.split("/")[2], bytes(m.payload))
@@ -312,7 +313,7 @@ def outcome(device: str, *, active: bool, role: str = "fleet", **kw: Any) -> Dev
 
 def test_canary_verdict_without_scores_or_with_a_failed_canary_is_unhealthy() -> None:
     session = DeploymentSession(
-        BrokerAddress("127.0.0.1", 1), OtaTopics(FLEET), ManifestSigner(generate_keypair()[0], "k")
+        BrokerAddress("127.0.0.1", 1), FleetTopics(FLEET), ManifestSigner(generate_keypair()[0], "k")
     )
     failed = judge_canary(session, deployable(), [outcome("a", active=False)], [], watch_s=60, factor=5, min_windows=30)
     assert not failed.healthy and failed.reason == "unhealthy: 1 of 1 canaries not active: a failed: load failed"
@@ -362,10 +363,10 @@ def test_session_reaches_the_profile_reports_latencies_and_a_late_device_resumes
     ):
         late.go_offline()
         gone.go_offline()
-        found = announcements(mosquitto.address, OtaTopics(FLEET))
+        found = announcements(mosquitto.address, FleetTopics(FLEET))
         assert sorted(found) == ["gone-0001", "late-0001", "nrf-0000", "nrf-0001"]
         assert all(a.profile == "nrf52840" and a.key_ids == ["test-key"] for a in found.values())
-        with DeploymentSession(mosquitto.address, OtaTopics(FLEET), env.store.signer()) as session:
+        with DeploymentSession(mosquitto.address, FleetTopics(FLEET), env.store.signer()) as session:
             model, started = deployable(), time.time()
             assert model.references  # computed once per model, as resolve_deployable does before a session
             threading.Timer(1.0, late.go_online).start()
@@ -397,7 +398,7 @@ def test_revoked_key_is_refused_by_devices_end_to_end(tmp_path: Path, mosquitto:
     store.init("ops-1")
     old = store.signer()
     ring = store.keyring()  # the devices' key ring object: "provisioning" updates it in place
-    topics = OtaTopics(FLEET)
+    topics = FleetTopics(FLEET)
     with fleet_of(mosquitto, get_target("nrf52840"), 2, "nrf", ring) as fleet:
         with DeploymentSession(mosquitto.address, topics, old) as session:
             first = session.deploy(deployable(), session.announcements(), timeout_s=10)
@@ -433,7 +434,7 @@ Publish = Callable[[str, bytes], None]
 @contextmanager
 def hostile_client(broker: MosquittoBroker) -> Iterator[Publish]:
     """A hand-made MQTT client that publishes retained announcements on any device's topic."""
-    topics = OtaTopics(FLEET)
+    topics = FleetTopics(FLEET)
     client = make_client(broker.address, "hostile")
     connect(client, broker.address)
 
@@ -460,7 +461,7 @@ def test_a_spoofed_device_id_on_another_topic_is_rejected_for_that_topic_and_rep
     with (
         fleet_of(mosquitto, nrf, 2, "dev", env.keyring) as fleet,
         hostile_client(mosquitto) as publish,
-        DeploymentSession(mosquitto.address, OtaTopics(FLEET), env.store.signer()) as session,
+        DeploymentSession(mosquitto.address, FleetTopics(FLEET), env.store.signer()) as session,
     ):
         # dev-9 claims to be dev-0000 on another profile, after the session saw the real one
         publish("dev-9", hostile_announcement("dev-0000", "stm32l4r5"))
@@ -492,7 +493,7 @@ def test_an_announced_version_at_the_u32_limit_affects_only_its_own_device(
     ):
         publish("evil-1", hostile_announcement("evil-1", group="line-1", model={**ref, "version": U32_MAX}))
         publish("evil-2", hostile_announcement("evil-2", group="line-1", model={**ref, "version": U32_MAX - 1}))
-        with DeploymentSession(mosquitto.address, OtaTopics(FLEET), env.store.signer()) as session:
+        with DeploymentSession(mosquitto.address, FleetTopics(FLEET), env.store.signer()) as session:
             selection = select_targets_task.fn(session, deployable(), None, group)
             assert [a.device for a in selection.targets] == ["dev-0000", "dev-0001", "evil-2"]
             assert selection.skipped == [SkippedDevice(
@@ -537,7 +538,7 @@ def test_malformed_and_out_of_range_announcements_are_skipped_with_reasons(
     with fleet_of(mosquitto, nrf, 2, "dev", env.keyring) as fleet, hostile_client(mosquitto) as publish:
         for device, payload in bad.items():
             publish(device, payload)
-        with DeploymentSession(mosquitto.address, OtaTopics(FLEET), env.store.signer()) as session:
+        with DeploymentSession(mosquitto.address, FleetTopics(FLEET), env.store.signer()) as session:
             selection = select_targets_task.fn(session, deployable(), None, None)
             assert [a.device for a in selection.targets] == ids(fleet)
             reasons = {s.device: s.reason for s in selection.skipped}
@@ -548,7 +549,7 @@ def test_malformed_and_out_of_range_announcements_are_skipped_with_reasons(
         assert [(o.device, o.active) for o in outcomes] == [(d, True) for d in ids(fleet)]
         # a later valid announcement on the same topic replaces the rejection
         publish("bad-json", hostile_announcement("bad-json"))
-        found = announcements(mosquitto.address, OtaTopics(FLEET), until=lambda found: "bad-json" in found)
+        found = announcements(mosquitto.address, FleetTopics(FLEET), until=lambda found: "bad-json" in found)
         assert found.keys() == {*ids(fleet), "bad-json"}
 
 
@@ -776,7 +777,7 @@ def test_devices_back_after_the_deployment_ended_get_the_champion_from_the_ota_s
     target = profile("nrf_ota_service")
     env.register(target, "v1")
     name = registered_model_name(target.name)
-    topics = OtaTopics(FLEET)
+    topics = FleetTopics(FLEET)
     with contextlib.ExitStack() as stack:
         service = stack.enter_context(OtaService(mosquitto.address, topics, env.keyring))
         with pytest.raises(OtaServiceError, match="already serves fleet plant") as second:  # one per fleet

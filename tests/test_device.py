@@ -34,7 +34,6 @@ from firmware.ota import (
     Manifest,
     ModelPublisher,
     OtaError,
-    OtaTopics,
     ScoreBatch,
     build_manifest,
     compute_references,
@@ -49,6 +48,7 @@ from firmware.tflm import TflmRunner, measure_arena
 from tests.fault_ledger import FaultRecord, record
 from tests.int8_model import int8_autoencoder, with_first_dense_zeroed
 from tinymlops.contracts.scoring import anomaly_scores
+from tinymlops.contracts.topics import FleetTopics
 from tinymlops.mqtt import AmqttBroker, BrokerAddress, MosquittoBroker, connect, make_client
 from tinymlops.settings import REPO_ROOT, MqttSettings
 from tinymlops.targets import McuTarget, load_catalog
@@ -56,7 +56,7 @@ from tinymlops.targets import McuTarget, load_catalog
 pytestmark = pytest.mark.mqtt
 
 FLEET = "plant"
-TOPICS = OtaTopics(FLEET)
+TOPICS = FleetTopics(FLEET)
 FAST = DeviceConfig(retry_timeout_s=0.3, max_retry_timeout_s=1.0, score_batch=4, summary_windows=1000)
 
 

@@ -14,7 +14,8 @@ both test files, the bundle built once):
 * stationary, 20 monitor windows x 10 devices: 0/200 device-level ``drift``/``fault`` verdicts,
   0/20 fleet verdicts other than ``ok``; pooled max PSI 0.19 (limit 0.25), max KS 0.14 (limit
   0.3). With 30 windows per device (the minimum): 1/200 devices (3 chance alarms in 30 windows)
-  and 1/20 fleet alerts, still 0/20 fleet drift.
+  and 1/20 fleet alerts, still 0/20 fleet drift, measured with the Wilson bound the monitor used
+  before; its exact (Clopper-Pearson) bound of 3 in 30 is 1.5 %, under the 2.5 % limit.
 * gain +30% and wear +30% on every device: every device ``drift`` (error KS 1.00, anomaly rate
   100%), fleet ``data_drift``. Speed +10%: devices ``ok`` (the model still reconstructs), the
   pooled check finds 5 drifted features (band_00, log_rms, band_02-04), fleet ``data_drift``.
@@ -48,6 +49,7 @@ from tasks.budget import check_parity
 from tasks.compress import compress
 from tasks.datasets import LakeSelection, load_dataset, write_reference_set
 from tasks.drift import (
+    ANOMALY_RATE_ALPHA,
     DeviceAssessment,
     DriftError,
     FleetAssessment,
@@ -61,13 +63,13 @@ from tasks.drift import (
     histogram_error_shift,
     ks_statistic,
     population_stability_index,
-    rate_lower_bound,
     shape_change,
 )
 from tasks.evaluate import enforce_quality, evaluate_models, score_deployed_model
 from tasks.lake import WindowBatch, write_windows
 from tasks.monitor import Champion, assess_windows
 from tasks.packaging import build_drift_reference, package_for_target
+from tasks.rates import rate_lower_bound
 from tasks.train import build_feature_sets, load_training_config, train_autoencoder
 from tinymlops.schemas import DriftReference, ModelBundle, load_bundle
 from tinymlops.settings import REPO_ROOT, DriftSettings
@@ -242,11 +244,12 @@ def test_error_shift_anomaly_rate_and_rate_bound() -> None:
     tripled = error_shift(reference, 3 * rng.lognormal(0.0, 0.5, 200))
     assert tripled.ks > 0.7 and tripled.p_value < 1e-9 and tripled.median_ratio == pytest.approx(3.0, rel=0.15)
     assert anomaly_rate([0.5, 1.0, 1.5, 2.0], threshold=1.0) == 0.5  # equal to the threshold is not an anomaly
-    assert rate_lower_bound(0, 60) == 0.0 and rate_lower_bound(5, 0) == 0.0
-    bounds = [rate_lower_bound(k, 60) for k in range(61)]
+    level = 1 - ANOMALY_RATE_ALPHA  # the monitor's level for one device
+    assert rate_lower_bound(0, 60, level) == 0.0 and rate_lower_bound(5, 0, level) == 0.0
+    bounds = [rate_lower_bound(k, 60, level) for k in range(61)]
     assert all(b <= k / 60 for k, b in enumerate(bounds)) and bounds == sorted(bounds)
-    assert rate_lower_bound(3, 60) < 0.025 < rate_lower_bound(60, 60)  # 3 chance alarms are not a high rate
-    assert rate_lower_bound(500_000, 1_000_000) == pytest.approx(0.5, abs=0.002)
+    assert rate_lower_bound(3, 60, level) < 0.025 < rate_lower_bound(60, 60, level)  # 3 chance alarms are no high rate
+    assert rate_lower_bound(500_000, 1_000_000, level) == pytest.approx(0.5, abs=0.002)
 
 
 def test_shape_change_sees_impulsive_and_periodic_windows() -> None:

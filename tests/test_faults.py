@@ -39,7 +39,7 @@ from firmware.codec import VibrationWindow, encode
 from firmware.device import DeviceConfig
 from firmware.device_fleet import DeviceFleet
 from firmware.dsp import DspSpec, raw_features
-from firmware.ota import DeviceStatus, ModelPublisher, OtaTopics, ScoreBatch
+from firmware.ota import DeviceStatus, ModelPublisher, ScoreBatch
 from firmware.sensor import MachineSimulator
 from firmware.signing import KeyRing, ManifestSigner, generate_keypair
 from firmware.tflm import measure_arena
@@ -56,6 +56,7 @@ from tests.fault_ledger import FaultRecord, record, tally_lake, unreadable_files
 from tests.int8_model import int8_autoencoder
 from tests.test_registry import FINGERPRINT, catalog_target, make_bundle
 from tinymlops.cli import app as cli_app
+from tinymlops.contracts.topics import FleetTopics
 from tinymlops.mqtt import BrokerAddress, MosquittoBroker, connect, free_port, make_client
 from tinymlops.schemas import load_bundle, registered_model_name
 from tinymlops.settings import REPO_ROOT, MqttSettings, SensorSettings, reset_settings
@@ -917,7 +918,7 @@ def runs_a_sound_model(device: Any, sha256: str, versions: set[int]) -> bool:
 def test_broker_killed_during_a_fleet_deployment(ota: OtaAssets) -> None:
     """8 devices on 2 shared links: half finished, half mid-transfer, one offline when Mosquitto is SIGKILLed."""
     broker = MosquittoBroker().start()
-    topics = OtaTopics(FLEET)
+    topics = FleetTopics(FLEET)
     fleet = DeviceFleet(FLEET, 8, get_target("nrf52840"), ota.keyring, broker.address, seed=5,
                         devices_per_connection=4, config=FAST)  # fmt: skip
     session = DeploymentSession(broker.address, topics, ota.signer)
@@ -1011,7 +1012,7 @@ threading.Event().wait()
 class DeviceWatch:
     """The server's view of one device: every status and score batch it publishes (retained ones included)."""
 
-    def __init__(self, address: BrokerAddress, topics: OtaTopics, device: str) -> None:
+    def __init__(self, address: BrokerAddress, topics: FleetTopics, device: str) -> None:
         self.statuses: list[DeviceStatus] = []
         self.scores: list[ScoreBatch] = []
         self._status_topic = topics.status(device)
@@ -1049,7 +1050,7 @@ def device_process(address: BrokerAddress, device: str, keyring: KeyRing) -> sub
 def test_device_process_killed_mid_transfer(ota: OtaAssets, mosquitto: MosquittoBroker) -> None:
     """kill -9 a device's process while it downloads v2 over v1, restart it: it verifies v2 or keeps a whole model."""
     device = "node-0042"
-    topics = OtaTopics(FLEET)
+    topics = FleetTopics(FLEET)
     watch = DeviceWatch(mosquitto.address, topics, device)
     publisher = HoldingPublisher(mosquitto.address, topics, ota.signer, client_id="fault-device-publisher").start()
     common: dict[str, Any] = {"name": MODEL_NAME, "target": "nrf52840", "dsp_spec": ota.spec,

@@ -62,3 +62,17 @@ def test_importing_modules_reads_no_settings() -> None:
         [sys.executable, "-c", code, *modules], env=env, capture_output=True, text=True, cwd=REPO_ROOT, timeout=300
     )
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_contracts_import_nothing_of_the_project() -> None:
+    """The bottom layer: the standard library, numpy and other contracts only."""
+    violations = []
+    for path in sorted((REPO_ROOT / "tinymlops" / "contracts").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            allowed = sys.stdlib_module_names | {"numpy", "__future__"}
+            bad = [n for n in names if n.split(".")[0] not in allowed and not n.startswith("tinymlops.contracts")]
+            violations += [f"{path.name} imports {n}" for n in bad]
+    assert not violations, "\n".join(violations)

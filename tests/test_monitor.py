@@ -24,8 +24,6 @@ from firmware.ota import DriftSummary
 from firmware.sensor import DriftSpec, FaultSpec
 from tasks.lake import WindowBatch, write_windows
 from tasks.monitor import (
-    ALERT_EVENT,
-    DRIFT_EVENT,
     Champion,
     MonitorError,
     MonitorReport,
@@ -47,6 +45,7 @@ from tests.test_drift import (
     to_us,
     write_fleet_windows,
 )
+from tinymlops.contracts.events import ALERT_EVENT, DRIFT_EVENT, AlertPayload, DriftPayload
 from tinymlops.schemas import ModelBundle
 
 pytestmark = pytest.mark.slow
@@ -140,6 +139,7 @@ def test_alert_event_names_the_faulty_device_and_is_a_valid_prefect_event(fault_
     assert fields["event"] == ALERT_EVENT
     assert fields["resource"]["prefect.resource.id"] == f"tinymlops.fleet.{FLEET}"
     payload = fields["payload"]
+    assert set(payload) == AlertPayload.__required_keys__  # the shape the contract defines
     assert payload["fleet"] == FLEET and payload["devices"] == [FAULTY] and payload["champion_version"] == "3"
     assert payload["device_details"][FAULTY]["verdict"] == "fault"
     assert payload["metrics"][f"device.{FAULTY}.anomaly_rate"] > 0.9
@@ -158,6 +158,7 @@ def test_fleet_wide_gain_change_gives_a_drift_event(drift_report: MonitorReport)
     assert fields["event"] == DRIFT_EVENT
     assert fields["resource"]["prefect.resource.id"] == f"tinymlops.fleet.{FLEET}"
     payload = fields["payload"]
+    assert set(payload) == DriftPayload.__required_keys__  # what the retraining trigger reads from
     assert payload["fleet"] == FLEET and payload["verdict"] == "data_drift" and payload["champion_version"] is None
     assert payload["devices"] == [f"node-{i:04d}" for i in range(N_DEVICES)] and payload["exclude_devices"] == []
     assert payload["metrics"]["fleet.drift_devices"] == N_DEVICES

@@ -28,11 +28,11 @@ import pytest
 from typer.testing import CliRunner
 
 from firmware.codec import VibrationWindow, encode
-from firmware.ota import OtaTopics
 from firmware.signing import KeyRing, generate_keypair
 from tasks.ingest import IngestConfig, ensure_subscription, run_ingest
 from tasks.lake import read_windows
 from tinymlops.cli_security import security_app
+from tinymlops.contracts.topics import FleetTopics
 from tinymlops.errors import BrokerError
 from tinymlops.mqtt import BrokerAddress, MosquittoBroker, connect, free_port, make_client, wait_for_port
 from tinymlops.mqtt_security import (
@@ -176,7 +176,7 @@ def test_password_hash_is_what_mosquitto_passwd_writes(tmp_path: Path) -> None:
 
 def test_acl_topics_are_the_ota_protocol_topics(material: SecureBrokerMaterial) -> None:
     """The ACL grants exactly the topics firmware/ota.py uses, so a renamed topic fails here first."""
-    ota = OtaTopics(FLEET)
+    ota = FleetTopics(FLEET)
     device, group = "node-0000", "line-1"
     granted = material.access.device_topics(device)
     published_by_device = [ota.vibration, ota.announce, ota.request, ota.status, ota.scores, ota.summary]

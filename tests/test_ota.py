@@ -26,13 +26,11 @@ from firmware.ota import (
     OtaDecodeError,
     OtaError,
     OtaReceiver,
-    OtaTopics,
     ReceiverConfig,
     ReferenceSet,
     RxStatus,
     ScoreBatch,
     build_manifest,
-    check_name,
     decode_chunk,
     decode_dsp_block,
     decode_manifest,
@@ -44,6 +42,7 @@ from firmware.ota import (
     split_model,
 )
 from firmware.signing import KeyRing, ManifestSigner, private_key_from_seed
+from tinymlops.contracts.topics import FleetTopics, TopicError, check_name
 
 MODEL = hashlib.shake_256(b"test model").digest(5000)
 SIGNER = ManifestSigner(private_key_from_seed(bytes(32)), "test-key")
@@ -410,7 +409,7 @@ def test_json_decoders_raise_only_the_decode_error(data: bytes) -> None:
 
 
 def test_topics() -> None:
-    topics = OtaTopics("plant", "root")
+    topics = FleetTopics("plant", "root")
     assert topics.manifest("node-1") == "root/plant/node-1/ota/manifest"
     assert topics.group_manifest("canary") == "root/plant/groups/canary/ota/manifest"
     assert topics.audience_topic(group_audience("canary")) == topics.group_manifest("canary")
@@ -422,9 +421,9 @@ def test_topics() -> None:
     assert topics.parse(topics.group_manifest("canary")) is None
     assert topics.parse("root/other/node-1/announce") is None
     for bad in ("a/b", "+", "#", "", "x" * 65, "é"):
-        with pytest.raises(OtaError):
+        with pytest.raises(TopicError):
             check_name(bad)
-    with pytest.raises(OtaError):
+    with pytest.raises(TopicError):
         topics.audience_topic("all")
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from firmware.codec import encode
 from firmware.fleet import VirtualFleet
 from tasks.ingest import IngestConfig, ensure_subscription, run_ingest
+from tinymlops.contracts.topics import FleetTopics
 from tinymlops.mqtt import BrokerAddress, MosquittoBroker, connect, make_client
 from tinymlops.settings import Settings
 
@@ -108,7 +109,7 @@ def bench_ingest(settings: Settings, *, quick: bool = False) -> dict[str, Any]:
                 batch_windows=settings.ingest.batch_windows,
                 flush_interval_s=settings.ingest.flush_interval_s,
             )
-            topic = f"{settings.mqtt.topic_root}/bench/+/vibration"
+            topic = FleetTopics("bench", settings.mqtt.topic_root).all_devices("vibration")
             ensure_subscription(broker.address, config)
             raw_session = make_client(broker.address, "bench-raw", clean_session=False)
             connect(raw_session, broker.address)

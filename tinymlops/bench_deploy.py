@@ -30,7 +30,7 @@ import numpy as np
 from firmware.device import DeviceConfig, DeviceRuntime
 from firmware.device_fleet import DeviceFleet
 from firmware.dsp import DspSpec, extract_features, raw_features
-from firmware.ota import DEFAULT_CHUNK_SIZE, OtaTopics, build_manifest, device_audience, split_model
+from firmware.ota import DEFAULT_CHUNK_SIZE, build_manifest, device_audience, split_model
 from firmware.sensor import MachineSimulator
 from firmware.signing import KeyRing, ManifestSigner, generate_keypair
 from firmware.tflm import measure_arena, tflite_predict
@@ -44,6 +44,7 @@ from tasks.train import (
     train_autoencoder,
 )
 from tinymlops.bench import machine_description
+from tinymlops.contracts.topics import FleetTopics
 from tinymlops.errors import TinyMLOpsError
 from tinymlops.mqtt import BrokerAddress, MosquittoBroker, connect, make_client
 from tinymlops.settings import Settings
@@ -92,7 +93,7 @@ def _single_device(
     address: BrokerAddress, model: DeployableModel, signer: ManifestSigner, ring: KeyRing, repeats: int
 ) -> dict[str, Any]:
     """Deploy ``repeats + 1`` times to one device; the first deployment is reported apart."""
-    topics = OtaTopics("bench-one")
+    topics = FleetTopics("bench-one")
     profile = get_target(PROFILE, load_catalog())
     with (
         DeviceRuntime("bench-0001", topics.fleet, profile, ring, address, config=DeviceConfig()),
@@ -128,7 +129,7 @@ def _fleet_update(
     update is the simulated devices' own work (sha256, TFLite Micro load, smoke inference), which
     shares this process and its cores with the server.
     """
-    topics = OtaTopics(f"bench-fleet-{n}")
+    topics = FleetTopics(f"bench-fleet-{n}")
     profile = get_target(PROFILE, load_catalog())
     fleet = DeviceFleet(topics.fleet, n, profile, ring, address, devices_per_connection=PER_CONNECTION)
     with fleet, DeploymentSession(address, topics, signer) as session:
@@ -147,7 +148,7 @@ def _fleet_update(
 
 def _bare_delivery(address: BrokerAddress, chunks: list[bytes], n: int) -> float:
     """Seconds for a bare paho publisher to deliver the chunk messages to ``n`` subscribers, 50 per connection."""
-    topics = OtaTopics(f"bench-bare-{n}")
+    topics = FleetTopics(f"bench-bare-{n}")
     devices = [f"node-{i:04d}" for i in range(n)]
     received: Counter[str] = Counter()
     lock = threading.Lock()

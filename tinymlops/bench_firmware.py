@@ -85,14 +85,15 @@ def bench_ota(model: bytes, spec: DspSpec, target: McuTarget, deployments: int) 
     from firmware.device import DeviceConfig, DeviceRuntime
     from firmware.emulated import EmulatedDevice
     from firmware.gateway import GatewayConfig
-    from firmware.ota import DeviceStatus, ModelPublisher, OtaTopics
+    from firmware.ota import DeviceStatus, ModelPublisher
     from firmware.signing import KeyRing, ManifestSigner, generate_keypair
+    from tinymlops.contracts.topics import FleetTopics
     from tinymlops.mqtt import MosquittoBroker
 
     private, public = generate_keypair()
     keyring = KeyRing({"bench": public})
     signer = ManifestSigner(private, "bench")
-    topics = OtaTopics("bench")
+    topics = FleetTopics("bench")
     arena = measure_arena(model).smallest_working_bytes
     emulated_ms: dict[str, list[float]] = {"deploy": [], "load": []}
     simulated_ms: dict[str, list[float]] = {"deploy": [], "load": []}

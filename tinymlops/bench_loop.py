@@ -13,6 +13,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from tinymlops.contracts.events import DRIFT_EVENT
 from tinymlops.demo import (
     QUICK_TRAINING_CONFIG,
     DemoConfig,
@@ -25,7 +26,6 @@ from tinymlops.demo import (
 )
 from tinymlops.settings import Settings, get_settings
 
-DRIFT_EVENT = "tinymlops.drift.detected"
 MAX_MONITOR_ROUNDS = 4
 
 

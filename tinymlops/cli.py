@@ -104,7 +104,7 @@ def _settings() -> Settings:
 def _check_fleet(fleet: str | None) -> None:
     """Refuse a fleet name that cannot be one topic level or lake partition (``a/b`` would escape it)."""
     if fleet is not None:
-        from firmware.ota import check_name
+        from tinymlops.contracts.topics import check_name
 
         check_name(fleet, "fleet")
 
@@ -621,13 +621,13 @@ def replay(
     settings = _settings()
     _check_fleet(fleet)
     from firmware.boot import next_boot_epoch
-    from firmware.ota import OtaTopics
     from firmware.replay import replay as replay_recording
     from tasks.importers import ImportLimits, load_recording_with_rpm
+    from tinymlops.contracts.topics import FleetTopics
     from tinymlops.mqtt import broker_to_publish_to
 
     name = fleet or settings.fleet
-    topic = OtaTopics(name, settings.mqtt.topic_root).vibration(device)  # checks the device id
+    topic = FleetTopics(name, settings.mqtt.topic_root).vibration(device)  # checks the device id
     limits = ImportLimits(settings.lake.import_max_samples, settings.lake.import_max_mat_mb * 2**20)
     signal, rpms = load_recording_with_rpm(
         path, target_rate_hz=settings.sensor.sample_rate_hz, window_samples=settings.sensor.window_samples, rpm=rpm,

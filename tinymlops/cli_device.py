@@ -56,8 +56,8 @@ def run(
     settings = get_settings()
     from firmware.device import DeviceConfig
     from firmware.device_fleet import DeviceFleet
-    from firmware.ota import check_name
     from firmware.signing import KeyRing, default_keyring_path
+    from tinymlops.contracts.topics import check_name
     from tinymlops.mqtt import broker_to_publish_to
     from tinymlops.targets import get_target
 
@@ -186,11 +186,12 @@ def status(
 ) -> None:
     """Show every device's latest deployment status (the retained status topics)."""
     settings = get_settings()
-    from firmware.ota import DeviceStatus, OtaDecodeError, OtaTopics
+    from firmware.ota import DeviceStatus, OtaDecodeError
+    from tinymlops.contracts.topics import FleetTopics
     from tinymlops.mqtt import connect, make_client, parse_broker_url
 
     address = parse_broker_url(broker)
-    topics = OtaTopics(fleet or settings.fleet, settings.mqtt.topic_root)
+    topics = FleetTopics(fleet or settings.fleet, settings.mqtt.topic_root)
     found: dict[str, DeviceStatus] = {}
     lock = threading.Lock()
 

@@ -1,8 +1,17 @@
 """Domain errors. Every message is one line that names what is wrong."""
 
+from tinymlops.contracts.errors import TinyMLOpsError
 
-class TinyMLOpsError(Exception):
-    """Base class for errors the CLI reports as one line and a non-zero exit."""
+__all__ = [
+    "BrokerError",
+    "ConfigError",
+    "DataImportError",
+    "DecodeError",
+    "LakeError",
+    "LeaseError",
+    "TinyMLOpsError",
+    "ValidationError",
+]
 
 
 class ConfigError(TinyMLOpsError):

@@ -38,6 +38,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydantic import SecretStr
 
+from tinymlops.contracts.topics import (
+    DEVICE_PUBLISHES,
+    DEVICE_READS,
+    DEVICE_SUFFIXES,
+    GROUP_READS,
+    GROUPS_LEVEL,
+    NAME_PATTERN,
+    FleetTopics,
+)
 from tinymlops.errors import TinyMLOpsError
 from tinymlops.files import write_file_atomic
 from tinymlops.settings import MqttSettings
@@ -45,7 +54,6 @@ from tinymlops.settings import MqttSettings
 log = logging.getLogger(__name__)
 
 SERVER_USER = "tinymlops-server"
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _HOST_PATTERN = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
 PBKDF2_ITERATIONS = 101
 SALT_BYTES = 12
@@ -78,13 +86,13 @@ def check_name(name: str, what: str) -> str:
 class TopicRules:
     """Topic suffixes the ACL grants, below ``<root>/<fleet>/<device>/`` and ``<root>/<fleet>/<groups>/<group>/``.
 
-    Mirrors ``firmware.ota.OtaTopics`` (a test keeps the two in step): adapt it here when topics change.
+    Taken from ``tinymlops.contracts.topics``, where every topic of the fleet is named once.
     """
 
-    device_publish: tuple[str, ...] = ("vibration", "announce", "ota/req", "ota/status", "scores", "summary")
-    device_read: tuple[str, ...] = ("ota/manifest", "ota/chunk")
-    group_read: tuple[str, ...] = ("ota/manifest",)
-    groups_level: str = "groups"
+    device_publish: tuple[str, ...] = tuple(DEVICE_SUFFIXES[kind] for kind in DEVICE_PUBLISHES)
+    device_read: tuple[str, ...] = tuple(DEVICE_SUFFIXES[kind] for kind in DEVICE_READS)
+    group_read: tuple[str, ...] = tuple(DEVICE_SUFFIXES[kind] for kind in GROUP_READS)
+    groups_level: str = GROUPS_LEVEL
 
 
 @dataclass(frozen=True)
@@ -136,7 +144,7 @@ class FleetAccess:
     @property
     def prefix(self) -> str:
         """``<root>/<fleet>``, the first two levels of every topic of the fleet."""
-        return f"{self.topic_root}/{self.fleet}"
+        return FleetTopics(self.fleet, self.topic_root).prefix
 
     def device(self, device_id: str) -> DeviceEntry:
         """The entry of one device.
