@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from prefect.events import Event
 
-from firmware.ota import DriftSummary
+from firmware.ota import Announcement, DriftSummary, OtaTopics
 from firmware.sensor import DriftSpec, FaultSpec
 from tasks.lake import WindowBatch, write_windows
 from tasks.monitor import (
@@ -47,7 +47,8 @@ from tests.test_drift import (
     to_us,
     write_fleet_windows,
 )
-from tinymlops.schemas import ModelBundle
+from tinymlops.mqtt import MosquittoBroker, connect, make_client
+from tinymlops.schemas import ModelBundle, load_bundle
 
 pytestmark = pytest.mark.slow
 
@@ -312,3 +313,130 @@ def test_monitor_command_judges_the_fleet_with_the_registered_champion(
         reset_settings()
         mlflow.set_tracking_uri(previous)
         mlflow.set_registry_uri(previous)
+
+
+def announcement(device: str, profile: str) -> Announcement:
+    """The retained announcement of a device of ``profile`` (what firmware/device.py publishes)."""
+    return Announcement(device=device, fleet=FLEET, firmware="test 1.0", profile=profile, flash_free=1 << 20,
+                        slot_bytes=1 << 19, ram_free=1 << 17, max_chunk=1024, dsp_versions=[1, 2], key_ids=["k"],
+                        ts=T0.timestamp())  # fmt: skip
+
+
+@pytest.mark.mlflow
+@pytest.mark.prefect
+def test_monitor_flow_collects_summaries_and_judges_each_profile_by_its_champion(
+    sim_bundle: ModelBundle,
+    prefect_harness: None,
+    mosquitto: MosquittoBroker,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two devices stream windows; three only publish summaries, through a real broker; two profiles, two champions.
+
+    node-0000 (nrf52840) and node-0001 (no announcement) stream windows; node-0005 and node-0008
+    (rp2040, node-0008 with an inner-race fault) and node-0006 (nrf52840) publish two summaries each,
+    of their own champion. One summary arrives twice. The flow must store each once, judge the
+    rp2040 devices with the rp2040 champion (today's monitor ignores their summaries: another model)
+    and node-0001 with the first target's, saying why.
+    """
+    import mlflow
+    import paho.mqtt.client as mqtt
+
+    from flows.monitor import monitor_flow
+    from registry.models import register_bundle
+    from registry.promotion import promote
+    from registry.store import configure_from_settings
+    from registry.tracking import log_training_run
+    from tasks.summaries import SummaryStore, collect_summaries, summary_store_path
+    from tinymlops.settings import get_settings, reset_settings
+
+    rp2040_bundle = load_bundle(sim_bundle.directory.parent / "rp2040")
+    champions = {"nrf52840": Champion.from_bundle(sim_bundle), "rp2040": Champion.from_bundle(rp2040_bundle)}
+    assert champions["nrf52840"].model_name != champions["rp2040"].model_name
+    monkeypatch.setenv("TINYMLOPS_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("TINYMLOPS_TARGETS__DEFAULT", '["nrf52840"]')
+    reset_settings()
+    previous = mlflow.get_tracking_uri()
+    since, until = FAULT_WINDOW
+    fleet = fleet_after_training()
+    fleet.inject_fault(FaultSpec("inner_race", 0.6), ["node-0008"])
+    nodes = {node.device_id: node for node in fleet.nodes}
+    try:
+        settings = get_settings()
+        run_id = log_training_run(configure_from_settings(settings), params={}, metrics={},
+                                  dataset_fingerprint="sim", lake_selection={})  # fmt: skip
+        for bundle in (sim_bundle, rp2040_bundle):
+            version = register_bundle(bundle, run_id, gates_passed=True)
+            promote(version.name, version.version, candidate_eval=None, champion_eval=None, actor="test")
+        batch = WindowBatch()
+        for k in range(MONITOR_WINDOWS):
+            for device in ("node-0000", "node-0001"):
+                batch.append(FLEET, nodes[device].next_window(to_us(since) + k * WINDOW_US))
+        write_windows(settings.lake_root, batch)
+
+        topics = OtaTopics(FLEET, settings.mqtt.topic_root)
+        store = SummaryStore(summary_store_path(settings.data_dir))
+        # the first collection opens the persistent session: from then on the broker keeps the summaries
+        assert collect_summaries(mosquitto.address, topics, store, seconds=5, quiet_s=0.2).summaries_received == 0
+        profiles = {"node-0000": "nrf52840", "node-0005": "rp2040", "node-0006": "nrf52840", "node-0008": "rp2040"}
+        messages = [(topics.announce(d), announcement(d, p).encode(), True) for d, p in profiles.items()]
+        for device in ("node-0005", "node-0006", "node-0008"):
+            champion = champions[profiles[device]]
+            for half in (1, 2):
+                samples = np.stack([nodes[device].next_window(0).physical() for _ in range(MONITOR_WINDOWS // 2)])
+                end = since + dt.timedelta(minutes=4 * half)
+                fallback = 3 if device == "node-0005" else 0
+                summary = drift_summary(champion, device, samples, end, speed_fallback=fallback)
+                messages.append((topics.summary(device), summary.encode(), False))
+        messages.append(messages[-1])  # a re-publish: stored once
+        publisher = make_client(mosquitto.address, "test-devices")
+        connect(publisher, mosquitto.address)
+        infos: list[mqtt.MQTTMessageInfo] = [publisher.publish(t, p, qos=1, retain=r) for t, p, r in messages]
+        for info in infos:
+            info.wait_for_publish(30)
+        publisher.disconnect()
+        publisher.loop_stop()
+
+        result = monitor_flow(fleet=FLEET, until=until, window_minutes=10, emit_events=False, summary_seconds=60,
+                              broker_url=mosquitto.address.url)  # fmt: skip
+    finally:
+        reset_settings()
+        mlflow.set_tracking_uri(previous)
+        mlflow.set_registry_uri(previous)
+
+    collected = result["summaries"]
+    assert (collected["summaries_stored"], collected["duplicates"]) == (6, 1)
+    assert collected["announcements"] == 8  # each twice: queued for the session, and retained on its subscription
+    assert collected["speed_fallback"] == {"node-0005": 6, "node-0006": 0, "node-0008": 0}
+    by_profile = {report["profile"]: report for report in result["reports"]}
+    assert by_profile["rp2040"]["model"] == "vibration-ae-rp2040/1"
+    assert by_profile["nrf52840"]["model"] == "vibration-ae-nrf52840/1"
+    devices = {d["device"]: (p, d) for p, r in by_profile.items() for d in r["assessment"]["devices"]}
+    assert {device: p for device, (p, _) in devices.items()} == {
+        "node-0000": "nrf52840", "node-0001": "nrf52840", "node-0006": "nrf52840",
+        "node-0005": "rp2040", "node-0008": "rp2040",
+    }  # fmt: skip
+    assert {device: d["source"] for device, (_, d) in devices.items()} == {
+        "node-0000": "windows", "node-0001": "windows", "node-0005": "summary", "node-0006": "summary",
+        "node-0008": "summary",
+    }  # fmt: skip
+    verdicts = {device: d["verdict"] for device, (_, d) in devices.items()}
+    assert verdicts == {
+        "node-0000": "ok",
+        "node-0001": "ok",
+        "node-0005": "ok",
+        "node-0006": "ok",
+        "node-0008": "fault",
+    }
+    assert devices["node-0005"][1]["speed_fallback"] == 6 and devices["node-0005"][1]["n_windows"] == MONITOR_WINDOWS
+    assert result["verdict"] == "fault" and result["alert_devices"] == ["node-0008"]
+    assert by_profile["rp2040"]["summaries_used"] == 4 and by_profile["nrf52840"]["summaries_used"] == 2
+    judged = result["judged_by"]
+    assert judged["node-0008"] == {"profile": "rp2040", "model": "vibration-ae-rp2040/1",
+                                   "reason": "the champion of its profile rp2040"}  # fmt: skip
+    assert judged["node-0001"]["profile"] is None and "profile unknown" in judged["node-0001"]["reason"]
+    assert judged["node-0001"]["model"] == "vibration-ae-nrf52840/1"
+    # the store outlives the process: a new one over the same file has every summary, once
+    reopened = SummaryStore(summary_store_path(tmp_path / "data"))
+    assert len(reopened.summaries(FLEET, since.timestamp(), until.timestamp())) == 6
+    assert reopened.profiles(FLEET) == profiles
