@@ -2,9 +2,8 @@
 
 Devices that stream raw windows are judged from the lake; devices that only publish drift
 summaries are judged from the summaries the flow collects first (``tasks.summaries``). Data drift
-emits ``tinymlops.drift.detected`` (the retraining deployment's trigger); devices that look faulty
-emit ``tinymlops.anomaly.alert`` (people, not retraining); one report and one pair of events per
-champion.
+emits ``tinymlops.drift.detected`` once per fleet (the retraining deployment's trigger); devices that
+look faulty emit ``tinymlops.anomaly.alert`` (people, not retraining), one per champion's report.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from tasks.monitor import (
     ProfileChampion,
     alert_event,
     champions_by_profile,
-    drift_event,
+    fleet_drift_event,
     judging_reasons,
     log_monitoring_task,
     monitor_fleet_task,
@@ -48,6 +47,7 @@ def monitor_flow(
     emit_events: bool = True,
     summary_seconds: float = 5.0,
     broker_url: str | None = None,
+    fallback_target: str | None = None,
 ) -> dict[str, Any]:
     """Judge a fleet's last minutes of live data: ok, fault (alert) or data drift (retrain).
 
@@ -61,6 +61,8 @@ def monitor_flow(
         summary_seconds: Collect the devices' drift summaries and announcements from the broker
             for at most this long first (0: use the stored ones only).
         broker_url: Broker to collect from (default: settings.mqtt.url; none: no collection).
+        fallback_target: The MCU profile whose champion judges devices of unknown profile or of a
+            profile without a champion (default: the first default target).
 
     Returns:
         The fleet verdict (the worst of its reports), the alerted and faulty devices, the events
@@ -76,7 +78,7 @@ def monitor_flow(
     collection = _collect(store, topics, broker_url or settings.mqtt.url, summary_seconds)
     profiles = store.profiles(fleet)
     summaries = store.summaries(fleet, since.timestamp(), until.timestamp())
-    first_target = settings.targets.default[0]
+    first_target = fallback_target or settings.targets.default[0]
     if model_ref:
         groups = [ProfileChampion(first_target, resolve_champion_task(model_ref), None)]
     else:
@@ -84,6 +86,7 @@ def monitor_flow(
     others = frozenset().union(*(g.devices for g in groups if g.devices is not None))
     results: list[dict[str, Any]] = []
     judged_by: dict[str, dict[str, str | None]] = {}
+    judged: list[tuple[MonitorReport, str]] = []
     for group in groups:
         report = monitor_fleet_task(
             settings.lake_root, fleet, group.champion.bundle, since=since, until=until, settings=settings.drift,
@@ -92,7 +95,10 @@ def monitor_flow(
         if not report.devices and (results or group is not groups[-1]):
             continue  # nothing of this profile in the window: no run to log
         results.append(_publish(report, group, emit_events))
+        judged.append((report, group.champion.version.version))
         judged_by |= judging_reasons(group, report, profiles)
+    drift = [fleet_drift_event(judged)] if emit_events and any(r.drift_detected for r, _ in judged) else []
+    drift_events = [event.event for event in (emit_event(**kwargs) for kwargs in drift) if event is not None]
     verdicts = {r["verdict"] for r in results}
     verdict = "mixed" if {"fault", "data_drift"} <= verdicts else max(verdicts, key=_VERDICT_ORDER.index)
     return {
@@ -102,7 +108,7 @@ def monitor_flow(
         "fault_devices": sorted(d for r in results for d in r["fault_devices"]),
         "alert_devices": sorted(d for r in results for d in r["alert_devices"]),
         "model": ", ".join(r["model"] for r in results),
-        "events": [e for r in results for e in r["events"]],
+        "events": drift_events + [e for r in results for e in r["events"]],
         "reports": results,
         "judged_by": judged_by,
         "summaries": collection,
@@ -137,8 +143,6 @@ def _publish(report: MonitorReport, group: ProfileChampion, emit_events: bool) -
     )
     mlflow_run_id = log_monitoring_task(report, champion, str(flow_run.id or ""))
     emitted = []
-    if emit_events and report.drift_detected:
-        emitted.append(emit_event(**drift_event(report, champion.version.version)))
     if emit_events and report.alert_devices:
         emitted.append(emit_event(**alert_event(report, champion.version.version)))
     return {

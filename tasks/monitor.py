@@ -704,6 +704,44 @@ def drift_event(report: MonitorReport, champion_version: str | None) -> dict[str
     }
 
 
+def fleet_drift_event(reports: Sequence[tuple[MonitorReport, str | None]]) -> dict[str, Any]:
+    """One drift event for a fleet judged by several champions (one report per MCU profile).
+
+    The retraining trains the whole fleet once, so the fleet gets one event: that of the first
+    report that found drift, its device lists joined with the other reports' (devices to train on,
+    drifted, at new operating points, left out) and their reasons.
+
+    Args:
+        reports: Each report with its champion's registered version.
+
+    Raises:
+        MonitorError: No report found drift.
+    """
+    drifted = [i for i, (report, _) in enumerate(reports) if report.drift_detected]
+    if not drifted:
+        raise MonitorError(f"fleet {reports[0][0].fleet if reports else '?'}: no report found drift")
+    event = drift_event(*reports[drifted[0]])
+    payload = event["payload"]
+    lists = ("devices", "drift_devices", "new_operating_point_devices", "exclude_devices")
+    for i, (report, version) in enumerate(reports):
+        if i == drifted[0]:
+            continue
+        if report.drift_detected:
+            other = drift_event(report, version)
+            event["related"] += other["related"]
+            payload["reasons"] += other["payload"]["reasons"]
+            additions = {key: other["payload"][key] for key in lists}
+        else:  # judged healthy or alerted under its own champion: train on the first, leave out the others
+            alerted = set(report.alert_devices)
+            additions = {
+                "devices": [d for d in report.assessment.judged_devices if d not in alerted],
+                "exclude_devices": sorted(alerted),
+            }
+        for key, devices in additions.items():
+            payload[key] = sorted({*payload[key], *devices})
+    return event
+
+
 def alert_event(report: MonitorReport, champion_version: str | None = None) -> dict[str, Any]:
     """Keyword arguments of ``prefect.events.emit_event`` alerting about abnormal devices (no retraining).
 

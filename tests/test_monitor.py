@@ -31,6 +31,7 @@ from tasks.monitor import (
     MonitorReport,
     alert_event,
     drift_event,
+    fleet_drift_event,
     monitor_fleet,
     plot,
 )
@@ -165,6 +166,29 @@ def test_fleet_wide_gain_change_gives_a_drift_event(drift_report: MonitorReport)
     assert Event(**fields).resource["tinymlops.champion-version"] == ""
     with pytest.raises(MonitorError, match="no device to alert about"):
         alert_event(drift_report)
+
+
+def test_one_drift_event_for_a_fleet_judged_by_two_champions(lake: Path, sim_bundle: ModelBundle) -> None:
+    """Two reports over disjoint devices: one drifted, one with a fault; the fleet gets one drift event.
+
+    Its devices are those a retraining should use from both (the faulty one left out), so the
+    retraining trains on the whole fleet, not on one profile's devices.
+    """
+    first, second = [f"node-{i:04d}" for i in range(5)], [f"node-{i:04d}" for i in range(5, N_DEVICES)]
+    faulty = monitor_fleet(lake, FLEET, sim_bundle, since=FAULT_WINDOW[0], until=FAULT_WINDOW[1], settings=SETTINGS,
+                           devices=first)  # fmt: skip
+    drifted = monitor_fleet(lake, FLEET, sim_bundle, since=DRIFT_WINDOW[0], until=DRIFT_WINDOW[1], settings=SETTINGS,
+                            exclude=first)  # fmt: skip
+    assert [d.device for d in faulty.devices] == first and [d.device for d in drifted.devices] == second
+    assert faulty.alert_devices == [FAULTY] and not faulty.drift_detected and drifted.drift_detected
+    event = fleet_drift_event([(faulty, "1"), (drifted, "2")])
+    payload = event["payload"]
+    assert event["event"] == DRIFT_EVENT and payload["champion_version"] == "2"
+    assert payload["devices"] == sorted(set(first + second) - {FAULTY}) and payload["exclude_devices"] == [FAULTY]
+    assert payload["drift_devices"] == drifted.assessment.drift_devices
+    assert Event(**event).payload["devices"] == payload["devices"]  # a valid Prefect event
+    with pytest.raises(MonitorError, match="no report found drift"):
+        fleet_drift_event([(faulty, "1")])
 
 
 def test_plot_renders_to_png(fault_report: MonitorReport, drift_report: MonitorReport, tmp_path: Path) -> None:
@@ -354,7 +378,7 @@ def test_monitor_flow_collects_summaries_and_judges_each_profile_by_its_champion
     champions = {"nrf52840": Champion.from_bundle(sim_bundle), "rp2040": Champion.from_bundle(rp2040_bundle)}
     assert champions["nrf52840"].model_name != champions["rp2040"].model_name
     monkeypatch.setenv("TINYMLOPS_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("TINYMLOPS_TARGETS__DEFAULT", '["nrf52840"]')
+    monkeypatch.setenv("TINYMLOPS_TARGETS__DEFAULT", '["nrf52840"]')  # judges devices of unknown profile
     reset_settings()
     previous = mlflow.get_tracking_uri()
     since, until = FAULT_WINDOW
