@@ -45,7 +45,7 @@ def monitor_flow(
     window_minutes: float | None = None,
     until: dt.datetime | None = None,
     emit_events: bool = True,
-    summary_seconds: float = 5.0,
+    summary_seconds: float = 2.0,
     broker_url: str | None = None,
     fallback_target: str | None = None,
 ) -> dict[str, Any]:

@@ -465,7 +465,7 @@ def monitor(
     events: Annotated[bool, typer.Option(help="Emit the drift and alert events (retraining may follow).")] = True,
     summary_seconds: Annotated[
         float, typer.Option(min=0, help="Collect the devices' drift summaries for at most this long first (0: none).")
-    ] = 5.0,
+    ] = 2.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the whole report as JSON.")] = False,
 ) -> None:
     """Judge a fleet's last minutes of live windows and drift summaries: ok, fault (alert) or data drift."""
