@@ -80,7 +80,8 @@ def monitor_flow(
     summaries = store.summaries(fleet, since.timestamp(), until.timestamp())
     first_target = fallback_target or settings.targets.default[0]
     if model_ref:
-        groups = [ProfileChampion(first_target, resolve_champion_task(model_ref), None)]
+        chosen_by = f"model {model_ref} named for every device"
+        groups = [ProfileChampion(first_target, resolve_champion_task(model_ref), None, chosen_by=chosen_by)]
     else:
         groups = champions_by_profile(profiles, first_target, resolve_champion_task)
     others = frozenset().union(*(g.devices for g in groups if g.devices is not None))

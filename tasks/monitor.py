@@ -810,12 +810,14 @@ class ProfileChampion:
             device no other group judges.
         fallbacks: Devices judged by the fallback champion although they announced another
             profile, and why.
+        chosen_by: Why it judges every device, when it was named rather than found by profile.
     """
 
     profile: str
     champion: ResolvedModel
     devices: frozenset[str] | None
     fallbacks: dict[str, str] = field(default_factory=dict)
+    chosen_by: str = ""
 
 
 def champions_by_profile(
@@ -861,7 +863,9 @@ def judging_reasons(
     judged: dict[str, dict[str, str | None]] = {}
     for device in (d.device for d in report.devices):
         profile = profiles.get(device)
-        if device in group.fallbacks:
+        if group.chosen_by:
+            reason = group.chosen_by
+        elif device in group.fallbacks:
             reason = group.fallbacks[device]
         elif profile is None:
             reason = f"profile unknown (no announcement): judged by the {group.profile} champion"

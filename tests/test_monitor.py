@@ -326,6 +326,8 @@ def test_monitor_command_judges_the_fleet_with_the_registered_champion(
         report = json.loads(result.output.strip().splitlines()[-1])
         assert report["verdict"] == "fault" and report["alert_devices"] == [FAULTY] and report["events"] == []
         assert report["model"] == f"{version.name}/{version.version}"
+        assert report["summaries"] == {"skipped": "no broker configured"}  # and none stored: windows only
+        assert "profile unknown" in report["judged_by"][FAULTY]["reason"]  # no device announced itself
         table = CliRunner().invoke(app, args)
         assert table.exit_code == 0 and "fault" in table.output and FAULTY in table.output
         # what a retraining keeps of this champion: its trained spans, from the registry's bundle
