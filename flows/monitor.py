@@ -24,6 +24,7 @@ from tasks.monitor import (
     alert_event,
     champions_by_profile,
     fleet_drift_event,
+    fleet_verdict,
     judging_reasons,
     log_monitoring_task,
     monitor_fleet_task,
@@ -35,7 +36,6 @@ from tinymlops.mqtt import parse_broker_url
 from tinymlops.settings import get_settings
 
 log = logging.getLogger(__name__)
-_VERDICT_ORDER = ("insufficient_data", "ok", "fault", "data_drift", "mixed")
 
 
 @flow(name="monitor")
@@ -98,14 +98,14 @@ def monitor_flow(
         results.append(_publish(report, group, emit_events))
         judged.append((report, group.champion.version.version))
         judged_by |= judging_reasons(group, report, profiles)
-    drift = [fleet_drift_event(judged)] if emit_events and any(r.drift_detected for r, _ in judged) else []
-    drift_events = [event.event for event in (emit_event(**kwargs) for kwargs in drift) if event is not None]
-    verdicts = {r["verdict"] for r in results}
-    verdict = "mixed" if {"fault", "data_drift"} <= verdicts else max(verdicts, key=_VERDICT_ORDER.index)
+    drift_events = []
+    if emit_events and any(report.drift_detected for report, _ in judged):
+        event = emit_event(**fleet_drift_event(judged))
+        drift_events = [event.event] if event is not None else []
     return {
         **(results[0] if len(results) == 1 else {}),
         "fleet": fleet,
-        "verdict": verdict,
+        "verdict": fleet_verdict([report for report, _ in judged]),
         "fault_devices": sorted(d for r in results for d in r["fault_devices"]),
         "alert_devices": sorted(d for r in results for d in r["alert_devices"]),
         "model": ", ".join(r["model"] for r in results),

@@ -68,6 +68,7 @@ ALERT_EVENT = "tinymlops.anomaly.alert"
 LIVE_SOURCES = ("mqtt",)
 SCORER = "tflite-micro"
 _METRIC_KEY = re.compile(r"[^A-Za-z0-9_\-. /]")
+_VERDICT_SEVERITY: tuple[FleetVerdict, ...] = ("insufficient_data", "ok", "fault", "data_drift", "mixed")
 _VERDICT_COLOURS = {"ok": "#4c9a2a", "drift": "#e08a00", "fault": "#c0392b", "insufficient_data": "#9e9e9e"}
 
 
@@ -702,6 +703,14 @@ def drift_event(report: MonitorReport, champion_version: str | None) -> dict[str
         "related": [_related_model(report, champion_version)],
         "payload": payload,
     }
+
+
+def fleet_verdict(reports: Sequence[MonitorReport]) -> FleetVerdict:
+    """The verdict of a fleet judged by several champions: the worst of its reports' (fault and drift: mixed)."""
+    verdicts = {report.verdict for report in reports}
+    if {"fault", "data_drift"} <= verdicts:
+        return "mixed"
+    return max(verdicts, key=_VERDICT_SEVERITY.index)
 
 
 def fleet_drift_event(reports: Sequence[tuple[MonitorReport, str | None]]) -> dict[str, Any]:

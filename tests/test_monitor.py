@@ -32,6 +32,7 @@ from tasks.monitor import (
     alert_event,
     drift_event,
     fleet_drift_event,
+    fleet_verdict,
     monitor_fleet,
     plot,
 )
@@ -189,6 +190,9 @@ def test_one_drift_event_for_a_fleet_judged_by_two_champions(lake: Path, sim_bun
     assert Event(**event).payload["devices"] == payload["devices"]  # a valid Prefect event
     with pytest.raises(MonitorError, match="no report found drift"):
         fleet_drift_event([(faulty, "1")])
+    assert (fleet_verdict([faulty, drifted]), fleet_verdict([faulty]), fleet_verdict([drifted])) == (
+        "mixed", "fault", "data_drift",
+    )  # fmt: skip
 
 
 def test_plot_renders_to_png(fault_report: MonitorReport, drift_report: MonitorReport, tmp_path: Path) -> None:
