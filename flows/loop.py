@@ -52,7 +52,7 @@ def loop_flow(
     ]
     watched = ingest_flow(fleet=fleet, seconds=monitor_seconds, idle_timeout_s=5.0, broker_url=broker_url)
     monitored = monitor_flow(
-        fleet=fleet, model_ref=f"{registered_model_name(targets[0])}@champion", window_minutes=monitor_seconds / 60.0
+        fleet=fleet, window_minutes=monitor_seconds / 60.0, broker_url=broker_url, fallback_target=targets[0]
     )
     return {
         "fleet": fleet,

@@ -18,7 +18,7 @@ import datetime as dt
 import logging
 import math
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +30,7 @@ from prefect.cache_policies import NO_CACHE
 
 from firmware.dsp import DspSpec, covered, extract_features, resolve_speed
 from firmware.tflm import TflmRunner
+from registry.errors import ModelNotFoundError
 from registry.models import ResolvedModel, resolve
 from registry.store import configure_experiment, configure_from_settings
 from registry.tracking import log_report_run
@@ -57,7 +58,7 @@ from tinymlops.contracts.events import (
     model_resource_id,
 )
 from tinymlops.errors import TinyMLOpsError
-from tinymlops.schemas import DriftReference, ModelBundle
+from tinymlops.schemas import DriftReference, ModelBundle, registered_model_name
 from tinymlops.settings import DriftSettings, get_settings
 
 if TYPE_CHECKING:
@@ -75,6 +76,7 @@ MONITORING_DESCRIPTION = (
 LIVE_SOURCES = ("mqtt",)
 SCORER = "tflite-micro"
 _METRIC_KEY = re.compile(r"[^A-Za-z0-9_\-. /]")
+_VERDICT_SEVERITY: tuple[FleetVerdict, ...] = ("insufficient_data", "ok", "fault", "data_drift", "mixed")
 _VERDICT_COLOURS = {"ok": "#4c9a2a", "drift": "#e08a00", "fault": "#c0392b", "insufficient_data": "#9e9e9e"}
 
 
@@ -483,6 +485,10 @@ def _check_window(since: dt.datetime, until: dt.datetime) -> None:
         raise MonitorError(f"monitor window starts {since.isoformat()}, not before its end {until.isoformat()}")
 
 
+def _judged(device: str, devices: Collection[str] | None, exclude: Collection[str]) -> bool:
+    return (devices is None or device in devices) and device not in exclude
+
+
 def monitor_fleet(
     lake_root: Path,
     fleet: str,
@@ -493,6 +499,8 @@ def monitor_fleet(
     settings: DriftSettings,
     sources: Collection[str] = LIVE_SOURCES,
     summaries: Sequence[DriftSummary] = (),
+    devices: Collection[str] | None = None,
+    exclude: Collection[str] = (),
 ) -> MonitorReport:
     """Judge a fleet's live windows in ``[since, until)`` against the champion bundle.
 
@@ -509,6 +517,8 @@ def monitor_fleet(
         settings: Drift thresholds.
         sources: Lake ``source`` values that count as live data.
         summaries: Drift summaries the fleet's devices published (``firmware.ota.DriftSummary``).
+        devices: Judge only these devices (None: all); the others' windows and summaries are not counted.
+        exclude: Devices not to judge (judged against another champion).
 
     Returns:
         The report; ``report.drift_detected`` and ``report.alert_devices`` say which event is due.
@@ -520,6 +530,9 @@ def monitor_fleet(
     _check_window(since, until)
     champion = Champion.from_bundle(bundle)
     windows = read_windows(lake_root, fleet=fleet, start=since, end=until, window_samples=champion.spec.window_samples)
+    if devices is not None or exclude:
+        windows = windows.select(np.asarray([_judged(str(d), devices, exclude) for d in windows.device], dtype=bool))
+        summaries = [s for s in summaries if _judged(s.device, devices, exclude)]
     live = windows.select(np.asarray([source in sources for source in windows.source], dtype=bool))
     if len(live) and live.sample_rate_hz != champion.spec.sample_rate_hz:
         raise MonitorError(
@@ -695,6 +708,52 @@ def drift_event(report: MonitorReport, champion_version: str | None) -> dict[str
     }
 
 
+def fleet_verdict(reports: Sequence[MonitorReport]) -> FleetVerdict:
+    """The verdict of a fleet judged by several champions: the worst of its reports' (fault and drift: mixed)."""
+    verdicts = {report.verdict for report in reports}
+    if {"fault", "data_drift"} <= verdicts:
+        return "mixed"
+    return max(verdicts, key=_VERDICT_SEVERITY.index)
+
+
+def fleet_drift_event(reports: Sequence[tuple[MonitorReport, str | None]]) -> dict[str, Any]:
+    """One drift event for a fleet judged by several champions (one report per MCU profile).
+
+    The retraining trains the whole fleet once, so the fleet gets one event: that of the first
+    report that found drift, its device lists joined with the other reports' (devices to train on,
+    drifted, at new operating points, left out) and their reasons.
+
+    Args:
+        reports: Each report with its champion's registered version.
+
+    Raises:
+        MonitorError: No report found drift.
+    """
+    drifted = [i for i, (report, _) in enumerate(reports) if report.drift_detected]
+    if not drifted:
+        raise MonitorError(f"fleet {reports[0][0].fleet if reports else '?'}: no report found drift")
+    event = drift_event(*reports[drifted[0]])
+    payload = event["payload"]
+    lists = ("devices", "drift_devices", "new_operating_point_devices", "exclude_devices")
+    for i, (report, version) in enumerate(reports):
+        if i == drifted[0]:
+            continue
+        if report.drift_detected:
+            other = drift_event(report, version)
+            event["related"] += other["related"]
+            payload["reasons"] += other["payload"]["reasons"]
+            additions = {key: other["payload"][key] for key in lists}
+        else:  # judged healthy or alerted under its own champion: train on the first, leave out the others
+            alerted = set(report.alert_devices)
+            additions = {
+                "devices": [d for d in report.assessment.judged_devices if d not in alerted],
+                "exclude_devices": sorted(alerted),
+            }
+        for key, devices in additions.items():
+            payload[key] = sorted({*payload[key], *devices})
+    return event
+
+
 def alert_event(report: MonitorReport, champion_version: str | None = None) -> dict[str, Any]:
     """Keyword arguments of ``prefect.events.emit_event`` alerting about abnormal devices (no retraining).
 
@@ -751,6 +810,82 @@ def resolve_champion(model_ref: str) -> ResolvedModel:
 def resolve_champion_task(model_ref: str) -> ResolvedModel:
     """Prefect task: :func:`resolve_champion`."""
     return resolve_champion(model_ref)
+
+
+@dataclass(frozen=True)
+class ProfileChampion:
+    """The champion that judges the devices of one MCU profile.
+
+    Attributes:
+        profile: The profile whose champion this is.
+        champion: The resolved model.
+        devices: The devices it judges; None for the fallback (first target's) champion: every
+            device no other group judges.
+        fallbacks: Devices judged by the fallback champion although they announced another
+            profile, and why.
+        chosen_by: Why it judges every device, when it was named rather than found by profile.
+    """
+
+    profile: str
+    champion: ResolvedModel
+    devices: frozenset[str] | None
+    fallbacks: dict[str, str] = field(default_factory=dict)
+    chosen_by: str = ""
+
+
+def champions_by_profile(
+    profiles: Mapping[str, str], fallback_profile: str, resolve_ref: Callable[[str], ResolvedModel] = resolve_champion
+) -> list[ProfileChampion]:
+    """One champion per announced MCU profile, the fallback profile's first.
+
+    A device of a profile without a champion is judged by the fallback profile's champion, with
+    the reason recorded; so is a device whose profile is unknown (see :func:`judging_reasons`).
+
+    Args:
+        profiles: Device id to its announced MCU profile.
+        fallback_profile: The profile whose champion judges the rest (the first default target).
+        resolve_ref: Resolves ``NAME@alias`` to the registered model.
+
+    Raises:
+        RegistryError: The fallback champion cannot be resolved, or the registry failed.
+    """
+    fallback = resolve_ref(f"{registered_model_name(fallback_profile)}@champion")
+    by_profile: dict[str, set[str]] = {}
+    for device, profile in profiles.items():
+        by_profile.setdefault(profile, set()).add(device)
+    groups: list[ProfileChampion] = []
+    fallbacks: dict[str, str] = {}
+    for profile, devices in sorted(by_profile.items()):
+        if profile == fallback_profile:
+            continue
+        try:
+            champion = resolve_ref(f"{registered_model_name(profile)}@champion")
+        except ModelNotFoundError as exc:
+            reason = f"no champion for its profile {profile} ({exc}): judged by the {fallback_profile} champion"
+            fallbacks |= dict.fromkeys(devices, reason)
+            continue
+        groups.append(ProfileChampion(profile, champion, frozenset(devices)))
+    return [ProfileChampion(fallback_profile, fallback, None, fallbacks), *groups]
+
+
+def judging_reasons(
+    group: ProfileChampion, report: MonitorReport, profiles: Mapping[str, str]
+) -> dict[str, dict[str, str | None]]:
+    """Per judged device of a report: its announced profile, the champion that judged it, and why that one."""
+    model = f"{group.champion.version.name}/{group.champion.version.version}"
+    judged: dict[str, dict[str, str | None]] = {}
+    for device in (d.device for d in report.devices):
+        profile = profiles.get(device)
+        if group.chosen_by:
+            reason = group.chosen_by
+        elif device in group.fallbacks:
+            reason = group.fallbacks[device]
+        elif profile is None:
+            reason = f"profile unknown (no announcement): judged by the {group.profile} champion"
+        else:
+            reason = f"the champion of its profile {profile}"
+        judged[device] = {"profile": profile, "model": model, "reason": reason}
+    return judged
 
 
 def log_monitoring(report: MonitorReport, champion: ResolvedModel, flow_run_id: str | None) -> str:

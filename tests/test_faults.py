@@ -1253,3 +1253,69 @@ def test_mlflow_server_killed_during_registration(
     assert recovered == str(int(v1.version) + 1) and recovered_ok == "v2"
     assert len(orphans) == 1 and orphans_after == []
     assert aliases_recovered.get("candidate") == recovered and aliases_recovered.get("champion") == v1.version
+
+
+@pytest.mark.mqtt
+def test_summary_collector_failing_mid_run_loses_and_duplicates_no_summary(
+    tmp_path: Path, mosquitto: MosquittoBroker
+) -> None:
+    """The store fails at the 8th of 21 summaries (one a re-publish); the next run stores the rest, each once."""
+    import sqlite3
+
+    from firmware.ota import SCORE_EDGES_REL, DriftSummary
+    from tasks.summaries import SummaryStore, collect_summaries
+
+    class FailingStore(SummaryStore):
+        """A store whose disk fails at its ``fail_at``-th summary write."""
+
+        fail_at = 8
+        writes = 0
+
+        def add_summary(self, fleet: str, summary: DriftSummary, received_ts: float) -> bool:
+            self.writes += 1
+            if self.writes == self.fail_at:
+                raise sqlite3.OperationalError("disk I/O error")
+            return super().add_summary(fleet, summary, received_ts)
+
+    topics = FleetTopics(FLEET)
+    path = tmp_path / "summaries.sqlite"
+    assert collect_summaries(mosquitto.address, topics, SummaryStore(path), seconds=5, quiet_s=0.2).seconds < 5
+    healthy: dict[str, Any] = {
+        "model": "m", "version": 1, "threshold": 1.0, "windows": 10, "anomalies": 0, "score_mean": 0.2,
+        "score_edges": list(SCORE_EDGES_REL), "score_counts": [10] + [0] * 8, "feature_mean": [0.0] * 4,
+        "feature_var": [1.0] * 4,
+    }  # fmt: skip
+    summaries = [
+        DriftSummary(device=f"node-{d}", start_ts=60.0 * k, end_ts=60.0 * (k + 1), speed_fallback=k % 3, **healthy)
+        for d in range(2)
+        for k in range(10)
+    ]
+    sent = [*summaries, summaries[3]]  # a device re-publishing a period
+    publisher = make_client(mosquitto.address, "fault-summaries")
+    connect(publisher, mosquitto.address)
+    for info in [publisher.publish(topics.summary(s.device), s.encode(), qos=1) for s in sent]:
+        info.wait_for_publish(30)
+    publisher.disconnect()
+    publisher.loop_stop()
+
+    failing = FailingStore(path)
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
+        collect_summaries(mosquitto.address, topics, failing, seconds=60, quiet_s=1.0)
+    stored_before = len(SummaryStore(path).summaries(FLEET, 0, 1e9))
+    second = collect_summaries(mosquitto.address, topics, SummaryStore(path), seconds=60, quiet_s=1.0)
+    stored = SummaryStore(path).summaries(FLEET, 0, 1e9)
+    keys = Counter((s.device, s.start_ts) for s in stored)
+    duplicates = sum(n - 1 for n in keys.values())
+    lost = len({(s.device, s.start_ts) for s in summaries} - set(keys))
+    record(
+        FaultRecord(
+            "summary collector's store fails mid-run (monitor's summary path)", duplicates=duplicates, lost=lost,
+            notes=f"{len(sent)} summaries sent (1 a re-publish of a period); the store failed at the 8th write, "
+            f"{stored_before} stored, the rest left un-acknowledged; the next run received {second.summaries_received} "
+            f"(redelivered and queued), stored {second.summaries_stored}, dropped {second.duplicates} as already "
+            f"stored: {len(stored)} in the store",
+        )
+    )  # fmt: skip
+    assert stored_before == failing.fail_at - 1
+    assert (len(stored), duplicates, lost) == (len(summaries), 0, 0)
+    assert sum(s.speed_fallback for s in stored) == sum(s.speed_fallback for s in summaries)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from prefect.events import Event
 
-from firmware.ota import DriftSummary
+from firmware.ota import Announcement, DriftSummary
 from firmware.sensor import DriftSpec, FaultSpec
 from tasks.lake import WindowBatch, write_windows
 from tasks.monitor import (
@@ -29,6 +29,8 @@ from tasks.monitor import (
     MonitorReport,
     alert_event,
     drift_event,
+    fleet_drift_event,
+    fleet_verdict,
     monitor_fleet,
     plot,
 )
@@ -46,7 +48,9 @@ from tests.test_drift import (
     write_fleet_windows,
 )
 from tinymlops.contracts.events import ALERT_EVENT, DRIFT_EVENT, AlertPayload, DriftPayload
-from tinymlops.schemas import ModelBundle
+from tinymlops.contracts.topics import FleetTopics
+from tinymlops.mqtt import MosquittoBroker, connect, make_client
+from tinymlops.schemas import ModelBundle, load_bundle
 
 pytestmark = pytest.mark.slow
 
@@ -165,6 +169,32 @@ def test_fleet_wide_gain_change_gives_a_drift_event(drift_report: MonitorReport)
     assert Event(**fields).resource["tinymlops.champion-version"] == ""
     with pytest.raises(MonitorError, match="no device to alert about"):
         alert_event(drift_report)
+
+
+def test_one_drift_event_for_a_fleet_judged_by_two_champions(lake: Path, sim_bundle: ModelBundle) -> None:
+    """Two reports over disjoint devices: one drifted, one with a fault; the fleet gets one drift event.
+
+    Its devices are those a retraining should use from both (the faulty one left out), so the
+    retraining trains on the whole fleet, not on one profile's devices.
+    """
+    first, second = [f"node-{i:04d}" for i in range(5)], [f"node-{i:04d}" for i in range(5, N_DEVICES)]
+    faulty = monitor_fleet(lake, FLEET, sim_bundle, since=FAULT_WINDOW[0], until=FAULT_WINDOW[1], settings=SETTINGS,
+                           devices=first)  # fmt: skip
+    drifted = monitor_fleet(lake, FLEET, sim_bundle, since=DRIFT_WINDOW[0], until=DRIFT_WINDOW[1], settings=SETTINGS,
+                            exclude=first)  # fmt: skip
+    assert [d.device for d in faulty.devices] == first and [d.device for d in drifted.devices] == second
+    assert faulty.alert_devices == [FAULTY] and not faulty.drift_detected and drifted.drift_detected
+    event = fleet_drift_event([(faulty, "1"), (drifted, "2")])
+    payload = event["payload"]
+    assert event["event"] == DRIFT_EVENT and payload["champion_version"] == "2"
+    assert payload["devices"] == sorted(set(first + second) - {FAULTY}) and payload["exclude_devices"] == [FAULTY]
+    assert payload["drift_devices"] == drifted.assessment.drift_devices
+    assert Event(**event).payload["devices"] == payload["devices"]  # a valid Prefect event
+    with pytest.raises(MonitorError, match="no report found drift"):
+        fleet_drift_event([(faulty, "1")])
+    assert (fleet_verdict([faulty, drifted]), fleet_verdict([faulty]), fleet_verdict([drifted])) == (
+        "mixed", "fault", "data_drift",
+    )  # fmt: skip
 
 
 def test_plot_renders_to_png(fault_report: MonitorReport, drift_report: MonitorReport, tmp_path: Path) -> None:
@@ -302,6 +332,8 @@ def test_monitor_command_judges_the_fleet_with_the_registered_champion(
         report = json.loads(result.output.strip().splitlines()[-1])
         assert report["verdict"] == "fault" and report["alert_devices"] == [FAULTY] and report["events"] == []
         assert report["model"] == f"{version.name}/{version.version}"
+        assert report["summaries"] == {"skipped": "no broker configured"}  # and none stored: windows only
+        assert "profile unknown" in report["judged_by"][FAULTY]["reason"]  # no device announced itself
         table = CliRunner().invoke(app, args)
         assert table.exit_code == 0 and "fault" in table.output and FAULTY in table.output
         # what a retraining keeps of this champion: its trained spans, from the registry's bundle
@@ -313,3 +345,130 @@ def test_monitor_command_judges_the_fleet_with_the_registered_champion(
         reset_settings()
         mlflow.set_tracking_uri(previous)
         mlflow.set_registry_uri(previous)
+
+
+def announcement(device: str, profile: str) -> Announcement:
+    """The retained announcement of a device of ``profile`` (what firmware/device.py publishes)."""
+    return Announcement(device=device, fleet=FLEET, firmware="test 1.0", profile=profile, flash_free=1 << 20,
+                        slot_bytes=1 << 19, ram_free=1 << 17, max_chunk=1024, dsp_versions=[1, 2], key_ids=["k"],
+                        ts=T0.timestamp())  # fmt: skip
+
+
+@pytest.mark.mlflow
+@pytest.mark.prefect
+def test_monitor_flow_collects_summaries_and_judges_each_profile_by_its_champion(
+    sim_bundle: ModelBundle,
+    prefect_harness: None,
+    mosquitto: MosquittoBroker,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two devices stream windows; three only publish summaries, through a real broker; two profiles, two champions.
+
+    node-0000 (nrf52840) and node-0001 (no announcement) stream windows; node-0005 and node-0008
+    (rp2040, node-0008 with an inner-race fault) and node-0006 (nrf52840) publish two summaries each,
+    of their own champion. One summary arrives twice. The flow must store each once, judge the
+    rp2040 devices with the rp2040 champion (today's monitor ignores their summaries: another model)
+    and node-0001 with the first target's, saying why.
+    """
+    import mlflow
+    import paho.mqtt.client as mqtt
+
+    from flows.monitor import monitor_flow
+    from registry.models import register_bundle
+    from registry.promotion import promote
+    from registry.store import configure_from_settings
+    from registry.tracking import log_training_run
+    from tasks.summaries import SummaryStore, collect_summaries, summary_store_path
+    from tinymlops.settings import get_settings, reset_settings
+
+    rp2040_bundle = load_bundle(sim_bundle.directory.parent / "rp2040")
+    champions = {"nrf52840": Champion.from_bundle(sim_bundle), "rp2040": Champion.from_bundle(rp2040_bundle)}
+    assert champions["nrf52840"].model_name != champions["rp2040"].model_name
+    monkeypatch.setenv("TINYMLOPS_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("TINYMLOPS_TARGETS__DEFAULT", '["nrf52840"]')  # judges devices of unknown profile
+    reset_settings()
+    previous = mlflow.get_tracking_uri()
+    since, until = FAULT_WINDOW
+    fleet = fleet_after_training()
+    fleet.inject_fault(FaultSpec("inner_race", 0.6), ["node-0008"])
+    nodes = {node.device_id: node for node in fleet.nodes}
+    try:
+        settings = get_settings()
+        run_id = log_training_run(configure_from_settings(settings), params={}, metrics={},
+                                  dataset_fingerprint="sim", lake_selection={})  # fmt: skip
+        for bundle in (sim_bundle, rp2040_bundle):
+            version = register_bundle(bundle, run_id, gates_passed=True)
+            promote(version.name, version.version, candidate_eval=None, champion_eval=None, actor="test")
+        batch = WindowBatch()
+        for k in range(MONITOR_WINDOWS):
+            for device in ("node-0000", "node-0001"):
+                batch.append(FLEET, nodes[device].next_window(to_us(since) + k * WINDOW_US))
+        write_windows(settings.lake_root, batch)
+
+        topics = FleetTopics(FLEET, settings.mqtt.topic_root)
+        store = SummaryStore(summary_store_path(settings.data_dir))
+        # the first collection opens the persistent session: from then on the broker keeps the summaries
+        assert collect_summaries(mosquitto.address, topics, store, seconds=5, quiet_s=0.2).summaries_received == 0
+        profiles = {"node-0000": "nrf52840", "node-0005": "rp2040", "node-0006": "nrf52840", "node-0008": "rp2040"}
+        messages = [(topics.announce(d), announcement(d, p).encode(), True) for d, p in profiles.items()]
+        for device in ("node-0005", "node-0006", "node-0008"):
+            champion = champions[profiles[device]]
+            for half in (1, 2):
+                samples = np.stack([nodes[device].next_window(0).physical() for _ in range(MONITOR_WINDOWS // 2)])
+                end = since + dt.timedelta(minutes=4 * half)
+                fallback = 3 if device == "node-0005" else 0
+                summary = drift_summary(champion, device, samples, end, speed_fallback=fallback)
+                messages.append((topics.summary(device), summary.encode(), False))
+        messages.append(messages[-1])  # a re-publish: stored once
+        publisher = make_client(mosquitto.address, "test-devices")
+        connect(publisher, mosquitto.address)
+        infos: list[mqtt.MQTTMessageInfo] = [publisher.publish(t, p, qos=1, retain=r) for t, p, r in messages]
+        for info in infos:
+            info.wait_for_publish(30)
+        publisher.disconnect()
+        publisher.loop_stop()
+
+        result = monitor_flow(fleet=FLEET, until=until, window_minutes=10, emit_events=False, summary_seconds=60,
+                              broker_url=mosquitto.address.url)  # fmt: skip
+    finally:
+        reset_settings()
+        mlflow.set_tracking_uri(previous)
+        mlflow.set_registry_uri(previous)
+
+    collected = result["summaries"]
+    assert (collected["summaries_stored"], collected["duplicates"]) == (6, 1)
+    assert collected["announcements"] == 8  # each twice: queued for the session, and retained on its subscription
+    assert collected["speed_fallback"] == {"node-0005": 6, "node-0006": 0, "node-0008": 0}
+    by_profile = {report["profile"]: report for report in result["reports"]}
+    assert by_profile["rp2040"]["model"] == "vibration-ae-rp2040/1"
+    assert by_profile["nrf52840"]["model"] == "vibration-ae-nrf52840/1"
+    devices = {d["device"]: (p, d) for p, r in by_profile.items() for d in r["assessment"]["devices"]}
+    assert {device: p for device, (p, _) in devices.items()} == {
+        "node-0000": "nrf52840", "node-0001": "nrf52840", "node-0006": "nrf52840",
+        "node-0005": "rp2040", "node-0008": "rp2040",
+    }  # fmt: skip
+    assert {device: d["source"] for device, (_, d) in devices.items()} == {
+        "node-0000": "windows", "node-0001": "windows", "node-0005": "summary", "node-0006": "summary",
+        "node-0008": "summary",
+    }  # fmt: skip
+    verdicts = {device: d["verdict"] for device, (_, d) in devices.items()}
+    assert verdicts == {
+        "node-0000": "ok",
+        "node-0001": "ok",
+        "node-0005": "ok",
+        "node-0006": "ok",
+        "node-0008": "fault",
+    }
+    assert devices["node-0005"][1]["speed_fallback"] == 6 and devices["node-0005"][1]["n_windows"] == MONITOR_WINDOWS
+    assert result["verdict"] == "fault" and result["alert_devices"] == ["node-0008"]
+    assert by_profile["rp2040"]["summaries_used"] == 4 and by_profile["nrf52840"]["summaries_used"] == 2
+    judged = result["judged_by"]
+    assert judged["node-0008"] == {"profile": "rp2040", "model": "vibration-ae-rp2040/1",
+                                   "reason": "the champion of its profile rp2040"}  # fmt: skip
+    assert judged["node-0001"]["profile"] is None and "profile unknown" in judged["node-0001"]["reason"]
+    assert judged["node-0001"]["model"] == "vibration-ae-nrf52840/1"
+    # the store outlives the process: a new one over the same file has every summary, once
+    reopened = SummaryStore(summary_store_path(tmp_path / "data"))
+    assert len(reopened.summaries(FLEET, since.timestamp(), until.timestamp())) == 6
+    assert reopened.profiles(FLEET) == profiles

@@ -455,16 +455,20 @@ def _load_model(ref: str) -> Any:
 def monitor(
     fleet: Annotated[str | None, typer.Option(help="Fleet to judge (default from settings).")] = None,
     model: Annotated[
-        str | None, typer.Option(help="The model its devices run, NAME@alias (default: the first target's champion).")
+        str | None,
+        typer.Option(help="Judge every device with this model, NAME@alias (default: its MCU profile's champion)."),
     ] = None,
     minutes: Annotated[
         float | None, typer.Option(min=0.05, help="How far back to look (default: drift.window_minutes).")
     ] = None,
     until: Annotated[str | None, typer.Option(help="End of the window, ISO time (default: now).")] = None,
     events: Annotated[bool, typer.Option(help="Emit the drift and alert events (retraining may follow).")] = True,
+    summary_seconds: Annotated[
+        float, typer.Option(min=0, help="Collect the devices' drift summaries for at most this long first (0: none).")
+    ] = 2.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the whole report as JSON.")] = False,
 ) -> None:
-    """Judge a fleet's last minutes of live windows: ok, fault (alert) or data drift (the monitor flow)."""
+    """Judge a fleet's last minutes of live windows and drift summaries: ok, fault (alert) or data drift."""
     settings = _settings()
     end = _parse_time(until, "--until")
     _check_fleet(fleet)
@@ -474,30 +478,42 @@ def monitor(
     require_prefect_api(settings)
     from flows.monitor import monitor_flow
 
-    report = monitor_flow(fleet=fleet, model_ref=model, window_minutes=minutes, until=end, emit_events=events)
+    report = monitor_flow(
+        fleet=fleet,
+        model_ref=model,
+        window_minutes=minutes,
+        until=end,
+        emit_events=events,
+        summary_seconds=summary_seconds,
+    )
     if as_json:
         print(json.dumps(report))
         return
-    assessment = report["assessment"]
-    console.print(f"fleet {report['fleet']}: [bold]{report['verdict']}[/] ({report['windows_live']} live windows, "
-                  f"model {report['model']}, threshold {report['threshold']:.4g})")  # fmt: skip
-    for reason in assessment["reasons"]:
-        console.print(f"  {reason}")
-    _print_table(
-        "Devices",
-        [
-            {
-                "device": d["device"],
-                "verdict": d["verdict"] + (f" ({d['drift_kind']})" if d["drift_kind"] else ""),
-                "windows": d["n_windows"],
-                "anomaly rate": d["anomaly_rate"],
-                "limit": d["anomaly_rate_limit"],
-                "no usable speed": d["speed_fallback"],
-                "uncovered speed": d["speed_uncovered"],
-            }
-            for d in assessment["devices"]
-        ],
-    )
+    console.print(f"fleet {report['fleet']}: [bold]{report['verdict']}[/]; summary collection: {report['summaries']}")
+    for part in report["reports"]:  # one per champion: each device is judged by its MCU profile's
+        assessment = part["assessment"]
+        counts = f"{part['windows_live']} live windows, {part['summaries_used']} summaries"
+        model_line = f"model {part['model']}, threshold {part['threshold']:.4g}"
+        console.print(f"{part['profile']}: [bold]{part['verdict']}[/] ({counts}, {model_line})")
+        for reason in assessment["reasons"]:
+            console.print(f"  {reason}")
+        _print_table(
+            f"Devices judged by {part['model']}",
+            [
+                {
+                    "device": d["device"],
+                    "verdict": d["verdict"] + (f" ({d['drift_kind']})" if d["drift_kind"] else ""),
+                    "source": d["source"],
+                    "windows": d["n_windows"],
+                    "anomaly rate": d["anomaly_rate"],
+                    "limit": d["anomaly_rate_limit"],
+                    "no usable speed": d["speed_fallback"],
+                    "uncovered speed": d["speed_uncovered"],
+                    "why this model": report["judged_by"][d["device"]]["reason"],
+                }
+                for d in assessment["devices"]
+            ],
+        )
     console.print(f"events: {', '.join(report['events']) or 'none'}")
 
 
