@@ -383,6 +383,8 @@ CASES = [
     Case("bench", "bench --quick --output {root}/bench/results.json", MQTT_UNREACHABLE, MQTT_CLOSED),
     Case("bench", "bench nosuch", "No such command 'nosuch'", exit_code=2),
     Case("bench loop", "bench loop --quick", MQTT_UNREACHABLE, MQTT_CLOSED, real=True),
+    Case("bench quality", "bench quality", "cannot read training config {root}/nowhere.yaml",
+         {"TINYMLOPS_TRAINING_CONFIG": "{root}/nowhere.yaml"}),
     Case("bench model", "bench model --quick", "CWRU recordings", {"TINYMLOPS_CWRU_DIR": "{root}/nowhere"}, real=True),
     Case("bench firmware", "bench firmware --quick", "MCU target catalog {root}/nowhere.yaml cannot be read",
          {"TINYMLOPS_TARGETS__CATALOG": "{root}/nowhere.yaml"}),
