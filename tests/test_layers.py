@@ -76,3 +76,18 @@ def test_contracts_import_nothing_of_the_project() -> None:
             bad = [n for n in names if n.split(".")[0] not in allowed and not n.startswith("tinymlops.contracts")]
             violations += [f"{path.name} imports {n}" for n in bad]
     assert not violations, "\n".join(violations)
+
+
+def test_tasks_read_no_settings_behind_their_callers_backs() -> None:
+    """Settings are resolved at the edge (flows, the CLI) and passed down: no task calls or imports get_settings."""
+    violations = []
+    for path in sorted((REPO_ROOT / "tasks").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                func = node.func
+                name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+                if name == "get_settings":
+                    violations.append(f"{path.name}:{node.lineno} calls get_settings()")
+            elif isinstance(node, ast.ImportFrom) and any(a.name == "get_settings" for a in node.names):
+                violations.append(f"{path.name}:{node.lineno} imports get_settings")
+    assert not violations, "\n".join(violations)
