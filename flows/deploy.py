@@ -57,20 +57,20 @@ def deploy_flow(
     Returns:
         The :class:`~tasks.deploy.DeploymentReport` as a dict, with the MLflow run id.
     """
-    settings = get_settings()
-    fleet = fleet or settings.fleet
-    url = broker_url or settings.mqtt.url
-    if not url:
+    settings = get_settings().overridden(fleet=fleet, broker_url=broker_url)
+    fleet = settings.fleet
+    if not settings.mqtt.url:
         raise DeployError("no broker to reach the fleet: pass broker_url or set TINYMLOPS_MQTT__URL")
-    address = parse_broker_url(url)
+    address = parse_broker_url(settings.mqtt.url)
     started_at, started = report_started_at(), time.monotonic()
     model = resolve_deployable_task(model_ref)
     topics = FleetTopics(fleet, settings.mqtt.topic_root)
-    with DeploymentSession(address, topics, load_signer(), mqtt_settings=settings.mqtt) as session:
+    signer = load_signer(settings.resolved_keys_dir)
+    with DeploymentSession(address, topics, signer, mqtt_settings=settings.mqtt) as session:
         selection = select_targets_task(session, model, devices, group)
         canary, rest = plan_canary(selection.targets, canary_fraction)
         outcomes = deploy_wave_task(session, model, canary, "canary", None, timeout_s) if canary else []
-        verdict = judge_canary_task(session, model, outcomes, rest, watch_s) if canary else None
+        verdict = judge_canary_task(session, model, outcomes, rest, watch_s, settings.drift) if canary else None
         registry_rollback, notes = None, []
         if verdict is None or verdict.healthy:
             outcomes += deploy_wave_task(session, model, rest, "fleet", None if canary else group, timeout_s)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.ingest import compact_lake_partitions, ingest_vibration
+from tasks.ingest import compact_lake_partitions, ingest_config, ingest_vibration
 from tinymlops.mqtt import broker_for
 from tinymlops.settings import get_settings
 
@@ -26,10 +26,9 @@ def ingest_flow(
         idle_timeout_s: Stop when the fleet has been silent this long.
         broker_url: Broker to use; default from settings, else an embedded broker is started.
     """
-    settings = get_settings()
-    mqtt_settings = settings.mqtt.model_copy(update={"url": broker_url or settings.mqtt.url})
-    fleet = fleet or settings.fleet
-    with broker_for(mqtt_settings) as address:
-        stats = ingest_vibration(fleet, address.url, seconds, max_windows, idle_timeout_s)
-    compaction = compact_lake_partitions(fleet)
+    settings = get_settings().overridden(fleet=fleet, broker_url=broker_url)
+    with broker_for(settings.mqtt) as address:
+        config = ingest_config(settings, settings.fleet)
+        stats = ingest_vibration(config, address.url, seconds, max_windows, idle_timeout_s)
+    compaction = compact_lake_partitions(settings.lake_root, settings.fleet, settings.lake.compact_after_minutes)
     return {**stats.to_dict(), "compaction": compaction.to_dict()}

@@ -35,9 +35,8 @@ def loop_flow(
         canary_fraction: Canary share of each deployment.
         broker_url: Broker of the fleet (default: settings).
     """
-    settings = get_settings()
-    fleet = fleet or settings.fleet
-    targets = targets or settings.targets.default
+    settings = get_settings().overridden(fleet=fleet, targets=targets)
+    fleet, targets = settings.fleet, settings.targets.default
     ingested = ingest_flow(fleet=fleet, seconds=ingest_seconds, idle_timeout_s=5.0, broker_url=broker_url)
     trained = train_flow(fleet=fleet, targets=targets, config_path=config_path)
     deployments = [

@@ -33,7 +33,7 @@ from tasks.summaries import SummaryStore, collect_summaries_task, summary_store_
 from tinymlops.contracts.topics import FleetTopics
 from tinymlops.errors import BrokerError
 from tinymlops.mqtt import parse_broker_url
-from tinymlops.settings import get_settings
+from tinymlops.settings import MqttSettings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +69,13 @@ def monitor_flow(
         emitted, one entry per champion under ``reports``, which champion judged each device and
         why (``judged_by``), and what the summary collection received (``summaries``).
     """
-    settings = get_settings()
-    fleet = fleet or settings.fleet
+    settings = get_settings().overridden(fleet=fleet, broker_url=broker_url)
+    fleet = settings.fleet
     until = until or dt.datetime.now(tz=dt.UTC)
     since = until - dt.timedelta(minutes=window_minutes or settings.drift.window_minutes)
     topics = FleetTopics(fleet, settings.mqtt.topic_root)
     store = SummaryStore(summary_store_path(settings.data_dir))
-    collection = _collect(store, topics, broker_url or settings.mqtt.url, summary_seconds)
+    collection = _collect(store, topics, settings.mqtt, summary_seconds)
     profiles = store.profiles(fleet)
     summaries = store.summaries(fleet, since.timestamp(), until.timestamp())
     first_target = fallback_target or settings.targets.default[0]
@@ -116,13 +116,12 @@ def monitor_flow(
     }
 
 
-def _collect(store: SummaryStore, topics: FleetTopics, url: str | None, seconds: float) -> dict[str, Any]:
+def _collect(store: SummaryStore, topics: FleetTopics, mqtt: MqttSettings, seconds: float) -> dict[str, Any]:
     """Collect summaries into the store; a broker that cannot be reached leaves them queued there for the next run."""
-    if seconds <= 0 or not url:
+    if seconds <= 0 or not mqtt.url:
         return {"skipped": "no broker configured" if seconds > 0 else "summary_seconds is 0"}
-    settings = get_settings()
     try:
-        stats = collect_summaries_task(parse_broker_url(url), topics, store, seconds, settings=settings.mqtt)
+        stats = collect_summaries_task(parse_broker_url(mqtt.url), topics, store, seconds, settings=mqtt)
     except BrokerError as exc:
         log.warning("summary collection failed, judging with the stored summaries: %s", exc)
         return {"error": str(exc)}

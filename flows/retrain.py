@@ -57,13 +57,13 @@ def retrain_flow(
             the champion whose training windows are kept; default: the first target's champion).
         drift_kind: What drifted (``new operating point`` or ``data drift``; recorded).
     """
-    settings = get_settings()
-    load_training_config(config_path)
+    settings = get_settings().overridden(targets=targets, training_config=config_path)
+    load_training_config(settings.training_config)
     claim = claim_retraining_task(settings.data_dir / "state", fleet, settings.drift.cooldown_minutes)
     if not claim.granted:
         return {"fleet": fleet, "retrained": False, "reason": claim.reason}
     since = since or dt.datetime.now(tz=dt.UTC) - dt.timedelta(minutes=settings.drift.window_minutes)
-    default_model = registered_model_name((targets or settings.targets.default)[0])
+    default_model = registered_model_name(settings.targets.default[0])
     model_ref = f"{model_name}/{champion_version}" if model_name and champion_version else f"{default_model}@champion"
     accumulate = champion_accumulation_task(model_ref, settings.drift.retrain_max_windows)
     outcome = train_flow(

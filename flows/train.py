@@ -68,11 +68,11 @@ def train_flow(
         the lake selection (with the accumulation's champion, spans and speed intervals) and the
         normal windows per operating point.
     """
-    settings = get_settings()
-    fleet = fleet or settings.fleet
-    config = load_training_config(config_path)
+    settings = get_settings().overridden(fleet=fleet, targets=targets, training_config=config_path)
+    fleet = settings.fleet
+    config = load_training_config(settings.training_config)
     catalog = load_catalog(settings.targets.catalog)
-    mcu_targets = [get_target(name, catalog) for name in targets or settings.targets.default]
+    mcu_targets = [get_target(name, catalog) for name in settings.targets.default]
     selection = LakeSelection(fleet, tuple(devices) if devices else None, start, end, accumulate=accumulate)
     run_name = f"train-{dt.datetime.now(tz=dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     lineage = {"train_run": run_name, "prefect_flow_run_id": str(flow_run.id or "")}

@@ -74,7 +74,7 @@ def run_devices(args: argparse.Namespace) -> None:
     """The fleet: stream every window, score it once a model is active; report per-device state at the end."""
     from firmware.device import DeviceConfig
     from firmware.device_fleet import DeviceFleet
-    from tasks.deploy import KeyStore, keys_dir
+    from tasks.deploy import KeyStore
     from tinymlops.mqtt import parse_broker_url
     from tinymlops.targets import get_target
 
@@ -84,7 +84,7 @@ def run_devices(args: argparse.Namespace) -> None:
         topic_root=settings.mqtt.topic_root, publish_windows=True, score_interval_s=args.interval, summary_windows=100
     )
     fleet = DeviceFleet(
-        settings.fleet, args.devices, get_target(args.target), KeyStore(keys_dir()).keyring(),
+        settings.fleet, args.devices, get_target(args.target), KeyStore(settings.resolved_keys_dir).keyring(),
         parse_broker_url(settings.mqtt.url or ""), devices_per_connection=args.per_connection, config=config,
         device_prefix=DEVICE_PREFIX, mqtt_settings=settings.mqtt,
     )  # fmt: skip
@@ -111,7 +111,7 @@ def run_ingest_role(args: argparse.Namespace) -> None:
 
     settings = get_settings()
     stop = stop_on_sigterm()
-    stats = run_ingest(parse_broker_url(settings.mqtt.url or ""), ingest_config(settings), stop=stop)
+    stats = run_ingest(parse_broker_url(settings.mqtt.url or ""), ingest_config(settings, settings.fleet), stop=stop)
     write_json(Path(args.result), stats.to_dict())
 
 
@@ -322,7 +322,7 @@ def lake_accounting(observed: dict[str, set[int]]) -> dict[str, Any]:
 def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     """Run the soak and return the report."""
     from tasks.datasets import write_reference_set
-    from tasks.deploy import KeyStore, keys_dir
+    from tasks.deploy import KeyStore
     from tasks.ingest import ensure_subscription, ingest_config
     from tinymlops.contracts.topics import FleetTopics
     from tinymlops.mqtt import MosquittoBroker
@@ -341,9 +341,9 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     settings = get_settings()
     log.info("soak: %d devices, %.1f min, work directory %s, broker %s", args.devices, args.minutes, work,
              broker.address.url)  # fmt: skip
-    KeyStore(keys_dir()).init()
+    KeyStore(settings.resolved_keys_dir).init()
     write_reference_set(settings.lake_root, settings.fleet)  # labelled faults the trainings evaluate on
-    ensure_subscription(broker.address, ingest_config(settings))
+    ensure_subscription(broker.address, ingest_config(settings, settings.fleet))
     windows = FleetTopics(settings.fleet, settings.mqtt.topic_root).all_devices("vibration")
     observer = WindowObserver(broker.address, windows)
     children: dict[str, Child] = {}

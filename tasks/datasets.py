@@ -566,9 +566,8 @@ def champion_accumulation(model_ref: str, max_windows: int) -> Accumulation | No
     from registry.errors import ModelNotFoundError
     from registry.models import resolve
     from registry.store import configure_from_settings
-    from tinymlops.settings import get_settings
 
-    configure_from_settings(get_settings())
+    configure_from_settings()
     with tempfile.TemporaryDirectory(prefix="tinymlops-champion-") as tmp:
         try:
             champion = resolve(model_ref, Path(tmp) / "bundle")

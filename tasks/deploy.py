@@ -92,14 +92,14 @@ from firmware.signing import (
 from registry.errors import PromotionError, RegistryError
 from registry.models import CHAMPION, PREVIOUS, TAG_SHA256, RegisteredVersion, aliases_of, resolve
 from registry.promotion import rollback
-from registry.store import configure_from_settings, configure_mlflow, first_line, is_http_uri, mlflow_client
+from registry.store import configure_experiment, configure_from_settings, first_line, mlflow_client
 from tasks.ota_service import parse_presence
 from tasks.rates import rate_lower_bound
 from tinymlops.contracts.topics import FleetTopics, TopicKind
 from tinymlops.errors import TinyMLOpsError
 from tinymlops.mqtt import BrokerAddress, connect, make_client
 from tinymlops.schemas import ModelBundle
-from tinymlops.settings import REPO_ROOT, MqttSettings, Settings, get_settings
+from tinymlops.settings import REPO_ROOT, DriftSettings, MqttSettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -126,11 +126,6 @@ class KeyStoreError(TinyMLOpsError):
 
 
 # --- signing keys ---------------------------------------------------------------------------
-
-
-def keys_dir() -> Path:
-    """Where the signing key lives: ``$TINYMLOPS_KEYS_DIR``, else ``$XDG_CONFIG_HOME/tinymlops/keys`` (~/.config)."""
-    return get_settings().resolved_keys_dir
 
 
 def _default_key_id(public: Ed25519PublicKey) -> str:
@@ -396,7 +391,7 @@ def resolve_deployable(ref: str, *, require_gates: bool = True) -> DeployableMod
         DeployError: The version failed its gates, or its reference outputs cannot be computed (a dead
             model gives the same output for every reference input).
     """
-    configure_from_settings(get_settings())
+    configure_from_settings()
     with tempfile.TemporaryDirectory(prefix="tinymlops-deploy-") as tmp:
         resolved = resolve(ref, Path(tmp) / "model")
         version = resolved.version
@@ -1286,10 +1281,7 @@ def log_deployment_run(report: DeploymentReport, *, flow_run_id: str | None, set
     """
     from mlflow.entities import Metric, Param
 
-    settings = settings or get_settings()
-    uri = settings.mlflow_tracking_uri
-    artifact_root = settings.mlflow.artifact_root if is_http_uri(uri) else settings.mlflow_artifact_root
-    experiment_id = configure_mlflow(uri, artifact_root, DEPLOY_EXPERIMENT, description=DEPLOY_DESCRIPTION)
+    experiment_id = configure_experiment(DEPLOY_EXPERIMENT, settings, description=DEPLOY_DESCRIPTION)
     client = mlflow_client()
     tags = {"outcome": report.outcome, "model_sha256": report.sha256, "target": report.target}
     if flow_run_id:
@@ -1363,9 +1355,9 @@ def judge_canary_task(
     canary: list[DeviceOutcome],
     others: list[Announcement],
     watch_s: float,
+    drift: DriftSettings,
 ) -> CanaryVerdict:
     """Prefect task: :func:`judge_canary` with the drift settings' anomaly-rate factor and minimum windows."""
-    drift = get_settings().drift
     verdict = judge_canary(session, model, canary, others, watch_s=watch_s, factor=drift.anomaly_rate_factor,
                            min_windows=drift.min_windows)  # fmt: skip
     (log.info if verdict.healthy else log.warning)("canary: %s", verdict.reason)
@@ -1386,9 +1378,9 @@ def log_deployment_task(report: DeploymentReport, flow_run_id: str | None) -> st
     return log_deployment_run(report, flow_run_id=flow_run_id)
 
 
-def load_signer() -> ManifestSigner:
-    """The signing key of :func:`keys_dir`."""
-    return KeyStore(keys_dir()).signer()
+def load_signer(keys_dir: Path) -> ManifestSigner:
+    """The signing key of the key store in ``keys_dir`` (the ``keys_dir`` setting, resolved)."""
+    return KeyStore(keys_dir).signer()
 
 
 def report_started_at() -> str:

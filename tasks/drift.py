@@ -79,7 +79,7 @@ from tasks.rates import rate_lower_bound
 from tinymlops.contracts.events import DriftKind
 from tinymlops.errors import TinyMLOpsError
 from tinymlops.schemas import DriftReference
-from tinymlops.settings import DriftSettings, get_settings
+from tinymlops.settings import DriftSettings
 
 DeviceVerdict = Literal["ok", "drift", "fault", "insufficient_data"]
 FleetVerdict = Literal["ok", "data_drift", "fault", "mixed", "insufficient_data"]
@@ -225,7 +225,7 @@ class FeatureDrift:
 def feature_drift(
     reference_features: npt.ArrayLike,
     current_features: npt.ArrayLike,
-    settings: DriftSettings | None = None,
+    settings: DriftSettings,
     *,
     bins: int = 10,
 ) -> FeatureDrift:
@@ -234,13 +234,12 @@ def feature_drift(
     Args:
         reference_features: Reference rows (n_ref, F), normalised like the current ones.
         current_features: Current rows (n, F).
-        settings: Thresholds (default: ``get_settings().drift``).
+        settings: Thresholds.
         bins: PSI bins.
 
     Raises:
         DriftError: Empty, misshapen or non-finite features.
     """
-    settings = settings or get_settings().drift
     ref = _matrix(reference_features, "reference features")
     cur = _matrix(current_features, "current features", ref.shape[1])
     if len(ref) == 0 or len(cur) == 0:

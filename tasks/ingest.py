@@ -47,7 +47,7 @@ from tasks.lake import (
 from tinymlops.contracts.topics import DEVICE_SUFFIXES, FleetTopics
 from tinymlops.errors import DecodeError, LakeError, TinyMLOpsError, ValidationError
 from tinymlops.mqtt import BrokerAddress, connect, make_client, parse_broker_url
-from tinymlops.settings import MqttSettings, SensorSettings, Settings, get_settings
+from tinymlops.settings import MqttSettings, SensorSettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -462,10 +462,10 @@ def _ingest_holding_lease(
     return ingestor.stats
 
 
-def ingest_config(settings: Settings, fleet: str | None = None) -> IngestConfig:
-    """Resolve an :class:`IngestConfig` from the settings."""
+def ingest_config(settings: Settings, fleet: str) -> IngestConfig:
+    """Resolve an :class:`IngestConfig` of a fleet from the settings."""
     return IngestConfig(
-        fleet=fleet or settings.fleet,
+        fleet=fleet,
         lake_root=settings.lake_root,
         quarantine_root=settings.quarantine_root,
         sensor=settings.sensor,
@@ -499,37 +499,35 @@ def ingest_report_markdown(fleet: str, stats: IngestStats, window_samples: int) 
     return f"# Ingest of fleet `{fleet}`\n\n| measure | value |\n|---|---|\n{body}\n"
 
 
-@task(name="ingest-vibration", task_run_name="ingest-{fleet}")
+@task(name="ingest-vibration", task_run_name="ingest-{config.fleet}")
 def ingest_vibration(
-    fleet: str,
+    config: IngestConfig,
     broker_url: str,
     seconds: float | None = None,
     max_windows: int | None = None,
     idle_timeout_s: float | None = None,
 ) -> IngestStats:
     """Prefect task: ingest a fleet's windows from a broker into the lake."""
-    settings = get_settings()
     stats = run_ingest(
         parse_broker_url(broker_url),
-        ingest_config(settings, fleet),
+        config,
         seconds=seconds,
         max_windows=max_windows,
         idle_timeout_s=idle_timeout_s,
     )
     create_markdown_artifact(
-        ingest_report_markdown(fleet, stats, settings.sensor.window_samples),
-        key=f"ingest-{fleet}".lower(),
-        description=f"Ingest of fleet {fleet}",
+        ingest_report_markdown(config.fleet, stats, config.sensor.window_samples),
+        key=f"ingest-{config.fleet}".lower(),
+        description=f"Ingest of fleet {config.fleet}",
     )
     return stats
 
 
 @task(name="compact-lake", task_run_name="compact-{fleet}")
-def compact_lake_partitions(fleet: str) -> CompactionReport:
-    """Prefect task: merge the files of a fleet's closed hour partitions (``lake.compact_after_minutes``)."""
-    settings = get_settings()
-    closed_before = dt.datetime.now(tz=dt.UTC) - dt.timedelta(minutes=settings.lake.compact_after_minutes)
-    return compact_lake(settings.lake_root, fleet=fleet, closed_before=closed_before)
+def compact_lake_partitions(lake_root: Path, fleet: str, compact_after_minutes: float) -> CompactionReport:
+    """Prefect task: merge the files of a fleet's hour partitions closed ``compact_after_minutes`` ago or more."""
+    closed_before = dt.datetime.now(tz=dt.UTC) - dt.timedelta(minutes=compact_after_minutes)
+    return compact_lake(lake_root, fleet=fleet, closed_before=closed_before)
 
 
 def ensure_subscription(address: BrokerAddress, config: IngestConfig) -> None:

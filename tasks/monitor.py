@@ -59,7 +59,7 @@ from tinymlops.contracts.events import (
 )
 from tinymlops.errors import TinyMLOpsError
 from tinymlops.schemas import DriftReference, ModelBundle, registered_model_name
-from tinymlops.settings import DriftSettings, get_settings
+from tinymlops.settings import DriftSettings
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -802,7 +802,7 @@ monitor_fleet_task = task(name="monitor-fleet", cache_policy=NO_CACHE)(monitor_f
 
 def resolve_champion(model_ref: str) -> ResolvedModel:
     """Resolve the model a fleet's devices should be running, from the registry (verified)."""
-    configure_from_settings(get_settings())
+    configure_from_settings()
     return resolve(model_ref)
 
 
@@ -892,7 +892,7 @@ def log_monitoring(report: MonitorReport, champion: ResolvedModel, flow_run_id: 
     """Log one monitor run to the MLflow experiment ``tinymlops-monitoring``; returns the run id."""
     import matplotlib.pyplot as plt
 
-    experiment_id = configure_experiment(MONITORING_EXPERIMENT, get_settings(), description=MONITORING_DESCRIPTION)
+    experiment_id = configure_experiment(MONITORING_EXPERIMENT, description=MONITORING_DESCRIPTION)
     figure = plot(report)
     try:
         return log_report_run(

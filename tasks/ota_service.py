@@ -351,24 +351,23 @@ class OtaService:
         return encoded
 
 
-def start_ota_service(settings: Settings, address: BrokerAddress | None = None, fleet: str | None = None) -> OtaService:
+def start_ota_service(settings: Settings, address: BrokerAddress | None = None) -> OtaService:
     """Start the OTA service of a fleet from the settings: the key ring of the key store, the registry's models.
 
     Args:
-        settings: Fleet, broker, MQTT credentials.
+        settings: Fleet, broker, MQTT credentials, key store, as the caller resolved them.
         address: Broker (default: ``settings.mqtt.url``).
-        fleet: Fleet name (default: ``settings.fleet``).
 
     Raises:
         OtaServiceError: No broker configured, or another OTA service serves the fleet.
         KeyStoreError: No signing key ring to verify manifests with.
     """
-    from tasks.deploy import KeyStore, keys_dir
+    from tasks.deploy import KeyStore
 
     if address is None:
         if not settings.mqtt.url:
             raise OtaServiceError("the OTA service needs a broker: pass --broker or set TINYMLOPS_MQTT__URL")
         address = parse_broker_url(settings.mqtt.url)
-    topics = FleetTopics(fleet or settings.fleet, settings.mqtt.topic_root)
-    store = KeyStore(keys_dir())
+    topics = FleetTopics(settings.fleet, settings.mqtt.topic_root)
+    store = KeyStore(settings.resolved_keys_dir)
     return OtaService(address, topics, store.keyring(), reload_keyring=store.keyring, settings=settings.mqtt).start()

@@ -32,7 +32,6 @@ from tasks.evaluate import Evaluation, FeatureSetErrors, ModelComparison, evalua
 from tasks.packaging import PackagedTarget
 from tasks.train import FeatureSets, QualityGateConfig, TrainedModel, TrainingConfig, WindowSpeeds, reconstruction_error
 from tinymlops.schemas import ModelBundle
-from tinymlops.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +123,7 @@ def log_training(
     Returns:
         The MLflow run id.
     """
-    experiment_id = configure_from_settings(get_settings())
+    experiment_id = configure_from_settings()
     plots = training_plots(trained, features, tflm_errors, packaged[0].bundle.metadata.threshold)
     with tempfile.TemporaryDirectory(prefix="tinymlops-keras-") as tmp:
         keras_path = Path(tmp) / "autoencoder.keras"

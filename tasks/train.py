@@ -30,7 +30,6 @@ from firmware.dsp import DspSpec, extract_features, raw_features
 from tasks.lake import LakeWindows
 from tinymlops.contracts.scoring import anomaly_scores
 from tinymlops.errors import ConfigError, TinyMLOpsError
-from tinymlops.settings import get_settings
 from tinymlops.tfcompat import import_tf, quiet_tensorflow
 
 log = logging.getLogger(__name__)
@@ -130,11 +129,11 @@ class TrainingConfig(BaseModel):
     gates: QualityGateConfig = Field(default_factory=QualityGateConfig)
 
 
-def load_training_config(path: Path | str | None = None) -> TrainingConfig:
+def load_training_config(path: Path | str) -> TrainingConfig:
     """Read and validate a training configuration file.
 
     Args:
-        path: YAML file; default the ``training_config`` setting (``data/training.yaml``).
+        path: YAML file (the ``training_config`` setting is ``data/training.yaml``).
 
     Returns:
         The validated configuration.
@@ -143,7 +142,7 @@ def load_training_config(path: Path | str | None = None) -> TrainingConfig:
         ConfigError: The file is missing, is not YAML mapping, or a field is invalid (named in the message).
 
     """
-    path = Path(path) if path is not None else get_settings().training_config
+    path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:

@@ -130,7 +130,7 @@ def test_reference_model_has_the_mlperf_layers_and_macs() -> None:
 
 
 def test_quick_config_only_shortens_training() -> None:
-    config = load_training_config()
+    config = load_training_config(get_settings().training_config)
     quick = quick_training_config(config)
     assert quick.epochs <= 20 and quick.patience <= 5
     assert quick.pruning.fine_tune_epochs <= 3 and quick.quantization.qat_epochs <= 3

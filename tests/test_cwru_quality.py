@@ -30,6 +30,7 @@ from firmware.tflm import op_names
 from tasks.compress import compress
 from tasks.evaluate import evaluate_models
 from tasks.train import featurize, fit_feature_spec, load_training_config, train_autoencoder
+from tinymlops.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def segment(signal: np.ndarray, span: tuple[float, float]) -> np.ndarray:
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_int8_and_tflm_detect_cwru_faults_as_well_as_float(cwru_dir: Path) -> None:
-    config = load_training_config()
+    config = load_training_config(get_settings().training_config)
     normal = drive_end_at_sensor_rate(cwru_dir, "1797_Normal")
     # Overlapping windows inside the training segments; the test segment is never trained or calibrated on.
     parts = {

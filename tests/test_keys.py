@@ -11,9 +11,9 @@ import pytest
 from typer.testing import CliRunner
 
 from firmware.signing import KeyRing, RevokedKeyError, UnknownKeyError, load_private_key, public_key_bytes
-from tasks.deploy import KEYS_DIR_ENV, KeyStore, KeyStoreError, keys_dir
+from tasks.deploy import KEYS_DIR_ENV, KeyStore, KeyStoreError
 from tinymlops.cli_deploy import keys_app
-from tinymlops.settings import REPO_ROOT, reset_settings
+from tinymlops.settings import REPO_ROOT, get_settings, reset_settings
 
 
 @pytest.fixture
@@ -33,9 +33,9 @@ def mode(path: Path) -> int:
 def test_default_location_is_outside_the_repository(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv(KEYS_DIR_ENV, raising=False)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    assert keys_dir() == tmp_path / "config" / "tinymlops" / "keys"
+    assert get_settings().resolved_keys_dir == tmp_path / "config" / "tinymlops" / "keys"
     monkeypatch.delenv("XDG_CONFIG_HOME")
-    assert keys_dir() == Path.home() / ".config" / "tinymlops" / "keys"
+    assert get_settings().resolved_keys_dir == Path.home() / ".config" / "tinymlops" / "keys"
     inside = REPO_ROOT / "data" / "keys-test"
     with pytest.raises(KeyStoreError, match="inside the repository"):
         KeyStore(inside)
@@ -43,7 +43,7 @@ def test_default_location_is_outside_the_repository(monkeypatch: pytest.MonkeyPa
 
 
 def test_init_creates_a_0600_key_once_and_never_overwrites(key_dir: Path) -> None:
-    store = KeyStore(keys_dir())
+    store = KeyStore(get_settings().resolved_keys_dir)
     info, created = store.init("ops-1")
     assert created and info.key_id == "ops-1" and info.state == "signing"
     assert mode(store.private_key_path) == 0o600 and mode(key_dir) == 0o700
@@ -54,7 +54,7 @@ def test_init_creates_a_0600_key_once_and_never_overwrites(key_dir: Path) -> Non
     signer = store.signer()
     ring.verify("ops-1", b"manifest", signer.sign(b"manifest"))  # the ring's key is the private key's half
 
-    again, created = KeyStore(keys_dir()).init("ops-other")
+    again, created = KeyStore(get_settings().resolved_keys_dir).init("ops-other")
     assert not created and again.key_id == "ops-1"
     assert store.private_key_path.read_bytes() == pem  # not overwritten
 

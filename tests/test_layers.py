@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tinymlops.settings import REPO_ROOT
+from tinymlops.settings import REPO_ROOT, MqttSettings, Settings
 
 # Higher layers may import lower ones, never the reverse. The CLI and benchmarks sit on top.
 LAYERS = {"tinymlops": 1, "firmware": 2, "registry": 3, "tasks": 4, "flows": 5}
@@ -76,3 +76,30 @@ def test_contracts_import_nothing_of_the_project() -> None:
             bad = [n for n in names if n.split(".")[0] not in allowed and not n.startswith("tinymlops.contracts")]
             violations += [f"{path.name} imports {n}" for n in bad]
     assert not violations, "\n".join(violations)
+
+
+def test_tasks_read_no_settings_behind_their_callers_backs() -> None:
+    """Settings are resolved at the edge (flows, the CLI) and passed down: no task calls or imports get_settings."""
+    violations = []
+    for path in sorted((REPO_ROOT / "tasks").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                func = node.func
+                name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+                if name == "get_settings":
+                    violations.append(f"{path.name}:{node.lineno} calls get_settings()")
+            elif isinstance(node, ast.ImportFrom) and any(a.name == "get_settings" for a in node.names):
+                violations.append(f"{path.name}:{node.lineno} imports get_settings")
+    assert not violations, "\n".join(violations)
+
+
+def test_a_runs_parameters_replace_the_settings_and_none_or_empty_keeps_them() -> None:
+    """What flows resolve once at their start: the same values ``x or settings.y`` gave, one by one."""
+    base = Settings(fleet="plant", mqtt=MqttSettings(url="mqtt://a:1883", username="ops"))
+    assert base.overridden() == base
+    assert base.overridden(fleet="", broker_url=None, targets=[], training_config=None) == base
+    run = base.overridden(fleet="other", broker_url="mqtt://b:1883", targets=["rp2040"], training_config="t.yaml")
+    assert (run.fleet, run.mqtt.url, run.targets.default) == ("other", "mqtt://b:1883", ["rp2040"])
+    assert run.training_config == Path("t.yaml")
+    assert run.mqtt.username == "ops" and run.drift == base.drift  # the rest of each section is kept
+    assert (base.fleet, base.mqtt.url, base.targets.default) == ("plant", "mqtt://a:1883", Settings().targets.default)

@@ -26,6 +26,7 @@ from tasks.train import (
     train_autoencoder,
 )
 from tinymlops.errors import ConfigError
+from tinymlops.settings import get_settings
 
 # MLPerf Tiny anomaly-detection reference autoencoder: 640-128x4-8-128x4-640.
 REFERENCE_LAYERS = [640, 128, 128, 128, 128, 8, 128, 128, 128, 128, 640]
@@ -59,7 +60,7 @@ def sine_windows(n: int, spec: DspSpec, seed: int) -> np.ndarray:
 
 
 def test_committed_config_loads_and_is_10x_smaller_than_mlperf_reference() -> None:
-    config = load_training_config()
+    config = load_training_config(get_settings().training_config)
     assert config.threshold_percentile == pytest.approx(99.5)
     assert config.quantization.mode in ("qat", "ptq")
     layers = [DspSpec().n_features, *config.hidden, DspSpec().n_features]

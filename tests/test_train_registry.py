@@ -90,7 +90,7 @@ def test_a_model_short_of_the_production_gates_stays_a_candidate_with_the_reason
         )  # fmt: skip
         outcome = compare_and_promote(
             registered, bundle, dataset, window_seconds=settings.sensor.window_samples / dataset.sample_rate_hz,
-            auto_promote=True, gates=load_training_config().gates,
+            auto_promote=True, gates=load_training_config(settings.training_config).gates,
         )  # fmt: skip
         figures = outcome.candidate_eval
         verdict = "promoted" if outcome.promoted else "stayed candidate"

@@ -156,7 +156,7 @@ def bench_firmware(settings: Settings, *, quick: bool) -> dict[str, Any]:
     emulator.find_toolchain()  # before minutes of model building: one line naming a missing tool
     nrf, stm, rp2040 = catalog["nrf52840"], catalog["stm32l4r5"], catalog["rp2040"]
     spec = _fitted_spec(settings)
-    config = load_training_config()
+    config = load_training_config(settings.training_config)
     ours = _int8_model(spec.n_features, config.hidden, config.seed)
     reference = _int8_model(_REFERENCE_FEATURES, REFERENCE_HIDDEN, config.seed)
     windows = measurement_window(spec)

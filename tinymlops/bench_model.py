@@ -222,7 +222,7 @@ def bench_model(settings: Settings, *, quick: bool) -> dict[str, Any]:
         BenchDataError: The CWRU recordings are missing.
     """
     _check_cwru(settings.cwru_dir)
-    config = load_training_config()
+    config = load_training_config(settings.training_config)
     if quick:
         config = quick_training_config(config)
     catalog = load_catalog(settings.targets.catalog)

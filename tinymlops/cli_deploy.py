@@ -173,9 +173,9 @@ def deploy_command(
 
 
 def _store() -> KeyStore:
-    from tasks.deploy import KeyStore, keys_dir
+    from tasks.deploy import KeyStore
 
-    return KeyStore(keys_dir())
+    return KeyStore(get_settings().resolved_keys_dir)
 
 
 @keys_app.command("init")
@@ -271,7 +271,7 @@ def ota_serve_command(
     if not url:
         raise ConfigError("the OTA service needs a broker: pass --broker or set TINYMLOPS_MQTT__URL")
     require_broker(url, "--broker" if broker else "TINYMLOPS_MQTT__URL")
-    service = start_ota_service(settings, parse_broker_url(url), fleet)
+    service = start_ota_service(settings.overridden(fleet=fleet), parse_broker_url(url))
     console.print(f"OTA service of fleet {service.topics.fleet} on {url}; Ctrl-C stops it", highlight=False)
     try:
         service.wait_stopped()

@@ -249,11 +249,11 @@ def start_devices(
     """Start a device fleet per MCU profile, streaming and scoring in real time; stopped with ``stack``."""
     from firmware.device import DeviceConfig
     from firmware.device_fleet import DeviceFleet
-    from tasks.deploy import KeyStore, keys_dir
+    from tasks.deploy import KeyStore
     from tinymlops.targets import load_catalog
 
     # The machine's signing key (outside the repository), created on first use; devices trust its ring.
-    store = KeyStore(keys_dir())
+    store = KeyStore(settings.resolved_keys_dir)
     store.init()
     keyring = store.keyring()
     catalog = load_catalog(settings.targets.catalog)
@@ -310,7 +310,7 @@ def start_emulated_device(settings: Settings, config: DemoConfig, address: Any, 
     from firmware.emulator import EmulatorError, build_images
     from firmware.gateway import GatewayConfig
     from firmware.sensor import MachineSimulator
-    from tasks.deploy import KeyStore, keys_dir
+    from tasks.deploy import KeyStore
     from tinymlops.targets import load_catalog
 
     profile = load_catalog(settings.targets.catalog)[config.profiles[0]]
@@ -323,7 +323,7 @@ def start_emulated_device(settings: Settings, config: DemoConfig, address: Any, 
         log.warning("no emulated device: %s", exc)
         return None
     gateway = GatewayConfig(topic_root=settings.mqtt.topic_root, window_interval_s=0.5, publish_windows=False)
-    fleet = EmulatedFleet(settings.fleet, 1, profile, KeyStore(keys_dir()).keyring(), address,
+    fleet = EmulatedFleet(settings.fleet, 1, profile, KeyStore(settings.resolved_keys_dir).keyring(), address,
                           state_root=settings.data_dir / "emulated", board=profile.emulated_board, config=gateway,
                           device_prefix=f"{profile.name[:3]}-fw", mqtt_settings=settings.mqtt)  # fmt: skip
     for device in fleet.devices:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -266,6 +267,29 @@ class Settings(BaseSettings):
             return self.keys_dir.expanduser()
         config_home = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
         return Path(config_home).expanduser() / "tinymlops" / "keys"
+
+    def overridden(
+        self,
+        *,
+        fleet: str | None = None,
+        broker_url: str | None = None,
+        targets: Sequence[str] | None = None,
+        training_config: str | Path | None = None,
+    ) -> Settings:
+        """These settings with a run's parameters in their place; a parameter left None or empty keeps the setting.
+
+        Flows and CLI commands call it once at their start and pass what they resolved down to the tasks.
+        """
+        update: dict[str, Any] = {}
+        if fleet:
+            update["fleet"] = fleet
+        if broker_url:
+            update["mqtt"] = self.mqtt.model_copy(update={"url": broker_url})
+        if targets:
+            update["targets"] = self.targets.model_copy(update={"default": list(targets)})
+        if training_config:
+            update["training_config"] = Path(training_config)
+        return self.model_copy(update=update)
 
     def resolved(self) -> dict[str, Any]:
         """Every setting as JSON values, with the defaults that derive from others filled in; secrets masked."""
