@@ -37,7 +37,6 @@ import paho.mqtt.client as mqtt
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
-from firmware.dsp import READABLE_VERSIONS, DspSpec
 from firmware.signing import (
     BadSignatureError,
     KeyRing,
@@ -46,6 +45,7 @@ from firmware.signing import (
     UnknownKeyError,
     private_key_from_seed,
 )
+from tinymlops.contracts.dsp import READABLE_VERSIONS, DspSpec
 from tinymlops.contracts.topics import (
     DEVICE_AUDIENCE,
     GROUP_AUDIENCE,

@@ -60,7 +60,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from firmware.dsp import DspSpec
 from firmware.ota import (
     DEFAULT_CHUNK_SIZE,
     U32_MAX,
@@ -95,6 +94,7 @@ from registry.promotion import rollback
 from registry.store import configure_from_settings, configure_mlflow, first_line, is_http_uri, mlflow_client
 from tasks.ota_service import parse_presence
 from tasks.rates import rate_lower_bound
+from tinymlops.contracts.dsp import DspSpec
 from tinymlops.contracts.topics import FleetTopics, TopicKind
 from tinymlops.errors import TinyMLOpsError
 from tinymlops.mqtt import BrokerAddress, connect, make_client
@@ -374,7 +374,7 @@ class DeployableModel:
             name=meta.model_name,
             target=meta.target,
             tflite=bundle.tflite(),
-            dsp_spec=DspSpec.from_json(bundle.dsp_spec_json()),
+            dsp_spec=bundle.dsp_spec(),
             threshold=meta.threshold,
             arena_bytes=meta.arena_bytes,
             registry_version=version.version if version else None,

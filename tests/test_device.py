@@ -26,7 +26,6 @@ from typer.testing import CliRunner
 from firmware import codec
 from firmware.device import DeviceConfig, DeviceError, DeviceRuntime, MemoryBudget
 from firmware.device_fleet import DeviceFleet
-from firmware.dsp import DspSpec, extract_features, raw_features
 from firmware.ota import (
     Announcement,
     DeviceStatus,
@@ -47,6 +46,7 @@ from firmware.signing import KeyRing, ManifestSigner, generate_keypair, load_pri
 from firmware.tflm import TflmRunner, measure_arena
 from tests.fault_ledger import FaultRecord, record
 from tests.int8_model import int8_autoencoder, with_first_dense_zeroed
+from tinymlops.contracts.dsp import DspSpec, extract_features, raw_features
 from tinymlops.contracts.scoring import anomaly_scores
 from tinymlops.contracts.topics import FleetTopics
 from tinymlops.mqtt import AmqttBroker, BrokerAddress, MosquittoBroker, connect, make_client

@@ -38,7 +38,6 @@ from typer.testing import CliRunner
 from firmware.codec import VibrationWindow, encode
 from firmware.device import DeviceConfig
 from firmware.device_fleet import DeviceFleet
-from firmware.dsp import DspSpec, raw_features
 from firmware.ota import DeviceStatus, ModelPublisher, ScoreBatch
 from firmware.sensor import MachineSimulator
 from firmware.signing import KeyRing, ManifestSigner, generate_keypair
@@ -56,6 +55,7 @@ from tests.fault_ledger import FaultRecord, record, tally_lake, unreadable_files
 from tests.int8_model import int8_autoencoder
 from tests.test_registry import FINGERPRINT, catalog_target, make_bundle
 from tinymlops.cli import app as cli_app
+from tinymlops.contracts.dsp import DspSpec, raw_features
 from tinymlops.contracts.topics import FleetTopics
 from tinymlops.mqtt import BrokerAddress, MosquittoBroker, connect, free_port, make_client
 from tinymlops.schemas import load_bundle, registered_model_name

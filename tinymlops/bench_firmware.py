@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from firmware.dsp import DspSpec, extract_features, raw_features
 from firmware.sensor import MachineSimulator
 from firmware.tflm import TflmRunner, count_macs, measure_arena
 from tasks.budget import measurement_window, validate_budget
@@ -29,6 +28,7 @@ from tasks.compress import to_tflite_int8
 from tasks.mlperf_reference import REFERENCE_HIDDEN
 from tasks.train import build_autoencoder, load_training_config
 from tinymlops.bench import machine_description
+from tinymlops.contracts.dsp import DspSpec, extract_features, raw_features
 from tinymlops.settings import Settings
 from tinymlops.targets import McuTarget, load_catalog
 
