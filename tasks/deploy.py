@@ -13,7 +13,7 @@ The device side is ``firmware/OTA_PROTOCOL.md``; this module is the server's par
   a field out of the protocol's bounds, is rejected for the device of that topic only and
   reported as skipped with the reason.
 * **Delivery** (:class:`DeploymentSession`): signed manifests per device (or per group) through
-  :class:`~firmware.ota.ModelPublisher`, which serves the chunks the devices pull; the session
+  :class:`~tasks.ota_publisher.ModelPublisher`, which serves the chunks the devices pull; the session
   waits for each device's final status (``active``, ``failed: ...``, ``ignored: ...``) and keeps
   the latencies the devices report. A device that never answers within the timeout is
   reported as not delivered; while the fleet's OTA service (:mod:`tasks.ota_service`) runs,
@@ -65,7 +65,6 @@ from firmware.ota import (
     U32_MAX,
     Announcement,
     DeviceStatus,
-    ModelPublisher,
     ModelRef,
     OtaDecodeError,
     OtaError,
@@ -92,6 +91,7 @@ from registry.errors import PromotionError, RegistryError
 from registry.models import CHAMPION, PREVIOUS, TAG_SHA256, RegisteredVersion, aliases_of, resolve
 from registry.promotion import rollback
 from registry.store import configure_from_settings, configure_mlflow, first_line, is_http_uri, mlflow_client
+from tasks.ota_publisher import ModelPublisher
 from tasks.ota_service import parse_presence
 from tasks.rates import rate_lower_bound
 from tinymlops.contracts.dsp import DspSpec

@@ -31,7 +31,6 @@ from firmware.ota import (
     DeviceStatus,
     DriftSummary,
     Manifest,
-    ModelPublisher,
     OtaError,
     ScoreBatch,
     build_manifest,
@@ -44,6 +43,7 @@ from firmware.ota import (
 from firmware.sensor import DriftSpec, FaultSpec, MachineSimulator, OperatingPoint, quantize
 from firmware.signing import KeyRing, ManifestSigner, generate_keypair, load_private_key
 from firmware.tflm import TflmRunner, measure_arena
+from tasks.ota_publisher import ModelPublisher
 from tests.fault_ledger import FaultRecord, record
 from tests.int8_model import int8_autoencoder, with_first_dense_zeroed
 from tinymlops.contracts.dsp import DspSpec, extract_features, raw_features

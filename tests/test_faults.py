@@ -38,7 +38,7 @@ from typer.testing import CliRunner
 from firmware.codec import VibrationWindow, encode
 from firmware.device import DeviceConfig
 from firmware.device_fleet import DeviceFleet
-from firmware.ota import DeviceStatus, ModelPublisher, ScoreBatch
+from firmware.ota import DeviceStatus, ScoreBatch
 from firmware.sensor import MachineSimulator
 from firmware.signing import KeyRing, ManifestSigner, generate_keypair
 from firmware.tflm import measure_arena
@@ -50,6 +50,7 @@ from registry.tracking import log_training_run
 from tasks.deploy import DeployableModel, DeploymentReport, DeploymentSession
 from tasks.ingest import IngestConfig, IngestStats, ensure_subscription, run_ingest
 from tasks.lake import read_keys, read_quarantine, read_windows
+from tasks.ota_publisher import ModelPublisher
 from tasks.registration import register_bundle_task
 from tests.fault_ledger import FaultRecord, record, tally_lake, unreadable_files
 from tests.int8_model import int8_autoencoder

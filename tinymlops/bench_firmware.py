@@ -85,8 +85,9 @@ def bench_ota(model: bytes, spec: DspSpec, target: McuTarget, deployments: int) 
     from firmware.device import DeviceConfig, DeviceRuntime
     from firmware.emulated import EmulatedDevice
     from firmware.gateway import GatewayConfig
-    from firmware.ota import DeviceStatus, ModelPublisher
+    from firmware.ota import DeviceStatus
     from firmware.signing import KeyRing, ManifestSigner, generate_keypair
+    from tasks.ota_publisher import ModelPublisher
     from tinymlops.contracts.topics import FleetTopics
     from tinymlops.mqtt import MosquittoBroker
 
