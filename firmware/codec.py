@@ -25,7 +25,7 @@ Version 2 is the same without ``rpm`` and ``load`` (a 31-byte header), version 1
 start stays unique as long as its epoch changes. Decoding raises :class:`DecodeError` with one line
 naming what is wrong, and nothing else. An rpm that is not finite or negative, or a load outside
 0..1, is not a decode error: the samples are good data whose operating condition is unusable, kept
-as sent for the scorer's documented fallback (``firmware.dsp.resolve_speed``).
+as sent for the scorer's documented fallback (``tinymlops.contracts.dsp.resolve_speed``).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ Ed25519 signature and the sha256, loads the model into the real TensorFlow Lite 
 interpreter, checks that it reproduces the manifest's reference outputs (within the stated
 tolerance in LSB), runs one smoke inference, and swaps it in atomically. Any failure leaves the
 previous model running and says why on the status topic. Scoring uses the same DSP front end as
-training (:func:`firmware.dsp.extract_features`) on windows of the node's own
+training (:func:`tinymlops.contracts.dsp.extract_features`) on windows of the node's own
 :class:`~firmware.sensor.MachineSimulator`, each normalised at its own shaft speed (the machine's
 tachometer value; a window without a usable speed at the model's reference speed, counted as
 ``speed_fallback`` in drift summaries and status counters), and publishes scores and drift summaries.
@@ -49,7 +49,6 @@ import paho.mqtt.client as mqtt
 
 from firmware.boot import next_boot_epoch
 from firmware.codec import VibrationWindow, encode
-from firmware.dsp import READABLE_VERSIONS, DspSpec, extract_features, resolve_speed
 from firmware.ota import (
     MAX_CHUNK_SIZE,
     SCORE_EDGES_REL,
@@ -71,6 +70,7 @@ from firmware.ota import (
 from firmware.sensor import MachineSimulator, VibrationSource, quantize
 from firmware.signing import KeyRing
 from firmware.tflm import TflmRunner
+from tinymlops.contracts.dsp import READABLE_VERSIONS, DspSpec, extract_features, resolve_speed
 from tinymlops.contracts.scoring import anomaly_scores, is_anomalous
 from tinymlops.contracts.topics import FleetTopics, check_name
 from tinymlops.errors import TinyMLOpsError

@@ -3,7 +3,7 @@
 The library is built with ``make`` into ``firmware/c/build/`` on first use, and rebuilt when a
 source is newer than it. It lets the server run the exact arithmetic the MCU runs (single
 precision, int16 samples plus a scale) and compare it with the numpy reference in
-:mod:`firmware.dsp`.
+:mod:`tinymlops.contracts.dsp`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from firmware.dsp import DspSpec
+from tinymlops.contracts.dsp import DspSpec
 from tinymlops.errors import TinyMLOpsError
 
 logger = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ class NativeFrontEnd:
 
 
 def native_raw_features(samples_int16: npt.ArrayLike, scale: float, spec: DspSpec) -> npt.NDArray[np.float32]:
-    """Raw features computed by the device's C code: the counterpart of :func:`firmware.dsp.raw_features`.
+    """Raw features computed by the device's C code: the counterpart of :func:`tinymlops.contracts.dsp.raw_features`.
 
     Args:
         samples_int16: int16 windows, shape (n, spec.window_samples) or (spec.window_samples,).
@@ -218,5 +218,8 @@ def native_raw_features(samples_int16: npt.ArrayLike, scale: float, spec: DspSpe
 
 
 def native_features(samples_int16: npt.ArrayLike, scale: float, spec: DspSpec) -> npt.NDArray[np.float32]:
-    """Normalised features computed by the C code: the counterpart of :func:`firmware.dsp.extract_features`."""
+    """Normalised features computed by the C code.
+
+    The counterpart of :func:`tinymlops.contracts.dsp.extract_features`.
+    """
     return NativeFrontEnd(spec).features(samples_int16, scale)

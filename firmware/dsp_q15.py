@@ -1,12 +1,12 @@
 """ctypes binding of the fixed-point DSP front end in C (``firmware/c/dsp_q15.c``).
 
 The front end for cores without an FPU (Cortex-M0+, the RP2040): the features of
-:func:`firmware.dsp.raw_features` computed in integer arithmetic only (q15 Hann and twiddles,
+:func:`tinymlops.contracts.dsp.raw_features` computed in integer arithmetic only (q15 Hann and twiddles,
 block-floating-point int32 FFT, 64-bit energies, fixed-point log2). The library is built with
 ``make -f dsp_q15.mk`` into ``firmware/c/build/`` on first use and rebuilt when a source is newer.
 
-:func:`raw_features_q15` and :func:`features_q15` mirror :func:`firmware.dsp.raw_features` and
-:func:`firmware.dsp.extract_features`: windows in physical units are quantized to int16 per window
+:func:`raw_features_q15` and :func:`features_q15` mirror :func:`tinymlops.contracts.dsp.raw_features` and
+:func:`tinymlops.contracts.dsp.extract_features`: windows in physical units are quantized to int16 per window
 (the largest magnitude at full scale) as a sensor would deliver them; int16 windows with their
 ``scale`` go in unchanged, as on the wire.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from firmware.dsp import DspSpec, normalise
+from tinymlops.contracts.dsp import DspSpec, normalise
 from tinymlops.errors import TinyMLOpsError
 
 logger = logging.getLogger(__name__)
@@ -327,7 +327,7 @@ def _front_end_input(
 
 
 def raw_features_q15(windows: npt.ArrayLike, spec: DspSpec, *, scale: float | None = None) -> Float32Array:
-    """Raw features by the fixed-point C front end: the counterpart of :func:`firmware.dsp.raw_features`.
+    """Raw features by the fixed-point C front end: the counterpart of :func:`tinymlops.contracts.dsp.raw_features`.
 
     Args:
         windows: Physical windows (n, spec.window_samples) or (spec.window_samples,), quantized to
@@ -349,7 +349,9 @@ def raw_features_q15(windows: npt.ArrayLike, spec: DspSpec, *, scale: float | No
 def features_q15(
     windows: npt.ArrayLike, spec: DspSpec, *, scale: float | None = None, rpm: npt.ArrayLike | None = None
 ) -> Float32Array:
-    """Normalised fixed-point features at each window's speed: the counterpart of :func:`firmware.dsp.extract_features`.
+    """Normalised fixed-point features at each window's speed.
+
+    The counterpart of :func:`tinymlops.contracts.dsp.extract_features`.
 
     Raises:
         Q15DspError: As :func:`raw_features_q15`, or the spec is not fitted.

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from firmware.dsp import DspSpec
+from tinymlops.contracts.dsp import DspSpec
 from tinymlops.errors import TinyMLOpsError
 
 logger = logging.getLogger(__name__)

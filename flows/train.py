@@ -10,7 +10,6 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
-from firmware.dsp import DspSpec
 from tasks.compress import compress_task
 from tasks.datasets import Accumulation, LakeSelection, load_dataset_task, skipped_summary
 from tasks.evaluate import (
@@ -30,6 +29,7 @@ from tasks.packaging import (
 )
 from tasks.registration import compare_and_promote_task, log_training_task, register_bundle_task
 from tasks.train import WindowSpeeds, build_feature_sets_task, load_training_config, train_autoencoder_task
+from tinymlops.contracts.dsp import DspSpec
 from tinymlops.settings import get_settings
 from tinymlops.targets import get_target, load_catalog
 

@@ -6,7 +6,7 @@ exactly what a device is flashed with. :meth:`VibrationAnomalyModel.load_context
 whose ``.tflite`` no longer matches the sha256 in its ``bundle.json`` before it scores anything;
 :func:`registry.models.resolve` also checks every file against the registration's tags.
 
-Scoring uses the one DSP front end (:func:`firmware.dsp.extract_features`) and the int8 model in
+Scoring uses the one DSP front end (:func:`tinymlops.contracts.dsp.extract_features`) and the int8 model in
 the TFLite interpreter (:func:`firmware.tflm.tflite_predict`), with the same error as training:
 the mean squared difference between the normalised features and their reconstruction.
 
@@ -24,9 +24,9 @@ import numpy.typing as npt
 import pandas as pd
 from mlflow.pyfunc.model import PythonModel
 
-from firmware.dsp import DspSpec, extract_features
 from firmware.tflm import tflite_predict
 from registry.errors import ModelArtifactsError, ModelInputError, ModelIntegrityError
+from tinymlops.contracts.dsp import extract_features
 from tinymlops.contracts.scoring import anomaly_scores, is_anomalous
 from tinymlops.schemas import METADATA_FILE, BundleError, ModelBundle, load_bundle, sha256_hex
 
@@ -162,7 +162,7 @@ class VibrationAnomalyModel(PythonModel):
         bundle = open_verified_bundle(Path(context.artifacts[BUNDLE_ARTIFACT]))
         self.bundle = bundle
         self.model = bundle.tflite()
-        self.spec = DspSpec.from_json(bundle.dsp_spec_json())
+        self.spec = bundle.dsp_spec()
         if not self.spec.is_fitted or self.spec.n_features != bundle.metadata.n_features:
             raise ModelArtifactsError(
                 f"{bundle.directory}: DSP spec has {len(self.spec.mean)} normalisation statistics, "

@@ -5,8 +5,10 @@ DSP spec version, seed, ...), the metrics (AUC, F1, false alarms of the float, i
 Micro models; sizes; arena; MACs; per-target latency), the per-epoch loss curves, the dataset
 fingerprint (a tag and an MLflow dataset input describing the lake selection), the plots and the
 artifacts: the Keras model, every bundle's files under ``bundles/<target>/`` and any reports.
-The run is written with :class:`mlflow.MlflowClient` calls on an explicit run id, so it neither
-needs nor disturbs an active fluent run.
+Monitoring runs (:func:`log_report_run`) and over-the-air deployment runs
+(:func:`log_deployment_run`) are logged here too. Every run is written with
+:class:`mlflow.MlflowClient` calls on an explicit run id, so it neither needs nor disturbs an
+active fluent run.
 """
 
 from __future__ import annotations
@@ -278,5 +280,56 @@ def log_report_run(
     except MlflowException as exc:
         client.set_terminated(run_id, "FAILED")
         raise RegistryError(f"cannot log run {run_name!r}: {first_line(exc)}") from exc
+    client.set_terminated(run_id, "FINISHED")
+    return str(run_id)
+
+
+def log_deployment_run(
+    experiment_id: str,
+    *,
+    run_name: str,
+    tags: Mapping[str, str],
+    params: Mapping[str, Any],
+    metrics: Mapping[str, float],
+    markdown: str,
+    report: Mapping[str, Any],
+    flow_run_id: str | None = None,
+) -> str:
+    """Log one over-the-air deployment: its figures and its report as ``deployment_report.md`` and ``.json``.
+
+    Args:
+        experiment_id: The deployments experiment (:func:`registry.store.configure_experiment`).
+        run_name: Run name shown in the UI.
+        tags: Run tags (outcome, model sha256, target).
+        params: Parameters, logged as text.
+        metrics: Figures (device counts, latencies, canary rates), logged at the run's start time.
+        markdown: The report as markdown.
+        report: The report as a JSON-serialisable mapping.
+        flow_run_id: The Prefect flow run, tagged ``prefect.flow_run_id``.
+
+    Returns:
+        The run id.
+
+    Raises:
+        RegistryError: MLflow refused to log (the run is marked FAILED).
+    """
+    from mlflow.entities import Metric, Param
+
+    client = mlflow_client()
+    run_tags = {**tags, **({TAG_FLOW_RUN_ID: flow_run_id} if flow_run_id else {})}
+    run = client.create_run(experiment_id, tags=run_tags, run_name=run_name)
+    run_id = run.info.run_id
+    stamp = run.info.start_time
+    try:
+        client.log_batch(
+            run_id,
+            metrics=[Metric(k, v, stamp, 0) for k, v in metrics.items()],
+            params=[Param(k, str(v)) for k, v in params.items()],
+        )
+        client.log_text(run_id, markdown, "deployment_report.md")
+        client.log_dict(run_id, dict(report), "deployment_report.json")
+    except Exception as exc:
+        client.set_terminated(run_id, "FAILED")
+        raise RegistryError(f"logging deployment run {run_id} failed: {first_line(exc)}") from exc
     client.set_terminated(run_id, "FINISHED")
     return str(run_id)

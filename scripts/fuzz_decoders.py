@@ -74,7 +74,6 @@ def load_targets() -> dict[str, Target]:
     import numpy as np
 
     from firmware import codec
-    from firmware.dsp import DspSpec
     from firmware.ota import (
         Announcement,
         Chunk,
@@ -95,6 +94,7 @@ def load_targets() -> dict[str, Target]:
         group_audience,
     )
     from firmware.signing import ManifestSigner, generate_keypair
+    from tinymlops.contracts.dsp import DspSpec
     from tinymlops.errors import DecodeError
 
     def same_bytes(payload: bytes, decoded: Any) -> None:

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from firmware.dsp import DspSpec
 from firmware.tflm import ArenaMeasurement, ParityReport, TflmRunner, compare_interpreters, count_macs, measure_arena
+from tinymlops.contracts.dsp import DspSpec
 from tinymlops.errors import TinyMLOpsError
 from tinymlops.targets import McuTarget
 

@@ -33,9 +33,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from firmware.codec import VibrationWindow
-from firmware.dsp import COVERAGE_GAP, DEFAULT_VALID_RPM, DspSpec, covered
 from firmware.sensor import FaultSpec, MachineSimulator, OperatingPoint, quantize
 from tasks.lake import LakeWindows, WindowBatch, read_windows, window_problems, write_windows
+from tinymlops.contracts.dsp import COVERAGE_GAP, DEFAULT_VALID_RPM, DspSpec, covered
 from tinymlops.errors import TinyMLOpsError
 from tinymlops.settings import DEFAULT_MAX_ABS_G
 
@@ -237,7 +237,7 @@ def fingerprint(windows: LakeWindows, selection: LakeSelection) -> str:
 def operating_points(rpm: npt.ArrayLike, coverage_rpm: Sequence[tuple[float, float]]) -> npt.NDArray[np.object_]:
     """Name each window's operating point: a speed interval (``"1029-1530 rpm"``) or :data:`SPEED_NOT_KNOWN`.
 
-    A speed inside one of ``coverage_rpm`` (with the 5 % margin of ``firmware.dsp.covered``) belongs
+    A speed inside one of ``coverage_rpm`` (with the 5 % margin of ``tinymlops.contracts.dsp.covered``) belongs
     to that interval; the other usable speeds are grouped like the DSP spec groups training speeds
     (neighbours within 10 % form one interval); a speed that is missing, not finite or outside the
     valid range has none.
@@ -578,7 +578,7 @@ def champion_accumulation(model_ref: str, max_windows: int) -> Accumulation | No
         return Accumulation.of_champion(
             f"{champion.version.name}/{champion.version.version}",
             bundle.metadata.trained_span_us,
-            DspSpec.from_json(bundle.dsp_spec_json()),
+            bundle.dsp_spec(),
             max_windows,
         )
 

@@ -13,7 +13,7 @@ The device side is ``firmware/OTA_PROTOCOL.md``; this module is the server's par
   a field out of the protocol's bounds, is rejected for the device of that topic only and
   reported as skipped with the reason.
 * **Delivery** (:class:`DeploymentSession`): signed manifests per device (or per group) through
-  :class:`~firmware.ota.ModelPublisher`, which serves the chunks the devices pull; the session
+  :class:`~tasks.ota_publisher.ModelPublisher`, which serves the chunks the devices pull; the session
   waits for each device's final status (``active``, ``failed: ...``, ``ignored: ...``) and keeps
   the latencies the devices report. A device that never answers within the timeout is
   reported as not delivered; while the fleet's OTA service (:mod:`tasks.ota_service`) runs,
@@ -60,13 +60,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from firmware.dsp import DspSpec
 from firmware.ota import (
     DEFAULT_CHUNK_SIZE,
     U32_MAX,
     Announcement,
     DeviceStatus,
-    ModelPublisher,
     ModelRef,
     OtaDecodeError,
     OtaError,
@@ -89,12 +87,15 @@ from firmware.signing import (
     public_key_from_bytes,
     save_private_key,
 )
-from registry.errors import PromotionError, RegistryError
+from registry.errors import PromotionError
 from registry.models import CHAMPION, PREVIOUS, TAG_SHA256, RegisteredVersion, aliases_of, resolve
 from registry.promotion import rollback
 from registry.store import configure_experiment, configure_from_settings, first_line, mlflow_client
+from registry.tracking import log_deployment_run
+from tasks.ota_publisher import ModelPublisher
 from tasks.ota_service import parse_presence
 from tasks.rates import rate_lower_bound
+from tinymlops.contracts.dsp import DspSpec
 from tinymlops.contracts.topics import FleetTopics, TopicKind
 from tinymlops.errors import TinyMLOpsError
 from tinymlops.mqtt import BrokerAddress, connect, make_client
@@ -369,7 +370,7 @@ class DeployableModel:
             name=meta.model_name,
             target=meta.target,
             tflite=bundle.tflite(),
-            dsp_spec=DspSpec.from_json(bundle.dsp_spec_json()),
+            dsp_spec=bundle.dsp_spec(),
             threshold=meta.threshold,
             arena_bytes=meta.arena_bytes,
             registry_version=version.version if version else None,
@@ -1273,22 +1274,14 @@ def held_outcomes(model: DeployableModel, devices: Sequence[Announcement], reaso
     return outcomes
 
 
-def log_deployment_run(report: DeploymentReport, *, flow_run_id: str | None, settings: Settings | None = None) -> str:
+def log_deployment(report: DeploymentReport, *, flow_run_id: str | None, settings: Settings | None = None) -> str:
     """Log the deployment to MLflow (experiment ``tinymlops-deployments``); return the run id.
 
     Params: model, version, fleet, canary; metrics: device counts, latency p50/p95, canary rates;
-    artifacts: the report as markdown and JSON; tag ``prefect.flow_run_id``.
+    artifacts: the report as markdown and JSON; tag ``prefect.flow_run_id``
+    (:func:`registry.tracking.log_deployment_run`).
     """
-    from mlflow.entities import Metric, Param
-
     experiment_id = configure_experiment(DEPLOY_EXPERIMENT, settings, description=DEPLOY_DESCRIPTION)
-    client = mlflow_client()
-    tags = {"outcome": report.outcome, "model_sha256": report.sha256, "target": report.target}
-    if flow_run_id:
-        tags["prefect.flow_run_id"] = flow_run_id
-    run = client.create_run(experiment_id, tags=tags, run_name=f"deploy-{report.model}-{report.fleet}")
-    run_id = run.info.run_id
-    stamp = run.info.start_time
     params = {"model": report.model, "model_ref": report.model_ref, "version": report.registry_version or "",
               "fleet": report.fleet, "target": report.target, "canary_fraction": report.canary_fraction,
               "broker": report.broker}  # fmt: skip
@@ -1301,20 +1294,18 @@ def log_deployment_run(report: DeploymentReport, *, flow_run_id: str | None, set
             if value is not None:
                 metrics[f"canary_{key}"] = float(value)
         metrics["canary_healthy"] = float(report.canary.healthy)
-    try:
-        client.log_batch(
-            run_id,
-            metrics=[Metric(k, v, stamp, 0) for k, v in metrics.items()],
-            params=[Param(k, str(v)) for k, v in params.items()],
-        )
-        client.log_text(run_id, report.to_markdown(), "deployment_report.md")
-        client.log_dict(run_id, report.to_dict(), "deployment_report.json")
-    except Exception as exc:
-        client.set_terminated(run_id, "FAILED")
-        raise RegistryError(f"logging deployment run {run_id} failed: {first_line(exc)}") from exc
-    client.set_terminated(run_id, "FINISHED")
+    run_id = log_deployment_run(
+        experiment_id,
+        run_name=f"deploy-{report.model}-{report.fleet}",
+        tags={"outcome": report.outcome, "model_sha256": report.sha256, "target": report.target},
+        params=params,
+        metrics=metrics,
+        markdown=report.to_markdown(),
+        report=report.to_dict(),
+        flow_run_id=flow_run_id,
+    )
     log.info("deployment logged to MLflow run %s", run_id)
-    return str(run_id)
+    return run_id
 
 
 # --- Prefect tasks -----------------------------------------------------------------------------
@@ -1374,8 +1365,8 @@ def rollback_canaries_task(
 
 @task(name="log-deployment", retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
 def log_deployment_task(report: DeploymentReport, flow_run_id: str | None) -> str:
-    """Prefect task: :func:`log_deployment_run`."""
-    return log_deployment_run(report, flow_run_id=flow_run_id)
+    """Prefect task: :func:`log_deployment`."""
+    return log_deployment(report, flow_run_id=flow_run_id)
 
 
 def load_signer(keys_dir: Path) -> ManifestSigner:

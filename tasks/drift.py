@@ -1,6 +1,6 @@
 """Drift statistics and the decision "this machine is faulty" versus "the fleet's data drifted".
 
-Everything here is plain numpy/scipy on normalised DSP features (``firmware.dsp``: 32 log band
+Everything here is plain numpy/scipy on normalised DSP features (``tinymlops.contracts.dsp``: 32 log band
 energies, then log RMS, log kurtosis, crest factor) and reconstruction errors of the deployed
 model, compared with the champion's :class:`~tinymlops.schemas.DriftReference` (a sample of its
 training features, its errors on held-out normal windows, its expected false-alarm rate).
@@ -28,11 +28,11 @@ Why the rule looks the way it does (measured on the simulator, see ``tests/test_
   when its kurtosis or crest lies beyond the reference's 1st/99th percentile; a device has a
   **fault signature** when most (>= 50%) of its windows are changed that way.
 
-Operating points (a speed-aware champion, ``firmware.dsp`` spec version 2): each window is scored at
+Operating points (a speed-aware champion, ``tinymlops.contracts.dsp`` spec version 2): each window is scored at
 its own shaft speed. A window whose speed is unusable (missing, not finite, outside the spec's valid
 range) is normalised at the reference speed (the documented fallback), judged like the others and
 counted. A window at a usable speed outside the intervals the champion trained on
-(``firmware.dsp.covered``, 5 % margin) is *uncovered*: the model has never seen the machine there, so
+(``tinymlops.contracts.dsp.covered``, 5 % margin) is *uncovered*: the model has never seen the machine there, so
 its anomalies say nothing about the machine. When more than half (:data:`NEW_OPERATING_POINT_FRACTION`)
 of a device's windows are uncovered, the device is ``drift`` of kind ``new operating point`` (never a
 fault alert: it is the fleet's data that moved); otherwise its uncovered windows are left out and the
@@ -324,7 +324,7 @@ class ShapeChange:
 def shape_change(reference_features: npt.ArrayLike, current_features: npt.ArrayLike) -> ShapeChange:
     """Measure how many windows have a kurtosis or crest factor beyond the reference's 1%/99% range.
 
-    The last two DSP features are log kurtosis and crest factor (``firmware.dsp``).
+    The last two DSP features are log kurtosis and crest factor (``tinymlops.contracts.dsp``).
     """
     ref = _matrix(reference_features, "reference features")
     cur = _matrix(current_features, "current features", ref.shape[1])

@@ -23,7 +23,6 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from sklearn.metrics import roc_auc_score
 
-from firmware.dsp import DspSpec, extract_features
 from firmware.tflm import TflmRunner, tflite_predict
 from tasks.datasets import DatasetSplit
 from tasks.rates import DEFAULT_CONFIDENCE, rate_upper_bound
@@ -37,6 +36,7 @@ from tasks.train import (
     check_features,
     reconstruction_error,
 )
+from tinymlops.contracts.dsp import DspSpec, extract_features
 from tinymlops.contracts.scoring import is_anomalous
 from tinymlops.errors import TinyMLOpsError
 from tinymlops.schemas import ModelBundle
@@ -536,7 +536,7 @@ def evaluate_bundle(
         confidence: Confidence of the upper bound of the false-alarm rate.
     """
     speeds = speeds or WindowSpeeds()
-    spec = DspSpec.from_json(bundle.dsp_spec_json())
+    spec = bundle.dsp_spec()
     x_normal = extract_features(normal, spec, speeds.test)
     x_faults = {name: extract_features(rows, spec, speeds.faults.get(name)) for name, rows in faults.items()}
     int8 = bundle.tflite()

@@ -28,7 +28,6 @@ import numpy.typing as npt
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from firmware.dsp import DspSpec, covered, extract_features, resolve_speed
 from firmware.tflm import TflmRunner
 from registry.errors import ModelNotFoundError
 from registry.models import ResolvedModel, resolve
@@ -47,6 +46,7 @@ from tasks.drift import (
 )
 from tasks.lake import read_windows
 from tasks.train import reconstruction_error
+from tinymlops.contracts.dsp import DspSpec, covered, extract_features, resolve_speed
 from tinymlops.contracts.events import (
     ALERT_EVENT,
     DRIFT_EVENT,
@@ -103,7 +103,7 @@ class Champion:
         Raises:
             MonitorError: The spec is not fitted, or spec, model and reference disagree in width.
         """
-        spec = DspSpec.from_json(bundle.dsp_spec_json())
+        spec = bundle.dsp_spec()
         reference = bundle.drift_reference()
         runner = TflmRunner(bundle.tflite(), bundle.metadata.arena_bytes)
         meta = bundle.metadata

@@ -13,12 +13,12 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from firmware.carray import model_to_c
-from firmware.dsp import DspSpec
 from firmware.tflm import ArenaMeasurement, ParityReport, count_macs, measure_arena
 from tasks.budget import BudgetExceededError, BudgetReport, check_parity, measure_on_device, validate_budget
 from tasks.compress import CompressionResult
 from tasks.evaluate import ModelComparison
 from tasks.train import FeatureSets, QualityGateConfig, calibrated_false_alarm_rate
+from tinymlops.contracts.dsp import DspSpec
 from tinymlops.schemas import (
     BundleMetadata,
     DriftReference,

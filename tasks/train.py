@@ -26,8 +26,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from firmware.dsp import DspSpec, extract_features, raw_features
 from tasks.lake import LakeWindows
+from tinymlops.contracts.dsp import DspSpec, extract_features, raw_features
 from tinymlops.contracts.scoring import anomaly_scores
 from tinymlops.errors import ConfigError, TinyMLOpsError
 from tinymlops.tfcompat import import_tf, quiet_tensorflow

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from firmware.device import DeviceError, check_references
-from firmware.dsp import extract_features
 from firmware.frames import (
     ChunkFrame,
     DeviceStateCode,
@@ -63,6 +62,7 @@ from firmware.ota import (
 )
 from firmware.signing import KeyRing
 from firmware.tinyrt import NativeRuntime, TinyrtError
+from tinymlops.contracts.dsp import extract_features
 from tinymlops.contracts.scoring import anomaly_scores, is_anomalous
 from tinymlops.mqtt import free_port
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from firmware.dsp import DspSpec
 from firmware.tflm import count_macs, op_names
 from tasks.mlperf_reference import (
     REFERENCE_HIDDEN,
@@ -24,6 +23,7 @@ from tasks.mlperf_reference import (
 )
 from tasks.train import TrainingConfig, TrainingData, build_feature_sets, featurize, load_training_config
 from tinymlops.bench_model import BenchDataError, bench_model, quick_training_config
+from tinymlops.contracts.dsp import DspSpec
 from tinymlops.settings import Settings, get_settings, reset_settings
 from tinymlops.targets import load_catalog
 

@@ -4,7 +4,6 @@ import json
 
 import pytest
 
-from firmware.dsp import DspSpec
 from firmware.tflm import ArenaMeasurement, measure_arena
 from tasks.budget import (
     DEFAULT_PARITY_TOLERANCE_LSB,
@@ -17,6 +16,7 @@ from tasks.budget import (
 )
 from tasks.packaging import PackagedTarget, enforce_some_target_fits
 from tests.int8_model import dense_macs, int8_autoencoder, sample_features
+from tinymlops.contracts.dsp import DspSpec
 from tinymlops.targets import McuTarget, get_target, load_catalog
 
 DSP = DspSpec()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from firmware.dsp import DspSpec
 from firmware.tflm import ArenaMeasurement, measure_arena
 from tasks.budget import BudgetExceededError, DeviceMeasurement, measure_on_device, validate_budget
 from tasks.packaging import PackagedTarget, enforce_some_target_fits
 from tests.int8_model import int8_autoencoder
+from tinymlops.contracts.dsp import DspSpec
 from tinymlops.targets import McuTarget, load_catalog
 
 pytestmark = pytest.mark.slow

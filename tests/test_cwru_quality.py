@@ -25,11 +25,11 @@ import numpy as np
 import pytest
 from scipy.signal import resample_poly
 
-from firmware.dsp import DspSpec
 from firmware.tflm import op_names
 from tasks.compress import compress
 from tasks.evaluate import evaluate_models
 from tasks.train import featurize, fit_feature_spec, load_training_config, train_autoencoder
+from tinymlops.contracts.dsp import DspSpec
 from tinymlops.settings import get_settings
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,6 @@ from typer.testing import CliRunner
 from firmware.carray import model_to_c
 from firmware.device import DeviceConfig, DeviceRuntime
 from firmware.device_fleet import DeviceFleet
-from firmware.dsp import DspSpec, extract_features, raw_features
 from firmware.fleet import VirtualFleet
 from firmware.ota import Announcement, ChunkRequest
 from firmware.sensor import quantize
@@ -67,6 +66,7 @@ from tasks.ota_service import OtaService, OtaServiceError
 from tests.fault_ledger import FaultRecord, record
 from tests.int8_model import int8_autoencoder
 from tinymlops.cli_deploy import deploy_command
+from tinymlops.contracts.dsp import DspSpec, extract_features, raw_features
 from tinymlops.contracts.scoring import anomaly_scores
 from tinymlops.contracts.topics import FleetTopics
 from tinymlops.errors import TinyMLOpsError

@@ -26,13 +26,11 @@ from typer.testing import CliRunner
 from firmware import codec
 from firmware.device import DeviceConfig, DeviceError, DeviceRuntime, MemoryBudget
 from firmware.device_fleet import DeviceFleet
-from firmware.dsp import DspSpec, extract_features, raw_features
 from firmware.ota import (
     Announcement,
     DeviceStatus,
     DriftSummary,
     Manifest,
-    ModelPublisher,
     OtaError,
     ScoreBatch,
     build_manifest,
@@ -45,8 +43,10 @@ from firmware.ota import (
 from firmware.sensor import DriftSpec, FaultSpec, MachineSimulator, OperatingPoint, quantize
 from firmware.signing import KeyRing, ManifestSigner, generate_keypair, load_private_key
 from firmware.tflm import TflmRunner, measure_arena
+from tasks.ota_publisher import ModelPublisher
 from tests.fault_ledger import FaultRecord, record
 from tests.int8_model import int8_autoencoder, with_first_dense_zeroed
+from tinymlops.contracts.dsp import DspSpec, extract_features, raw_features
 from tinymlops.contracts.scoring import anomaly_scores
 from tinymlops.contracts.topics import FleetTopics
 from tinymlops.mqtt import AmqttBroker, BrokerAddress, MosquittoBroker, connect, make_client

@@ -32,7 +32,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from firmware.device import ActiveModel, score_window
-from firmware.dsp import DspSpec, raw_features, resolve_speed
 from firmware.emulated import read_transfer_record
 from firmware.frames import (
     Frame,
@@ -54,6 +53,7 @@ from firmware.tflm import TflmRunner
 from tests.fault_ledger import FaultRecord
 from tests.fault_ledger import record as record_fault
 from tests.int8_model import int8_autoencoder
+from tinymlops.contracts.dsp import DspSpec, raw_features, resolve_speed
 
 C_DIR = Path(__file__).resolve().parents[1] / "firmware" / "c"
 BUILD = C_DIR / "build"

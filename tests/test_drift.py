@@ -40,7 +40,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from firmware.dsp import DspSpec
 from firmware.fleet import VirtualFleet
 from firmware.ota import SCORE_EDGES_REL
 from firmware.sensor import DriftSpec, FaultSpec
@@ -71,6 +70,7 @@ from tasks.monitor import Champion, assess_windows
 from tasks.packaging import build_drift_reference, package_for_target
 from tasks.rates import rate_lower_bound
 from tasks.train import build_feature_sets, load_training_config, train_autoencoder
+from tinymlops.contracts.dsp import DspSpec
 from tinymlops.schemas import DriftReference, ModelBundle, load_bundle
 from tinymlops.settings import REPO_ROOT, DriftSettings
 from tinymlops.targets import get_target, load_catalog

@@ -3,7 +3,7 @@
 Measured on this host over 200 quantized windows per machine state and 500 random windows:
 
 * C vs an exact float64 evaluation of the same definition: log band energies within 4.4e-5.
-* C vs ``firmware.dsp.raw_features``: log RMS within 6e-7, log kurtosis within 2.7e-6, crest
+* C vs ``tinymlops.contracts.dsp.raw_features``: log RMS within 6e-7, log kurtosis within 2.7e-6, crest
   factor within 1.5e-6 relative, log band energies within 4.2e-5. (This test found that a float32
   running sum in the reference lost up to 0.13 in log10 next to strong shaft lines; the reference
   now sums in float64.)
@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 
 from firmware import dsp_native
-from firmware.dsp import DspSpec, normalise, raw_features, resolve_speed
 from firmware.dsp_native import (
     C_DIR,
     DspConfig,
@@ -32,6 +31,7 @@ from firmware.dsp_native import (
 )
 from firmware.ota import decode_dsp_block, encode_dsp_block
 from firmware.sensor import FaultSpec, MachineSimulator, quantize
+from tinymlops.contracts.dsp import DspSpec, normalise, raw_features, resolve_speed
 
 SPEC = DspSpec()
 LOG_ATOL = 1e-3  # log10 features against the numpy reference

@@ -48,7 +48,6 @@ import numpy.typing as npt
 import pytest
 
 from firmware import dsp_q15
-from firmware.dsp import DspSpec, extract_features, normalise, raw_features, resolve_speed
 from firmware.dsp_q15 import (
     C_DIR,
     Q15DspError,
@@ -67,6 +66,7 @@ from tasks.evaluate import Evaluation, evaluate_scores
 from tasks.importers import load_cwru_recordings
 from tasks.train import Predictor, load_training_config, reconstruction_error
 from tests.conftest import FAST_TRAINING_CONFIG, using_data_dir
+from tinymlops.contracts.dsp import DspSpec, extract_features, normalise, raw_features, resolve_speed
 from tinymlops.schemas import load_bundle
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def physical(samples: IntWindows, scale: float) -> npt.NDArray[np.float32]:
 
 
 def exact_features(samples: IntWindows, scale: float, spec: DspSpec = SPEC) -> npt.NDArray[np.float64]:
-    """The reference definition (firmware.dsp.raw_features) evaluated in float64, bands summed per band:
+    """The reference definition (tinymlops.contracts.dsp.raw_features) evaluated in float64, bands summed per band:
     the oracle. The float32 reference itself drifts from it where a DC offset dwarfs the signal
     (float32 mean removal) and in bands under ~1e-16 of the window's energy (float64 running sum)."""
     x = samples.astype(np.float64) * float(np.float32(scale))

@@ -28,7 +28,6 @@ import pytest
 
 from firmware import codec
 from firmware.device import DeviceConfig, DeviceRuntime
-from firmware.dsp import DspSpec, raw_features
 from firmware.emulated import EmulatedDevice, provisioning_block, read_transfer_record
 from firmware.emulator import EmulatorError, build_images
 from firmware.frames import (
@@ -63,6 +62,7 @@ from tests.fake_uart_device import FakeFlash, FakeUartDevice, sha256
 from tests.fault_ledger import FaultRecord, record
 from tests.int8_model import LAYER_UNITS, N_FEATURES, int8_autoencoder, sample_features, with_first_dense_zeroed
 from tests.test_device import TOPICS, ShapingPublisher, Watcher, wait_until
+from tinymlops.contracts.dsp import DspSpec, raw_features
 from tinymlops.mqtt import MosquittoBroker
 from tinymlops.settings import REPO_ROOT
 from tinymlops.targets import McuTarget, load_catalog

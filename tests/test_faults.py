@@ -38,8 +38,7 @@ from typer.testing import CliRunner
 from firmware.codec import VibrationWindow, encode
 from firmware.device import DeviceConfig
 from firmware.device_fleet import DeviceFleet
-from firmware.dsp import DspSpec, raw_features
-from firmware.ota import DeviceStatus, ModelPublisher, ScoreBatch
+from firmware.ota import DeviceStatus, ScoreBatch
 from firmware.sensor import MachineSimulator
 from firmware.signing import KeyRing, ManifestSigner, generate_keypair
 from firmware.tflm import measure_arena
@@ -51,11 +50,13 @@ from registry.tracking import log_training_run
 from tasks.deploy import DeployableModel, DeploymentReport, DeploymentSession
 from tasks.ingest import IngestConfig, IngestStats, ensure_subscription, run_ingest
 from tasks.lake import read_keys, read_quarantine, read_windows
+from tasks.ota_publisher import ModelPublisher
 from tasks.registration import register_bundle_task
 from tests.fault_ledger import FaultRecord, record, tally_lake, unreadable_files
 from tests.int8_model import int8_autoencoder
 from tests.test_registry import FINGERPRINT, catalog_target, make_bundle
 from tinymlops.cli import app as cli_app
+from tinymlops.contracts.dsp import DspSpec, raw_features
 from tinymlops.contracts.topics import FleetTopics
 from tinymlops.mqtt import BrokerAddress, MosquittoBroker, connect, free_port, make_client
 from tinymlops.schemas import load_bundle, registered_model_name

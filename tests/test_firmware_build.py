@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 
 from firmware import emulator
-from firmware.dsp import DspSpec, extract_features, raw_features
 from firmware.emulator import BOARDS, C_DIR, EmulatorError, ToolchainMissingError
+from tinymlops.contracts.dsp import DspSpec, extract_features, raw_features
 
 SCALE = 0.002  # physical units per LSB
 FEATURE_ATOL = 2e-5

@@ -31,7 +31,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from firmware import codec
-from firmware.dsp import READABLE_VERSIONS, DspSpec
 from firmware.ota import (
     MAX_CHUNK_SIZE,
     MAX_CHUNKS,
@@ -58,6 +57,7 @@ from firmware.ota import (
     encode_dsp_block,
 )
 from firmware.signing import KeyRing, ManifestSigner, generate_keypair
+from tinymlops.contracts.dsp import READABLE_VERSIONS, DspSpec
 from tinymlops.errors import DecodeError
 
 PRIVATE_KEY, PUBLIC_KEY = generate_keypair()

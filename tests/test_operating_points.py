@@ -1,7 +1,7 @@
 """Operating points: the monitor scores each window at its shaft speed, a new speed is drift of kind
 ``new operating point`` (never a fault alert), and a retraining accumulates the speeds its champion covered.
 
-The champion here is speed-aware (``firmware.dsp`` spec version 2): 10 simulated machines
+The champion here is speed-aware (``tinymlops.contracts.dsp`` spec version 2): 10 simulated machines
 (``VirtualFleet`` seed 0, each at its nominal speed +/-2 %) visit 900, 1,000, ... 1,500 rpm in turn,
 8 windows at a time, 80 windows each, sent with their tachometer speed; the model trains on 80 % of
 each machine's windows (covered: 882-1,530 rpm), through the train flow's dataset and feature steps.
@@ -27,7 +27,6 @@ import numpy as np
 import pytest
 
 from firmware.codec import VibrationWindow
-from firmware.dsp import DspSpec
 from firmware.fleet import VirtualFleet
 from firmware.ota import DriftSummary
 from firmware.sensor import FaultSpec, OperatingPoint
@@ -66,6 +65,7 @@ from tasks.monitor import (
 from tasks.packaging import build_drift_reference, package_for_target
 from tasks.train import WindowSpeeds, build_feature_sets, load_training_config, train_autoencoder
 from tests.fault_ledger import FaultRecord, record
+from tinymlops.contracts.dsp import DspSpec
 from tinymlops.schemas import DriftReference, ModelBundle
 from tinymlops.settings import REPO_ROOT, DriftSettings
 from tinymlops.targets import get_target, load_catalog

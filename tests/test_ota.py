@@ -12,7 +12,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from firmware.dsp import DspSpec
 from firmware.ota import (
     MAX_CHUNK_SIZE,
     MAX_MANIFEST_BYTES,
@@ -42,6 +41,7 @@ from firmware.ota import (
     split_model,
 )
 from firmware.signing import KeyRing, ManifestSigner, private_key_from_seed
+from tinymlops.contracts.dsp import DspSpec
 from tinymlops.contracts.topics import FleetTopics, TopicError, check_name
 
 MODEL = hashlib.shake_256(b"test model").digest(5000)

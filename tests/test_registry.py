@@ -27,7 +27,6 @@ from mlflow import MlflowClient
 from sklearn.metrics import roc_auc_score
 
 from firmware.carray import model_to_c
-from firmware.dsp import DspSpec, extract_features, raw_features
 from firmware.tflm import ArenaMeasurement, count_macs, measure_arena, tflite_predict
 from registry.errors import (
     ModelArtifactsError,
@@ -64,6 +63,7 @@ from registry.store import configure_mlflow
 from registry.tracking import log_training_run, plot_error_histogram, plot_roc, plot_training_loss
 from tasks.budget import validate_budget
 from tests.int8_model import int8_autoencoder
+from tinymlops.contracts.dsp import DspSpec, extract_features, raw_features
 from tinymlops.contracts.scoring import anomaly_scores
 from tinymlops.schemas import (
     BundleError,

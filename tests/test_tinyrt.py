@@ -308,8 +308,8 @@ def test_bit_exact_on_the_emulated_cores(board: str, name: str) -> None:
     Row widths 6, 40, 32, 16, 12 (mixed) and 640/128/8 (MLPerf shape) exercise the 4-byte loop and its tail.
     """
     from firmware import emulator
-    from firmware.dsp import DspSpec
     from firmware.tflm import count_macs
+    from tinymlops.contracts.dsp import DspSpec
 
     model = mlperf_shaped_model() if name == "mlperf" else mixed_model(name == "per-channel")
     runner = TflmRunner(model)

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from firmware.dsp import DspSpec, raw_features
 from tasks.lake import LakeWindows
 from tasks.train import (
     TrainingConfig,
@@ -25,6 +24,7 @@ from tasks.train import (
     reconstruction_error,
     train_autoencoder,
 )
+from tinymlops.contracts.dsp import DspSpec, raw_features
 from tinymlops.errors import ConfigError
 from tinymlops.settings import get_settings
 

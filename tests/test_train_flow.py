@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from firmware.dsp import DspSpec
 from firmware.tflm import TflmRunner
 from tasks.packaging import PackagedTarget, enforce_some_target_fits
 from tasks.rates import rate_upper_bound
 from tasks.train import calibrated_false_alarm_rate
 from tests.conftest import POISONED_WINDOW, using_data_dir
+from tinymlops.contracts.dsp import DspSpec
 from tinymlops.schemas import load_bundle
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow, pytest.mark.prefect]

@@ -29,7 +29,6 @@ import numpy as np
 
 from firmware.device import DeviceConfig, DeviceRuntime
 from firmware.device_fleet import DeviceFleet
-from firmware.dsp import DspSpec, extract_features, raw_features
 from firmware.ota import DEFAULT_CHUNK_SIZE, build_manifest, device_audience, split_model
 from firmware.sensor import MachineSimulator
 from firmware.signing import KeyRing, ManifestSigner, generate_keypair
@@ -44,6 +43,7 @@ from tasks.train import (
     train_autoencoder,
 )
 from tinymlops.bench import machine_description
+from tinymlops.contracts.dsp import DspSpec, extract_features, raw_features
 from tinymlops.contracts.topics import FleetTopics
 from tinymlops.errors import TinyMLOpsError
 from tinymlops.mqtt import BrokerAddress, MosquittoBroker, connect, make_client

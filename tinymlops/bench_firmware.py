@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from firmware.dsp import DspSpec, extract_features, raw_features
 from firmware.sensor import MachineSimulator
 from firmware.tflm import TflmRunner, count_macs, measure_arena
 from tasks.budget import measurement_window, validate_budget
@@ -29,6 +28,7 @@ from tasks.compress import to_tflite_int8
 from tasks.mlperf_reference import REFERENCE_HIDDEN
 from tasks.train import build_autoencoder, load_training_config
 from tinymlops.bench import machine_description
+from tinymlops.contracts.dsp import DspSpec, extract_features, raw_features
 from tinymlops.settings import Settings
 from tinymlops.targets import McuTarget, load_catalog
 
@@ -85,8 +85,9 @@ def bench_ota(model: bytes, spec: DspSpec, target: McuTarget, deployments: int) 
     from firmware.device import DeviceConfig, DeviceRuntime
     from firmware.emulated import EmulatedDevice
     from firmware.gateway import GatewayConfig
-    from firmware.ota import DeviceStatus, ModelPublisher
+    from firmware.ota import DeviceStatus
     from firmware.signing import KeyRing, ManifestSigner, generate_keypair
+    from tasks.ota_publisher import ModelPublisher
     from tinymlops.contracts.topics import FleetTopics
     from tinymlops.mqtt import MosquittoBroker
 

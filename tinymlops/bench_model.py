@@ -22,7 +22,6 @@ from typing import Any
 
 import yaml
 
-from firmware.dsp import DspSpec
 from firmware.tflm import ArenaMeasurement, count_macs, measure_arena
 from tasks.budget import BudgetReport, validate_budget
 from tasks.compress import compress, gzip_size
@@ -37,6 +36,7 @@ from tasks.mlperf_reference import (
 )
 from tasks.train import FeatureSets, TrainingConfig, build_feature_sets, load_training_config, train_autoencoder
 from tinymlops.bench import machine_description
+from tinymlops.contracts.dsp import DspSpec
 from tinymlops.errors import TinyMLOpsError
 from tinymlops.settings import Settings, reset_settings
 from tinymlops.targets import McuTarget, load_catalog

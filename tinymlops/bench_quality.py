@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from firmware.dsp import DspSpec
 from firmware.sensor import FaultSpec, MachineSimulator, OperatingPoint
 from tasks.rates import rate_upper_bound
 from tasks.train import (
@@ -35,6 +34,7 @@ from tasks.train import (
     train_autoencoder,
 )
 from tinymlops.bench import machine_description
+from tinymlops.contracts.dsp import DspSpec
 from tinymlops.contracts.scoring import is_anomalous
 from tinymlops.demo import QUICK_TRAINING_CONFIG
 from tinymlops.settings import Settings

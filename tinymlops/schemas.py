@@ -22,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, Field, ValidationError
 
+from tinymlops.contracts.dsp import DspSpec
 from tinymlops.errors import TinyMLOpsError
 
 BUNDLE_FORMAT_VERSION = 1
@@ -136,8 +137,12 @@ class ModelBundle:
         return path.read_bytes() if path.is_file() else None
 
     def dsp_spec_json(self) -> str:
-        """The DSP spec as JSON text (parse with ``firmware.dsp.DspSpec.from_json``)."""
+        """The DSP spec as JSON text, as stored in the bundle."""
         return self.dsp_spec_path.read_text()
+
+    def dsp_spec(self) -> DspSpec:
+        """The DSP front-end spec the model was trained with, parsed."""
+        return DspSpec.from_json(self.dsp_spec_json())
 
     def drift_reference(self) -> DriftReference:
         """What the model was trained on, for the drift monitor."""

@@ -334,7 +334,7 @@ static void resend_status(void) {
 
 /* ---- the front end and the model ---- */
 
-/* firmware.dsp.DspSpec.band_edges: rounded geomspace(first, n/2 + 1, n_bands + 1), each band at
+/* tinymlops.contracts.dsp.DspSpec.band_edges: rounded geomspace(first, n/2 + 1, n_bands + 1), each band at
  * least one bin wide. Double precision as numpy, at load time only. */
 static int band_edges(const ota_dsp_t *d, uint16_t *edges) {
     uint32_t n_bins = d->window_samples / 2u + 1u;

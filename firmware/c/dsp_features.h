@@ -1,13 +1,13 @@
 /*
  * The DSP front end on the device: one int16 vibration window -> DSP_N_FEATURES(n_bands) floats.
  *
- * Same steps as the numpy reference firmware/dsp.py (raw_features / extract_features): remove the
+ * Same steps as the numpy reference tinymlops/contracts/dsp.py (raw_features / extract_features): remove the
  * mean, periodic Hann window, real FFT, |X|^2 summed over bands [edges[i], edges[i+1]), log10 of
  * each band energy + 1e-12, then log10(rms + 1e-12), log10(kurtosis + 1e-12) and the crest factor
  * max|x - mean| / rms; optionally (f - mean) / std. C99, single precision (Cortex-M4F FPU), no
  * malloc, only <math.h>, <stdint.h> and <string.h>.
  *
- * Speed trend (DSP spec version 2, firmware.dsp.normalise): with a slope per feature the mean becomes
+ * Speed trend (DSP spec version 2, tinymlops.contracts.dsp.normalise): with a slope per feature the mean becomes
  * mean + slope * log10(rpm / reference) at the window's shaft speed; dsp_set_speed resolves the speed
  * once per window (one log10f) and says whether it fell back to the reference speed.
  *
@@ -67,7 +67,7 @@ int dsp_check_config(const dsp_config_t *cfg);
  * work: DSP_WORK_FLOATS(n) floats, overwritten. features: DSP_N_FEATURES(n_bands) floats. */
 int dsp_raw_features(const dsp_config_t *cfg, const int16_t *samples, float scale, float *work, float *features);
 
-/* The shaft speed of the next window (firmware.dsp.resolve_speed): sets cfg->speed_log10. Returns 1 when the
+/* The shaft speed of the next window (tinymlops.contracts.dsp.resolve_speed): sets cfg->speed_log10. Returns 1 when the
  * speed is unusable (0, NaN, infinite, outside the valid range) and the reference speed is used (the fallback,
  * to be counted), 0 otherwise or for a speed-unaware spec (reference 0). */
 int dsp_set_speed(dsp_config_t *cfg, float rpm);

@@ -1,7 +1,7 @@
 /*
  * The DSP front end in fixed point, for cores without an FPU (Cortex-M0/M0+: the RP2040).
  *
- * The same features as dsp_features.c and the numpy reference firmware/dsp.py (raw_features):
+ * The same features as dsp_features.c and the numpy reference tinymlops/contracts/dsp.py (raw_features):
  * mean removal, periodic Hann, real FFT of n points as an n/2-point complex FFT + split, |X|^2
  * summed per band [edges[b], edges[b+1]), log10(band energy + 1e-12), log10(rms + 1e-12),
  * log10(kurtosis + 1e-12), crest factor max|x - mean| / max(rms, 1e-12); physical = samples * scale.

@@ -1,9 +1,11 @@
 """The one DSP front end: a vibration window becomes a small feature vector.
 
 Training (server) and scoring (device runtime) both call :func:`extract_features` with the
-:class:`DspSpec` stored next to each model. The steps are chosen to be cheap on a Cortex-M
-with CMSIS-DSP: remove the mean, Hann window, real FFT, sum of |X|^2 over log-spaced bands,
-log10 of each band energy, plus log RMS, kurtosis and crest factor. Normalisation statistics
+:class:`DspSpec` stored next to each model; it is a contract between them (pure numpy, nothing of
+the project), and the C front ends in ``firmware/c`` are its twins, held to it by parity tests.
+The steps are chosen to be cheap on a Cortex-M with CMSIS-DSP: remove the mean, Hann window,
+real FFT, sum of |X|^2 over log-spaced bands, log10 of each band energy, plus log RMS, kurtosis
+and crest factor. Normalisation statistics
 (mean, std per feature) are fitted on training windows and stored in the spec.
 
 Speed-aware normalisation (spec version 2): a machine's vibration grows with its shaft speed (broadband
