@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.bundles import FAST_TRAINING_CONFIG
 from tinymlops.mqtt import MosquittoBroker
 from tinymlops.settings import REPO_ROOT, Settings, get_settings, reset_settings
 
@@ -73,7 +74,6 @@ def cli_env(data_dir: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-FAST_TRAINING_CONFIG = REPO_ROOT / "data" / "training_quick.yaml"
 POISONED_WINDOW = ("poisoned-node", 7)
 
 

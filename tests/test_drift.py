@@ -43,10 +43,7 @@ import pytest
 from firmware.fleet import VirtualFleet
 from firmware.ota import SCORE_EDGES_REL
 from firmware.sensor import DriftSpec, FaultSpec
-from firmware.tflm import measure_arena
-from tasks.budget import check_parity
-from tasks.compress import compress
-from tasks.datasets import LakeSelection, load_dataset, write_reference_set
+from tasks.datasets import LakeSelection, write_reference_set
 from tasks.drift import (
     ANOMALY_RATE_ALPHA,
     DeviceAssessment,
@@ -64,16 +61,12 @@ from tasks.drift import (
     population_stability_index,
     shape_change,
 )
-from tasks.evaluate import enforce_quality, evaluate_models, score_deployed_model
 from tasks.lake import WindowBatch, write_windows
 from tasks.monitor import Champion, assess_windows
-from tasks.packaging import build_drift_reference, package_for_target
 from tasks.rates import rate_lower_bound
-from tasks.train import build_feature_sets, load_training_config, train_autoencoder
-from tinymlops.contracts.dsp import DspSpec
+from tests.bundles import train_and_package
 from tinymlops.schemas import DriftReference, ModelBundle, load_bundle
-from tinymlops.settings import REPO_ROOT, DriftSettings
-from tinymlops.targets import get_target, load_catalog
+from tinymlops.settings import DriftSettings
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +77,6 @@ TRAIN_WINDOWS = 64  # per device
 MONITOR_WINDOWS = 40  # per device and monitor window (default min_windows is 30)
 WINDOW_US = 40_000  # 1024 samples at 25.6 kHz
 T0 = dt.datetime(2026, 1, 5, 8, 0, tzinfo=dt.UTC)
-FAST_TRAINING_CONFIG = REPO_ROOT / "data" / "training_quick.yaml"
 SETTINGS = DriftSettings()
 
 
@@ -130,45 +122,15 @@ def build_sim_bundle(root: Path) -> ModelBundle:
     lake = root / "lake"
     write_fleet_windows(lake, VirtualFleet(FLEET, N_DEVICES, seed=FLEET_SEED), TRAIN_WINDOWS, T0)
     write_reference_set(lake, FLEET, windows_per_fault=32)
-    dataset = load_dataset(lake, LakeSelection(FLEET), window_samples=1024)
-    config = load_training_config(FAST_TRAINING_CONFIG)
-    spec = DspSpec(sample_rate_hz=dataset.sample_rate_hz, window_samples=1024)
-    features = build_feature_sets(dataset.train_normal, dataset.test_normal, dataset.faults, spec, config)
-    trained = train_autoencoder(features.parts.train, features.parts.validation, config)
-    compression = compress(trained.model, features.parts.train, features.parts.validation, config)
-    arena = measure_arena(compression.deployable)
-    tflm_errors = score_deployed_model(compression.deployable, arena.smallest_working_bytes, features)
-    comparison = evaluate_models(
-        trained.model,
-        compression.deployable,
-        features.test_normal,
-        features.faults,
-        features.parts.calibration,
-        percentile=config.threshold_percentile,
-        window_seconds=spec.window_samples / spec.sample_rate_hz,
-        arena_bytes=arena.smallest_working_bytes,
-        tflm_errors=tflm_errors,
+    # the same model for two profiles: two champions; nrf52840, packaged last, marks the build done
+    return train_and_package(
+        lake,
+        LakeSelection(FLEET),
+        root / "bundles",
+        lineage={"test": "simulated fleet"},
+        targets=("rp2040", "nrf52840"),
+        speed_aware=False,
     )
-    enforce_quality(comparison, config.gates)
-    reference = build_drift_reference(features, tflm_errors.calibration, config.threshold_percentile)
-    parity = check_parity(compression.deployable, features.test_normal[:64], arena)
-    for target in ("rp2040", "nrf52840"):  # the same model for two profiles: two champions; nrf52840 marks done
-        packaged = package_for_target(
-            root / "bundles",
-            target=get_target(target, load_catalog(REPO_ROOT / "data" / "mcu_targets.yaml")),
-            compression=compression,
-            spec=features.spec,
-            arena=arena,
-            comparison=comparison,
-            threshold_percentile=config.threshold_percentile,
-            fleet=FLEET,
-            dataset_fingerprint=dataset.fingerprint,
-            trained_span_us=dataset.trained_span_us,
-            parity=parity,
-            drift_reference=reference,
-            lineage={"test": "simulated fleet"},
-        )
-    return packaged.bundle
 
 
 @pytest.fixture(scope="session")

@@ -30,9 +30,6 @@ from firmware.codec import VibrationWindow
 from firmware.fleet import VirtualFleet
 from firmware.ota import DriftSummary
 from firmware.sensor import FaultSpec, OperatingPoint
-from firmware.tflm import measure_arena
-from tasks.budget import check_parity
-from tasks.compress import compress
 from tasks.datasets import (
     SPEED_NOT_KNOWN,
     Accumulation,
@@ -50,7 +47,6 @@ from tasks.drift import (
     assess_device_summary,
     assess_fleet,
 )
-from tasks.evaluate import enforce_quality, evaluate_models, score_deployed_model
 from tasks.lake import WindowBatch, write_windows
 from tasks.monitor import (
     Champion,
@@ -62,13 +58,11 @@ from tasks.monitor import (
     monitor_fleet,
     summary_stats,
 )
-from tasks.packaging import build_drift_reference, package_for_target
-from tasks.train import WindowSpeeds, build_feature_sets, load_training_config, train_autoencoder
+from tests.bundles import train_and_package
 from tests.fault_ledger import FaultRecord, record
 from tinymlops.contracts.dsp import DspSpec
 from tinymlops.schemas import DriftReference, ModelBundle
-from tinymlops.settings import REPO_ROOT, DriftSettings
-from tinymlops.targets import get_target, load_catalog
+from tinymlops.settings import DriftSettings
 
 FLEET = "speeds"
 N_DEVICES = 10
@@ -78,7 +72,6 @@ TRAIN_VISITS = 10  # 80 windows per device
 MONITOR_WINDOWS = 40
 WINDOW_US = 40_000
 T0 = dt.datetime(2026, 3, 2, 6, 0, tzinfo=dt.UTC)
-FAST_TRAINING_CONFIG = REPO_ROOT / "data" / "training_quick.yaml"
 SETTINGS = DriftSettings()
 
 
@@ -113,42 +106,9 @@ def train_fleet(lake: Path) -> VirtualFleet:
 
 def train_bundle(lake: Path, selection: LakeSelection, out: Path) -> ModelBundle:
     """Train, compress, evaluate and package a speed-aware model on a selection, as the train flow does."""
-    dataset = load_dataset(lake, selection, window_samples=1024)
-    config = load_training_config(FAST_TRAINING_CONFIG)
-    spec = DspSpec(sample_rate_hz=dataset.sample_rate_hz, window_samples=1024)
-    speeds = WindowSpeeds(train=dataset.train_rpm, test=dataset.test_rpm, faults=dataset.fault_rpm)
-    features = build_feature_sets(dataset.train_normal, dataset.test_normal, dataset.faults, spec, config, speeds)
-    trained = train_autoencoder(features.parts.train, features.parts.validation, config)
-    compression = compress(trained.model, features.parts.train, features.parts.validation, config)
-    arena = measure_arena(compression.deployable)
-    tflm_errors = score_deployed_model(compression.deployable, arena.smallest_working_bytes, features)
-    comparison = evaluate_models(
-        trained.model,
-        compression.deployable,
-        features.test_normal,
-        features.faults,
-        features.parts.calibration,
-        percentile=config.threshold_percentile,
-        window_seconds=spec.window_samples / spec.sample_rate_hz,
-        arena_bytes=arena.smallest_working_bytes,
-        tflm_errors=tflm_errors,
+    return train_and_package(
+        lake, selection, out, lineage={"test": "speed-aware fleet", "selection": json.dumps(selection.to_dict())}
     )
-    enforce_quality(comparison, config.gates)
-    return package_for_target(
-        out,
-        target=get_target("nrf52840", load_catalog(REPO_ROOT / "data" / "mcu_targets.yaml")),
-        compression=compression,
-        spec=features.spec,
-        arena=arena,
-        comparison=comparison,
-        threshold_percentile=config.threshold_percentile,
-        fleet=FLEET,
-        dataset_fingerprint=dataset.fingerprint,
-        trained_span_us=dataset.trained_span_us,
-        parity=check_parity(compression.deployable, features.test_normal[:64], arena),
-        drift_reference=build_drift_reference(features, tflm_errors.calibration, config.threshold_percentile),
-        lineage={"test": "speed-aware fleet", "selection": json.dumps(selection.to_dict())},
-    ).bundle
 
 
 @functools.cache
