@@ -1,4 +1,8 @@
-"""Train, compress, evaluate and package a model from a test lake, as the train flow does, without Prefect or MLflow."""
+"""Train, compress, evaluate and package a model from a test lake, as the train flow does, without Prefect or MLflow.
+
+Imported by test modules only: conftest must not import it (it imports Prefect, which must first see the
+logging environment conftest sets).
+"""
 
 from __future__ import annotations
 
@@ -12,12 +16,11 @@ from tasks.datasets import LakeSelection, load_dataset
 from tasks.evaluate import enforce_quality, evaluate_models, score_deployed_model
 from tasks.packaging import build_drift_reference, package_for_target
 from tasks.train import WindowSpeeds, build_feature_sets, load_training_config, train_autoencoder
+from tests.conftest import FAST_TRAINING_CONFIG
 from tinymlops.contracts.dsp import DspSpec
 from tinymlops.schemas import ModelBundle
 from tinymlops.settings import REPO_ROOT
 from tinymlops.targets import get_target, load_catalog
-
-FAST_TRAINING_CONFIG = REPO_ROOT / "data" / "training_quick.yaml"
 
 
 def train_and_package(

@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.bundles import FAST_TRAINING_CONFIG
 from tinymlops.mqtt import MosquittoBroker
 from tinymlops.settings import REPO_ROOT, Settings, get_settings, reset_settings
 
 REQUIRE_CWRU_ENV = "TINYMLOPS_REQUIRE_CWRU"
+FAST_TRAINING_CONFIG = REPO_ROOT / "data" / "training_quick.yaml"
+"""The quick training configuration the tests train with."""
 
 
 def pytest_configure(config: pytest.Config) -> None:
