@@ -20,8 +20,9 @@ def test_quick_bench_deploy_figures_are_complete_and_sane(settings: Settings) ->
     # the device's own figures fit inside what the server measured end to end
     assert 0 < figures["load_latency_ms_p50"] < figures["device_deploy_latency_ms_p50"] <= p95 + 1
     assert 0 < figures["inference_latency_ms_p50"] < figures["device_deploy_latency_ms_p50"]
-    # the first deployment of new bytes probes the arena in a subprocess: slower than the repeats
-    assert figures["load_latency_ms_first"] > figures["load_latency_ms_p50"]
+    # reported apart; not compared in time with the repeats: whether the first load probes the arena in a
+    # subprocess depends on whether the server's reference outputs (same process) already did
+    assert figures["load_latency_ms_first"] > 0
     for n in (1, 50, 200):
         assert figures[f"fleet_{n}_update_s"] > 0 and figures[f"bare_broker_fleet_{n}_s"] > 0
         assert figures[f"fleet_{n}_to_bare_ratio"] > 0
