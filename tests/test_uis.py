@@ -34,7 +34,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.prefect, pytest.mark.mlflow]
 SERVICE_DEADLINE_S = 240.0  # both start at once on a loaded 2-core machine
 # Virtual time lets a page's scripts and fetches settle; a page still loading data is rendered again.
 VIRTUAL_TIME_MS = 20_000
-RENDER_ATTEMPTS = 4
+RENDER_ATTEMPTS = 6  # the automations page once showed its count but not yet its card after 4
 PAGE_TIMEOUT_S = 120.0
 SCREENSHOTS_ENV = "TINYMLOPS_UI_SCREENSHOTS"
 SCREENSHOT_PAGES = {"prefect-flow-run", "prefect-quality-table", "mlflow-run", "mlflow-model-version"}
